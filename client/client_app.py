@@ -1,0 +1,92 @@
+"""The device's Flower ClientApp: train the global adapter locally, or evaluate it on held-out text.
+
+The reply to a train message holds only the adapter delta (after − before), the number of local
+examples and a few scalar metrics; text never leaves the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fleetlora.client.local_data import UserConfig, local_examples
+from fleetlora.client.train import train_locally
+from fleetlora.common import records
+from fleetlora.common.batches import evaluate as evaluate_model
+from fleetlora.common.data import Example, split_holdout
+from fleetlora.common.delta import (
+    diff,
+    from_array_record,
+    load_trainable_state,
+    to_array_record,
+    trainable_state,
+)
+from fleetlora.common.errors import DataError, IncompatibleStateError
+from fleetlora.common.messages import Instructions
+from fleetlora.common.model import LoadedModel, cached_model
+
+HOLDOUT_FRACTION = 0.2
+
+
+def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientApp:
+    """The ClientApp; ``run_config_overrides`` stand in for ``flwr run``'s run config in-process."""
+    app = ClientApp()
+    overrides = dict(run_config_overrides or {})
+
+    def prepare(
+        message: Message, context: Context
+    ) -> tuple[Instructions, LoadedModel, list[Example], list[Example]]:
+        instructions = Instructions.from_record(message.content[records.CONFIG])
+        loaded = cached_model(instructions.spec)
+        if loaded.base_sha256 != instructions.base_sha256:
+            raise IncompatibleStateError(
+                f"Base model sha256 {loaded.base_sha256[:12]} differs from the coordinator's "
+                f"{instructions.base_sha256[:12]}: install the same model package version."
+            )
+        load_trainable_state(loaded.model, from_array_record(message.content[records.ARRAYS]))
+        run_config: Mapping = {**context.run_config, **overrides}
+        train_set, held_out = split_holdout(local_examples(context.node_config, run_config), HOLDOUT_FRACTION)
+        return instructions, loaded, train_set, held_out
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        instructions, loaded, train_set, _ = prepare(message, context)
+        before = trainable_state(loaded.model)
+        seed = _seed(instructions.spec.seed, instructions.round, context.node_id)
+        result = train_locally(loaded, train_set, instructions.train, seed=seed)
+        delta = diff(trainable_state(loaded.model), before)
+        metrics = MetricRecord(
+            {
+                records.NUM_EXAMPLES: result.examples,
+                records.TRAIN_LOSS: result.loss,
+                records.TRAIN_STEPS: result.steps,
+                records.TRAIN_SECONDS: result.seconds,
+            }
+        )
+        content = RecordDict({records.ARRAYS: to_array_record(delta), records.METRICS: metrics})
+        return Message(content, reply_to=message)
+
+    @app.evaluate()
+    def evaluate(message: Message, context: Context) -> Message:
+        _, loaded, _, held_out = prepare(message, context)
+        if not held_out:
+            raise DataError("No held-out examples on this device to evaluate on.")
+        scores = evaluate_model(loaded, held_out)
+        metrics = MetricRecord(
+            {records.NUM_EXAMPLES: len(held_out), **{f"eval_{k}": v for k, v in scores.items()}}
+        )
+        return Message(RecordDict({records.METRICS: metrics}), reply_to=message)
+
+    return app
+
+
+def _seed(base: int, round_number: int, node_id: int) -> int:
+    """A per-device, per-round training seed (shuffling order), reproducible from the run seed."""
+    digest = hashlib.sha256(f"{base}:{round_number}:{node_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+app = build_client_app()

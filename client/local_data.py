@@ -1,0 +1,41 @@
+"""Where a device's examples come from.
+
+A real device names its file in its Flower node config (``data-path``). A simulated device is
+told only its ``partition-id`` by the Simulation Engine and computes its share of the run's
+``data`` with the run's ``partition`` scheme and ``seed`` — the same pure function on every
+device, so nothing is shipped around.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import lru_cache
+
+from fleetlora.common.data import Example, load_examples
+from fleetlora.common.data.partition import PartitionScheme, partition_indices
+from fleetlora.common.errors import DataError
+
+UserConfig = Mapping[str, bool | int | float | str]
+
+
+def local_examples(node_config: UserConfig, run_config: UserConfig) -> list[Example]:
+    """This device's examples; raises :class:`DataError` when it has none configured."""
+    if "data-path" in node_config:
+        return load_examples(str(node_config["data-path"]))
+    if "partition-id" in node_config:
+        parts = _partitions(
+            str(run_config.get("data", "builtin")),
+            str(run_config.get("partition", "iid")),
+            int(run_config.get("seed", 0)),
+            int(node_config["num-partitions"]),
+        )
+        return list(parts[int(node_config["partition-id"])])
+    raise DataError("This device has no data: start the SuperNode with --node-config 'data-path=\"FILE\"'.")
+
+
+@lru_cache(maxsize=2)
+def _partitions(source: str, scheme: str, seed: int, num_parts: int) -> tuple[tuple[Example, ...], ...]:
+    # Cached per process: one simulation worker serves many virtual devices of the same run.
+    examples = load_examples(source)
+    indices = partition_indices([e.label for e in examples], num_parts, PartitionScheme.parse(scheme), seed)
+    return tuple(tuple(examples[i] for i in part) for part in indices)

@@ -1,0 +1,70 @@
+"""One device's local training for one round: plain LoRA steps with AdamW.
+
+Reads top to bottom: set up, loop over steps, report. The optimizer starts fresh every round:
+a device keeps no training state between rounds yet, so every round's work depends only on the
+global adapter it was sent (the convergence work revisits this).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fleetlora.common.batches import encode
+from fleetlora.common.config import TrainSettings
+from fleetlora.common.data import Example
+from fleetlora.common.errors import DataError
+from fleetlora.common.model import LoadedModel
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one round of local training did."""
+
+    loss: float  # mean training loss over the steps
+    steps: int
+    seconds: float
+    examples: int  # size of the local training set: the device's weight in the average
+
+
+def train_locally(
+    loaded: LoadedModel, examples: Sequence[Example], settings: TrainSettings, *, seed: int
+) -> TrainResult:
+    """Run ``settings.local_steps`` optimizer steps over shuffled passes through ``examples``."""
+    if not examples:
+        raise DataError("No local training examples: this device has nothing to learn from.")
+    # ---- set up
+    model = loaded.model
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate)
+    rng = random.Random(seed)
+    queue: list[int] = []
+    losses: list[float] = []
+    started = time.perf_counter()
+
+    # ---- train
+    for _ in range(settings.local_steps):
+        if len(queue) < min(settings.batch_size, len(examples)):
+            epoch = list(range(len(examples)))
+            rng.shuffle(epoch)
+            queue.extend(epoch)
+        take, queue = queue[: settings.batch_size], queue[settings.batch_size :]
+        batch = encode(loaded, [examples[i] for i in take])
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+
+    # ---- report
+    return TrainResult(
+        loss=sum(losses) / len(losses),
+        steps=len(losses),
+        seconds=time.perf_counter() - started,
+        examples=len(examples),
+    )

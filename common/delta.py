@@ -1,0 +1,111 @@
+"""The adapter as named arrays: extract, load, diff, apply, size, serialize, hash.
+
+An *adapter state* is every trainable parameter of the wrapped model by name (LoRA A/B, the
+classification head, any selectively unfrozen layer), as float32 CPU tensors. A *delta* has the
+same layout and holds ``after - before``. Serialization is safetensors, never pickle, because
+these bytes cross the device/coordinator boundary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+
+import torch
+from flwr.app import ArrayRecord
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from fleetlora.common.errors import IncompatibleStateError
+
+State = dict[str, torch.Tensor]
+
+
+def trainable_state(model: torch.nn.Module) -> State:
+    """A detached copy of every trainable parameter, by name."""
+    return {
+        name: param.detach().to("cpu", copy=True)
+        for name, param in model.named_parameters()
+        if param.requires_grad
+    }
+
+
+def load_trainable_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``state`` into the model's trainable parameters; the layout must match exactly."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    check_layout(state, {n: p.detach() for n, p in params.items()})
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(state[name])
+
+
+def check_layout(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> None:
+    """Raise :class:`IncompatibleStateError` unless names, shapes and dtypes all match."""
+    missing, extra = reference.keys() - state.keys(), state.keys() - reference.keys()
+    if missing or extra:
+        raise IncompatibleStateError(
+            f"Adapter layout differs: {len(missing)} arrays missing (e.g. {sorted(missing)[:2]}), "
+            f"{len(extra)} unexpected (e.g. {sorted(extra)[:2]})."
+        )
+    for name, ref in reference.items():
+        got = state[name]
+        if got.shape != ref.shape or got.dtype != ref.dtype:
+            raise IncompatibleStateError(
+                f"Array {name!r} is {tuple(got.shape)} {got.dtype}, expected {tuple(ref.shape)} {ref.dtype}."
+            )
+
+
+def diff(after: Mapping[str, torch.Tensor], before: Mapping[str, torch.Tensor]) -> State:
+    """``after - before``, array by array."""
+    check_layout(after, before)
+    return {name: after[name] - before[name] for name in before}
+
+
+def apply_delta(state: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor]) -> State:
+    """``state + delta``, array by array."""
+    check_layout(delta, state)
+    return {name: state[name] + delta[name] for name in state}
+
+
+def is_finite(state: Mapping[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in state.values())
+
+
+def l2_norm(state: Mapping[str, torch.Tensor]) -> float:
+    """The L2 norm of all arrays taken as one vector."""
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in state.values()))
+
+
+def nbytes(state: Mapping[str, torch.Tensor]) -> int:
+    """Exact payload size in bytes (elements × element size), excluding names and framing."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def to_array_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord({name: t.contiguous() for name, t in state.items()})
+
+
+def from_array_record(record: ArrayRecord) -> State:
+    return dict(record.to_torch_state_dict())
+
+
+def serialize(state: Mapping[str, torch.Tensor]) -> bytes:
+    """Canonical safetensors bytes (keys sorted by the format), so equal states hash equal."""
+    return safetensors_save({name: t.contiguous() for name, t in state.items()})
+
+
+def deserialize(blob: bytes) -> State:
+    return dict(safetensors_load(blob))
+
+
+def sha256_hex(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
+
+
+def layout_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+    """A hash of names, shapes and dtypes: two states with equal fingerprints can be averaged."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(f"{name}:{tuple(state[name].shape)}:{state[name].dtype};".encode())
+    return digest.hexdigest()

@@ -1,0 +1,1 @@
+"""The coordinator: runs rounds on Flower, aggregates deltas, versions every global adapter in SQL."""

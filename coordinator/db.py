@@ -1,0 +1,64 @@
+"""The coordinator's database connection: one engine, sessions that commit or roll back whole."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.orm import Session, sessionmaker
+
+from fleetlora.common.errors import ConfigError
+from fleetlora.coordinator.models import Base
+
+
+class Database:
+    """A SQLAlchemy engine for ``url`` (``sqlite:///FILE`` by default, PostgreSQL by URL)."""
+
+    def __init__(self, url: str) -> None:
+        try:
+            parsed = make_url(url)
+            if parsed.drivername.startswith("sqlite") and parsed.database not in (None, "", ":memory:"):
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            self.engine: Engine = create_engine(parsed)
+        except (ArgumentError, NoSuchModuleError, ImportError) as exc:
+            raise ConfigError(
+                f"Cannot use database URL {url!r}: {exc}. Use sqlite:///FILE or "
+                "postgresql+psycopg://USER@HOST/DB."
+            ) from exc
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._initialized = False
+
+    def initialize(self) -> Database:
+        """Create missing tables (idempotent); must run before :meth:`session`."""
+        Base.metadata.create_all(self.engine)
+        self._initialized = True
+        return self
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session that commits on success and rolls back on any error."""
+        if not self._initialized:
+            raise RuntimeError("Database.initialize() was not called.")
+        with self._sessions() as session:
+            try:
+                yield session
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_pragmas(connection, _record) -> None:  # type: ignore[no-untyped-def]
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA journal_mode=WAL")  # a killed coordinator never leaves a torn write
+    cursor.close()

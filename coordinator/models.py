@@ -1,0 +1,79 @@
+"""SQL tables of the coordinator (SQLAlchemy 2 ORM).
+
+``model_versions`` holds every global adapter with its lineage; ``version_participants`` which
+devices contributed how many examples; ``rounds`` what happened in each round, failed ones
+included. Rows carry the schema version that wrote them.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, ForeignKey, LargeBinary, String, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+SCHEMA_VERSION = 1
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ModelVersion(Base):
+    """One global adapter. Round 0 is the seeded initial adapter, with no parent."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("lineage", "round", name="uq_version_lineage_round"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    lineage: Mapped[str] = mapped_column(String(64), index=True)
+    round: Mapped[int]
+    base_model_sha256: Mapped[str] = mapped_column(String(64))
+    adapter: Mapped[bytes] = mapped_column(LargeBinary)  # safetensors bytes
+    adapter_sha256: Mapped[str] = mapped_column(String(64))
+    adapter_bytes: Mapped[int]
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    schema_version: Mapped[int] = mapped_column(default=SCHEMA_VERSION)
+
+    participants: Mapped[list[Participant]] = relationship(
+        back_populates="version", cascade="all, delete-orphan", lazy="selectin"
+    )
+
+
+class Participant(Base):
+    """A device whose delta went into a version, weighted by its example count."""
+
+    __tablename__ = "version_participants"
+
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), primary_key=True)
+    node_id: Mapped[str] = mapped_column(String(20), primary_key=True)  # Flower ids are uint64
+    num_examples: Mapped[int]
+
+    version: Mapped[ModelVersion] = relationship(back_populates="participants")
+
+
+class RoundRecord(Base):
+    """The outcome of one round: completed (with its version) or failed (with the reason)."""
+
+    __tablename__ = "rounds"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    lineage: Mapped[str] = mapped_column(String(64), index=True)
+    round: Mapped[int]
+    status: Mapped[str] = mapped_column(String(16))  # "completed" | "failed"
+    version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    sampled: Mapped[int]
+    received: Mapped[int]
+    dropped: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    upload_bytes: Mapped[int] = mapped_column(default=0)
+    seconds: Mapped[float]
+    error: Mapped[str | None] = mapped_column(String(500))
+    finished_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    schema_version: Mapped[int] = mapped_column(default=SCHEMA_VERSION)

@@ -1,0 +1,159 @@
+"""Versions of the global adapter in SQL: store, find the latest, walk the lineage, load verified.
+
+A *lineage* is every version that can follow from one another: same base model, same adapter
+layout, same labels. A restarted coordinator resumes from the latest version of its lineage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+
+from fleetlora.common.delta import State, deserialize, nbytes, serialize, sha256_hex
+from fleetlora.common.errors import CorruptVersionError, FleetloraError
+from fleetlora.coordinator.db import Database
+from fleetlora.coordinator.models import ModelVersion, Participant, RoundRecord
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """A stored version without its adapter bytes (load those with :meth:`Registry.load_adapter`)."""
+
+    id: int
+    parent_id: int | None
+    lineage: str
+    round: int
+    base_model_sha256: str
+    adapter_sha256: str
+    adapter_bytes: int
+    metrics: dict[str, Any]
+    participants: dict[str, int]
+    created_at: datetime
+
+    @property
+    def label(self) -> str:
+        return f"v{self.id}"
+
+
+def _info(row: ModelVersion) -> VersionInfo:
+    return VersionInfo(
+        id=row.id,
+        parent_id=row.parent_id,
+        lineage=row.lineage,
+        round=row.round,
+        base_model_sha256=row.base_model_sha256,
+        adapter_sha256=row.adapter_sha256,
+        adapter_bytes=row.adapter_bytes,
+        metrics=dict(row.metrics or {}),
+        participants={p.node_id: p.num_examples for p in row.participants},
+        created_at=row.created_at,
+    )
+
+
+class Registry:
+    """Read and write versions and round records."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def add_version(
+        self,
+        *,
+        lineage: str,
+        parent_id: int | None,
+        round_number: int,
+        base_model_sha256: str,
+        adapter: State,
+        participants: Mapping[str, int],
+        metrics: Mapping[str, Any],
+    ) -> VersionInfo:
+        """Store a new version and its participants in one transaction."""
+        blob = serialize(adapter)
+        with self.db.session() as session:
+            row = ModelVersion(
+                parent_id=parent_id,
+                lineage=lineage,
+                round=round_number,
+                base_model_sha256=base_model_sha256,
+                adapter=blob,
+                adapter_sha256=sha256_hex(blob),
+                adapter_bytes=nbytes(adapter),
+                metrics=dict(metrics),
+                participants=[Participant(node_id=str(n), num_examples=c) for n, c in participants.items()],
+            )
+            session.add(row)
+            session.flush()
+            return _info(row)
+
+    def update_metrics(self, version_id: int, metrics: Mapping[str, Any]) -> VersionInfo:
+        """Merge evaluation results into a stored version's metrics."""
+        with self.db.session() as session:
+            row = self._row(session, version_id)
+            row.metrics = {**(row.metrics or {}), **metrics}
+            session.flush()
+            return _info(row)
+
+    def get(self, version_id: int) -> VersionInfo:
+        with self.db.session() as session:
+            return _info(self._row(session, version_id))
+
+    def latest(self, lineage: str) -> VersionInfo | None:
+        """The version of ``lineage`` with the highest round, or None for a new lineage."""
+        with self.db.session() as session:
+            row = session.scalars(
+                select(ModelVersion)
+                .where(ModelVersion.lineage == lineage)
+                .order_by(ModelVersion.round.desc())
+                .limit(1)
+            ).first()
+            return _info(row) if row else None
+
+    def versions(self, lineage: str | None = None) -> list[VersionInfo]:
+        """All versions (of one lineage if given), oldest first."""
+        query = select(ModelVersion).order_by(ModelVersion.id)
+        if lineage is not None:
+            query = query.where(ModelVersion.lineage == lineage)
+        with self.db.session() as session:
+            return [_info(row) for row in session.scalars(query)]
+
+    def chain(self, version_id: int) -> list[VersionInfo]:
+        """The version and its ancestors, newest first, back to round 0."""
+        chain: list[VersionInfo] = []
+        next_id: int | None = version_id
+        while next_id is not None:
+            info = self.get(next_id)
+            chain.append(info)
+            next_id = info.parent_id
+        return chain
+
+    def load_adapter(self, version_id: int) -> State:
+        """The stored adapter, after checking its bytes against the recorded sha256."""
+        with self.db.session() as session:
+            row = self._row(session, version_id)
+            blob, expected = row.adapter, row.adapter_sha256
+        if sha256_hex(blob) != expected:
+            raise CorruptVersionError(
+                f"Version v{version_id}: stored adapter bytes do not match their sha256; "
+                "restore the database from a backup."
+            )
+        return deserialize(blob)
+
+    def record_round(self, record: RoundRecord) -> None:
+        with self.db.session() as session:
+            session.add(record)
+
+    def rounds(self, lineage: str) -> list[RoundRecord]:
+        with self.db.session() as session:
+            query = select(RoundRecord).where(RoundRecord.lineage == lineage).order_by(RoundRecord.id)
+            return list(session.scalars(query))
+
+    @staticmethod
+    def _row(session: Any, version_id: int) -> ModelVersion:
+        row = session.get(ModelVersion, version_id)
+        if row is None:
+            raise FleetloraError(f"No version v{version_id} in the database.")
+        return row

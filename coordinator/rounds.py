@@ -1,0 +1,302 @@
+"""The federation loop: resume from SQL, then per round sample → train → aggregate → store → evaluate.
+
+Each round:
+
+1. wait (until the deadline) for at least ``min-devices`` connected devices, sample up to
+   ``devices-per-round`` of them;
+2. send each the global adapter and the round's instructions; fold replies into the weighted mean
+   as they arrive, until all are in or the deadline passes;
+3. with at least ``min-devices`` valid deltas, apply the mean delta and store the new version with
+   its participants; otherwise record a failed round and keep the current version;
+4. evaluate the new version on the sampled devices' held-out text (federated) and, when an
+   evaluation set is configured, on the coordinator;
+5. record the round.
+
+A restarted coordinator continues from the latest stored version of its lineage, so no completed
+round is lost or repeated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from flwr.app import Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fleetlora.common import records
+from fleetlora.common.batches import evaluate
+from fleetlora.common.data import Example, load_examples
+from fleetlora.common.delta import (
+    State,
+    apply_delta,
+    layout_fingerprint,
+    load_trainable_state,
+    to_array_record,
+    trainable_state,
+)
+from fleetlora.common.errors import QuorumError
+from fleetlora.common.messages import Instructions
+from fleetlora.common.model import LoadedModel, cached_model
+from fleetlora.coordinator.db import Database
+from fleetlora.coordinator.exchange import exchange, wait_for_nodes
+from fleetlora.coordinator.models import RoundRecord
+from fleetlora.coordinator.registry import Registry, VersionInfo
+from fleetlora.coordinator.settings import CoordinatorSettings
+from fleetlora.coordinator.strategy import DeltaAggregator, Drop, MetricAggregator
+
+
+@dataclass(frozen=True)
+class FederationStart:
+    """Where a federation run begins."""
+
+    lineage: str
+    version: VersionInfo  # the version round ``first_round`` trains from
+    first_round: int
+    base_model_bytes: int
+    trainable_share: float
+    resumed: bool
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What one round did; ``version`` is None when it failed."""
+
+    round: int
+    version: VersionInfo | None
+    sampled: int
+    participants: dict[int, int]
+    drops: list[Drop]
+    upload_bytes: int
+    seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def examples(self) -> int:
+        return sum(self.participants.values())
+
+
+class FederationObserver(Protocol):
+    """Receives progress (the CLI's table and progress bar, or a test)."""
+
+    def started(self, start: FederationStart) -> None: ...
+
+    def round_finished(self, outcome: RoundOutcome) -> None: ...
+
+
+def lineage_of(loaded: LoadedModel) -> str:
+    """Versions that can follow one another share base weights, adapter layout and labels."""
+    layout = layout_fingerprint(trainable_state(loaded.model))
+    key = f"{loaded.base_sha256}|{layout}|{loaded.spec.task}|{','.join(loaded.spec.labels)}"
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Federation:
+    """Runs rounds for one lineage against a Flower Grid."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        settings: CoordinatorSettings,
+        observer: FederationObserver | None = None,
+    ) -> None:
+        self.grid = grid
+        self.settings = settings
+        self.observer = observer
+        self.registry = Registry(Database(settings.db_url).initialize())
+        self.loaded = cached_model(settings.spec)
+        self.lineage = lineage_of(self.loaded)
+        self.eval_set: list[Example] = load_examples(settings.eval_data) if settings.eval_data else []
+
+    def run(self) -> list[RoundOutcome]:
+        """Run ``settings.rounds`` rounds after the latest stored version."""
+        version, state, resumed = self._resume_or_initialize()
+        start = FederationStart(
+            lineage=self.lineage,
+            version=version,
+            first_round=version.round + 1,
+            base_model_bytes=self.loaded.base_bytes,
+            trainable_share=self.loaded.trainable_share,
+            resumed=resumed,
+        )
+        if self.observer:
+            self.observer.started(start)
+        outcomes = []
+        for round_number in range(start.first_round, start.first_round + self.settings.rounds):
+            outcome, state = self._round(round_number, version, state)
+            version = outcome.version or version
+            outcomes.append(outcome)
+            if self.observer:
+                self.observer.round_finished(outcome)
+        return outcomes
+
+    # ---- set-up ---------------------------------------------------------------------------
+
+    def _resume_or_initialize(self) -> tuple[VersionInfo, State, bool]:
+        latest = self.registry.latest(self.lineage)
+        if latest is not None:
+            return latest, self.registry.load_adapter(latest.id), True
+        state = trainable_state(self.loaded.model)
+        version = self.registry.add_version(
+            lineage=self.lineage,
+            parent_id=None,
+            round_number=0,
+            base_model_sha256=self.loaded.base_sha256,
+            adapter=state,
+            participants={},
+            metrics=self._central_metrics(state),
+        )
+        return version, state, False
+
+    # ---- one round ------------------------------------------------------------------------
+
+    def _round(self, number: int, parent: VersionInfo, state: State) -> tuple[RoundOutcome, State]:
+        started = time.monotonic()
+        deadline = started + self.settings.round_deadline
+        try:
+            online = wait_for_nodes(self.grid, self.settings.min_devices, deadline)
+        except QuorumError as exc:
+            return self._failed(number, started, sampled=[], aggregator=None, error=str(exc)), state
+        rng = random.Random(f"{self.settings.seed}:{number}")
+        sampled = rng.sample(online, min(self.settings.devices_per_round, len(online)))
+
+        instructions = Instructions(
+            spec=self.settings.spec,
+            train=self.settings.train,
+            round=number,
+            version=parent.id,
+            base_sha256=self.loaded.base_sha256,
+        )
+        aggregator = DeltaAggregator(state)
+        for reply in exchange(
+            self.grid, self._messages(sampled, state, instructions, MessageType.TRAIN), deadline
+        ):
+            aggregator.add(reply)
+        aggregator.mark_missing(sampled)
+        if len(aggregator.participants) < self.settings.min_devices:
+            error = f"{len(aggregator.participants)} valid deltas, {self.settings.min_devices} needed"
+            return self._failed(number, started, sampled, aggregator, error), state
+
+        new_state = apply_delta(state, aggregator.mean_delta())
+        train_metrics = aggregator.metrics()  # train_loss, train_steps, train_seconds
+        version = self.registry.add_version(
+            lineage=self.lineage,
+            parent_id=parent.id,
+            round_number=number,
+            base_model_sha256=self.loaded.base_sha256,
+            adapter=new_state,
+            participants={str(n): c for n, c in aggregator.participants.items()},
+            metrics=train_metrics,
+        )
+        eval_instructions = dataclasses.replace(instructions, version=version.id)
+        metrics = {
+            **train_metrics,
+            **self._federated_metrics(sorted(aggregator.participants), new_state, eval_instructions),
+            **self._central_metrics(new_state),
+        }
+        version = self.registry.update_metrics(version.id, metrics)
+        outcome = RoundOutcome(
+            round=number,
+            version=version,
+            sampled=len(sampled),
+            participants=dict(aggregator.participants),
+            drops=list(aggregator.drops),
+            upload_bytes=aggregator.upload_bytes,
+            seconds=time.monotonic() - started,
+            metrics=metrics,
+        )
+        self._record(outcome)
+        return outcome, new_state
+
+    def _messages(
+        self, nodes: list[int], state: State, instructions: Instructions, kind: str
+    ) -> list[Message]:
+        # The TTL equals the deadline: a device that comes back late does not train a stale round.
+        ttl = self.settings.round_deadline
+        return [
+            Message(
+                RecordDict(
+                    {records.ARRAYS: to_array_record(state), records.CONFIG: instructions.to_record()}
+                ),
+                dst_node_id=node,
+                message_type=kind,
+                ttl=ttl,
+            )
+            for node in nodes
+        ]
+
+    def _federated_metrics(
+        self, nodes: list[int], state: State, instructions: Instructions
+    ) -> dict[str, float]:
+        deadline = time.monotonic() + self.settings.round_deadline
+        aggregator = MetricAggregator()
+        for reply in exchange(
+            self.grid, self._messages(nodes, state, instructions, MessageType.EVALUATE), deadline
+        ):
+            aggregator.add(reply)
+        return {f"federated_{k}": v for k, v in aggregator.metrics().items()}
+
+    def _central_metrics(self, state: State) -> dict[str, float]:
+        if not self.eval_set:
+            return {}
+        load_trainable_state(self.loaded.model, state)
+        return {f"central_{k}": v for k, v in evaluate(self.loaded, self.eval_set).items()}
+
+    # ---- records --------------------------------------------------------------------------
+
+    def _failed(
+        self,
+        number: int,
+        started: float,
+        sampled: list[int],
+        aggregator: DeltaAggregator | None,
+        error: str,
+    ) -> RoundOutcome:
+        outcome = RoundOutcome(
+            round=number,
+            version=None,
+            sampled=len(sampled),
+            participants=dict(aggregator.participants) if aggregator else {},
+            drops=list(aggregator.drops) if aggregator else [],
+            upload_bytes=aggregator.upload_bytes if aggregator else 0,
+            seconds=time.monotonic() - started,
+            error=error,
+        )
+        self._record(outcome)
+        return outcome
+
+    def _record(self, outcome: RoundOutcome) -> None:
+        self.registry.record_round(
+            RoundRecord(
+                lineage=self.lineage,
+                round=outcome.round,
+                status="completed" if outcome.version else "failed",
+                version_id=outcome.version.id if outcome.version else None,
+                sampled=outcome.sampled,
+                received=len(outcome.participants),
+                dropped=[d.as_dict() for d in outcome.drops],
+                upload_bytes=outcome.upload_bytes,
+                seconds=outcome.seconds,
+                error=outcome.error,
+            )
+        )
+
+
+def summarize(outcome: RoundOutcome) -> dict[str, Any]:
+    """The round as a plain dict: one entry of results.json's ``rounds``."""
+    return {
+        "round": outcome.round,
+        "version": outcome.version.label if outcome.version else None,
+        "participants": len(outcome.participants),
+        "examples": outcome.examples,
+        "dropped": [d.as_dict() for d in outcome.drops],
+        "metrics": outcome.metrics,
+        "upload_bytes": outcome.upload_bytes,
+        "seconds": round(outcome.seconds, 3),
+        **({"error": outcome.error} if outcome.error else {}),
+    }

@@ -1,0 +1,84 @@
+"""The coordinator's settings, read from a Flower run config (``[tool.flwr.app.config]``).
+
+``fleetlora simulate`` writes the same keys, so the CLI, ``flwr run .`` and the deployed
+coordinator share one reading of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from fleetlora.common.config import LoraSettings, ModelSpec, TrainSettings, split_names
+from fleetlora.common.data import load_examples
+from fleetlora.common.data.examples import labels_of
+from fleetlora.common.errors import ConfigError
+
+DEFAULT_DB = "sqlite:///fleetlora.db"
+
+
+@dataclass(frozen=True)
+class CoordinatorSettings:
+    """What the coordinator runs: the model, the rounds, and where it keeps versions."""
+
+    spec: ModelSpec
+    train: TrainSettings
+    rounds: int
+    devices_per_round: int
+    min_devices: int
+    round_deadline: float  # seconds to wait for devices to connect and then to answer
+    db_url: str
+    eval_data: str  # coordinator-side evaluation set; "" for none
+    seed: int
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ConfigError(f"rounds must be >= 1, got {self.rounds}.")
+        if not 1 <= self.min_devices <= self.devices_per_round:
+            raise ConfigError(
+                f"Need 1 <= min-devices ({self.min_devices}) <= devices-per-round ({self.devices_per_round})."
+            )
+        if self.round_deadline <= 0:
+            raise ConfigError(f"round-deadline must be > 0 seconds, got {self.round_deadline}.")
+
+    @classmethod
+    def from_run_config(cls, config: Mapping[str, bool | int | float | str]) -> CoordinatorSettings:
+        def get(key: str, default: bool | int | float | str) -> bool | int | float | str:
+            return config.get(key, default)
+
+        seed = int(get("seed", 0))
+        labels = split_names(str(get("labels", "")))
+        task = str(get("task", "auto"))
+        if task == "auto":
+            if not labels and get("data", ""):
+                labels = labels_of(load_examples(str(get("data", ""))))
+            task = "classify" if labels else "causal-lm"
+        spec = ModelSpec(
+            name=str(get("model", "minilm")),
+            task=task,  # type: ignore[arg-type]  # validated by ModelSpec
+            labels=labels,
+            max_length=int(get("max-length", 64)),
+            seed=seed,
+            lora=LoraSettings(
+                rank=int(get("lora-rank", 8)),
+                alpha=int(get("lora-alpha", 16)),
+                target_modules=split_names(str(get("lora-targets", ""))),
+                unfreeze=split_names(str(get("unfreeze", ""))),
+            ),
+        )
+        train = TrainSettings(
+            local_steps=int(get("local-steps", 15)),
+            batch_size=int(get("batch-size", 16)),
+            learning_rate=float(get("learning-rate", 1e-3)),
+        )
+        return cls(
+            spec=spec,
+            train=train,
+            rounds=int(get("rounds", 3)),
+            devices_per_round=int(get("devices-per-round", 4)),
+            min_devices=int(get("min-devices", 2)),
+            round_deadline=float(get("round-deadline", 600.0)),
+            db_url=str(get("db", DEFAULT_DB)),
+            eval_data=str(get("eval-data", "")),
+            seed=seed,
+        )

@@ -1,0 +1,130 @@
+"""Turning device replies into a global update: validate each reply, fold the good ones in.
+
+A reply is dropped, with its reason kept for the round record, when the device reported an error,
+the reply lacks its arrays or metrics, the example count is not a positive integer, the delta's
+layout differs from the global adapter's, or it holds NaN/inf. The rest are averaged weighted by
+their example counts (:class:`~fleetlora.common.aggregate.WeightedMean`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from flwr.app import Message
+
+from fleetlora.common import records
+from fleetlora.common.aggregate import WeightedMean
+from fleetlora.common.delta import State, from_array_record, is_finite, nbytes
+from fleetlora.common.errors import IncompatibleStateError
+
+
+@dataclass(frozen=True)
+class Drop:
+    """A device left out of a round, and why."""
+
+    node_id: int
+    reason: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"node_id": str(self.node_id), "reason": self.reason}
+
+
+@dataclass
+class _Tally:
+    """Weighted sums of scalar metrics, for a weighted mean over the accepted replies."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    weight: float = 0.0
+
+    def add(self, metrics: Mapping[str, float], weight: float) -> None:
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + weight * float(value)
+        self.weight += weight
+
+    def means(self) -> dict[str, float]:
+        return {key: total / self.weight for key, total in self.sums.items()} if self.weight else {}
+
+
+def _num_examples(message: Message) -> tuple[Mapping[str, float], int] | str:
+    """The reply's metrics and example count, or the reason they are unusable."""
+    if message.has_error():
+        return f"device error: {message.error.reason}"
+    metric_records = message.content.metric_records
+    if records.METRICS not in metric_records:
+        return "reply has no metrics"
+    metrics = dict(metric_records[records.METRICS])
+    count = metrics.pop(records.NUM_EXAMPLES, None)
+    if not isinstance(count, int) or count <= 0:
+        return f"invalid {records.NUM_EXAMPLES}: {count!r}"
+    return metrics, count
+
+
+class DeltaAggregator:
+    """Streams train replies into a weighted mean delta."""
+
+    def __init__(self, global_state: State) -> None:
+        self._mean = WeightedMean(global_state)
+        self._tally = _Tally()
+        self.participants: dict[int, int] = {}
+        self.drops: list[Drop] = []
+        self.upload_bytes = 0
+
+    def add(self, reply: Message) -> None:
+        node = reply.metadata.src_node_id
+        if node in self.participants:
+            self.drops.append(Drop(node, "duplicate reply"))
+            return
+        checked = _num_examples(reply)
+        if isinstance(checked, str):
+            self.drops.append(Drop(node, checked))
+            return
+        metrics, count = checked
+        if records.ARRAYS not in reply.content.array_records:
+            self.drops.append(Drop(node, "reply has no arrays"))
+            return
+        delta = from_array_record(reply.content.array_records[records.ARRAYS])
+        if not is_finite(delta):
+            self.drops.append(Drop(node, "delta holds NaN or inf"))
+            return
+        try:
+            self._mean.add(delta, weight=count)
+        except IncompatibleStateError as exc:
+            self.drops.append(Drop(node, f"layout mismatch: {exc}"))
+            return
+        self.participants[node] = count
+        self.upload_bytes += nbytes(delta)
+        self._tally.add(metrics, count)
+
+    def mark_missing(self, sampled: Iterable[int]) -> None:
+        """Record every sampled device that neither contributed nor was dropped as timed out."""
+        seen = set(self.participants) | {d.node_id for d in self.drops}
+        self.drops.extend(Drop(n, "no reply before the deadline") for n in sampled if n not in seen)
+
+    def mean_delta(self) -> State:
+        return self._mean.result()
+
+    def metrics(self) -> dict[str, float]:
+        """Example-weighted means of the devices' scalar metrics."""
+        return self._tally.means()
+
+
+class MetricAggregator:
+    """Streams evaluate replies into example-weighted mean metrics."""
+
+    def __init__(self) -> None:
+        self._tally = _Tally()
+        self.drops: list[Drop] = []
+        self.examples = 0
+
+    def add(self, reply: Message) -> None:
+        checked = _num_examples(reply)
+        if isinstance(checked, str):
+            self.drops.append(Drop(reply.metadata.src_node_id, checked))
+            return
+        metrics, count = checked
+        self._tally.add(metrics, count)
+        self.examples += count
+
+    def metrics(self) -> dict[str, float]:
+        return self._tally.means()

@@ -1,0 +1,3 @@
+from fleetlora.cli import main
+
+main()

@@ -1,0 +1,32 @@
+"""``fleetlora``: one command line for researchers (simulate), operators (coordinator), devices (device)."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from fleetlora.client.cli import app as device_app
+from fleetlora.common.errors import FleetloraError
+from fleetlora.coordinator.cli import app as coordinator_app
+from fleetlora.simulations.cli import simulate
+
+app = typer.Typer(
+    help="Federated LoRA for edge fleets: devices adapt a language model on their own text; "
+    "only encrypted adapter deltas leave them.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.command()(simulate)
+app.add_typer(coordinator_app, name="coordinator")
+app.add_typer(device_app, name="device")
+
+
+def main() -> None:
+    """Entry point: user mistakes print one line and exit 2; bugs keep their traceback."""
+    try:
+        app()
+    except FleetloraError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)

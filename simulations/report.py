@@ -1,0 +1,93 @@
+"""What a person watching a simulation sees: a progress bar, a line per round, a final table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fleetlora.coordinator.rounds import FederationStart, RoundOutcome
+
+# Metric columns, in reading order, with their headers; absent metrics are left out.
+_METRIC_COLUMNS = {
+    "train_loss": "train loss",
+    "federated_eval_loss": "fed. loss",
+    "federated_eval_accuracy": "fed. acc",
+    "federated_eval_perplexity": "fed. ppl",
+    "central_loss": "test loss",
+    "central_accuracy": "test acc",
+    "central_perplexity": "test ppl",
+}
+
+
+class ProgressReporter:
+    """A rich progress bar over rounds, with one summary line printed as each round ends."""
+
+    def __init__(self, rounds: int, console: Console | None = None) -> None:
+        self.console = console or Console()
+        self.progress = Progress(
+            TextColumn("[bold]federated rounds"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+        )
+        self.task = self.progress.add_task("rounds", total=rounds)
+
+    def started(self, start: FederationStart) -> None:
+        how = "resuming from" if start.resumed else "starting at"
+        self.console.print(
+            f"{how} [bold]{start.version.label}[/] (round {start.version.round}); trainable share "
+            f"{start.trainable_share:.2%} of {start.base_model_bytes / 2**20:.1f} MiB base model"
+        )
+        self.progress.start()
+
+    def round_finished(self, outcome: RoundOutcome) -> None:
+        self.progress.advance(self.task)
+        if outcome.version is None:
+            self.console.print(f"round {outcome.round}: [red]failed[/] ({outcome.error})")
+        else:
+            shown = ", ".join(
+                f"{header} {_fmt(outcome.metrics[key])}"
+                for key, header in _METRIC_COLUMNS.items()
+                if key in outcome.metrics
+            )
+            self.console.print(
+                f"round {outcome.round}: {outcome.version.label} from "
+                f"{len(outcome.participants)}/{outcome.sampled} devices; {shown}"
+            )
+
+    def stop(self) -> None:
+        self.progress.stop()
+
+
+def results_table(results: dict[str, Any]) -> Table:
+    """The per-round table of a results.json document."""
+    rows = [{"round": results["initial"]["round"], "version": results["initial"]["version"],
+             "participants": "-", "examples": "-", "metrics": results["initial"]["metrics"],
+             "upload_bytes": None, "seconds": None}, *results["rounds"]]  # fmt: skip
+    shown = [k for k in _METRIC_COLUMNS if any(k in row["metrics"] for row in rows)]
+    table = Table(title="fleetlora simulation", title_justify="left")
+    for header in ("round", "version", "devices", "examples", *(_METRIC_COLUMNS[k] for k in shown)):
+        table.add_column(header, justify="right")
+    table.add_column("upload", justify="right")
+    table.add_column("seconds", justify="right")
+    for row in rows:
+        table.add_row(
+            str(row["round"]),
+            row["version"] or "[red]failed[/]",
+            str(row["participants"]),
+            str(row["examples"]),
+            *(_fmt(row["metrics"].get(k)) for k in shown),
+            "-" if row["upload_bytes"] is None else f"{row['upload_bytes'] / 1024:.0f} KiB",
+            "-" if row["seconds"] is None else f"{row['seconds']:.1f}",
+        )
+    return table
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if abs(value) < 1000 else f"{value:.3g}"
