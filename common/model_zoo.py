@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_model
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -75,7 +76,12 @@ def smollm2_folder() -> Path:
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model.save_pretrained(scratch)
+        # The weights are already dequantized to float32; transformers refuses save_pretrained on
+        # a GGUF-loaded model, so write a plain config and the tensors (tied ones once) ourselves.
+        config = model.config
+        del config.quantization_config
+        config.save_pretrained(scratch)
+        save_model(model, str(scratch / "model.safetensors"))
         tokenizer.save_pretrained(scratch)
         try:
             scratch.rename(target)

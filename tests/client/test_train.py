@@ -1,0 +1,44 @@
+import pytest
+
+from fleetlora.client.local_data import local_examples
+from fleetlora.client.train import train_locally
+from fleetlora.common.batches import evaluate
+from fleetlora.common.config import ModelSpec, TrainSettings
+from fleetlora.common.data import load_examples
+from fleetlora.common.errors import DataError
+from fleetlora.common.model import build_model
+
+
+def test_local_training_lowers_held_out_loss(tiny_spec: ModelSpec):
+    loaded = build_model(tiny_spec)
+    held_out = load_examples("builtin-test")[:200]
+    before = evaluate(loaded, held_out)["loss"]
+    result = train_locally(
+        loaded, load_examples("builtin"), TrainSettings(local_steps=40, learning_rate=3e-3), seed=0
+    )
+    assert result.steps == 40 and result.examples == 2400 and result.seconds > 0
+    assert evaluate(loaded, held_out)["loss"] < before
+
+
+def test_causal_lm_training_lowers_loss():
+    loaded = build_model(ModelSpec("tiny", "causal-lm", max_length=32))
+    texts = load_examples("builtin")[:200]
+    before = evaluate(loaded, texts)["loss"]
+    train_locally(loaded, texts, TrainSettings(local_steps=30, learning_rate=1e-2), seed=0)
+    assert evaluate(loaded, texts)["loss"] < before
+
+
+def test_no_examples_is_a_clear_error(tiny_spec: ModelSpec):
+    with pytest.raises(DataError, match="nothing to learn"):
+        train_locally(build_model(tiny_spec), [], TrainSettings(), seed=0)
+
+
+def test_simulated_device_gets_its_partition_and_real_device_its_file(tmp_path):
+    run = {"data": "builtin", "partition": "iid", "seed": 0}
+    parts = [local_examples({"partition-id": i, "num-partitions": 3}, run) for i in range(3)]
+    assert sum(len(p) for p in parts) == 2400 and not set(parts[0]) & set(parts[1])
+    path = tmp_path / "mine.csv"
+    path.write_text("text,label\nhello,a\n")
+    assert len(local_examples({"data-path": str(path)}, {})) == 1
+    with pytest.raises(DataError, match="data-path"):
+        local_examples({}, {})

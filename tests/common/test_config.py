@@ -1,0 +1,46 @@
+import pytest
+from flwr.app import ConfigRecord
+
+from fleetlora.common import records
+from fleetlora.common.config import LoraSettings, ModelSpec, TrainSettings, from_config, to_config
+from fleetlora.common.errors import ConfigError
+from fleetlora.common.messages import Instructions
+
+
+def test_instructions_round_trip_through_a_config_record():
+    spec = ModelSpec("tiny", "classify", ("a", "b"), lora=LoraSettings(rank=4, target_modules=("query",)))
+    sent = Instructions(spec, TrainSettings(local_steps=3), round=2, version=7, base_sha256="ab" * 32)
+    received = Instructions.from_record(ConfigRecord(dict(sent.to_record())))
+    assert received == sent
+
+
+def test_unknown_contract_version_is_refused():
+    record = Instructions(ModelSpec("tiny", "causal-lm"), TrainSettings(), 1, 1, "0" * 64).to_record()
+    record[records.CONTRACT_VERSION] = records.CONTRACT + 1
+    with pytest.raises(ConfigError, match="upgrade"):
+        Instructions.from_record(record)
+
+
+def test_missing_required_key_is_named():
+    entries = to_config(ModelSpec("tiny", "causal-lm"), "model")
+    del entries["model.name"]
+    with pytest.raises(ConfigError, match=r"model\.name"):
+        from_config(ModelSpec, entries, "model")
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: LoraSettings(rank=0), "rank must be >= 1"),
+        (lambda: LoraSettings(dropout=1.0), "dropout"),
+        (lambda: ModelSpec("tiny", "classify", ("only",)), "at least 2 labels"),
+        (lambda: ModelSpec("tiny", "causal-lm", ("a", "b")), "takes no labels"),
+        (lambda: ModelSpec("tiny", "regression"), "Task must be one of"),  # type: ignore[arg-type]
+        (lambda: ModelSpec("tiny", "classify", ("a", "a")), "unique"),
+        (lambda: TrainSettings(learning_rate=0), "learning_rate"),
+        (lambda: TrainSettings(local_steps=0), "local_steps"),
+    ],
+)
+def test_settings_validate_themselves(build, message):
+    with pytest.raises(ConfigError, match=message):
+        build()

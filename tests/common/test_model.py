@@ -1,0 +1,84 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from fleetlora.common.config import LoraSettings, ModelSpec
+from fleetlora.common.delta import load_trainable_state, trainable_state
+from fleetlora.common.errors import ConfigError, IncompatibleStateError, ModelError
+from fleetlora.common.model import build_model
+
+
+def test_tiny_classifier_trains_only_lora_and_head(tiny_spec: ModelSpec):
+    loaded = build_model(tiny_spec)
+    names = set(trainable_state(loaded.model))
+    assert names and all("lora_" in n or "classifier" in n for n in names)
+    assert 0 < loaded.trainable_share < 0.01
+    assert loaded.trainable_params == sum(t.numel() for t in trainable_state(loaded.model).values())
+
+
+def test_same_spec_builds_identical_weights_on_every_side(tiny_spec: ModelSpec):
+    first, second = build_model(tiny_spec), build_model(tiny_spec)
+    assert first.base_sha256 == second.base_sha256
+    a, b = trainable_state(first.model), trainable_state(second.model)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_unfreezing_a_layer_raises_the_trainable_share(tiny_spec: ModelSpec):
+    plain = build_model(tiny_spec)
+    spec = ModelSpec(**{**tiny_spec.__dict__, "lora": LoraSettings(unfreeze=("bert.encoder.layer.1",))})
+    unfrozen = build_model(spec)
+    assert unfrozen.trainable_share > plain.trainable_share
+    assert any("encoder.layer.1.output.dense.weight" in n for n in trainable_state(unfrozen.model))
+
+
+def test_unknown_unfreeze_name_is_refused(tiny_spec: ModelSpec):
+    spec = ModelSpec(**{**tiny_spec.__dict__, "lora": LoraSettings(unfreeze=("bert.encoder.layer.9",))})
+    with pytest.raises(ConfigError, match="matches no parameter"):
+        build_model(spec)
+
+
+def test_tiny_causal_lm_builds_and_scores():
+    loaded = build_model(ModelSpec("tiny", "causal-lm", max_length=32))
+    assert loaded.spec.task == "causal-lm"
+    assert all("lora_" in n for n in trainable_state(loaded.model))
+
+
+def test_loading_a_state_of_another_layout_is_refused(tiny_spec: ModelSpec):
+    loaded = build_model(tiny_spec)
+    other = build_model(ModelSpec(**{**tiny_spec.__dict__, "lora": LoraSettings(rank=4)}))
+    with pytest.raises(IncompatibleStateError):
+        load_trainable_state(loaded.model, trainable_state(other.model))
+
+
+def test_unknown_model_path_names_the_choices(tmp_path: Path):
+    with pytest.raises(ModelError, match="minilm, smollm2, tiny"):
+        build_model(ModelSpec(str(tmp_path / "missing"), "causal-lm"))
+
+
+def test_local_folder_model_loads(tmp_path: Path, tiny_spec: ModelSpec):
+    # A user's own Hugging Face folder: save the tiny model and load it back by path.
+    loaded = build_model(tiny_spec)
+    base = loaded.model.unload()
+    base.save_pretrained(tmp_path)
+    loaded.tokenizer.save_pretrained(tmp_path)
+    from_folder = build_model(ModelSpec(**{**tiny_spec.__dict__, "name": str(tmp_path)}))
+    assert from_folder.base_sha256 == loaded.base_sha256
+
+
+@pytest.mark.slow
+def test_packaged_minilm_classifier():
+    loaded = build_model(ModelSpec("minilm", "classify", ("a", "b", "c")))
+    assert 22_000_000 < loaded.total_params < 23_000_000
+    assert loaded.trainable_share < 0.01
+
+
+@pytest.mark.slow
+def test_packaged_smollm2_is_converted_once_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("FLEETLORA_CACHE", str(tmp_path))
+    loaded = build_model(ModelSpec("smollm2", "causal-lm"))
+    assert 134_000_000 < loaded.total_params < 136_000_000
+    cached = list(tmp_path.glob("smollm2-*/model.safetensors"))
+    assert len(cached) == 1
+    again = build_model(ModelSpec("smollm2", "causal-lm"))
+    assert again.base_sha256 == loaded.base_sha256

@@ -1,0 +1,73 @@
+"""An in-process Flower Grid that hands each message to a real ClientApp, for round-loop tests.
+
+Nodes listed in ``silent`` never answer (a device that died); the ClientApp's exceptions come
+back as error replies, as Flower's runtimes return them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from uuid import uuid4
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+
+class LocalGrid(Grid):
+    def __init__(self, app: ClientApp, num_nodes: int, run_config: dict, silent: Iterable[int] = ()) -> None:
+        self.app = app
+        # Flower's ServerApp runtime sets these before the app's main runs; messages need them.
+        TaskIdentity.run_id = 1
+        TaskIdentity.task_id = 1
+        TaskIdentity.node_id = 1
+        self.node_ids = list(range(101, 101 + num_nodes))
+        self.silent = set(silent)
+        self.run_config = run_config
+        self.replies: dict[str, Message] = {}
+        self.received: list[Message] = []
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[override]
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.node_ids)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid4())
+            self.received.append(message)
+            ids.append(message.metadata.message_id)
+            node = message.metadata.dst_node_id
+            if node in self.silent:
+                continue
+            partition = self.node_ids.index(node)
+            context = Context(
+                run_id=1,
+                node_id=node,
+                node_config={"partition-id": partition, "num-partitions": len(self.node_ids)},
+                state=RecordDict(),
+                run_config=self.run_config,
+            )
+            try:
+                reply = self.app(message, context)
+            except Exception as exc:  # turned into an error reply, as Flower does
+                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
+            self.replies[message.metadata.message_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[override]
+        return self.pull_messages(self.push_messages(messages))

@@ -1,0 +1,75 @@
+import pytest
+import torch
+from sqlalchemy import text
+
+from fleetlora.common.delta import serialize, sha256_hex
+from fleetlora.common.errors import ConfigError, CorruptVersionError
+from fleetlora.coordinator.db import Database
+from fleetlora.coordinator.registry import Registry
+
+
+def _registry(url: str) -> Registry:
+    return Registry(Database(url).initialize())
+
+
+def _add(registry: Registry, parent: int | None, round_number: int, value: float, lineage: str = "L"):
+    return registry.add_version(
+        lineage=lineage,
+        parent_id=parent,
+        round_number=round_number,
+        base_model_sha256="b" * 64,
+        adapter={"w": torch.full((4, 2), value)},
+        participants={"11": 30, "12": 10} if parent else {},
+        metrics={"central_loss": 1.0 / (round_number + 1)},
+    )
+
+
+def test_lineage_chain_and_hashes(sqlite_url: str):
+    registry = _registry(sqlite_url)
+    v0 = _add(registry, None, 0, 0.0)
+    v1 = _add(registry, v0.id, 1, 1.0)
+    v2 = _add(registry, v1.id, 2, 2.0)
+
+    chain = registry.chain(v2.id)
+    assert [v.round for v in chain] == [2, 1, 0]
+    assert [v.parent_id for v in chain] == [v1.id, v0.id, None]
+    assert v2.participants == {"11": 30, "12": 10}
+    for version in chain:
+        blob = serialize(registry.load_adapter(version.id))
+        assert sha256_hex(blob) == version.adapter_sha256
+    assert registry.latest("L").id == v2.id
+    assert registry.latest("other") is None
+
+
+def test_versions_survive_reopening_the_database(sqlite_url: str):
+    v0 = _add(_registry(sqlite_url), None, 0, 0.5)
+    reopened = _registry(sqlite_url)
+    assert reopened.latest("L") == v0
+    assert torch.equal(reopened.load_adapter(v0.id)["w"], torch.full((4, 2), 0.5))
+
+
+def test_corrupted_adapter_bytes_are_detected(sqlite_url: str):
+    registry = _registry(sqlite_url)
+    v0 = _add(registry, None, 0, 0.0)
+    blob = bytearray(serialize({"w": torch.full((4, 2), 0.0)}))
+    blob[-1] ^= 0xFF
+    with registry.db.engine.begin() as connection:
+        connection.execute(
+            text("UPDATE model_versions SET adapter = :b WHERE id = :i"), {"b": bytes(blob), "i": v0.id}
+        )
+    with pytest.raises(CorruptVersionError, match=f"v{v0.id}"):
+        registry.load_adapter(v0.id)
+
+
+def test_a_round_is_stored_once_per_lineage(sqlite_url: str):
+    registry = _registry(sqlite_url)
+    v0 = _add(registry, None, 0, 0.0)
+    _add(registry, v0.id, 1, 1.0)
+    with pytest.raises(Exception, match="UNIQUE"):
+        _add(registry, v0.id, 1, 1.0)
+    assert len(registry.versions("L")) == 2  # the failed insert left nothing behind
+
+
+def test_bad_database_url_is_a_clear_error():
+    with pytest.raises(ConfigError, match="Cannot use database URL"):
+        Database("nosuchdialect://x")

@@ -1,0 +1,170 @@
+"""The round loop against real ClientApps over an in-process Grid: aggregation, faults, resume."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from flwr.app import Message
+from flwr.clientapp import ClientApp
+
+from fleetlora.client.client_app import build_client_app
+from fleetlora.common import records
+from fleetlora.common.delta import from_array_record, to_array_record
+from fleetlora.coordinator.rounds import Federation
+from fleetlora.coordinator.settings import CoordinatorSettings
+from tests.coordinator.local_grid import LocalGrid
+
+
+def _run_config(db: str, **overrides) -> dict:
+    config = {
+        "model": "tiny",
+        "data": "builtin",
+        "eval-data": "builtin-test",
+        "partition": "iid",
+        "seed": 0,
+        "rounds": 2,
+        "devices-per-round": 3,
+        "min-devices": 2,
+        "round-deadline": 3.0,
+        "local-steps": 10,
+        "learning-rate": 3e-3,
+        "max-length": 32,
+        "db": db,
+    }
+    return {**config, **overrides}
+
+
+def _faulty_app(*, raise_on: set[int] = frozenset(), poison: set[int] = frozenset()) -> ClientApp:
+    """The real ClientApp, except that some devices crash or send NaN."""
+    real = build_client_app()
+    app = ClientApp()
+
+    @app.train()
+    def train(message: Message, context) -> Message:
+        if context.node_id in raise_on:
+            raise RuntimeError("disk full")
+        reply = real(message, context)
+        if context.node_id in poison:
+            delta = from_array_record(reply.content[records.ARRAYS])
+            delta = {n: torch.full_like(t, float("nan")) for n, t in delta.items()}
+            reply.content[records.ARRAYS] = to_array_record(delta)
+        return reply
+
+    @app.evaluate()
+    def evaluate(message: Message, context) -> Message:
+        return real(message, context)
+
+    return app
+
+
+def test_rounds_store_the_weighted_mean_of_deltas_and_loss_falls(sqlite_url: str):
+    config = _run_config(sqlite_url)
+    grid = LocalGrid(build_client_app(), num_nodes=3, run_config=config)
+    captured: list[Message] = []
+    original_pull = grid.pull_messages
+    grid.pull_messages = lambda ids: captured.extend(r := list(original_pull(ids))) or r  # type: ignore[method-assign]
+    federation = Federation(grid, CoordinatorSettings.from_run_config(config))
+
+    outcomes = federation.run()
+
+    assert [o.round for o in outcomes] == [1, 2] and all(o.version for o in outcomes)
+    first = outcomes[0]
+    assert len(first.participants) == 3 and not first.drops
+    # The stored round-1 adapter is v0 + sum(n_i * delta_i) / sum(n_i), recomputed here by hand.
+    v0 = federation.registry.chain(first.version.id)[1]
+    assert v0.round == 0
+    train_replies = [m for m in captured if records.ARRAYS in m.content.array_records][:3]
+    weights = [m.content[records.METRICS][records.NUM_EXAMPLES] for m in train_replies]
+    assert sorted(weights) == sorted(first.participants.values())
+    base = federation.registry.load_adapter(v0.id)
+    deltas = [from_array_record(m.content[records.ARRAYS]) for m in train_replies]
+    stored = federation.registry.load_adapter(first.version.id)
+    total = sum(weights)
+    for name in base:
+        weighted = sum(w * d[name].double() for w, d in zip(weights, deltas, strict=True))
+        expected = base[name].double() + weighted / total
+        torch.testing.assert_close(stored[name], expected.float(), rtol=0, atol=1e-7)
+    # Evaluated on the coordinator's test set, the loss goes down round over round.
+    losses = [v0.metrics["central_loss"], *(o.metrics["central_loss"] for o in outcomes)]
+    assert losses[-1] < losses[0]
+    assert "federated_eval_loss" in outcomes[-1].metrics
+
+
+def test_crashed_and_silent_devices_are_dropped_and_the_round_completes(sqlite_url: str):
+    config = _run_config(sqlite_url, **{"devices-per-round": 4, "rounds": 1})
+    app = _faulty_app(raise_on={102}, poison={103})
+    grid = LocalGrid(app, num_nodes=5, run_config=config, silent={104})
+    settings = CoordinatorSettings.from_run_config({**config, "devices-per-round": 5})
+    started = time.monotonic()
+
+    (outcome,) = Federation(grid, settings).run()
+
+    assert outcome.version is not None
+    assert set(outcome.participants) == {101, 105}
+    reasons = {d.node_id: d.reason for d in outcome.drops}
+    assert reasons[102].startswith("device error") and "disk full" in reasons[102]
+    assert reasons[103] == "delta holds NaN or inf"
+    assert reasons[104] == "no reply before the deadline"
+    # The silent device costs one deadline for training and one for evaluation, not forever.
+    assert time.monotonic() - started < 2 * settings.round_deadline + 30
+
+
+def test_round_without_quorum_fails_and_keeps_the_version(sqlite_url: str):
+    config = _run_config(sqlite_url, **{"rounds": 1, "min-devices": 3})
+    grid = LocalGrid(build_client_app(), num_nodes=3, run_config=config, silent={103})
+    federation = Federation(grid, CoordinatorSettings.from_run_config(config))
+
+    (outcome,) = federation.run()
+
+    assert outcome.version is None and "2 valid deltas, 3 needed" in outcome.error
+    assert [v.round for v in federation.registry.versions(federation.lineage)] == [0]
+    (record,) = federation.registry.rounds(federation.lineage)
+    assert record.status == "failed" and record.received == 2
+
+
+def test_too_few_devices_online_fails_at_the_deadline(sqlite_url: str):
+    config = _run_config(sqlite_url, **{"rounds": 1, "round-deadline": 1.0, "min-devices": 3})
+    grid = LocalGrid(build_client_app(), num_nodes=2, run_config=config)
+    (outcome,) = Federation(grid, CoordinatorSettings.from_run_config(config)).run()
+    assert outcome.version is None and "Only 2 of the 3 devices" in outcome.error
+
+
+def test_a_restarted_coordinator_resumes_from_the_latest_version(sqlite_url: str):
+    config = _run_config(sqlite_url)
+    first = Federation(LocalGrid(build_client_app(), 3, config), CoordinatorSettings.from_run_config(config))
+    last = first.run()[-1].version
+
+    again = Federation(
+        LocalGrid(build_client_app(), 3, config),
+        CoordinatorSettings.from_run_config({**config, "rounds": 1}),
+    )
+    (outcome,) = again.run()
+
+    assert outcome.round == 3 and outcome.version.parent_id == last.id
+    rounds = [v.round for v in again.registry.versions(again.lineage)]
+    assert rounds == [0, 1, 2, 3]  # nothing lost, nothing repeated
+
+
+def test_devices_refuse_a_different_base_model(sqlite_url: str):
+    config = _run_config(sqlite_url, rounds=1)
+    real = build_client_app()
+    app = ClientApp()
+
+    @app.train()
+    def train(message: Message, context) -> Message:
+        message.content[records.CONFIG][records.BASE_MODEL_SHA256] = "0" * 64  # another base
+        return real(message, context)
+
+    federation = Federation(LocalGrid(app, 3, config), CoordinatorSettings.from_run_config(config))
+    (outcome,) = federation.run()
+
+    assert outcome.version is None
+    assert len(outcome.drops) == 3 and all("Base model sha256" in d.reason for d in outcome.drops)
+
+
+@pytest.mark.parametrize("bad", [{"min-devices": 5}, {"rounds": 0}, {"round-deadline": 0}])
+def test_bad_coordinator_settings_are_refused(sqlite_url: str, bad: dict):
+    with pytest.raises(ValueError):
+        CoordinatorSettings.from_run_config(_run_config(sqlite_url, **bad))

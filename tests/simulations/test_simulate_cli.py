@@ -1,0 +1,89 @@
+"""``fleetlora simulate`` as a user runs it: a subprocess on the real Flower Simulation Engine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fleetlora.coordinator.db import Database
+from fleetlora.coordinator.registry import Registry
+
+
+def fleetlora(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fleetlora", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_tiny_fleet_end_to_end(tmp_path: Path):
+    out = tmp_path / "run"
+    done = fleetlora(
+        "simulate", "--model", "tiny", "--devices", "3", "--rounds", "2", "--out", str(out),
+        "--partition", "iid", "--local-steps", "15", "--learning-rate", "0.003",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "fleetlora simulation" in done.stdout  # the per-round table was printed
+
+    results = json.loads((out / "results.json").read_text())
+    rounds = results["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    versions = [results["initial"]["version"], *(r["version"] for r in rounds)]
+    assert len(set(versions)) == 3
+    assert all(r["participants"] == 3 and r["examples"] > 0 and r["upload_bytes"] > 0 for r in rounds)
+    assert results["base_model_bytes"] > 0
+    assert rounds[-1]["metrics"]["central_loss"] < results["initial"]["metrics"]["central_loss"]
+
+    registry = Registry(Database(f"sqlite:///{out / 'fleetlora.db'}").initialize())
+    stored = {v.label: v for v in registry.versions()}
+    assert set(versions) <= set(stored)
+    assert stored[versions[2]].parent_id == stored[versions[1]].id
+
+
+def _error_line(done: subprocess.CompletedProcess[str]) -> str:
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+def test_unknown_model_path(tmp_path: Path):
+    line = _error_line(fleetlora("simulate", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path)))
+    assert "Unknown model" in line and "no-model" in line
+
+
+def test_empty_data_file(tmp_path: Path):
+    data = tmp_path / "empty.csv"
+    data.write_text("")
+    line = _error_line(fleetlora("simulate", "--model", "tiny", "--data", str(data), "--out", str(tmp_path)))
+    assert "empty.csv contains no examples" in line
+
+
+def test_malformed_csv(tmp_path: Path):
+    data = tmp_path / "bad.csv"
+    data.write_text("text,label\nfine,a\ntoo,many,fields\n")
+    line = _error_line(fleetlora("simulate", "--model", "tiny", "--data", str(data), "--out", str(tmp_path)))
+    assert "bad.csv, line 3" in line
+
+
+def test_bad_partition_spec(tmp_path: Path):
+    line = _error_line(
+        fleetlora("simulate", "--model", "tiny", "--partition", "dirichlet:0", "--out", str(tmp_path))
+    )
+    assert "dirichlet:ALPHA" in line
+
+
+def test_versions_list_reads_the_database(tmp_path: Path):
+    done = fleetlora(
+        "coordinator", "versions", "list", "--db", f"sqlite:///{tmp_path / 'empty.db'}", "--json"
+    )
+    assert done.returncode == 0 and json.loads(done.stdout) == []
