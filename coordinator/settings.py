@@ -67,9 +67,9 @@ class CoordinatorSettings:
             ),
         )
         train = TrainSettings(
-            local_steps=int(get("local-steps", 15)),
-            batch_size=int(get("batch-size", 16)),
-            learning_rate=float(get("learning-rate", 1e-3)),
+            local_steps=int(get("local-steps", TrainSettings.local_steps)),
+            batch_size=int(get("batch-size", TrainSettings.batch_size)),
+            learning_rate=float(get("learning-rate", TrainSettings.learning_rate)),
         )
         return cls(
             spec=spec,

@@ -13,24 +13,30 @@ from fleetlora.simulations.report import ProgressReporter, results_table
 from fleetlora.simulations.runner import SimulationConfig
 from fleetlora.simulations.runner import simulate as run_fleet
 
+_DEFAULTS = SimulationConfig()
+
 
 def simulate(
-    devices: Annotated[int, typer.Option(help="Simulated devices in the fleet.")] = 8,
-    rounds: Annotated[int, typer.Option(help="Federated rounds to run (after any stored ones).")] = 3,
+    devices: Annotated[int, typer.Option(help="Simulated devices in the fleet.")] = _DEFAULTS.devices,
+    rounds: Annotated[
+        int, typer.Option(help="Federated rounds to run (after any stored ones).")
+    ] = _DEFAULTS.rounds,
     model: Annotated[
         str, typer.Option(help="Base model: minilm, smollm2, tiny, or a local Hugging Face folder.")
-    ] = "minilm",
+    ] = _DEFAULTS.model,
     data: Annotated[
         str, typer.Option(help="Training data: 'builtin' or a CSV/JSONL/TXT file, split over the devices.")
-    ] = "builtin",
+    ] = _DEFAULTS.data,
     eval_data: Annotated[
         str | None,
         typer.Option(help="Coordinator-side test set (default: built-in test split for builtin data)."),
     ] = None,
     partition: Annotated[
         str, typer.Option(help="How data is split over devices: iid or dirichlet:ALPHA (by label).")
-    ] = "dirichlet:1.0",
-    seed: Annotated[int, typer.Option(help="Seed for partitions, sampling and initial weights.")] = 0,
+    ] = _DEFAULTS.partition,
+    seed: Annotated[
+        int, typer.Option(help="Seed for partitions, sampling and initial weights.")
+    ] = _DEFAULTS.seed,
     out: Annotated[Path, typer.Option(help="Folder for results.json and the default database.")] = Path(
         "runs/latest"
     ),
@@ -38,22 +44,36 @@ def simulate(
         str | None,
         typer.Option(help="SQLAlchemy URL of the version store (default sqlite:///OUT/fleetlora.db)."),
     ] = None,
-    devices_per_round: Annotated[int, typer.Option(help="Devices sampled each round.")] = 4,
-    min_devices: Annotated[int, typer.Option(help="Valid replies needed for a round to count.")] = 2,
-    local_steps: Annotated[int, typer.Option(help="Optimizer steps per device per round.")] = 15,
-    batch_size: Annotated[int, typer.Option(help="Examples per local step.")] = 16,
-    learning_rate: Annotated[float, typer.Option(help="Local AdamW learning rate.")] = 1e-3,
-    max_length: Annotated[int, typer.Option(help="Tokens per example (longer texts are cut).")] = 48,
-    lora_rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 8,
-    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha (scale = alpha / r).")] = 16,
+    devices_per_round: Annotated[
+        int, typer.Option(help="Devices sampled each round.")
+    ] = _DEFAULTS.devices_per_round,
+    min_devices: Annotated[
+        int, typer.Option(help="Valid replies needed for a round to count.")
+    ] = _DEFAULTS.min_devices,
+    local_steps: Annotated[
+        int, typer.Option(help="Optimizer steps per device per round.")
+    ] = _DEFAULTS.local_steps,
+    batch_size: Annotated[int, typer.Option(help="Examples per local step.")] = _DEFAULTS.batch_size,
+    learning_rate: Annotated[
+        float, typer.Option(help="Local AdamW learning rate.")
+    ] = _DEFAULTS.learning_rate,
+    max_length: Annotated[
+        int, typer.Option(help="Tokens per example (longer texts are cut).")
+    ] = _DEFAULTS.max_length,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank r.")] = _DEFAULTS.lora_rank,
+    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha (scale = alpha / r).")] = _DEFAULTS.lora_alpha,
     lora_targets: Annotated[
         str, typer.Option(help="Comma-separated module names LoRA wraps (default: attention q/v).")
-    ] = "",
+    ] = _DEFAULTS.lora_targets,
     unfreeze: Annotated[
         str, typer.Option(help="Comma-separated base modules trained in full on top of LoRA.")
-    ] = "",
-    round_deadline: Annotated[float, typer.Option(help="Seconds a round waits for devices.")] = 600.0,
-    client_cpus: Annotated[int, typer.Option(help="CPUs per simulated device (2 = one at a time).")] = 2,
+    ] = _DEFAULTS.unfreeze,
+    round_deadline: Annotated[
+        float, typer.Option(help="Seconds a round waits for devices.")
+    ] = _DEFAULTS.round_deadline,
+    client_cpus: Annotated[
+        int, typer.Option(help="CPUs per simulated device (2 = one at a time).")
+    ] = _DEFAULTS.client_cpus,
     verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
 ) -> None:
     """Simulate a fleet: partition the data over devices, run federated LoRA rounds, report each."""

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetlora.client.client_app import build_client_app
+from fleetlora.common.config import TrainSettings
 from fleetlora.common.data import load_examples
 from fleetlora.common.data.partition import PartitionScheme, partition_indices
 from fleetlora.common.errors import ConfigError
@@ -37,9 +38,9 @@ class SimulationConfig:
     db: str | None = None  # None: sqlite:///OUT/fleetlora.db
     devices_per_round: int = 4
     min_devices: int = 2
-    local_steps: int = 15
-    batch_size: int = 16
-    learning_rate: float = 1e-3
+    local_steps: int = TrainSettings.local_steps
+    batch_size: int = TrainSettings.batch_size
+    learning_rate: float = TrainSettings.learning_rate
     max_length: int = 48
     lora_rank: int = 8
     lora_alpha: int = 16
