@@ -55,7 +55,9 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
     def train(message: Message, context: Context) -> Message:
         instructions, loaded, train_set, _ = prepare(message, context)
         before = trainable_state(loaded.model)
-        seed = _seed(instructions.spec.seed, instructions.round, context.node_id)
+        # A simulated device's identity is its partition (Flower draws node ids at random per run).
+        device = context.node_config.get("partition-id", context.node_id)
+        seed = _seed(instructions.spec.seed, instructions.round, int(device))
         result = train_locally(loaded, train_set, instructions.train, seed=seed)
         delta = diff(trainable_state(loaded.model), before)
         metrics = MetricRecord(

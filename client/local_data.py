@@ -23,10 +23,13 @@ def local_examples(node_config: UserConfig, run_config: UserConfig) -> list[Exam
     if "data-path" in node_config:
         return load_examples(str(node_config["data-path"]))
     if "partition-id" in node_config:
+        missing = [k for k in ("data", "partition", "seed") if k not in run_config]
+        if missing:
+            raise DataError(f"Simulated device: the run config lacks {missing}; set them in the run config.")
         parts = _partitions(
-            str(run_config.get("data", "builtin")),
-            str(run_config.get("partition", "iid")),
-            int(run_config.get("seed", 0)),
+            str(run_config["data"]),
+            str(run_config["partition"]),
+            int(run_config["seed"]),
             int(node_config["num-partitions"]),
         )
         return list(parts[int(node_config["partition-id"])])

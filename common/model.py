@@ -93,12 +93,18 @@ def _unfreeze(model: PeftModel, module_names: tuple[str, ...]) -> None:
 
 
 def _hash_weights(model: torch.nn.Module) -> tuple[str, int]:
-    """sha256 over (name, dtype, shape, bytes) of every base tensor, and their total bytes."""
+    """sha256 over (name, dtype, shape, bytes) of every base tensor, and their total bytes.
+
+    Tied tensors (SmolLM2's embedding and output head) appear under two names in the state dict;
+    they are hashed under both but counted once in the size.
+    """
     digest = hashlib.sha256()
-    total = 0
+    total, seen = 0, set()
     for name, tensor in sorted(model.state_dict().items()):
         data = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{data.dtype}:{tuple(data.shape)};".encode())
         digest.update(data.view(torch.uint8).numpy().tobytes())
-        total += data.numel() * data.element_size()
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += data.numel() * data.element_size()
     return digest.hexdigest(), total

@@ -89,11 +89,14 @@ class Registry:
             session.flush()
             return _info(row)
 
-    def update_metrics(self, version_id: int, metrics: Mapping[str, Any]) -> VersionInfo:
-        """Merge evaluation results into a stored version's metrics."""
+    def finish_round(self, record: RoundRecord, metrics: Mapping[str, Any]) -> VersionInfo:
+        """Merge a completed round's evaluation into its version and store the round record, together."""
+        if record.version_id is None:
+            raise ValueError("finish_round needs a completed round's version_id.")
         with self.db.session() as session:
-            row = self._row(session, version_id)
+            row = self._row(session, record.version_id)
             row.metrics = {**(row.metrics or {}), **metrics}
+            session.add(record)
             session.flush()
             return _info(row)
 

@@ -8,9 +8,9 @@ Each round:
    as they arrive, until all are in or the deadline passes;
 3. with at least ``min-devices`` valid deltas, apply the mean delta and store the new version with
    its participants; otherwise record a failed round and keep the current version;
-4. evaluate the new version on the sampled devices' held-out text (federated) and, when an
-   evaluation set is configured, on the coordinator;
-5. record the round.
+4. evaluate the new version on the participants' held-out text (federated; its own deadline, so a
+   round lasts at most two deadlines) and, when an evaluation set is configured, on the coordinator;
+5. store the metrics and the round record together, in one transaction.
 
 A restarted coordinator continues from the latest stored version of its lineage, so no completed
 round is lost or repeated.
@@ -90,9 +90,14 @@ class FederationObserver(Protocol):
 
 
 def lineage_of(loaded: LoadedModel) -> str:
-    """Versions that can follow one another share base weights, adapter layout and labels."""
+    """Versions that can follow one another: same base weights, adapter layout, scale and labels.
+
+    LoRA alpha is in the key because the same A/B weights compute another function at another
+    alpha/rank scale; rank, targets and unfrozen layers are in the layout.
+    """
+    spec = loaded.spec
     layout = layout_fingerprint(trainable_state(loaded.model))
-    key = f"{loaded.base_sha256}|{layout}|{loaded.spec.task}|{','.join(loaded.spec.labels)}"
+    key = f"{loaded.base_sha256}|{layout}|{spec.task}|{','.join(spec.labels)}|alpha={spec.lora.alpha}"
     return hashlib.sha256(key.encode()).hexdigest()
 
 
@@ -194,35 +199,30 @@ class Federation:
             metrics=train_metrics,
         )
         eval_instructions = dataclasses.replace(instructions, version=version.id)
-        metrics = {
-            **train_metrics,
-            **self._federated_metrics(sorted(aggregator.participants), new_state, eval_instructions),
-            **self._central_metrics(new_state),
-        }
-        version = self.registry.update_metrics(version.id, metrics)
+        federated = self._federated_evaluation(sorted(aggregator.participants), new_state, eval_instructions)
+        metrics = {**train_metrics, **federated.metrics(), **self._central_metrics(new_state)}
         outcome = RoundOutcome(
             round=number,
             version=version,
             sampled=len(sampled),
             participants=dict(aggregator.participants),
-            drops=list(aggregator.drops),
+            drops=[*aggregator.drops, *federated.drops],
             upload_bytes=aggregator.upload_bytes,
             seconds=time.monotonic() - started,
             metrics=metrics,
         )
-        self._record(outcome)
-        return outcome, new_state
+        version = self.registry.finish_round(self._round_record(outcome), metrics)
+        return dataclasses.replace(outcome, version=version), new_state
 
     def _messages(
         self, nodes: list[int], state: State, instructions: Instructions, kind: str
     ) -> list[Message]:
         # The TTL equals the deadline: a device that comes back late does not train a stale round.
         ttl = self.settings.round_deadline
+        arrays, config = to_array_record(state), instructions.to_record()  # encoded once per round
         return [
             Message(
-                RecordDict(
-                    {records.ARRAYS: to_array_record(state), records.CONFIG: instructions.to_record()}
-                ),
+                RecordDict({records.ARRAYS: arrays, records.CONFIG: config}),
                 dst_node_id=node,
                 message_type=kind,
                 ttl=ttl,
@@ -230,16 +230,16 @@ class Federation:
             for node in nodes
         ]
 
-    def _federated_metrics(
+    def _federated_evaluation(
         self, nodes: list[int], state: State, instructions: Instructions
-    ) -> dict[str, float]:
+    ) -> MetricAggregator:
         deadline = time.monotonic() + self.settings.round_deadline
-        aggregator = MetricAggregator()
-        for reply in exchange(
-            self.grid, self._messages(nodes, state, instructions, MessageType.EVALUATE), deadline
-        ):
+        aggregator = MetricAggregator(prefix="federated_")
+        messages = self._messages(nodes, state, instructions, MessageType.EVALUATE)
+        for reply in exchange(self.grid, messages, deadline):
             aggregator.add(reply)
-        return {f"federated_{k}": v for k, v in aggregator.metrics().items()}
+        aggregator.mark_missing(nodes)
+        return aggregator
 
     def _central_metrics(self, state: State) -> dict[str, float]:
         if not self.eval_set:
@@ -267,23 +267,21 @@ class Federation:
             seconds=time.monotonic() - started,
             error=error,
         )
-        self._record(outcome)
+        self.registry.record_round(self._round_record(outcome))
         return outcome
 
-    def _record(self, outcome: RoundOutcome) -> None:
-        self.registry.record_round(
-            RoundRecord(
-                lineage=self.lineage,
-                round=outcome.round,
-                status="completed" if outcome.version else "failed",
-                version_id=outcome.version.id if outcome.version else None,
-                sampled=outcome.sampled,
-                received=len(outcome.participants),
-                dropped=[d.as_dict() for d in outcome.drops],
-                upload_bytes=outcome.upload_bytes,
-                seconds=outcome.seconds,
-                error=outcome.error,
-            )
+    def _round_record(self, outcome: RoundOutcome) -> RoundRecord:
+        return RoundRecord(
+            lineage=self.lineage,
+            round=outcome.round,
+            status="completed" if outcome.version else "failed",
+            version_id=outcome.version.id if outcome.version else None,
+            sampled=outcome.sampled,
+            received=len(outcome.participants),
+            dropped=[d.as_dict() for d in outcome.drops],
+            upload_bytes=outcome.upload_bytes,
+            seconds=outcome.seconds,
+            error=outcome.error,
         )
 
 

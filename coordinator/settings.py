@@ -57,7 +57,7 @@ class CoordinatorSettings:
             name=str(get("model", "minilm")),
             task=task,  # type: ignore[arg-type]  # validated by ModelSpec
             labels=labels,
-            max_length=int(get("max-length", 64)),
+            max_length=int(get("max-length", ModelSpec.max_length)),
             seed=seed,
             lora=LoraSettings(
                 rank=int(get("lora-rank", 8)),

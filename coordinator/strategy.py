@@ -110,21 +110,31 @@ class DeltaAggregator:
 
 
 class MetricAggregator:
-    """Streams evaluate replies into example-weighted mean metrics."""
+    """Streams evaluate replies into example-weighted mean metrics, named ``prefix + key``."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "") -> None:
         self._tally = _Tally()
+        self._prefix = prefix
+        self.evaluated: set[int] = set()
         self.drops: list[Drop] = []
         self.examples = 0
 
     def add(self, reply: Message) -> None:
+        node = reply.metadata.src_node_id
         checked = _num_examples(reply)
         if isinstance(checked, str):
-            self.drops.append(Drop(reply.metadata.src_node_id, checked))
+            self.drops.append(Drop(node, f"evaluation: {checked}"))
             return
         metrics, count = checked
         self._tally.add(metrics, count)
+        self.evaluated.add(node)
         self.examples += count
 
+    def mark_missing(self, sampled: Iterable[int]) -> None:
+        seen = self.evaluated | {d.node_id for d in self.drops}
+        self.drops.extend(
+            Drop(n, "evaluation: no reply before the deadline") for n in sampled if n not in seen
+        )
+
     def metrics(self) -> dict[str, float]:
-        return self._tally.means()
+        return {self._prefix + key: value for key, value in self._tally.means().items()}

@@ -14,7 +14,7 @@ from fleetlora.simulations.cli import simulate
 
 app = typer.Typer(
     help="Federated LoRA for edge fleets: devices adapt a language model on their own text; "
-    "only encrypted adapter deltas leave them.",
+    "only adapter deltas leave them.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )

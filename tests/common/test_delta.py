@@ -46,7 +46,7 @@ def test_layout_mismatch_is_refused_with_names():
         delta.apply_delta(_state(), {"lora_A": torch.zeros(8, 32)})
 
 
-def test_finite_and_norm():
+def test_non_finite_values_are_detected():
     assert delta.is_finite(_state())
     assert not delta.is_finite({"x": torch.tensor([1.0, float("nan")])})
-    assert delta.l2_norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])}) == pytest.approx(5.0)
+    assert not delta.is_finite({"x": torch.tensor([float("inf")])})

@@ -36,7 +36,9 @@ def _run_config(db: str, **overrides) -> dict:
     return {**config, **overrides}
 
 
-def _faulty_app(*, raise_on: set[int] = frozenset(), poison: set[int] = frozenset()) -> ClientApp:
+def _faulty_app(
+    *, raise_on: set[int] = frozenset(), poison: set[int] = frozenset(), fail_eval: set[int] = frozenset()
+) -> ClientApp:
     """The real ClientApp, except that some devices crash or send NaN."""
     real = build_client_app()
     app = ClientApp()
@@ -54,6 +56,8 @@ def _faulty_app(*, raise_on: set[int] = frozenset(), poison: set[int] = frozense
 
     @app.evaluate()
     def evaluate(message: Message, context) -> Message:
+        if context.node_id in fail_eval:
+            raise RuntimeError("out of memory")
         return real(message, context)
 
     return app
@@ -94,12 +98,13 @@ def test_rounds_store_the_weighted_mean_of_deltas_and_loss_falls(sqlite_url: str
 
 def test_crashed_and_silent_devices_are_dropped_and_the_round_completes(sqlite_url: str):
     config = _run_config(sqlite_url, **{"devices-per-round": 4, "rounds": 1})
-    app = _faulty_app(raise_on={102}, poison={103})
+    app = _faulty_app(raise_on={102}, poison={103}, fail_eval={105})
     grid = LocalGrid(app, num_nodes=5, run_config=config, silent={104})
     settings = CoordinatorSettings.from_run_config({**config, "devices-per-round": 5})
     started = time.monotonic()
 
-    (outcome,) = Federation(grid, settings).run()
+    federation = Federation(grid, settings)
+    (outcome,) = federation.run()
 
     assert outcome.version is not None
     assert set(outcome.participants) == {101, 105}
@@ -107,6 +112,9 @@ def test_crashed_and_silent_devices_are_dropped_and_the_round_completes(sqlite_u
     assert reasons[102].startswith("device error") and "disk full" in reasons[102]
     assert reasons[103] == "delta holds NaN or inf"
     assert reasons[104] == "no reply before the deadline"
+    assert reasons[105] == "evaluation: device error: RuntimeError: out of memory"
+    (record,) = federation.registry.rounds(federation.lineage)
+    assert record.status == "completed" and len(record.dropped) == 4
     # The silent device costs one deadline for training and one for evaluation, not forever.
     assert time.monotonic() - started < 2 * settings.round_deadline + 30
 
@@ -145,6 +153,19 @@ def test_a_restarted_coordinator_resumes_from_the_latest_version(sqlite_url: str
     assert outcome.round == 3 and outcome.version.parent_id == last.id
     rounds = [v.round for v in again.registry.versions(again.lineage)]
     assert rounds == [0, 1, 2, 3]  # nothing lost, nothing repeated
+
+
+def test_another_lora_alpha_starts_a_new_lineage(sqlite_url: str):
+    config = _run_config(sqlite_url, rounds=1)
+    first = Federation(LocalGrid(build_client_app(), 3, config), CoordinatorSettings.from_run_config(config))
+    first.run()
+    other = Federation(
+        LocalGrid(build_client_app(), 3, config),
+        CoordinatorSettings.from_run_config({**config, "lora-alpha": 32}),
+    )
+    assert other.lineage != first.lineage
+    (outcome,) = other.run()
+    assert outcome.round == 1 and outcome.version.parent_id != first.registry.latest(first.lineage).id
 
 
 def test_devices_refuse_a_different_base_model(sqlite_url: str):
