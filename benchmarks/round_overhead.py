@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import statistics
 import sys
@@ -41,8 +42,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.simulation import run_simulation  # imports Ray here, so neither arm's timing pays for it
 
-from fleetlora.client.client_app import HOLDOUT_FRACTION
-from fleetlora.client.client_app import _seed as training_seed  # fleetlora's per-device, per-round seed
+from fleetlora.client.client_app import HOLDOUT_FRACTION, training_seed
 from fleetlora.client.local_data import local_examples
 from fleetlora.client.train import train_locally
 from fleetlora.common.config import ModelSpec, TrainSettings
@@ -54,6 +54,11 @@ from fleetlora.coordinator.settings import CoordinatorSettings
 from fleetlora.simulations.runner import SimulationConfig, simulate
 
 CLIENT_CPUS = 2  # SimulationConfig's default: both arms get the same Ray client resources
+# Pinned in both arms rather than taken from fleetlora's defaults, which move; the learning rate does
+# not change what a step costs, batch size and max length do.
+BATCH_SIZE = 16
+LEARNING_RATE = 1e-3
+MAX_LENGTH = 48
 DATA_CONFIG: dict[str, bool | int | float | str] = {
     "data": "builtin",
     "partition": "dirichlet:1.0",
@@ -97,6 +102,9 @@ def fleetlora_config(rounds: int, devices: int, local_steps: int, out: Path) -> 
         data=str(DATA_CONFIG["data"]),
         partition=str(DATA_CONFIG["partition"]),
         seed=int(DATA_CONFIG["seed"]),
+        batch_size=BATCH_SIZE,
+        learning_rate=LEARNING_RATE,
+        max_length=MAX_LENGTH,
         client_cpus=CLIENT_CPUS,
     )
 
@@ -107,10 +115,10 @@ def shared_workload(config: SimulationConfig) -> tuple[ModelSpec, TrainSettings]
         name="tiny",
         task="classify",
         labels=labels_of(load_examples("builtin")),
-        max_length=48,
+        max_length=MAX_LENGTH,
         seed=0,
     )
-    train = TrainSettings(local_steps=config.local_steps, batch_size=16, learning_rate=1e-3)
+    train = TrainSettings(local_steps=config.local_steps, batch_size=BATCH_SIZE, learning_rate=LEARNING_RATE)
     settings = CoordinatorSettings.from_run_config(config.run_config())
     if settings.spec != spec or settings.train != train:
         raise SystemExit(
@@ -202,9 +210,8 @@ def bare_client_app(spec: ModelSpec, train: TrainSettings) -> ClientApp:
         load_trainable_state(loaded.model, message.content["arrays"].to_torch_state_dict())
         train_set, _ = split_holdout(local_examples(context.node_config, DATA_CONFIG), HOLDOUT_FRACTION)
         server_round = int(message.content["config"]["server-round"])
-        result = train_locally(
-            loaded, train_set, train, seed=training_seed(spec.seed, server_round, context.node_id)
-        )
+        device = int(context.node_config.get("partition-id", context.node_id))  # as fleetlora's client
+        result = train_locally(loaded, train_set, train, seed=training_seed(spec.seed, server_round, device))
         content = RecordDict(
             {
                 "arrays": ArrayRecord(trainable_state(loaded.model)),
@@ -252,6 +259,11 @@ def run_fleetlora(config: SimulationConfig) -> tuple[float, dict[str, Any]]:
     return wall, results
 
 
+def later_mean(seconds: list[float]) -> float | None:
+    """Mean seconds of the rounds after the first, or None when there was only one."""
+    return round(statistics.fmean(seconds[1:]), 3) if len(seconds) > 1 else None
+
+
 # ---- main -----------------------------------------------------------------------------------------
 
 
@@ -265,6 +277,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.rounds < 1 or args.local_steps < 1 or args.devices < 1:
         parser.error("--rounds, --local-steps and --devices must all be >= 1")
     logging.getLogger("flwr").setLevel(logging.ERROR)  # as simulate() does when not verbose
+    load_before = round(os.getloadavg()[0], 2)  # 1-minute load: other work on the machine skews both arms
 
     with tempfile.TemporaryDirectory(prefix="fleetlora-bench-") as tmp:
         config = fleetlora_config(args.rounds, args.devices, args.local_steps, Path(tmp))
@@ -294,19 +307,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "bare_flower_round_seconds_each": [round(s, 3) for s in bare.round_seconds],
         "fleetlora_round_seconds_each": [round(s, 3) for s in fleet_rounds],
         "bare_flower_strategy_seconds": round(bare.strategy_seconds, 3),
+        # Rounds after the first: no actor start-up or model build in them (null with --rounds 1).
+        "bare_flower_later_round_seconds": later_mean(bare.round_seconds),
+        "fleetlora_later_round_seconds": later_mean(fleet_rounds),
+        "cpus": os.cpu_count(),
+        "load_average": {"before": load_before, "after": round(os.getloadavg()[0], 2)},
         "arms": ARMS,
         "notes": (
             "Same spec (tiny, classify, builtin labels, max_length 48, seed 0, LoRA r8/a16), same "
-            "TrainSettings, same dirichlet:1.0 partition and 80% train split, same training seeds, every "
-            f"device in every round, {CLIENT_CPUS} CPUs per Ray client, one process, bare arm first, "
-            "model cache cleared before each arm. Wall seconds time the whole run_simulation call "
-            "(fleetlora: simulate(), which adds preflight, an initial central evaluation and results.json) "
-            "including Ray start-up and shut-down. Round seconds: fleetlora's rounds[].seconds; bare: "
-            "between FedAvg's evaluate_fn calls (before round 1, after each round). fleetlora is measured "
-            "as shipped, so its rounds also include federated and central evaluation and SQLite storage "
-            "that the bare arm does not do: the ratios are the cost of fleetlora's round as a whole, not "
-            "of its messaging alone. Grid polling differs too (fleetlora 0.2 s, Flower's InMemoryGrid "
-            "0.1 s)."
+            f"TrainSettings (batch {BATCH_SIZE}, lr {LEARNING_RATE}, pinned in both arms), same "
+            "dirichlet:1.0 partition and 80% train split, same training seeds, every device in every "
+            f"round, {CLIENT_CPUS} CPUs per Ray client, one process, bare arm first, model cache cleared "
+            "before each arm. Wall seconds time the whole run_simulation call (fleetlora: simulate(), "
+            "which adds preflight, an initial central evaluation and results.json) including Ray "
+            "start-up and shut-down. Round seconds: fleetlora's rounds[].seconds; bare: between "
+            "FedAvg's evaluate_fn calls (before round 1, after each round); round 1 of both arms "
+            "includes starting the Ray client actor and building its model. fleetlora is measured as "
+            "shipped, so its rounds also include federated and central evaluation and SQLite storage "
+            "that the bare arm does not do: the ratios are the cost of fleetlora's round as a whole, "
+            "not of its messaging alone. Grid polling differs too (fleetlora 0.2 s, Flower's "
+            "InMemoryGrid 0.1 s). Other load on the machine skews both arms: see load_average."
         ),
     }
     print(json.dumps(report), flush=True)

@@ -57,7 +57,7 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
         before = trainable_state(loaded.model)
         # A simulated device's identity is its partition (Flower draws node ids at random per run).
         device = context.node_config.get("partition-id", context.node_id)
-        seed = _seed(instructions.spec.seed, instructions.round, int(device))
+        seed = training_seed(instructions.spec.seed, instructions.round, int(device))
         result = train_locally(loaded, train_set, instructions.train, seed=seed)
         delta = diff(trainable_state(loaded.model), before)
         metrics = MetricRecord(
@@ -85,7 +85,7 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
     return app
 
 
-def _seed(base: int, round_number: int, node_id: int) -> int:
+def training_seed(base: int, round_number: int, node_id: int) -> int:
     """A per-device, per-round training seed (shuffling order), reproducible from the run seed."""
     digest = hashlib.sha256(f"{base}:{round_number}:{node_id}".encode()).digest()
     return int.from_bytes(digest[:4], "big")
