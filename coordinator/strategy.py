@@ -60,6 +60,12 @@ def _num_examples(message: Message) -> tuple[Mapping[str, float], int] | str:
     return metrics, count
 
 
+def _timeouts(sampled: Iterable[int], answered: set[int], drops: list[Drop], reason: str) -> list[Drop]:
+    """Drops for the sampled devices that neither answered nor were already dropped."""
+    seen = answered | {d.node_id for d in drops}
+    return [Drop(n, reason) for n in sampled if n not in seen]
+
+
 class DeltaAggregator:
     """Streams train replies into a weighted mean delta."""
 
@@ -98,8 +104,9 @@ class DeltaAggregator:
 
     def mark_missing(self, sampled: Iterable[int]) -> None:
         """Record every sampled device that neither contributed nor was dropped as timed out."""
-        seen = set(self.participants) | {d.node_id for d in self.drops}
-        self.drops.extend(Drop(n, "no reply before the deadline") for n in sampled if n not in seen)
+        self.drops.extend(
+            _timeouts(sampled, set(self.participants), self.drops, "no reply before the deadline")
+        )
 
     def mean_delta(self) -> State:
         return self._mean.result()
@@ -131,9 +138,8 @@ class MetricAggregator:
         self.examples += count
 
     def mark_missing(self, sampled: Iterable[int]) -> None:
-        seen = self.evaluated | {d.node_id for d in self.drops}
         self.drops.extend(
-            Drop(n, "evaluation: no reply before the deadline") for n in sampled if n not in seen
+            _timeouts(sampled, self.evaluated, self.drops, "evaluation: no reply before the deadline")
         )
 
     def metrics(self) -> dict[str, float]:
