@@ -1,8 +1,9 @@
 """One device's local training for one round: plain LoRA steps with AdamW.
 
-Reads top to bottom: set up, loop over steps, report. The optimizer starts fresh every round:
-a device keeps no training state between rounds yet, so every round's work depends only on the
-global adapter it was sent (the convergence work revisits this).
+Reads top to bottom: set up, loop over steps, report. The optimizer starts fresh every round, on
+purpose: with a fraction of the fleet sampled per round a device trains every few rounds, and Adam
+moments from an older global adapter point the wrong way for the one it was just sent; resetting
+also keeps the device stateless between rounds, so a restarted device trains exactly as before.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class TrainResult:
 def train_locally(
     loaded: LoadedModel, examples: Sequence[Example], settings: TrainSettings, *, seed: int
 ) -> TrainResult:
-    """Run ``settings.local_steps`` optimizer steps over shuffled passes through ``examples``."""
+    """Run the round's optimizer steps (:meth:`TrainSettings.steps_for`) over shuffled passes."""
     if not examples:
         raise DataError("No local training examples: this device has nothing to learn from.")
     # ---- set up
@@ -48,7 +49,7 @@ def train_locally(
     started = time.perf_counter()
 
     # ---- train
-    for _ in range(settings.local_steps):
+    for _ in range(settings.steps_for(len(examples))):
         if len(queue) < min(settings.batch_size, len(examples)):
             epoch = list(range(len(examples)))
             rng.shuffle(epoch)

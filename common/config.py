@@ -9,6 +9,7 @@ ConfigRecord entries (``model.rank`` ...), produced by :func:`to_config` and rea
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar, get_args
 
@@ -25,7 +26,9 @@ class LoraSettings:
     ``target_modules`` empty means the architecture's default (attention query/value projections,
     the choice of the LoRA paper). ``unfreeze`` names base-model modules (for example
     ``bert.encoder.layer.5``) trained in full on top of LoRA; their weights then travel in the
-    delta too, which is why the trainable share is reported.
+    delta too, which is why the trainable share is reported. ``ffa`` is FFA-LoRA (Sun et al. 2024,
+    arXiv:2403.12313): every A stays at its shared seeded initialisation and only B (and the head)
+    is trained, so averaging B averages the products B·A exactly.
     """
 
     rank: int = 8
@@ -33,6 +36,7 @@ class LoraSettings:
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ()
     unfreeze: tuple[str, ...] = ()
+    ffa: bool = False
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -86,14 +90,23 @@ class TrainSettings:
     local_steps: int = 20
     batch_size: int = 16
     learning_rate: float = 3e-3
+    local_epochs: float = 0.0  # > 0: passes over the local data instead of local_steps
 
     def __post_init__(self) -> None:
+        if self.local_epochs < 0:
+            raise ConfigError(f"local_epochs must be >= 0, got {self.local_epochs}.")
         if self.local_steps < 1:
             raise ConfigError(f"local_steps must be >= 1, got {self.local_steps}.")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}.")
         if not 0.0 < self.learning_rate < 1.0:
             raise ConfigError(f"learning_rate must be in (0, 1), got {self.learning_rate}.")
+
+    def steps_for(self, num_examples: int) -> int:
+        """Optimizer steps this round: ``local_epochs`` passes when set, else ``local_steps``."""
+        if self.local_epochs > 0:
+            return max(1, math.ceil(self.local_epochs * num_examples / self.batch_size))
+        return self.local_steps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,3 +154,36 @@ _NESTED: tuple[type, ...] = (LoraSettings,)
 def split_names(value: str) -> tuple[str, ...]:
     """Parse a comma-separated setting (``"query,value"``) into a tuple, ignoring blanks."""
     return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+ServerOptimizerName = Literal["fedavg", "fedavgm", "fedadam", "fedyogi"]
+SERVER_OPTIMIZERS: tuple[str, ...] = get_args(ServerOptimizerName)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerOptimizerSettings:
+    """How the coordinator turns the mean delta into the next global adapter.
+
+    ``fedavg`` adds ``lr × mean delta`` (lr 1: plain FedAvg). ``fedavgm`` keeps server momentum
+    (Hsu et al. 2019, arXiv:1909.06335). ``fedadam`` and ``fedyogi`` treat the mean delta as a
+    pseudo-gradient for Adam/Yogi on the server (Reddi et al. 2021, arXiv:2003.00295), whose
+    paper suggests ``tau`` = 1e-3 and a server learning rate well below 1.
+    """
+
+    name: ServerOptimizerName = "fedavg"
+    lr: float = 1.0
+    momentum: float = 0.9  # beta1 for fedadam/fedyogi; momentum for fedavgm
+    beta2: float = 0.99
+    tau: float = 1e-3  # adaptivity: keeps the update finite where the second moment is ~0
+
+    def __post_init__(self) -> None:
+        if self.name not in SERVER_OPTIMIZERS:
+            raise ConfigError(f"Server optimizer must be one of {SERVER_OPTIMIZERS}, got {self.name!r}.")
+        if not self.lr > 0:
+            raise ConfigError(f"Server learning rate must be > 0, got {self.lr}.")
+        if not 0.0 <= self.momentum < 1.0 or not 0.0 <= self.beta2 < 1.0:
+            raise ConfigError(
+                f"Server momentum and beta2 must be in [0, 1), got {self.momentum} and {self.beta2}."
+            )
+        if not self.tau > 0:
+            raise ConfigError(f"Server tau must be > 0, got {self.tau}.")

@@ -17,6 +17,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import PreTrainedTokenizerBase
 
 from fleetlora.common.config import ModelSpec
+from fleetlora.common.delta import State, trainable_state
 from fleetlora.common.errors import ConfigError
 from fleetlora.common.model_zoo import build_base
 
@@ -35,6 +36,7 @@ class LoadedModel:
     base_bytes: int
     total_params: int
     trainable_params: int
+    initial_adapter: State  # the seeded starting adapter, kept apart from the live weights
 
     @property
     def trainable_share(self) -> float:
@@ -59,7 +61,12 @@ def build_model(spec: ModelSpec) -> LoadedModel:
     except ValueError as exc:
         raise ConfigError(f"LoRA cannot wrap {spec.name!r}: {exc}") from exc
     _unfreeze(model, spec.lora.unfreeze)
+    if spec.lora.ffa:
+        for name, param in model.named_parameters():
+            if "lora_A" in name:
+                param.requires_grad_(False)
     params = list(model.parameters())
+    initial_adapter = trainable_state(model)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -68,6 +75,7 @@ def build_model(spec: ModelSpec) -> LoadedModel:
         base_bytes=base_bytes,
         total_params=sum(p.numel() for p in params),
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
+        initial_adapter=initial_adapter,
     )
 
 

@@ -2,7 +2,8 @@
 
 ``model_versions`` holds every global adapter with its lineage; ``version_participants`` which
 devices contributed how many examples; ``rounds`` what happened in each round, failed ones
-included. Rows carry the schema version that wrote them.
+included; ``optimizer_states`` the server optimizer's moments after each version. Rows carry the
+schema version that wrote them.
 """
 
 from __future__ import annotations
@@ -91,4 +92,16 @@ class RoundRecord(Base):
     seconds: Mapped[float]
     error: Mapped[str | None] = mapped_column(String(500))
     finished_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    schema_version: Mapped[int] = mapped_column(default=SCHEMA_VERSION)
+
+
+class OptimizerState(Base):
+    """The server optimizer's state after a version was made, so a restart continues it."""
+
+    __tablename__ = "optimizer_states"
+
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), primary_key=True)
+    optimizer: Mapped[str] = mapped_column(String(32))  # fedavgm, fedadam, ...
+    state: Mapped[bytes] = mapped_column(LargeBinary)  # safetensors bytes
+    state_sha256: Mapped[str] = mapped_column(String(64))
     schema_version: Mapped[int] = mapped_column(default=SCHEMA_VERSION)

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from fleetlora.common.delta import State, deserialize, nbytes, serialize, sha256_hex
 from fleetlora.common.errors import CorruptVersionError, FleetloraError
 from fleetlora.coordinator.db import Database
-from fleetlora.coordinator.models import ModelVersion, Participant, RoundRecord
+from fleetlora.coordinator.models import ModelVersion, OptimizerState, Participant, RoundRecord
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,9 @@ class Registry:
         adapter: State,
         participants: Mapping[str, int],
         metrics: Mapping[str, Any],
+        optimizer: tuple[str, State] | None = None,
     ) -> VersionInfo:
-        """Store a new version and its participants in one transaction."""
+        """Store a new version, its participants and the server optimizer's state in one transaction."""
         blob = serialize(adapter)
         with self.db.session() as session:
             row = ModelVersion(
@@ -87,7 +88,28 @@ class Registry:
             )
             session.add(row)
             session.flush()
+            if optimizer is not None and optimizer[1]:
+                state_blob = serialize(optimizer[1])
+                session.add(
+                    OptimizerState(
+                        version_id=row.id,
+                        optimizer=optimizer[0],
+                        state=state_blob,
+                        state_sha256=sha256_hex(state_blob),
+                    )
+                )
             return _info(row)
+
+    def load_optimizer(self, version_id: int) -> tuple[str, State] | None:
+        """The server optimizer state stored with a version (checked against its sha256), if any."""
+        with self.db.session() as session:
+            row = session.get(OptimizerState, version_id)
+            if row is None:
+                return None
+            name, blob, expected = row.optimizer, row.state, row.state_sha256
+        if sha256_hex(blob) != expected:
+            raise CorruptVersionError(f"Version v{version_id}: optimizer state does not match its sha256.")
+        return name, deserialize(blob)
 
     def finish_round(self, record: RoundRecord, metrics: Mapping[str, Any]) -> VersionInfo:
         """Merge a completed round's evaluation into its version and store the round record, together."""

@@ -6,8 +6,9 @@ Each round:
    ``devices-per-round`` of them;
 2. send each the global adapter and the round's instructions; fold replies into the weighted mean
    as they arrive, until all are in or the deadline passes;
-3. with at least ``min-devices`` valid deltas, apply the mean delta and store the new version with
-   its participants; otherwise record a failed round and keep the current version;
+3. with at least ``min-devices`` valid deltas, take a server-optimizer step with the mean delta
+   (plain FedAvg adds it) and store the new version with its participants and the optimizer's
+   state; otherwise record a failed round and keep the current version;
 4. evaluate the new version on the participants' held-out text (federated; its own deadline, so a
    round lasts at most two deadlines) and, when an evaluation set is configured, on the coordinator;
 5. store the metrics and the round record together, in one transaction.
@@ -33,15 +34,14 @@ from fleetlora.common.batches import evaluate
 from fleetlora.common.data import Example, load_examples
 from fleetlora.common.delta import (
     State,
-    apply_delta,
     layout_fingerprint,
     load_trainable_state,
     to_array_record,
-    trainable_state,
 )
 from fleetlora.common.errors import QuorumError
 from fleetlora.common.messages import Instructions
 from fleetlora.common.model import LoadedModel, cached_model
+from fleetlora.common.server_optim import server_step
 from fleetlora.coordinator.db import Database
 from fleetlora.coordinator.exchange import exchange, wait_for_nodes
 from fleetlora.coordinator.models import RoundRecord
@@ -96,7 +96,7 @@ def lineage_of(loaded: LoadedModel) -> str:
     alpha/rank scale; rank, targets and unfrozen layers are in the layout.
     """
     spec = loaded.spec
-    layout = layout_fingerprint(trainable_state(loaded.model))
+    layout = layout_fingerprint(loaded.initial_adapter)
     key = f"{loaded.base_sha256}|{layout}|{spec.task}|{','.join(spec.labels)}|alpha={spec.lora.alpha}"
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -117,6 +117,7 @@ class Federation:
         self.loaded = cached_model(settings.spec)
         self.lineage = lineage_of(self.loaded)
         self.eval_set: list[Example] = load_examples(settings.eval_data) if settings.eval_data else []
+        self.optimizer_state: State = {}
 
     def run(self) -> list[RoundOutcome]:
         """Run ``settings.rounds`` rounds after the latest stored version."""
@@ -145,8 +146,12 @@ class Federation:
     def _resume_or_initialize(self) -> tuple[VersionInfo, State, bool]:
         latest = self.registry.latest(self.lineage)
         if latest is not None:
+            stored = self.registry.load_optimizer(latest.id)
+            # Another optimizer's moments mean nothing to this one: it starts fresh.
+            if stored is not None and stored[0] == self.settings.server.name:
+                self.optimizer_state = stored[1]
             return latest, self.registry.load_adapter(latest.id), True
-        state = trainable_state(self.loaded.model)
+        state = self.loaded.initial_adapter  # not the live weights: a cached model may have trained
         version = self.registry.add_version(
             lineage=self.lineage,
             parent_id=None,
@@ -172,7 +177,7 @@ class Federation:
 
         instructions = Instructions(
             spec=self.settings.spec,
-            train=self.settings.train,
+            train=self.settings.train_for_round(number),
             round=number,
             version=parent.id,
             base_sha256=self.loaded.base_sha256,
@@ -187,7 +192,9 @@ class Federation:
             error = f"{len(aggregator.participants)} valid deltas, {self.settings.min_devices} needed"
             return self._failed(number, started, sampled, aggregator, error), state
 
-        new_state = apply_delta(state, aggregator.mean_delta())
+        new_state, optimizer_state = server_step(
+            self.settings.server, state, aggregator.mean_delta(), self.optimizer_state
+        )
         train_metrics = aggregator.metrics()  # train_loss, train_steps, train_seconds
         version = self.registry.add_version(
             lineage=self.lineage,
@@ -197,7 +204,9 @@ class Federation:
             adapter=new_state,
             participants={str(n): c for n, c in aggregator.participants.items()},
             metrics=train_metrics,
+            optimizer=(self.settings.server.name, optimizer_state),
         )
+        self.optimizer_state = optimizer_state
         eval_instructions = dataclasses.replace(instructions, version=version.id)
         federated = self._federated_evaluation(sorted(aggregator.participants), new_state, eval_instructions)
         metrics = {**train_metrics, **federated.metrics(), **self._central_metrics(new_state)}

@@ -6,10 +6,17 @@ coordinator share one reading of them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from fleetlora.common.config import LoraSettings, ModelSpec, TrainSettings, split_names
+from fleetlora.common.config import (
+    LoraSettings,
+    ModelSpec,
+    ServerOptimizerSettings,
+    TrainSettings,
+    split_names,
+)
 from fleetlora.common.data import load_examples
 from fleetlora.common.data.examples import labels_of
 from fleetlora.common.errors import ConfigError
@@ -30,6 +37,8 @@ class CoordinatorSettings:
     db_url: str
     eval_data: str  # coordinator-side evaluation set; "" for none
     seed: int
+    server: ServerOptimizerSettings = dataclasses.field(default_factory=ServerOptimizerSettings)
+    lr_decay: float = 1.0  # round r trains at learning_rate × lr_decay^(r-1)
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -40,6 +49,13 @@ class CoordinatorSettings:
             )
         if self.round_deadline <= 0:
             raise ConfigError(f"round-deadline must be > 0 seconds, got {self.round_deadline}.")
+        if not 0 < self.lr_decay <= 1:
+            raise ConfigError(f"lr-decay must be in (0, 1], got {self.lr_decay}.")
+
+    def train_for_round(self, round_number: int) -> TrainSettings:
+        """The local training settings sent in ``round_number``, with the decayed learning rate."""
+        lr = self.train.learning_rate * self.lr_decay ** (round_number - 1)
+        return dataclasses.replace(self.train, learning_rate=lr)
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, bool | int | float | str]) -> CoordinatorSettings:
@@ -64,12 +80,22 @@ class CoordinatorSettings:
                 alpha=int(get("lora-alpha", 16)),
                 target_modules=split_names(str(get("lora-targets", ""))),
                 unfreeze=split_names(str(get("unfreeze", ""))),
+                ffa=bool(get("ffa-lora", False)),
             ),
         )
         train = TrainSettings(
             local_steps=int(get("local-steps", TrainSettings.local_steps)),
             batch_size=int(get("batch-size", TrainSettings.batch_size)),
             learning_rate=float(get("learning-rate", TrainSettings.learning_rate)),
+            local_epochs=float(get("local-epochs", TrainSettings.local_epochs)),
+        )
+        defaults = ServerOptimizerSettings()
+        server = ServerOptimizerSettings(
+            name=str(get("server-optimizer", defaults.name)),  # type: ignore[arg-type]  # validated
+            lr=float(get("server-lr", defaults.lr)),
+            momentum=float(get("server-momentum", defaults.momentum)),
+            beta2=float(get("server-beta2", defaults.beta2)),
+            tau=float(get("server-tau", defaults.tau)),
         )
         return cls(
             spec=spec,
@@ -81,4 +107,6 @@ class CoordinatorSettings:
             db_url=str(get("db", DEFAULT_DB)),
             eval_data=str(get("eval-data", "")),
             seed=seed,
+            server=server,
+            lr_decay=float(get("lr-decay", 1.0)),
         )

@@ -57,6 +57,12 @@ def simulate(
     learning_rate: Annotated[
         float, typer.Option(help="Local AdamW learning rate.")
     ] = _DEFAULTS.learning_rate,
+    local_epochs: Annotated[
+        float, typer.Option(help="Passes over the local data per round; > 0 replaces --local-steps.")
+    ] = _DEFAULTS.local_epochs,
+    lr_decay: Annotated[
+        float, typer.Option(help="Round r trains at learning-rate × lr-decay^(r-1).")
+    ] = _DEFAULTS.lr_decay,
     max_length: Annotated[
         int, typer.Option(help="Tokens per example (longer texts are cut).")
     ] = _DEFAULTS.max_length,
@@ -68,6 +74,22 @@ def simulate(
     unfreeze: Annotated[
         str, typer.Option(help="Comma-separated base modules trained in full on top of LoRA.")
     ] = _DEFAULTS.unfreeze,
+    ffa_lora: Annotated[
+        bool, typer.Option(help="FFA-LoRA: keep A at its shared seeded init, train only B and the head.")
+    ] = _DEFAULTS.ffa_lora,
+    server_optimizer: Annotated[
+        str, typer.Option(help="Server update: fedavg, fedavgm (momentum), fedadam or fedyogi.")
+    ] = _DEFAULTS.server_optimizer,
+    server_lr: Annotated[
+        float, typer.Option(help="Server learning rate (1 = plain FedAvg).")
+    ] = _DEFAULTS.server_lr,
+    server_momentum: Annotated[
+        float, typer.Option(help="FedAvgM momentum, or beta1 of FedAdam/FedYogi.")
+    ] = _DEFAULTS.server_momentum,
+    server_beta2: Annotated[float, typer.Option(help="beta2 of FedAdam/FedYogi.")] = _DEFAULTS.server_beta2,
+    server_tau: Annotated[
+        float, typer.Option(help="tau (adaptivity) of FedAdam/FedYogi.")
+    ] = _DEFAULTS.server_tau,
     round_deadline: Annotated[
         float, typer.Option(help="Seconds a round waits for devices.")
     ] = _DEFAULTS.round_deadline,
@@ -92,11 +114,19 @@ def simulate(
         local_steps=local_steps,
         batch_size=batch_size,
         learning_rate=learning_rate,
+        local_epochs=local_epochs,
+        lr_decay=lr_decay,
         max_length=max_length,
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         lora_targets=lora_targets,
         unfreeze=unfreeze,
+        ffa_lora=ffa_lora,
+        server_optimizer=server_optimizer,
+        server_lr=server_lr,
+        server_momentum=server_momentum,
+        server_beta2=server_beta2,
+        server_tau=server_tau,
         round_deadline=round_deadline,
         client_cpus=client_cpus,
     )

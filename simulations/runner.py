@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetlora.client.client_app import build_client_app
-from fleetlora.common.config import TrainSettings
+from fleetlora.common.config import ServerOptimizerSettings, TrainSettings
 from fleetlora.common.data import load_examples
 from fleetlora.common.data.partition import PartitionScheme, partition_indices
 from fleetlora.common.errors import ConfigError
@@ -41,11 +41,19 @@ class SimulationConfig:
     local_steps: int = TrainSettings.local_steps
     batch_size: int = TrainSettings.batch_size
     learning_rate: float = TrainSettings.learning_rate
+    local_epochs: float = TrainSettings.local_epochs
+    lr_decay: float = 1.0
     max_length: int = 48
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_targets: str = ""
     unfreeze: str = ""
+    ffa_lora: bool = False
+    server_optimizer: str = ServerOptimizerSettings.name
+    server_lr: float = ServerOptimizerSettings.lr
+    server_momentum: float = ServerOptimizerSettings.momentum
+    server_beta2: float = ServerOptimizerSettings.beta2
+    server_tau: float = ServerOptimizerSettings.tau
     round_deadline: float = 600.0
     client_cpus: int = 2  # Flower's default: one virtual device at a time on 2 cores
 
@@ -75,11 +83,19 @@ class SimulationConfig:
             "local-steps": self.local_steps,
             "batch-size": self.batch_size,
             "learning-rate": self.learning_rate,
+            "local-epochs": self.local_epochs,
+            "lr-decay": self.lr_decay,
             "max-length": self.max_length,
             "lora-rank": self.lora_rank,
             "lora-alpha": self.lora_alpha,
             "lora-targets": self.lora_targets,
             "unfreeze": self.unfreeze,
+            "ffa-lora": self.ffa_lora,
+            "server-optimizer": self.server_optimizer,
+            "server-lr": self.server_lr,
+            "server-momentum": self.server_momentum,
+            "server-beta2": self.server_beta2,
+            "server-tau": self.server_tau,
             "db": self.db or f"sqlite:///{(self.out / 'fleetlora.db').resolve()}",
         }
 

@@ -44,3 +44,11 @@ def test_missing_required_key_is_named():
 def test_settings_validate_themselves(build, message):
     with pytest.raises(ConfigError, match=message):
         build()
+
+
+def test_local_epochs_replace_local_steps():
+    assert TrainSettings(local_steps=7).steps_for(1000) == 7
+    assert TrainSettings(local_epochs=1.0, batch_size=16).steps_for(100) == 7  # ceil(100 / 16)
+    assert TrainSettings(local_epochs=0.01, batch_size=16).steps_for(10) == 1
+    with pytest.raises(ConfigError, match="local_epochs"):
+        TrainSettings(local_epochs=-1)

@@ -32,6 +32,28 @@ def test_unfreezing_a_layer_raises_the_trainable_share(tiny_spec: ModelSpec):
     assert any("encoder.layer.1.output.dense.weight" in n for n in trainable_state(unfrozen.model))
 
 
+@pytest.mark.parametrize("ffa", [True, False])
+def test_ffa_lora_averages_the_product_exactly(tiny_spec: ModelSpec, ffa: bool):
+    """With A shared and frozen, mean(B_i) @ A == mean(B_i @ A); when A trains too it is not."""
+    loaded = build_model(ModelSpec(**{**tiny_spec.__dict__, "lora": LoraSettings(ffa=ffa)}))
+    trainable = trainable_state(loaded.model)
+    assert any("lora_A" in n for n in trainable) is not ffa
+    params = dict(loaded.model.named_parameters())
+    a_name = next(n for n in params if "lora_A" in n)
+    a0, b0 = params[a_name].detach(), params[a_name.replace("lora_A", "lora_B")].detach()
+
+    devices = []  # two devices' local results: trainable arrays move, frozen ones stay
+    for seed in (1, 2):
+        generator = torch.Generator().manual_seed(seed)
+        a = a0 + torch.randn(a0.shape, generator=generator) if a_name in trainable else a0
+        b = b0 + torch.randn(b0.shape, generator=generator)
+        devices.append((a, b))
+
+    mean_of_products = sum(b @ a for a, b in devices) / 2
+    product_of_means = (sum(b for _, b in devices) / 2) @ (sum(a for a, _ in devices) / 2)
+    assert torch.allclose(mean_of_products, product_of_means, atol=1e-5) is ffa
+
+
 def test_unknown_unfreeze_name_is_refused(tiny_spec: ModelSpec):
     spec = ModelSpec(**{**tiny_spec.__dict__, "lora": LoraSettings(unfreeze=("bert.encoder.layer.9",))})
     with pytest.raises(ConfigError, match="matches no parameter"):

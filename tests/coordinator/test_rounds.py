@@ -189,3 +189,37 @@ def test_devices_refuse_a_different_base_model(sqlite_url: str):
 def test_bad_coordinator_settings_are_refused(sqlite_url: str, bad: dict):
     with pytest.raises(ValueError):
         CoordinatorSettings.from_run_config(_run_config(sqlite_url, **bad))
+
+
+def _final_adapter(url: str, rounds_before_restart: int, *, forget_optimizer: bool = False) -> dict:
+    """Run 3 FedAdam rounds, restarting the coordinator after ``rounds_before_restart`` of them."""
+    config = _run_config(url, **{"server-optimizer": "fedadam", "server-lr": 0.01})
+    settings = CoordinatorSettings.from_run_config({**config, "rounds": rounds_before_restart})
+    first = Federation(LocalGrid(build_client_app(), 3, config), settings)
+    first.run()
+    if forget_optimizer:
+        with first.registry.db.engine.begin() as connection:
+            connection.exec_driver_sql("DELETE FROM optimizer_states")
+    remaining = 3 - rounds_before_restart
+    if remaining:
+        again = Federation(
+            LocalGrid(build_client_app(), 3, config),
+            CoordinatorSettings.from_run_config({**config, "rounds": remaining}),
+        )
+        again.run()
+        first = again
+    return first.registry.load_adapter(first.registry.latest(first.lineage).id)
+
+
+def test_server_optimizer_state_survives_a_restart(tmp_path):
+    continuous = _final_adapter(f"sqlite:///{tmp_path / 'a.db'}", 3)
+    restarted = _final_adapter(f"sqlite:///{tmp_path / 'b.db'}", 2)
+    forgotten = _final_adapter(f"sqlite:///{tmp_path / 'c.db'}", 2, forget_optimizer=True)
+    assert all(torch.equal(continuous[n], restarted[n]) for n in continuous)
+    assert not all(torch.equal(continuous[n], forgotten[n]) for n in continuous)  # the state matters
+
+
+def test_learning_rate_decays_across_rounds(sqlite_url: str):
+    settings = CoordinatorSettings.from_run_config(_run_config(sqlite_url, **{"lr-decay": 0.5}))
+    assert settings.train_for_round(1).learning_rate == pytest.approx(3e-3)
+    assert settings.train_for_round(3).learning_rate == pytest.approx(3e-3 * 0.25)
