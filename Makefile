@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-quick bench lint clean
+.PHONY: install demo test test-quick bench bench-convergence lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test-quick: install
 
 bench: install
 	$(BIN)/python benchmarks/round_overhead.py
+
+# Issue 7's comparison on BANKING77: about 14 min per 10-round arm on 2 cores (ARMS=a,b to pick).
+bench-convergence: install
+	$(BIN)/python benchmarks/convergence.py $(if $(ARMS),--arms $(ARMS))
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
