@@ -46,7 +46,7 @@ class _Tally:
         return {key: total / self.weight for key, total in self.sums.items()} if self.weight else {}
 
 
-def _num_examples(message: Message) -> tuple[Mapping[str, float], int] | str:
+def _metrics_and_count(message: Message) -> tuple[Mapping[str, float], int] | str:
     """The reply's metrics and example count, or the reason they are unusable."""
     if message.has_error():
         return f"device error: {message.error.reason}"
@@ -81,7 +81,7 @@ class DeltaAggregator:
         if node in self.participants:
             self.drops.append(Drop(node, "duplicate reply"))
             return
-        checked = _num_examples(reply)
+        checked = _metrics_and_count(reply)
         if isinstance(checked, str):
             self.drops.append(Drop(node, checked))
             return
@@ -128,7 +128,7 @@ class MetricAggregator:
 
     def add(self, reply: Message) -> None:
         node = reply.metadata.src_node_id
-        checked = _num_examples(reply)
+        checked = _metrics_and_count(reply)
         if isinstance(checked, str):
             self.drops.append(Drop(node, f"evaluation: {checked}"))
             return
