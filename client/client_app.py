@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fleetlora.client import personal_head
+from fleetlora.client.device_state import DeviceState
 from fleetlora.client.local_data import UserConfig, local_examples
 from fleetlora.client.train import train_locally
 from fleetlora.common import records
@@ -31,14 +34,23 @@ from fleetlora.common.model import LoadedModel, cached_model
 HOLDOUT_FRACTION = 0.2
 
 
+@dataclass(frozen=True)
+class Round:
+    """What a message asks of this device, and what the device has to answer it with."""
+
+    instructions: Instructions
+    loaded: LoadedModel
+    train_set: list[Example]
+    held_out: list[Example]
+    state: DeviceState | None  # set when the device keeps a personal head
+
+
 def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientApp:
     """The ClientApp; ``run_config_overrides`` stand in for ``flwr run``'s run config in-process."""
     app = ClientApp()
     overrides = dict(run_config_overrides or {})
 
-    def prepare(
-        message: Message, context: Context
-    ) -> tuple[Instructions, LoadedModel, list[Example], list[Example]]:
+    def prepare(message: Message, context: Context) -> Round:
         instructions = Instructions.from_record(message.content[records.CONFIG])
         loaded = cached_model(instructions.spec)
         if loaded.base_sha256 != instructions.base_sha256:
@@ -49,17 +61,24 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
         load_trainable_state(loaded.model, from_array_record(message.content[records.ARRAYS]))
         run_config: Mapping = {**context.run_config, **overrides}
         train_set, held_out = split_holdout(local_examples(context.node_config, run_config), HOLDOUT_FRACTION)
-        return instructions, loaded, train_set, held_out
+        personal = instructions.train.personal_head
+        state = DeviceState.locate(context.node_config, run_config) if personal else None
+        return Round(instructions, loaded, train_set, held_out, state)
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
-        instructions, loaded, train_set, _ = prepare(message, context)
+        job = prepare(message, context)
+        loaded = job.loaded
         before = trainable_state(loaded.model)
+        if job.state:
+            personal_head.restore(loaded, job.state)
         # A simulated device's identity is its partition (Flower draws node ids at random per run).
         device = context.node_config.get("partition-id", context.node_id)
-        seed = training_seed(instructions.spec.seed, instructions.round, int(device))
-        result = train_locally(loaded, train_set, instructions.train, seed=seed)
-        delta = diff(trainable_state(loaded.model), before)
+        seed = training_seed(job.instructions.spec.seed, job.instructions.round, int(device))
+        result = train_locally(loaded, job.train_set, job.instructions.train, seed=seed)
+        if job.state:
+            personal_head.keep(loaded, job.state)
+        delta = diff(trainable_state(loaded.model), before)  # the head's change is against the global head
         metrics = MetricRecord(
             {
                 records.NUM_EXAMPLES: result.examples,
@@ -73,13 +92,18 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
 
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
-        _, loaded, _, held_out = prepare(message, context)
-        if not held_out:
+        job = prepare(message, context)
+        if not job.held_out:
             raise DataError("No held-out examples on this device to evaluate on.")
-        scores = evaluate_model(loaded, held_out)
-        metrics = MetricRecord(
-            {records.NUM_EXAMPLES: len(held_out), **{f"eval_{k}": v for k, v in scores.items()}}
-        )
+        scores = {f"eval_{k}": v for k, v in evaluate_model(job.loaded, job.held_out).items()}
+        if job.state:
+            # Before its first training round a device's own model is the global one.
+            if personal_head.restore(job.loaded, job.state):
+                personal = evaluate_model(job.loaded, job.held_out)
+            else:
+                personal = {k.removeprefix("eval_"): v for k, v in scores.items()}
+            scores.update({f"eval_personal_{k}": v for k, v in personal.items()})
+        metrics = MetricRecord({records.NUM_EXAMPLES: len(job.held_out), **scores})
         return Message(RecordDict({records.METRICS: metrics}), reply_to=message)
 
     return app

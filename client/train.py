@@ -4,6 +4,11 @@ Reads top to bottom: set up, loop over steps, report. The optimizer starts fresh
 purpose: with a fraction of the fleet sampled per round a device trains every few rounds, and Adam
 moments from an older global adapter point the wrong way for the one it was just sent; resetting
 also keeps the device stateless between rounds, so a restarted device trains exactly as before.
+
+With ``restricted_softmax`` a classifier's loss ignores the classes the device holds no example
+of: their logits are masked out, so local training never pushes down classes it cannot see. Under
+label skew that push is what makes averaged heads forget rare classes (FedRS, Li & Zhan, KDD
+2021, scales those logits by alpha; masking is its alpha = 0).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 from fleetlora.common.batches import encode
 from fleetlora.common.config import TrainSettings
 from fleetlora.common.data import Example
-from fleetlora.common.errors import DataError
+from fleetlora.common.errors import ConfigError, DataError
 from fleetlora.common.model import LoadedModel
 
 
@@ -43,6 +48,7 @@ def train_locally(
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate)
+    absent = _absent_label_mask(loaded, examples) if settings.restricted_softmax else None
     rng = random.Random(seed)
     queue: list[int] = []
     losses: list[float] = []
@@ -56,7 +62,12 @@ def train_locally(
             queue.extend(epoch)
         take, queue = queue[: settings.batch_size], queue[settings.batch_size :]
         batch = encode(loaded, [examples[i] for i in take])
-        loss = model(**batch).loss
+        if absent is None:
+            loss = model(**batch).loss
+        else:
+            labels = batch.pop("labels")
+            logits = model(**batch).logits.masked_fill(absent, float("-inf"))
+            loss = torch.nn.functional.cross_entropy(logits, labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -69,3 +80,11 @@ def train_locally(
         seconds=time.perf_counter() - started,
         examples=len(examples),
     )
+
+
+def _absent_label_mask(loaded: LoadedModel, examples: Sequence[Example]) -> torch.Tensor:
+    """True for every class this device has no example of (restricted softmax, see module doc)."""
+    if loaded.spec.task != "classify":
+        raise ConfigError("restricted-softmax applies to classification; this task has no classes.")
+    present = {e.label for e in examples}
+    return torch.tensor([label not in present for label in loaded.spec.labels])

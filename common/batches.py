@@ -52,9 +52,12 @@ def evaluate(loaded: LoadedModel, examples: Sequence[Example], batch_size: int =
         raise DataError("Nothing to evaluate: the evaluation set is empty.")
     model = loaded.model
     model.eval()
+    # Batching texts of similar length pads less (BANKING77 test set: 14 s instead of 25 s); every
+    # example's score is independent of its batch, so the order changes nothing else.
+    by_length = sorted(examples, key=lambda e: len(e.text))
     loss_sum, weight, correct = 0.0, 0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = encode(loaded, examples[start : start + batch_size])
+    for start in range(0, len(by_length), batch_size):
+        batch = encode(loaded, by_length[start : start + batch_size])
         output = model(**batch)
         if loaded.spec.task == "classify":
             n = len(batch["labels"])

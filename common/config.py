@@ -17,6 +17,8 @@ from fleetlora.common.errors import ConfigError
 
 TaskKind = Literal["classify", "causal-lm"]
 TASK_KINDS: tuple[str, ...] = get_args(TaskKind)
+PoolingKind = Literal["mean", "transformers"]  # see fleetlora.common.heads
+POOLING_KINDS: tuple[str, ...] = get_args(PoolingKind)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +27,7 @@ class LoraSettings:
 
     ``target_modules`` empty means the architecture's default (attention query/value projections,
     the choice of the LoRA paper). ``unfreeze`` names base-model modules (for example
-    ``bert.encoder.layer.5``) trained in full on top of LoRA; their weights then travel in the
+    ``backbone.encoder.layer.5``) trained in full on top of LoRA; their weights then travel in the
     delta too, which is why the trainable share is reported. ``ffa`` is FFA-LoRA (Sun et al. 2024,
     arXiv:2403.12313): every A stays at its shared seeded initialisation and only B (and the head)
     is trained, so averaging B averages the products B·A exactly.
@@ -54,7 +56,9 @@ class ModelSpec:
     ``name`` is ``minilm``, ``smollm2``, ``tiny`` or a local Hugging Face folder. ``labels`` fixes
     the class order for ``classify`` and must be empty for ``causal-lm``. ``seed`` fixes the
     initialisation of everything not pretrained (classification head, LoRA A matrices, the tiny
-    model), so every device and the coordinator build identical starting weights.
+    model), so every device and the coordinator build identical starting weights. ``pooling`` picks
+    the classification head: ``mean`` over the last hidden states (the default, see
+    :mod:`fleetlora.common.heads` for the evidence) or ``transformers`` (the architecture's own).
     """
 
     name: str
@@ -63,6 +67,7 @@ class ModelSpec:
     max_length: int = 64
     seed: int = 0
     lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
+    pooling: PoolingKind = "mean"
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -77,6 +82,8 @@ class ModelSpec:
             raise ConfigError("Labels must be unique.")
         if not 8 <= self.max_length <= 4096:
             raise ConfigError(f"max_length must be in [8, 4096] tokens, got {self.max_length}.")
+        if self.pooling not in POOLING_KINDS:
+            raise ConfigError(f"Pooling must be one of {POOLING_KINDS}, got {self.pooling!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +98,8 @@ class TrainSettings:
     batch_size: int = 16
     learning_rate: float = 3e-3
     local_epochs: float = 0.0  # > 0: passes over the local data instead of local_steps
+    personal_head: bool = False  # each device trains and keeps its own head (client/personal_head.py)
+    restricted_softmax: bool = False  # local loss over the device's own classes only (client/train.py)
 
     def __post_init__(self) -> None:
         if self.local_epochs < 0:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_model
 from transformers import (
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -31,6 +32,7 @@ from transformers.utils import logging as transformers_logging
 
 from fleetlora.common.config import ModelSpec
 from fleetlora.common.errors import ModelError
+from fleetlora.common.heads import MeanPoolingClassifier
 
 # Load reports and per-tensor progress bars would drown a device's log; errors still show.
 transformers_logging.set_verbosity_error()
@@ -108,31 +110,38 @@ def model_folder(name: str) -> Path:
     return folder
 
 
-def build_base(spec: ModelSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def build_base(spec: ModelSpec) -> tuple[PreTrainedModel | MeanPoolingClassifier, PreTrainedTokenizerBase]:
     """The base model and tokenizer for ``spec``, with seeded initialisation of new weights."""
     tokenizer_dir = minilm_folder() if spec.name == "tiny" else model_folder(spec.name)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    mean_pooling = spec.task == "classify" and spec.pooling == "mean"
     task_kwargs: dict[str, Any] = {}
-    if spec.task == "classify":
+    if spec.task == "classify" and not mean_pooling:
         task_kwargs = {
             "num_labels": len(spec.labels),
             "id2label": dict(enumerate(spec.labels)),
             "label2id": {label: i for i, label in enumerate(spec.labels)},
         }
-    auto = AutoModelForSequenceClassification if spec.task == "classify" else AutoModelForCausalLM
+    if mean_pooling:
+        auto: Any = AutoModel
+    else:
+        auto = AutoModelForSequenceClassification if spec.task == "classify" else AutoModelForCausalLM
     torch.manual_seed(spec.seed)
     try:
         if spec.name == "tiny":
             model = auto.from_config(_tiny_config(spec, tokenizer, task_kwargs))
-            if spec.task == "classify":  # start at chance (loss ln C), as a pretrained model's new head does
+            if task_kwargs:  # start at chance (loss ln C), as a pretrained model's new head does
                 torch.nn.init.normal_(model.classifier.weight, std=0.02)
                 torch.nn.init.zeros_(model.classifier.bias)
         else:
             model = auto.from_pretrained(tokenizer_dir, **task_kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(f"Cannot build {spec.task} model from {spec.name!r}: {exc}") from exc
+    if mean_pooling:
+        torch.manual_seed(spec.seed)  # the same head however the backbone was built or loaded
+        model = MeanPoolingClassifier(model, len(spec.labels))
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 

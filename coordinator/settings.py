@@ -51,6 +51,8 @@ class CoordinatorSettings:
             raise ConfigError(f"round-deadline must be > 0 seconds, got {self.round_deadline}.")
         if not 0 < self.lr_decay <= 1:
             raise ConfigError(f"lr-decay must be in (0, 1], got {self.lr_decay}.")
+        if self.spec.task != "classify" and (self.train.personal_head or self.train.restricted_softmax):
+            raise ConfigError("personal-head and restricted-softmax need a classification task.")
 
     def train_for_round(self, round_number: int) -> TrainSettings:
         """The local training settings sent in ``round_number``, with the decayed learning rate."""
@@ -74,6 +76,7 @@ class CoordinatorSettings:
             task=task,  # type: ignore[arg-type]  # validated by ModelSpec
             labels=labels,
             max_length=int(get("max-length", ModelSpec.max_length)),
+            pooling=str(get("pooling", ModelSpec.pooling)),  # type: ignore[arg-type]  # validated
             seed=seed,
             lora=LoraSettings(
                 rank=int(get("lora-rank", 8)),
@@ -88,6 +91,8 @@ class CoordinatorSettings:
             batch_size=int(get("batch-size", TrainSettings.batch_size)),
             learning_rate=float(get("learning-rate", TrainSettings.learning_rate)),
             local_epochs=float(get("local-epochs", TrainSettings.local_epochs)),
+            personal_head=bool(get("personal-head", TrainSettings.personal_head)),
+            restricted_softmax=bool(get("restricted-softmax", TrainSettings.restricted_softmax)),
         )
         defaults = ServerOptimizerSettings()
         server = ServerOptimizerSettings(

@@ -77,6 +77,24 @@ def simulate(
     ffa_lora: Annotated[
         bool, typer.Option(help="FFA-LoRA: keep A at its shared seeded init, train only B and the head.")
     ] = _DEFAULTS.ffa_lora,
+    pooling: Annotated[
+        str,
+        typer.Option(
+            help="Classification head: mean (mean of the last hidden states) or transformers "
+            "(the architecture's own, BERT: pooler over [CLS])."
+        ),
+    ] = _DEFAULTS.pooling,
+    personal_head: Annotated[
+        bool,
+        typer.Option(
+            help="Each device trains and keeps its own classification head (in OUT/devices); "
+            "evaluation reports global and personalised accuracy."
+        ),
+    ] = _DEFAULTS.personal_head,
+    restricted_softmax: Annotated[
+        bool,
+        typer.Option(help="Local loss over each device's own classes only (FedRS-style, for label skew)."),
+    ] = _DEFAULTS.restricted_softmax,
     server_optimizer: Annotated[
         str, typer.Option(help="Server update: fedavg, fedavgm (momentum), fedadam or fedyogi.")
     ] = _DEFAULTS.server_optimizer,
@@ -122,6 +140,9 @@ def simulate(
         lora_targets=lora_targets,
         unfreeze=unfreeze,
         ffa_lora=ffa_lora,
+        pooling=pooling,
+        personal_head=personal_head,
+        restricted_softmax=restricted_softmax,
         server_optimizer=server_optimizer,
         server_lr=server_lr,
         server_momentum=server_momentum,

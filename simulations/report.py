@@ -15,6 +15,7 @@ _METRIC_COLUMNS = {
     "train_loss": "train loss",
     "federated_eval_loss": "fed. loss",
     "federated_eval_accuracy": "fed. acc",
+    "federated_eval_personal_accuracy": "personal acc",
     "federated_eval_perplexity": "fed. ppl",
     "central_loss": "test loss",
     "central_accuracy": "test acc",

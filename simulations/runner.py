@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetlora.client.client_app import build_client_app
-from fleetlora.common.config import ServerOptimizerSettings, TrainSettings
+from fleetlora.common.config import ModelSpec, ServerOptimizerSettings, TrainSettings
 from fleetlora.common.data import load_examples
 from fleetlora.common.data.partition import PartitionScheme, partition_indices
 from fleetlora.common.errors import ConfigError
@@ -49,6 +49,9 @@ class SimulationConfig:
     lora_targets: str = ""
     unfreeze: str = ""
     ffa_lora: bool = False
+    pooling: str = ModelSpec.pooling
+    personal_head: bool = TrainSettings.personal_head
+    restricted_softmax: bool = TrainSettings.restricted_softmax
     server_optimizer: str = ServerOptimizerSettings.name
     server_lr: float = ServerOptimizerSettings.lr
     server_momentum: float = ServerOptimizerSettings.momentum
@@ -91,6 +94,10 @@ class SimulationConfig:
             "lora-targets": self.lora_targets,
             "unfreeze": self.unfreeze,
             "ffa-lora": self.ffa_lora,
+            "pooling": self.pooling,
+            "personal-head": self.personal_head,
+            "restricted-softmax": self.restricted_softmax,
+            "device-state": str((self.out / "devices").resolve()),
             "server-optimizer": self.server_optimizer,
             "server-lr": self.server_lr,
             "server-momentum": self.server_momentum,

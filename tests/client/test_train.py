@@ -1,11 +1,12 @@
 import pytest
+import torch
 
 from fleetlora.client.local_data import local_examples
 from fleetlora.client.train import train_locally
 from fleetlora.common.batches import evaluate
 from fleetlora.common.config import ModelSpec, TrainSettings
 from fleetlora.common.data import load_examples
-from fleetlora.common.errors import DataError
+from fleetlora.common.errors import ConfigError, DataError
 from fleetlora.common.model import build_model
 
 
@@ -42,3 +43,29 @@ def test_simulated_device_gets_its_partition_and_real_device_its_file(tmp_path):
     assert len(local_examples({"data-path": str(path)}, {})) == 1
     with pytest.raises(DataError, match="data-path"):
         local_examples({}, {})
+
+
+@pytest.mark.parametrize("restricted", [True, False])
+def test_restricted_softmax_leaves_absent_classes_alone(tiny_spec: ModelSpec, restricted: bool):
+    # A device holding two classes: with the restricted softmax the other classes' biases get no
+    # push at all (they start at 0, and AdamW's decay of 0 is 0); without it they are pushed down.
+    loaded = build_model(tiny_spec)
+    mine = set(tiny_spec.labels[:2])
+    examples = [e for e in load_examples("builtin") if e.label in mine][:64]
+    settings = TrainSettings(local_steps=10, learning_rate=1e-2, restricted_softmax=restricted)
+    train_locally(loaded, examples, settings, seed=0)
+    bias = next(
+        p for n, p in loaded.model.named_parameters() if "modules_to_save" in n and n.endswith("bias")
+    )
+    absent = bias[len(mine) :].detach()
+    if restricted:
+        assert torch.count_nonzero(absent) == 0
+    else:
+        assert bool((absent < 0).all())
+
+
+def test_restricted_softmax_needs_classes():
+    loaded = build_model(ModelSpec("tiny", "causal-lm", max_length=32))
+    settings = TrainSettings(local_steps=1, restricted_softmax=True)
+    with pytest.raises(ConfigError, match="classification"):
+        train_locally(loaded, load_examples("builtin")[:8], settings, seed=0)

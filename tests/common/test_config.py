@@ -37,6 +37,7 @@ def test_missing_required_key_is_named():
         (lambda: ModelSpec("tiny", "causal-lm", ("a", "b")), "takes no labels"),
         (lambda: ModelSpec("tiny", "regression"), "Task must be one of"),  # type: ignore[arg-type]
         (lambda: ModelSpec("tiny", "classify", ("a", "a")), "unique"),
+        (lambda: ModelSpec("tiny", "classify", ("a", "b"), pooling="max"), "Pooling must be one of"),  # type: ignore[arg-type]
         (lambda: TrainSettings(learning_rate=0), "learning_rate"),
         (lambda: TrainSettings(local_steps=0), "local_steps"),
     ],

@@ -3,7 +3,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from fleetlora.common.batches import encode
 from fleetlora.common.config import LoraSettings, ModelSpec
+from fleetlora.common.data import Example
 from fleetlora.common.delta import load_trainable_state, trainable_state
 from fleetlora.common.errors import ConfigError, IncompatibleStateError, ModelError
 from fleetlora.common.model import build_model
@@ -17,6 +19,27 @@ def test_tiny_classifier_trains_only_lora_and_head(tiny_spec: ModelSpec):
     assert loaded.trainable_params == sum(t.numel() for t in trainable_state(loaded.model).values())
 
 
+def test_mean_pooling_ignores_padding(tiny_spec: ModelSpec):
+    # A short text scores the same alone and padded beside a long one in the same batch.
+    loaded = build_model(tiny_spec)
+    loaded.model.eval()
+    short, long = (
+        Example("card lost", tiny_spec.labels[0]),
+        Example("where is my card " * 5, tiny_spec.labels[1]),
+    )
+    with torch.no_grad():
+        alone = loaded.model(**encode(loaded, [short])).logits[0]
+        padded = loaded.model(**encode(loaded, [short, long])).logits[0]
+    assert torch.allclose(alone, padded, atol=1e-5)
+
+
+def test_transformers_pooling_keeps_the_architectures_own_head(tiny_spec: ModelSpec):
+    loaded = build_model(ModelSpec(**{**tiny_spec.__dict__, "pooling": "transformers"}))
+    assert type(loaded.model.base_model.model).__name__ == "BertForSequenceClassification"
+    mean = build_model(tiny_spec)
+    assert mean.base_sha256 != loaded.base_sha256  # a device can never mix the two
+
+
 def test_same_spec_builds_identical_weights_on_every_side(tiny_spec: ModelSpec):
     first, second = build_model(tiny_spec), build_model(tiny_spec)
     assert first.base_sha256 == second.base_sha256
@@ -26,7 +49,7 @@ def test_same_spec_builds_identical_weights_on_every_side(tiny_spec: ModelSpec):
 
 def test_unfreezing_a_layer_raises_the_trainable_share(tiny_spec: ModelSpec):
     plain = build_model(tiny_spec)
-    spec = ModelSpec(**{**tiny_spec.__dict__, "lora": LoraSettings(unfreeze=("bert.encoder.layer.1",))})
+    spec = ModelSpec(**{**tiny_spec.__dict__, "lora": LoraSettings(unfreeze=("backbone.encoder.layer.1",))})
     unfrozen = build_model(spec)
     assert unfrozen.trainable_share > plain.trainable_share
     assert any("encoder.layer.1.output.dense.weight" in n for n in trainable_state(unfrozen.model))
@@ -55,7 +78,7 @@ def test_ffa_lora_averages_the_product_exactly(tiny_spec: ModelSpec, ffa: bool):
 
 
 def test_unknown_unfreeze_name_is_refused(tiny_spec: ModelSpec):
-    spec = ModelSpec(**{**tiny_spec.__dict__, "lora": LoraSettings(unfreeze=("bert.encoder.layer.9",))})
+    spec = ModelSpec(**{**tiny_spec.__dict__, "lora": LoraSettings(unfreeze=("backbone.encoder.layer.9",))})
     with pytest.raises(ConfigError, match="matches no parameter"):
         build_model(spec)
 
@@ -81,7 +104,7 @@ def test_unknown_model_path_names_the_choices(tmp_path: Path):
 def test_local_folder_model_loads(tmp_path: Path, tiny_spec: ModelSpec):
     # A user's own Hugging Face folder: save the tiny model and load it back by path.
     loaded = build_model(tiny_spec)
-    base = loaded.model.unload()
+    base = loaded.model.unload().backbone  # mean pooling: the head is built anew, seeded
     base.save_pretrained(tmp_path)
     loaded.tokenizer.save_pretrained(tmp_path)
     from_folder = build_model(ModelSpec(**{**tiny_spec.__dict__, "name": str(tmp_path)}))

@@ -185,7 +185,16 @@ def test_devices_refuse_a_different_base_model(sqlite_url: str):
     assert len(outcome.drops) == 3 and all("Base model sha256" in d.reason for d in outcome.drops)
 
 
-@pytest.mark.parametrize("bad", [{"min-devices": 5}, {"rounds": 0}, {"round-deadline": 0}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"min-devices": 5},
+        {"rounds": 0},
+        {"round-deadline": 0},
+        {"task": "causal-lm", "personal-head": True},
+        {"task": "causal-lm", "restricted-softmax": True},
+    ],
+)
 def test_bad_coordinator_settings_are_refused(sqlite_url: str, bad: dict):
     with pytest.raises(ValueError):
         CoordinatorSettings.from_run_config(_run_config(sqlite_url, **bad))
@@ -223,3 +232,23 @@ def test_learning_rate_decays_across_rounds(sqlite_url: str):
     settings = CoordinatorSettings.from_run_config(_run_config(sqlite_url, **{"lr-decay": 0.5}))
     assert settings.train_for_round(1).learning_rate == pytest.approx(3e-3)
     assert settings.train_for_round(3).learning_rate == pytest.approx(3e-3 * 0.25)
+
+
+def test_personal_heads_are_kept_on_each_device_and_scored_beside_the_global_model(sqlite_url, tmp_path):
+    config = _run_config(
+        sqlite_url, **{"personal-head": True, "partition": "dirichlet:0.3", "device-state": str(tmp_path)}
+    )
+    grid = LocalGrid(build_client_app(), 3, config)
+    outcomes = Federation(grid, CoordinatorSettings.from_run_config(config)).run()
+
+    kept = sorted(p.relative_to(tmp_path).parts[0] for p in tmp_path.glob("*/personal-head-*"))
+    assert kept == ["partition-0", "partition-1", "partition-2"]
+    for outcome in outcomes:
+        metrics = outcome.metrics
+        assert 0.0 <= metrics["federated_eval_personal_accuracy"] <= 1.0
+        assert "federated_eval_accuracy" in metrics and "central_accuracy" in metrics
+    # Every device trained in round 1, so round 1's evaluation already scores their own heads.
+    assert (
+        outcomes[0].metrics["federated_eval_personal_accuracy"]
+        != outcomes[0].metrics["federated_eval_accuracy"]
+    )

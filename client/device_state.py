@@ -1,0 +1,79 @@
+"""A device's own folder: what it keeps between rounds and across restarts.
+
+A real device names the folder in its node config (``state-dir``). A simulated device gets
+``<run config device-state>/partition-<id>``, so every virtual device of a fleet keeps its own
+files the way a phone would. Writes are atomic (temporary file, fsync, rename): a device killed
+mid-write keeps the previous file, never a torn one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+
+from fleetlora.client.local_data import UserConfig
+from fleetlora.common.delta import State, deserialize, serialize
+from fleetlora.common.errors import ConfigError, IncompatibleStateError
+
+
+class DeviceState:
+    """Named tensor files in one folder, written atomically."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @classmethod
+    def locate(cls, node_config: UserConfig, run_config: UserConfig) -> DeviceState:
+        """The device's folder from its node config, or the simulated device's under the run's."""
+        if "state-dir" in node_config:
+            return cls(Path(str(node_config["state-dir"])))
+        if "partition-id" in node_config and run_config.get("device-state"):
+            return cls(Path(str(run_config["device-state"])) / f"partition-{node_config['partition-id']}")
+        raise ConfigError(
+            "This device has no state folder for what it keeps between rounds: start the SuperNode "
+            "with --node-config 'state-dir=\"DIR\"'."
+        )
+
+    def path(self, name: str) -> Path:
+        return self.root / f"{name}.safetensors"
+
+    def load_arrays(self, name: str) -> State | None:
+        """The stored tensors, or None if never saved; a damaged file raises IncompatibleStateError."""
+        path = self.path(name)
+        if not path.is_file():
+            return None
+        try:
+            return deserialize(path.read_bytes())
+        except SafetensorError as exc:
+            raise IncompatibleStateError(f"{path} is damaged ({exc}).") from exc
+
+    def save_arrays(self, name: str, state: Mapping[str, torch.Tensor]) -> None:
+        """Replace the named file in one step."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        target = self.path(name)
+        fd, scratch = tempfile.mkstemp(prefix=f".{target.name}.", dir=self.root)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(serialize(state))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(scratch, target)
+        except BaseException:
+            Path(scratch).unlink(missing_ok=True)
+            raise
+        directory = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # make the rename itself durable
+        finally:
+            os.close(directory)
+
+    def set_aside(self, name: str) -> Path:
+        """Move a damaged file out of the way (kept for inspection) and return its new path."""
+        damaged = self.path(name).with_suffix(".damaged")
+        os.replace(self.path(name), damaged)
+        return damaged
