@@ -8,7 +8,8 @@ also keeps the device stateless between rounds, so a restarted device trains exa
 With ``restricted_softmax`` a classifier's loss ignores the classes the device holds no example
 of: their logits are masked out, so local training never pushes down classes it cannot see. Under
 label skew that push is what makes averaged heads forget rare classes (FedRS, Li & Zhan, KDD
-2021, scales those logits by alpha; masking is its alpha = 0).
+2021, scales those logits by alpha; masking is its alpha = 0). A causal LM has no classes and
+trains on the plain loss.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from fleetlora.common.batches import encode
 from fleetlora.common.config import TrainSettings
 from fleetlora.common.data import Example
-from fleetlora.common.errors import ConfigError, DataError
+from fleetlora.common.errors import DataError
 from fleetlora.common.model import LoadedModel
 
 
@@ -48,7 +49,8 @@ def train_locally(
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate)
-    absent = _absent_label_mask(loaded, examples) if settings.restricted_softmax else None
+    restricted = settings.restricted_softmax and loaded.spec.task == "classify"
+    absent = _absent_label_mask(loaded, examples) if restricted else None
     rng = random.Random(seed)
     queue: list[int] = []
     losses: list[float] = []
@@ -84,7 +86,5 @@ def train_locally(
 
 def _absent_label_mask(loaded: LoadedModel, examples: Sequence[Example]) -> torch.Tensor:
     """True for every class this device has no example of (restricted softmax, see module doc)."""
-    if loaded.spec.task != "classify":
-        raise ConfigError("restricted-softmax applies to classification; this task has no classes.")
     present = {e.label for e in examples}
     return torch.tensor([label not in present for label in loaded.spec.labels])

@@ -99,7 +99,9 @@ class TrainSettings:
     learning_rate: float = 3e-3
     local_epochs: float = 0.0  # > 0: passes over the local data instead of local_steps
     personal_head: bool = False  # each device trains and keeps its own head (client/personal_head.py)
-    restricted_softmax: bool = False  # local loss over the device's own classes only (client/train.py)
+    # Local loss over the device's own classes only (client/train.py). On by default: on BANKING77 over
+    # 20 Dirichlet(0.5) devices it took test accuracy after 10 rounds from 72.7% to 81.1% (docs/research.md).
+    restricted_softmax: bool = True
 
     def __post_init__(self) -> None:
         if self.local_epochs < 0:

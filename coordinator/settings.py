@@ -51,8 +51,8 @@ class CoordinatorSettings:
             raise ConfigError(f"round-deadline must be > 0 seconds, got {self.round_deadline}.")
         if not 0 < self.lr_decay <= 1:
             raise ConfigError(f"lr-decay must be in (0, 1], got {self.lr_decay}.")
-        if self.spec.task != "classify" and (self.train.personal_head or self.train.restricted_softmax):
-            raise ConfigError("personal-head and restricted-softmax need a classification task.")
+        if self.train.personal_head and self.spec.task != "classify":
+            raise ConfigError("personal-head keeps a classification head per device; this task has none.")
 
     def train_for_round(self, round_number: int) -> TrainSettings:
         """The local training settings sent in ``round_number``, with the decayed learning rate."""
@@ -92,7 +92,9 @@ class CoordinatorSettings:
             learning_rate=float(get("learning-rate", TrainSettings.learning_rate)),
             local_epochs=float(get("local-epochs", TrainSettings.local_epochs)),
             personal_head=bool(get("personal-head", TrainSettings.personal_head)),
-            restricted_softmax=bool(get("restricted-softmax", TrainSettings.restricted_softmax)),
+            # Classes only exist in classification: a causal LM trains on the plain loss whatever is set.
+            restricted_softmax=task == "classify"
+            and bool(get("restricted-softmax", TrainSettings.restricted_softmax)),
         )
         defaults = ServerOptimizerSettings()
         server = ServerOptimizerSettings(

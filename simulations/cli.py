@@ -93,7 +93,10 @@ def simulate(
     ] = _DEFAULTS.personal_head,
     restricted_softmax: Annotated[
         bool,
-        typer.Option(help="Local loss over each device's own classes only (FedRS-style, for label skew)."),
+        typer.Option(
+            help="Classification: each device's loss covers only its own classes (FedRS-style, against "
+            "label skew). Ignored for causal LM."
+        ),
     ] = _DEFAULTS.restricted_softmax,
     server_optimizer: Annotated[
         str, typer.Option(help="Server update: fedavg, fedavgm (momentum), fedadam or fedyogi.")

@@ -192,7 +192,6 @@ def test_devices_refuse_a_different_base_model(sqlite_url: str):
         {"rounds": 0},
         {"round-deadline": 0},
         {"task": "causal-lm", "personal-head": True},
-        {"task": "causal-lm", "restricted-softmax": True},
     ],
 )
 def test_bad_coordinator_settings_are_refused(sqlite_url: str, bad: dict):
