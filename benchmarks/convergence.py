@@ -180,6 +180,7 @@ def fleet_config(data: Path, rounds: int, out: Path, **overrides: Any) -> Simula
         lora_alpha=16,
         lora_targets="query,value",
         round_deadline=ROUND_DEADLINE,
+        restricted_softmax=False,  # plain FedAvg unless an arm turns it on (fleetlora's default is on)
     )
     return replace(base, **overrides)
 
@@ -191,7 +192,10 @@ def reference_spec(data: Path) -> ModelSpec:
 
 
 def one_epoch() -> TrainSettings:
-    return TrainSettings(local_epochs=1.0, batch_size=BATCH_SIZE, learning_rate=LEARNING_RATE)
+    """The references' local epoch: the plain loss, as in the plain-FedAvg arms."""
+    return TrainSettings(
+        local_epochs=1.0, batch_size=BATCH_SIZE, learning_rate=LEARNING_RATE, restricted_softmax=False
+    )
 
 
 # ---- federated arms -------------------------------------------------------------------------------
