@@ -1,0 +1,102 @@
+"""Sealed uploads: a device's delta encrypted to the coordinator and signed by the device.
+
+The device encrypts with HPKE (RFC 9180, base mode: DHKEM(X25519, HKDF-SHA256), HKDF-SHA256,
+AES-256-GCM) to the coordinator's public key, with an ``info`` string that binds the ciphertext to
+one upload: tenant, device, round, base-model sha256 and the version it trained from. It then signs
+``len(info) ‖ info ‖ ciphertext`` with its Ed25519 key.
+
+The coordinator never trusts the device's claim about that context. It compares the claim with
+what it expects, to name the failure (a replayed round, another model), then verifies the signature
+over the ``info`` it rebuilt itself and only then decrypts. A truncated or altered ciphertext fails
+the signature; a ciphertext sealed to another coordinator key fails decryption. Each failure raises
+:class:`EnvelopeError` with the reason the round records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hpke
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+from fleetlora.common.errors import FleetloraError
+
+SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+INFO_LABEL = "fleetlora/upload/v1"
+
+
+class EnvelopeError(FleetloraError):
+    """A sealed upload was refused; the message is the reason recorded for the round."""
+
+
+@dataclass(frozen=True)
+class UploadContext:
+    """What one upload is for. Both sides build it; only the coordinator's copy is trusted."""
+
+    tenant: str
+    device_id: str
+    round: int
+    base_sha256: str
+    from_version: int
+
+    def info(self) -> bytes:
+        """The HPKE ``info``: canonical JSON (sorted keys, no spaces) under a versioned label."""
+        fields = dataclasses.asdict(self)
+        return f"{INFO_LABEL}:{json.dumps(fields, sort_keys=True, separators=(',', ':'))}".encode()
+
+
+@dataclass(frozen=True)
+class SealedUpload:
+    ciphertext: bytes  # HPKE encapsulated key ‖ AES-256-GCM ciphertext and tag
+    signature: bytes  # Ed25519 over len(info) ‖ info ‖ ciphertext
+
+
+def _signed_bytes(info: bytes, ciphertext: bytes) -> bytes:
+    # The length prefix keeps (info, ciphertext) pairs from sharing a signature by moving the boundary.
+    return struct.pack(">I", len(info)) + info + ciphertext
+
+
+def seal(
+    plaintext: bytes, context: UploadContext, coordinator: X25519PublicKey, device_key: Ed25519PrivateKey
+) -> SealedUpload:
+    """Encrypt ``plaintext`` to the coordinator for ``context`` and sign the result."""
+    info = context.info()
+    ciphertext = SUITE.encrypt(plaintext, coordinator, info=info)
+    return SealedUpload(ciphertext, device_key.sign(_signed_bytes(info, ciphertext)))
+
+
+def open_sealed(
+    sealed: SealedUpload,
+    *,
+    claimed: UploadContext,
+    expected: UploadContext,
+    coordinator_key: X25519PrivateKey,
+    device_public: Ed25519PublicKey,
+) -> bytes:
+    """The plaintext, if ``sealed`` is exactly the upload the coordinator expects; else EnvelopeError."""
+    if claimed.device_id != expected.device_id or claimed.tenant != expected.tenant:
+        raise EnvelopeError(f"upload claims device {claimed.tenant}/{claimed.device_id}, sent by another")
+    if claimed.round != expected.round:
+        raise EnvelopeError(f"upload is for round {claimed.round}, not {expected.round} (replayed)")
+    if claimed.base_sha256 != expected.base_sha256:
+        raise EnvelopeError(f"upload is for base model {claimed.base_sha256[:12]}, not ours")
+    if claimed.from_version != expected.from_version:
+        raise EnvelopeError(
+            f"upload trained from version {claimed.from_version}, not {expected.from_version}"
+        )
+    info = expected.info()
+    try:
+        device_public.verify(sealed.signature, _signed_bytes(info, sealed.ciphertext))
+    except InvalidSignature:
+        raise EnvelopeError(
+            "signature does not match (ciphertext truncated or altered, or wrong key)"
+        ) from None
+    try:
+        return SUITE.decrypt(sealed.ciphertext, coordinator_key, info=info)
+    except InvalidTag:
+        raise EnvelopeError("ciphertext does not decrypt with this coordinator's key") from None

@@ -1,0 +1,75 @@
+"""Key files: private keys written owner-only (0600) and never overwritten, public keys as PEM.
+
+The coordinator holds an X25519 key pair (devices encrypt uploads to it) and an Ed25519 signing key
+(it signs update packages); a device holds an Ed25519 key that signs its uploads. Private keys are
+PKCS#8 PEM, public keys SubjectPublicKeyInfo PEM, both readable by standard tools (``openssl pkey``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TypeVar
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+from fleetlora.common.errors import ConfigError
+
+PrivateKey = Ed25519PrivateKey | X25519PrivateKey
+PublicKey = Ed25519PublicKey | X25519PublicKey
+_Private = TypeVar("_Private", Ed25519PrivateKey, X25519PrivateKey)
+_Public = TypeVar("_Public", Ed25519PublicKey, X25519PublicKey)
+
+
+def write_private_key(path: Path, key: PrivateKey) -> None:
+    """Create ``path`` with mode 0600 and the key in it; refuse to replace an existing key."""
+    blob = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise ConfigError(
+            f"{path} already exists: move it away first if you mean to replace that key."
+        ) from None
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(blob)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def write_public_key(path: Path, key: PublicKey) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(public_pem(key))
+
+
+def public_pem(key: PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def read_private_key(path: Path, kind: type[_Private]) -> _Private:
+    """Load a private key of ``kind``; refuse a file that others can read."""
+    if not path.is_file():
+        raise ConfigError(
+            f"No key at {path}: create it first (fleetlora coordinator keys init / device enroll)."
+        )
+    if path.stat().st_mode & 0o077:
+        raise ConfigError(f"{path} is readable by other users: run `chmod 600 {path}`.")
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, kind):
+        raise ConfigError(f"{path} holds a {type(key).__name__}, not a {kind.__name__}.")
+    return key
+
+
+def load_public_key(pem: bytes, kind: type[_Public], source: str) -> _Public:
+    """Parse a PEM public key of ``kind``; ``source`` names where it came from in errors."""
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except ValueError as exc:
+        raise ConfigError(f"{source} is not a PEM public key ({exc}).") from exc
+    if not isinstance(key, kind):
+        raise ConfigError(f"{source} holds a {type(key).__name__}, not a {kind.__name__}.")
+    return key
