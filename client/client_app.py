@@ -10,10 +10,10 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fleetlora.client import personal_head
+from fleetlora.client import personal_head, privacy
 from fleetlora.client.device_state import DeviceState
 from fleetlora.client.local_data import UserConfig, local_examples
 from fleetlora.client.train import train_locally
@@ -42,7 +42,7 @@ class Round:
     loaded: LoadedModel
     train_set: list[Example]
     held_out: list[Example]
-    state: DeviceState | None  # set when the device keeps a personal head
+    state: DeviceState | None  # set when the device keeps a personal head or a privacy account
 
 
 def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientApp:
@@ -61,24 +61,31 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
         load_trainable_state(loaded.model, from_array_record(message.content[records.ARRAYS]))
         run_config: Mapping = {**context.run_config, **overrides}
         train_set, held_out = split_holdout(local_examples(context.node_config, run_config), HOLDOUT_FRACTION)
-        personal = instructions.train.personal_head
-        state = DeviceState.locate(context.node_config, run_config) if personal else None
+        settings = instructions.train
+        keeps_state = settings.personal_head or settings.privacy.enabled
+        state = DeviceState.locate(context.node_config, run_config) if keeps_state else None
         return Round(instructions, loaded, train_set, held_out, state)
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
         job = prepare(message, context)
-        loaded = job.loaded
+        settings, loaded = job.instructions.train, job.loaded
+        identity = ConfigRecord({records.DEVICE_ID: device_id(context)})
+        account, noise = None, None
+        if settings.privacy.enabled:
+            assert job.state is not None  # prepare locates it whenever DP is on
+            try:
+                account, noise = privacy.plan_round(job.state, settings, len(job.train_set))
+            except privacy.BudgetSpent as exc:
+                identity[records.DECLINED] = str(exc)
+                return Message(RecordDict({records.CONFIG: identity}), reply_to=message)
         before = trainable_state(loaded.model)
-        if job.state:
+        if settings.personal_head and job.state:
             personal_head.restore(loaded, job.state)
         # A simulated device's identity is its partition (Flower draws node ids at random per run).
         device = context.node_config.get("partition-id", context.node_id)
         seed = training_seed(job.instructions.spec.seed, job.instructions.round, int(device))
-        result = train_locally(loaded, job.train_set, job.instructions.train, seed=seed)
-        if job.state:
-            personal_head.keep(loaded, job.state)
-        delta = diff(trainable_state(loaded.model), before)  # the head's change is against the global head
+        result = train_locally(loaded, job.train_set, settings, seed=seed, noise=noise)
         metrics = MetricRecord(
             {
                 records.NUM_EXAMPLES: result.examples,
@@ -87,7 +94,15 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
                 records.TRAIN_SECONDS: result.seconds,
             }
         )
-        content = RecordDict({records.ARRAYS: to_array_record(delta), records.METRICS: metrics})
+        if account and noise and job.state:
+            # Spent as soon as trained: recorded before anything leaves the device.
+            metrics.update(privacy.spend(job.state, account, settings.privacy, noise, result.steps))
+        if settings.personal_head and job.state:
+            personal_head.keep(loaded, job.state)
+        delta = diff(trainable_state(loaded.model), before)  # the head's change is against the global head
+        content = RecordDict(
+            {records.ARRAYS: to_array_record(delta), records.METRICS: metrics, records.CONFIG: identity}
+        )
         return Message(content, reply_to=message)
 
     @app.evaluate()
@@ -96,7 +111,7 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
         if not job.held_out:
             raise DataError("No held-out examples on this device to evaluate on.")
         scores = {f"eval_{k}": v for k, v in evaluate_model(job.loaded, job.held_out).items()}
-        if job.state:
+        if job.instructions.train.personal_head and job.state:
             # Before its first training round a device's own model is the global one.
             if personal_head.restore(job.loaded, job.state):
                 personal = evaluate_model(job.loaded, job.held_out)
@@ -107,6 +122,15 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
         return Message(RecordDict({records.METRICS: metrics}), reply_to=message)
 
     return app
+
+
+def device_id(context: Context) -> str:
+    """A stable name for this device: its node config ``device-id``, else its partition or node id."""
+    if "device-id" in context.node_config:
+        return str(context.node_config["device-id"])
+    if "partition-id" in context.node_config:
+        return f"partition-{context.node_config['partition-id']}"
+    return f"node-{context.node_id}"
 
 
 def training_seed(base: int, round_number: int, node_id: int) -> int:

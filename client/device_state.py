@@ -8,10 +8,12 @@ mid-write keeps the previous file, never a torn one.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -22,7 +24,7 @@ from fleetlora.common.errors import ConfigError, IncompatibleStateError
 
 
 class DeviceState:
-    """Named tensor files in one folder, written atomically."""
+    """Named tensor (safetensors) and JSON files in one folder, written atomically."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -39,8 +41,8 @@ class DeviceState:
             "with --node-config 'state-dir=\"DIR\"'."
         )
 
-    def path(self, name: str) -> Path:
-        return self.root / f"{name}.safetensors"
+    def path(self, name: str, suffix: str = ".safetensors") -> Path:
+        return self.root / f"{name}{suffix}"
 
     def load_arrays(self, name: str) -> State | None:
         """The stored tensors, or None if never saved; a damaged file raises IncompatibleStateError."""
@@ -53,13 +55,33 @@ class DeviceState:
             raise IncompatibleStateError(f"{path} is damaged ({exc}).") from exc
 
     def save_arrays(self, name: str, state: Mapping[str, torch.Tensor]) -> None:
-        """Replace the named file in one step."""
+        """Replace the named tensor file in one step."""
+        self._replace(self.path(name), serialize(state))
+
+    def load_json(self, name: str) -> dict[str, Any] | None:
+        """A stored JSON document, or None if never saved; a damaged file raises IncompatibleStateError."""
+        path = self.path(name, ".json")
+        if not path.is_file():
+            return None
+        try:
+            document = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise IncompatibleStateError(f"{path} is damaged ({exc}).") from exc
+        if not isinstance(document, dict):
+            raise IncompatibleStateError(f"{path} is damaged (not a JSON object).")
+        return document
+
+    def save_json(self, name: str, document: Mapping[str, Any]) -> None:
+        """Replace the named JSON document in one step."""
+        self._replace(self.path(name, ".json"), json.dumps(document, indent=1).encode())
+
+    def _replace(self, target: Path, blob: bytes) -> None:
+        """Write ``blob`` to a scratch file, fsync it, rename it over ``target``, fsync the folder."""
         self.root.mkdir(parents=True, exist_ok=True)
-        target = self.path(name)
         fd, scratch = tempfile.mkstemp(prefix=f".{target.name}.", dir=self.root)
         try:
             with os.fdopen(fd, "wb") as handle:
-                handle.write(serialize(state))
+                handle.write(blob)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(scratch, target)
@@ -72,8 +94,8 @@ class DeviceState:
         finally:
             os.close(directory)
 
-    def set_aside(self, name: str) -> Path:
+    def set_aside(self, name: str, suffix: str = ".safetensors") -> Path:
         """Move a damaged file out of the way (kept for inspection) and return its new path."""
-        damaged = self.path(name).with_suffix(".damaged")
-        os.replace(self.path(name), damaged)
+        damaged = self.path(name, suffix).with_suffix(".damaged")
+        os.replace(self.path(name, suffix), damaged)
         return damaged

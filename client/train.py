@@ -1,4 +1,4 @@
-"""One device's local training for one round: plain LoRA steps with AdamW.
+"""One device's local training for one round: LoRA steps with AdamW, or DP-SGD through Opacus.
 
 Reads top to bottom: set up, loop over steps, report. The optimizer starts fresh every round, on
 purpose: with a fraction of the fleet sampled per round a device trains every few rounds, and Adam
@@ -10,78 +10,145 @@ of: their logits are masked out, so local training never pushes down classes it 
 label skew that push is what makes averaged heads forget rare classes (FedRS, Li & Zhan, KDD
 2021, scales those logits by alpha; masking is its alpha = 0). A causal LM has no classes and
 trains on the plain loss.
+
+With a :class:`NoisePlan` the round is DP-SGD (Abadi et al. 2016) through Opacus: Poisson-sampled
+batches, per-example gradients from hooks (``GradSampleModule``; see DESIGN.md's notes), each
+clipped to ``max_grad_norm``, Gaussian noise of ``noise_multiplier × max_grad_norm`` added to their
+sum. An empty Poisson batch is still a step (noise only) and still counted by the accountant.
 """
 
 from __future__ import annotations
 
 import random
+import secrets
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
 
-from fleetlora.common.batches import encode
+from fleetlora.common.batches import Batch, encode
 from fleetlora.common.config import TrainSettings
 from fleetlora.common.data import Example
 from fleetlora.common.errors import DataError
 from fleetlora.common.model import LoadedModel
+
+# Opacus' per-example hooks fire on LoRA layers whose inputs need no gradient (the base is frozen);
+# torch warns on every such backward pass, which says nothing a device operator can act on.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
 
 
 @dataclass(frozen=True)
 class TrainResult:
     """What one round of local training did."""
 
-    loss: float  # mean training loss over the steps
+    loss: float  # mean training loss over the non-empty steps (0.0 if every batch was empty)
     steps: int
     seconds: float
     examples: int  # size of the local training set: the device's weight in the average
 
 
+@dataclass(frozen=True)
+class NoisePlan:
+    """DP-SGD for this round: Poisson batches at ``sample_rate``, per-example clipping, Gaussian noise."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    sample_rate: float
+
+
 def train_locally(
-    loaded: LoadedModel, examples: Sequence[Example], settings: TrainSettings, *, seed: int
+    loaded: LoadedModel,
+    examples: Sequence[Example],
+    settings: TrainSettings,
+    *,
+    seed: int,
+    noise: NoisePlan | None = None,
 ) -> TrainResult:
-    """Run the round's optimizer steps (:meth:`TrainSettings.steps_for`) over shuffled passes."""
+    """Run the round's optimizer steps (:meth:`TrainSettings.steps_for`); DP-SGD when ``noise`` is set."""
     if not examples:
         raise DataError("No local training examples: this device has nothing to learn from.")
     # ---- set up
     model = loaded.model
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate)
+    optimizer: torch.optim.Optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate)
     restricted = settings.restricted_softmax and loaded.spec.task == "classify"
     absent = _absent_label_mask(loaded, examples) if restricted else None
     rng = random.Random(seed)
-    queue: list[int] = []
+    steps = settings.steps_for(len(examples))
+    if noise is None:
+        forward: torch.nn.Module = model
+        batches = _shuffled_batches(len(examples), settings.batch_size, steps, rng)
+    else:
+        forward = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        optimizer = DPOptimizer(
+            optimizer,
+            noise_multiplier=noise.noise_multiplier,
+            max_grad_norm=noise.max_grad_norm,
+            expected_batch_size=settings.batch_size,
+            loss_reduction="mean",
+            # Noise from OS entropy: a generator seeded from the run seed would let anyone who knows
+            # the seed subtract the noise again.
+            generator=torch.Generator().manual_seed(secrets.randbits(63)),
+        )
+        batches = _poisson_batches(len(examples), noise.sample_rate, steps, rng)
     losses: list[float] = []
     started = time.perf_counter()
 
     # ---- train
-    for _ in range(settings.steps_for(len(examples))):
-        if len(queue) < min(settings.batch_size, len(examples)):
-            epoch = list(range(len(examples)))
-            rng.shuffle(epoch)
-            queue.extend(epoch)
-        take, queue = queue[: settings.batch_size], queue[settings.batch_size :]
-        batch = encode(loaded, [examples[i] for i in take])
-        if absent is None:
-            loss = model(**batch).loss
-        else:
-            labels = batch.pop("labels")
-            logits = model(**batch).logits.masked_fill(absent, float("-inf"))
-            loss = torch.nn.functional.cross_entropy(logits, labels)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    try:
+        for take in batches:
+            if take:
+                batch = encode(loaded, [examples[i] for i in take])
+                loss = _loss(forward, batch, absent)
+                loss.backward()
+                losses.append(loss.item())
+            else:  # an empty Poisson batch is still a DP step: noise only, and it is accounted
+                for param in trainable:
+                    param.grad_sample = torch.zeros(0, *param.shape)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    finally:
+        if isinstance(forward, GradSampleModule):
+            forward.to_standard_module()  # the cached model must leave without Opacus' hooks
 
     # ---- report
     return TrainResult(
-        loss=sum(losses) / len(losses),
-        steps=len(losses),
+        loss=sum(losses) / len(losses) if losses else 0.0,
+        steps=steps,
         seconds=time.perf_counter() - started,
         examples=len(examples),
     )
+
+
+def _loss(forward: torch.nn.Module, batch: Batch, absent: torch.Tensor | None) -> torch.Tensor:
+    if absent is None:
+        return forward(**batch).loss
+    labels = batch.pop("labels")
+    logits = forward(**batch).logits.masked_fill(absent, float("-inf"))
+    return torch.nn.functional.cross_entropy(logits, labels)
+
+
+def _shuffled_batches(n: int, batch_size: int, steps: int, rng: random.Random) -> Iterator[list[int]]:
+    """``steps`` batches from consecutive shuffled passes over ``n`` examples."""
+    queue: list[int] = []
+    for _ in range(steps):
+        if len(queue) < min(batch_size, n):
+            epoch = list(range(n))
+            rng.shuffle(epoch)
+            queue.extend(epoch)
+        take, queue = queue[:batch_size], queue[batch_size:]
+        yield take
+
+
+def _poisson_batches(n: int, sample_rate: float, steps: int, rng: random.Random) -> Iterator[list[int]]:
+    """Each example joins each batch independently with probability ``sample_rate`` (DP-SGD's sampling)."""
+    for _ in range(steps):
+        yield [i for i in range(n) if rng.random() < sample_rate]
 
 
 def _absent_label_mask(loaded: LoadedModel, examples: Sequence[Example]) -> torch.Tensor:

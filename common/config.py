@@ -86,6 +86,43 @@ class ModelSpec:
             raise ConfigError(f"Pooling must be one of {POOLING_KINDS}, got {self.pooling!r}.")
 
 
+AccountantName = Literal["rdp", "prv"]
+ACCOUNTANTS: tuple[str, ...] = get_args(AccountantName)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacySettings:
+    """Example-level DP-SGD on every device (Opacus), with a per-device budget.
+
+    ``epsilon`` 0 turns DP off. Otherwise each device picks its noise multiplier once, for
+    ``planned_rounds`` rounds of its local steps at Poisson sample rate batch / examples, so that
+    spending all of them costs ``epsilon`` at ``delta``; it then keeps its accountant on its own
+    disk and declines to train once another round would pass ``epsilon``.
+    """
+
+    epsilon: float = 0.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0  # per-example clipping bound (L2)
+    accountant: AccountantName = "rdp"
+    planned_rounds: int = 10
+
+    def __post_init__(self) -> None:
+        if self.epsilon < 0:
+            raise ConfigError(f"DP epsilon must be >= 0 (0 = off), got {self.epsilon}.")
+        if not 0.0 < self.delta < 1.0:
+            raise ConfigError(f"DP delta must be in (0, 1), got {self.delta}.")
+        if not self.max_grad_norm > 0:
+            raise ConfigError(f"DP max-grad-norm must be > 0, got {self.max_grad_norm}.")
+        if self.accountant not in ACCOUNTANTS:
+            raise ConfigError(f"DP accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}.")
+        if self.planned_rounds < 1:
+            raise ConfigError(f"DP planned rounds must be >= 1, got {self.planned_rounds}.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.epsilon > 0
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
     """One device's local work per round.
@@ -102,6 +139,7 @@ class TrainSettings:
     # Local loss over the device's own classes only (client/train.py). On by default: on BANKING77 over
     # 20 Dirichlet(0.5) devices it took test accuracy after 10 rounds from 72.7% to 81.1% (docs/research.md).
     restricted_softmax: bool = True
+    privacy: PrivacySettings = dataclasses.field(default_factory=PrivacySettings)
 
     def __post_init__(self) -> None:
         if self.local_epochs < 0:
@@ -159,7 +197,7 @@ def from_config(cls: type[_D], config: Mapping[str, Any], prefix: str) -> _D:
     return cls(**kwargs)
 
 
-_NESTED: tuple[type, ...] = (LoraSettings,)
+_NESTED: tuple[type, ...] = (LoraSettings, PrivacySettings)
 
 
 def split_names(value: str) -> tuple[str, ...]:

@@ -1,7 +1,8 @@
 """Names of the Flower record keys both sides use, kept in one place so they cannot drift.
 
 A message from the coordinator carries one ArrayRecord (the global adapter) and one
-ConfigRecord; a reply carries one ArrayRecord (the adapter delta) and one MetricRecord.
+ConfigRecord; a train reply carries one ArrayRecord (the adapter delta), one MetricRecord and one
+ConfigRecord (the device's id, and its reason when it declines to train).
 """
 
 from __future__ import annotations
@@ -24,7 +25,17 @@ NUM_EXAMPLES: Final = "num-examples"
 TRAIN_LOSS: Final = "train_loss"
 TRAIN_STEPS: Final = "train_steps"
 TRAIN_SECONDS: Final = "train_seconds"
+# A DP device's cumulative spend after the round (the coordinator's privacy ledger keeps them).
+DP_EPSILON: Final = "dp_epsilon"
+DP_DELTA: Final = "dp_delta"
+DP_NOISE_MULTIPLIER: Final = "dp_noise_multiplier"
+DP_SAMPLE_RATE: Final = "dp_sample_rate"
+
+# Config keys in a device's train reply: who it is, and why it declined to train (if it did).
+DEVICE_ID: Final = "device-id"
+DECLINED: Final = "declined"
 
 # Bumped whenever a message's shape changes; a device refuses a contract it does not know.
-# 2: model.pooling, train.personal_head, train.restricted_softmax.
+# 2: model.pooling, train.personal_head, train.restricted_softmax, train.privacy.*; replies carry
+#    device-id (and declined) in a ConfigRecord, and dp_* metrics.
 CONTRACT: Final = 2

@@ -2,8 +2,9 @@
 
 ``model_versions`` holds every global adapter with its lineage; ``version_participants`` which
 devices contributed how many examples; ``rounds`` what happened in each round, failed ones
-included; ``optimizer_states`` the server optimizer's moments after each version. Rows carry the
-schema version that wrote them.
+included; ``optimizer_states`` the server optimizer's moments after each version;
+``privacy_ledger`` each DP device's cumulative ε after each round it trained. Rows carry the schema
+version that wrote them.
 """
 
 from __future__ import annotations
@@ -104,4 +105,26 @@ class OptimizerState(Base):
     optimizer: Mapped[str] = mapped_column(String(32))  # fedavgm, fedadam, ...
     state: Mapped[bytes] = mapped_column(LargeBinary)  # safetensors bytes
     state_sha256: Mapped[str] = mapped_column(String(64))
+    schema_version: Mapped[int] = mapped_column(default=SCHEMA_VERSION)
+
+
+class PrivacyEntry(Base):
+    """A DP device's cumulative ε after a round, as it reported it: the privacy ledger.
+
+    Written for every device that trained, whether or not its delta was used or the round reached
+    quorum, because the device spent its budget either way.
+    """
+
+    __tablename__ = "privacy_ledger"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    lineage: Mapped[str] = mapped_column(String(64), index=True)
+    round: Mapped[int]
+    device_id: Mapped[str] = mapped_column(String(128), index=True)
+    epsilon: Mapped[float]
+    delta: Mapped[float]
+    noise_multiplier: Mapped[float]
+    sample_rate: Mapped[float]
+    steps: Mapped[int]
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     schema_version: Mapped[int] = mapped_column(default=SCHEMA_VERSION)

@@ -6,7 +6,8 @@ layout, same labels. A restarted coordinator resumes from the latest version of 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -16,7 +17,8 @@ from sqlalchemy import select
 from fleetlora.common.delta import State, deserialize, nbytes, serialize, sha256_hex
 from fleetlora.common.errors import CorruptVersionError, FleetloraError
 from fleetlora.coordinator.db import Database
-from fleetlora.coordinator.models import ModelVersion, OptimizerState, Participant, RoundRecord
+from fleetlora.coordinator.models import ModelVersion, OptimizerState, Participant, PrivacyEntry, RoundRecord
+from fleetlora.coordinator.strategy import PrivacySpend
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,22 @@ class Registry:
                 "restore the database from a backup."
             )
         return deserialize(blob)
+
+    def record_privacy(self, lineage: str, round_number: int, spends: Iterable[PrivacySpend]) -> None:
+        """Append ledger rows for the devices that trained in a round."""
+        with self.db.session() as session:
+            session.add_all(
+                PrivacyEntry(lineage=lineage, round=round_number, **dataclasses.asdict(spend))
+                for spend in spends
+            )
+
+    def privacy_ledger(self, lineage: str | None = None) -> list[PrivacyEntry]:
+        """Every ledger row (of one lineage if given), oldest first."""
+        query = select(PrivacyEntry).order_by(PrivacyEntry.id)
+        if lineage is not None:
+            query = query.where(PrivacyEntry.lineage == lineage)
+        with self.db.session() as session:
+            return list(session.scalars(query))
 
     def record_round(self, record: RoundRecord) -> None:
         with self.db.session() as session:

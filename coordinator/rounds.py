@@ -47,7 +47,7 @@ from fleetlora.coordinator.exchange import exchange, wait_for_nodes
 from fleetlora.coordinator.models import RoundRecord
 from fleetlora.coordinator.registry import Registry, VersionInfo
 from fleetlora.coordinator.settings import CoordinatorSettings
-from fleetlora.coordinator.strategy import DeltaAggregator, Drop, MetricAggregator
+from fleetlora.coordinator.strategy import DeltaAggregator, Drop, MetricAggregator, PrivacySpend
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,7 @@ class RoundOutcome:
     seconds: float
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    privacy: list[PrivacySpend] = field(default_factory=list)  # DP devices' cumulative spend
 
     @property
     def examples(self) -> int:
@@ -188,6 +189,7 @@ class Federation:
         ):
             aggregator.add(reply)
         aggregator.mark_missing(sampled)
+        self.registry.record_privacy(self.lineage, number, aggregator.privacy)
         if len(aggregator.participants) < self.settings.min_devices:
             error = f"{len(aggregator.participants)} valid deltas, {self.settings.min_devices} needed"
             return self._failed(number, started, sampled, aggregator, error), state
@@ -219,6 +221,7 @@ class Federation:
             upload_bytes=aggregator.upload_bytes,
             seconds=time.monotonic() - started,
             metrics=metrics,
+            privacy=list(aggregator.privacy),
         )
         version = self.registry.finish_round(self._round_record(outcome), metrics)
         return dataclasses.replace(outcome, version=version), new_state
@@ -275,6 +278,7 @@ class Federation:
             upload_bytes=aggregator.upload_bytes if aggregator else 0,
             seconds=time.monotonic() - started,
             error=error,
+            privacy=list(aggregator.privacy) if aggregator else [],
         )
         self.registry.record_round(self._round_record(outcome))
         return outcome
@@ -306,4 +310,5 @@ def summarize(outcome: RoundOutcome) -> dict[str, Any]:
         "upload_bytes": outcome.upload_bytes,
         "seconds": round(outcome.seconds, 3),
         **({"error": outcome.error} if outcome.error else {}),
+        **({"privacy": {s.device_id: s.epsilon for s in outcome.privacy}} if outcome.privacy else {}),
     }

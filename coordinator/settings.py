@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from fleetlora.common.config import (
     LoraSettings,
     ModelSpec,
+    PrivacySettings,
     ServerOptimizerSettings,
     TrainSettings,
     split_names,
@@ -95,6 +96,14 @@ class CoordinatorSettings:
             # Classes only exist in classification: a causal LM trains on the plain loss whatever is set.
             restricted_softmax=task == "classify"
             and bool(get("restricted-softmax", TrainSettings.restricted_softmax)),
+            privacy=PrivacySettings(
+                epsilon=float(get("dp-epsilon", PrivacySettings.epsilon)),
+                delta=float(get("dp-delta", PrivacySettings.delta)),
+                max_grad_norm=float(get("dp-max-grad-norm", PrivacySettings.max_grad_norm)),
+                accountant=str(get("dp-accountant", PrivacySettings.accountant)),  # type: ignore[arg-type]
+                # 0: the budget must last this run's rounds.
+                planned_rounds=int(get("dp-rounds", 0)) or int(get("rounds", 3)),
+            ),
         )
         defaults = ServerOptimizerSettings()
         server = ServerOptimizerSettings(

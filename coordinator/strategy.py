@@ -46,18 +46,54 @@ class _Tally:
         return {key: total / self.weight for key, total in self.sums.items()} if self.weight else {}
 
 
-def _metrics_and_count(message: Message) -> tuple[Mapping[str, float], int] | str:
+def _metrics_and_count(message: Message) -> tuple[dict[str, float], int] | str:
     """The reply's metrics and example count, or the reason they are unusable."""
     if message.has_error():
         return f"device error: {message.error.reason}"
     metric_records = message.content.metric_records
     if records.METRICS not in metric_records:
         return "reply has no metrics"
-    metrics = dict(metric_records[records.METRICS])
+    metrics = dict(metric_records[records.METRICS])  # a copy: callers may take keys out
     count = metrics.pop(records.NUM_EXAMPLES, None)
     if not isinstance(count, int) or count <= 0:
         return f"invalid {records.NUM_EXAMPLES}: {count!r}"
     return metrics, count
+
+
+@dataclass(frozen=True)
+class PrivacySpend:
+    """A DP device's cumulative spend as it reported it after a round (a privacy-ledger entry)."""
+
+    device_id: str
+    epsilon: float
+    delta: float
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+
+_DP_KEYS = (records.DP_EPSILON, records.DP_DELTA, records.DP_NOISE_MULTIPLIER, records.DP_SAMPLE_RATE)
+
+
+def _device_config(message: Message) -> Mapping[str, object]:
+    configs = message.content.config_records if not message.has_error() else {}
+    return configs.get(records.CONFIG, {})
+
+
+def _privacy_spend(message: Message, metrics: dict[str, float]) -> PrivacySpend | None:
+    """Take the dp_* metrics out of ``metrics`` (they are per device, not averaged) into a ledger entry."""
+    values = {key: metrics.pop(key) for key in _DP_KEYS if key in metrics}
+    if records.DP_EPSILON not in values:
+        return None
+    device = str(_device_config(message).get(records.DEVICE_ID, f"node-{message.metadata.src_node_id}"))
+    return PrivacySpend(
+        device_id=device,
+        epsilon=float(values[records.DP_EPSILON]),
+        delta=float(values.get(records.DP_DELTA, 0.0)),
+        noise_multiplier=float(values.get(records.DP_NOISE_MULTIPLIER, 0.0)),
+        sample_rate=float(values.get(records.DP_SAMPLE_RATE, 0.0)),
+        steps=int(metrics.get(records.TRAIN_STEPS, 0)),
+    )
 
 
 def _timeouts(sampled: Iterable[int], answered: set[int], drops: list[Drop], reason: str) -> list[Drop]:
@@ -75,17 +111,25 @@ class DeltaAggregator:
         self.participants: dict[int, int] = {}
         self.drops: list[Drop] = []
         self.upload_bytes = 0
+        self.privacy: list[PrivacySpend] = []
 
     def add(self, reply: Message) -> None:
         node = reply.metadata.src_node_id
         if node in self.participants:
             self.drops.append(Drop(node, "duplicate reply"))
             return
+        declined = _device_config(reply).get(records.DECLINED)
+        if declined:
+            self.drops.append(Drop(node, f"declined: {declined}"))
+            return
         checked = _metrics_and_count(reply)
         if isinstance(checked, str):
             self.drops.append(Drop(node, checked))
             return
         metrics, count = checked
+        spend = _privacy_spend(reply, metrics)
+        if spend:  # spent whether or not the delta is usable, so recorded first
+            self.privacy.append(spend)
         if records.ARRAYS not in reply.content.array_records:
             self.drops.append(Drop(node, "reply has no arrays"))
             return

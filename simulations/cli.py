@@ -98,6 +98,26 @@ def simulate(
             "label skew). Ignored for causal LM."
         ),
     ] = _DEFAULTS.restricted_softmax,
+    dp_epsilon: Annotated[
+        float,
+        typer.Option(
+            help="DP-SGD on every device with this ε budget per device (0 = no DP).",
+            rich_help_panel="Privacy",
+        ),
+    ] = _DEFAULTS.dp_epsilon,
+    dp_delta: Annotated[float, typer.Option(help="DP δ.", rich_help_panel="Privacy")] = _DEFAULTS.dp_delta,
+    dp_max_grad_norm: Annotated[
+        float, typer.Option(help="Per-example gradient clipping bound (L2).", rich_help_panel="Privacy")
+    ] = _DEFAULTS.dp_max_grad_norm,
+    dp_accountant: Annotated[
+        str, typer.Option(help="Privacy accountant: rdp or prv.", rich_help_panel="Privacy")
+    ] = _DEFAULTS.dp_accountant,
+    dp_rounds: Annotated[
+        int,
+        typer.Option(
+            help="Rounds the ε budget must last (0 = --rounds); sets the noise.", rich_help_panel="Privacy"
+        ),
+    ] = _DEFAULTS.dp_rounds,
     server_optimizer: Annotated[
         str, typer.Option(help="Server update: fedavg, fedavgm (momentum), fedadam or fedyogi.")
     ] = _DEFAULTS.server_optimizer,
@@ -146,6 +166,11 @@ def simulate(
         pooling=pooling,
         personal_head=personal_head,
         restricted_softmax=restricted_softmax,
+        dp_epsilon=dp_epsilon,
+        dp_delta=dp_delta,
+        dp_max_grad_norm=dp_max_grad_norm,
+        dp_accountant=dp_accountant,
+        dp_rounds=dp_rounds,
         server_optimizer=server_optimizer,
         server_lr=server_lr,
         server_momentum=server_momentum,

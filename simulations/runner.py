@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetlora.client.client_app import build_client_app
-from fleetlora.common.config import ModelSpec, ServerOptimizerSettings, TrainSettings
+from fleetlora.common.config import ModelSpec, PrivacySettings, ServerOptimizerSettings, TrainSettings
 from fleetlora.common.data import load_examples
 from fleetlora.common.data.partition import PartitionScheme, partition_indices
 from fleetlora.common.errors import ConfigError
@@ -52,6 +52,11 @@ class SimulationConfig:
     pooling: str = ModelSpec.pooling
     personal_head: bool = TrainSettings.personal_head
     restricted_softmax: bool = TrainSettings.restricted_softmax
+    dp_epsilon: float = PrivacySettings.epsilon
+    dp_delta: float = PrivacySettings.delta
+    dp_max_grad_norm: float = PrivacySettings.max_grad_norm
+    dp_accountant: str = PrivacySettings.accountant
+    dp_rounds: int = 0  # 0: --rounds
     server_optimizer: str = ServerOptimizerSettings.name
     server_lr: float = ServerOptimizerSettings.lr
     server_momentum: float = ServerOptimizerSettings.momentum
@@ -97,6 +102,11 @@ class SimulationConfig:
             "pooling": self.pooling,
             "personal-head": self.personal_head,
             "restricted-softmax": self.restricted_softmax,
+            "dp-epsilon": self.dp_epsilon,
+            "dp-delta": self.dp_delta,
+            "dp-max-grad-norm": self.dp_max_grad_norm,
+            "dp-accountant": self.dp_accountant,
+            "dp-rounds": self.dp_rounds,
             "device-state": str((self.out / "devices").resolve()),
             "server-optimizer": self.server_optimizer,
             "server-lr": self.server_lr,
@@ -176,6 +186,16 @@ def simulate(
             "metrics": collector.start.version.metrics,
         },
         "rounds": [summarize(o) for o in collector.outcomes],
+        "devices": device_privacy(collector.outcomes),
     }
     (config.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     return results
+
+
+def device_privacy(outcomes: list[RoundOutcome]) -> dict[str, dict[str, float]]:
+    """Each DP device's spend after its last round in this run (empty without DP)."""
+    latest: dict[str, dict[str, float]] = {}
+    for outcome in outcomes:
+        for spend in outcome.privacy:
+            latest[spend.device_id] = {"epsilon": spend.epsilon, "delta": spend.delta, "round": outcome.round}
+    return dict(sorted(latest.items()))

@@ -68,3 +68,14 @@ def test_a_damaged_personal_head_is_set_aside_and_training_goes_on(tmp_path: Pat
     path.write_bytes(b"not safetensors")
     assert personal_head.restore(loaded, device) is False
     assert not path.exists() and path.with_suffix(".damaged").exists()
+
+
+def test_json_documents_round_trip_and_damage_is_reported(tmp_path: Path):
+    state = DeviceState(tmp_path)
+    assert state.load_json("accountant") is None
+    state.save_json("accountant", {"history": [[1.1, 0.01, 20]]})
+    assert state.load_json("accountant") == {"history": [[1.1, 0.01, 20]]}
+    state.path("accountant", ".json").write_text('{"history": [[1.1, ')  # torn
+    with pytest.raises(IncompatibleStateError, match="damaged"):
+        state.load_json("accountant")
+    assert state.set_aside("accountant", ".json").name == "accountant.damaged"

@@ -251,3 +251,27 @@ def test_personal_heads_are_kept_on_each_device_and_scored_beside_the_global_mod
         outcomes[0].metrics["federated_eval_personal_accuracy"]
         != outcomes[0].metrics["federated_eval_accuracy"]
     )
+
+
+def test_dp_devices_report_their_spend_to_the_ledger_and_decline_past_their_budget(sqlite_url, tmp_path):
+    config = _run_config(
+        sqlite_url, **{"dp-epsilon": 8.0, "dp-rounds": 1, "device-state": str(tmp_path), "min-devices": 3}
+    )
+    federation = Federation(
+        LocalGrid(build_client_app(), 3, config), CoordinatorSettings.from_run_config(config)
+    )
+
+    first, second = federation.run()
+
+    assert first.version is not None and len(first.privacy) == 3
+    assert {s.device_id for s in first.privacy} == {"partition-0", "partition-1", "partition-2"}
+    assert all(7.0 < s.epsilon <= 8.01 and s.noise_multiplier > 0 for s in first.privacy)
+    assert not any(k.startswith("dp_") for k in first.metrics)  # per device, never averaged
+    # The budget was planned for one round: every device declines the second, which fails for quorum.
+    assert second.version is None and not second.privacy
+    assert len(second.drops) == 3 and all(
+        d.reason.startswith("declined: privacy budget") for d in second.drops
+    )
+    ledger = federation.registry.privacy_ledger(federation.lineage)
+    stored = sorted((row.round, row.device_id, row.epsilon) for row in ledger)
+    assert stored == sorted((1, spend.device_id, spend.epsilon) for spend in first.privacy)
