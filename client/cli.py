@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from fleetlora.client.device_state import DeviceState
+from fleetlora.client.enroll import ensure_device_key
 from fleetlora.common.config import LoraSettings, ModelSpec, split_names
 from fleetlora.common.delta import nbytes, trainable_state
+from fleetlora.common.keys import DEVICE_SIGNING_PUB
 from fleetlora.common.model import build_model
 
-app = typer.Typer(help="Run and inspect the device agent.", no_args_is_help=True)
+app = typer.Typer(help="Set up and inspect the device agent.", no_args_is_help=True)
 
 
 @app.command("model-info")
@@ -48,3 +52,18 @@ def model_info(
         "base_model_sha256": loaded.base_sha256,
     }
     typer.echo(json.dumps(info, indent=2))
+
+
+@app.command("enroll")
+def enroll(
+    state_dir: Annotated[Path, typer.Option(help="The device's state folder (its node config `state-dir`).")],
+    device_id: Annotated[str, typer.Option(help="The id this device reports (its node config `device-id`).")],
+) -> None:
+    """Make this device's Ed25519 signing key (once) and show what to hand to the coordinator's operator."""
+    ensure_device_key(DeviceState(state_dir))
+    public = state_dir / DEVICE_SIGNING_PUB
+    typer.echo(f"public key: {public}")
+    typer.echo(
+        "On the coordinator run: fleetlora coordinator devices enroll "
+        f"--device-id {device_id} --public-key {public.name}"
+    )

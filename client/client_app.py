@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fleetlora.client import personal_head, privacy
 from fleetlora.client.device_state import DeviceState
+from fleetlora.client.enroll import signing_key
 from fleetlora.client.local_data import UserConfig, local_examples
 from fleetlora.client.train import train_locally
 from fleetlora.common import records
@@ -24,10 +27,13 @@ from fleetlora.common.delta import (
     diff,
     from_array_record,
     load_trainable_state,
+    serialize,
     to_array_record,
     trainable_state,
 )
-from fleetlora.common.errors import DataError, IncompatibleStateError
+from fleetlora.common.envelope import SEALED, UploadContext, seal, to_records
+from fleetlora.common.errors import ConfigError, DataError, IncompatibleStateError
+from fleetlora.common.keys import COORDINATOR_HPKE_PUB, read_public_key
 from fleetlora.common.messages import Instructions
 from fleetlora.common.model import LoadedModel, cached_model
 
@@ -42,7 +48,8 @@ class Round:
     loaded: LoadedModel
     train_set: list[Example]
     held_out: list[Example]
-    state: DeviceState | None  # set when the device keeps a personal head or a privacy account
+    state: DeviceState | None  # set when the device keeps a personal head, a privacy account or keys
+    run_config: Mapping = field(default_factory=dict)  # the run config with in-process overrides
 
 
 def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientApp:
@@ -62,9 +69,9 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
         run_config: Mapping = {**context.run_config, **overrides}
         train_set, held_out = split_holdout(local_examples(context.node_config, run_config), HOLDOUT_FRACTION)
         settings = instructions.train
-        keeps_state = settings.personal_head or settings.privacy.enabled
+        keeps_state = settings.personal_head or settings.privacy.enabled or instructions.seal_uploads
         state = DeviceState.locate(context.node_config, run_config) if keeps_state else None
-        return Round(instructions, loaded, train_set, held_out, state)
+        return Round(instructions, loaded, train_set, held_out, state, run_config)
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
@@ -100,9 +107,24 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
         if settings.personal_head and job.state:
             personal_head.keep(loaded, job.state)
         delta = diff(trainable_state(loaded.model), before)  # the head's change is against the global head
-        content = RecordDict(
-            {records.ARRAYS: to_array_record(delta), records.METRICS: metrics, records.CONFIG: identity}
+        if not job.instructions.seal_uploads:
+            content = RecordDict(
+                {records.ARRAYS: to_array_record(delta), records.METRICS: metrics, records.CONFIG: identity}
+            )
+            return Message(content, reply_to=message)
+        assert job.state is not None  # prepare locates it whenever uploads are sealed
+        claimed = UploadContext(
+            tenant=job.instructions.tenant,
+            device_id=str(identity[records.DEVICE_ID]),
+            round=job.instructions.round,
+            base_sha256=job.instructions.base_sha256,
+            from_version=job.instructions.version,
         )
+        coordinator = coordinator_key(context.node_config, job.run_config)
+        sealed = seal(serialize(delta), claimed, coordinator, signing_key(job.state))
+        arrays, claim = to_records(sealed, claimed)
+        identity.update(claim)
+        content = RecordDict({SEALED: arrays, records.METRICS: metrics, records.CONFIG: identity})
         return Message(content, reply_to=message)
 
     @app.evaluate()
@@ -122,6 +144,20 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
         return Message(RecordDict({records.METRICS: metrics}), reply_to=message)
 
     return app
+
+
+def coordinator_key(node_config: UserConfig, run_config: UserConfig) -> X25519PublicKey:
+    """The coordinator's HPKE public key: node config ``coordinator-key``, else the run's ``keys`` folder."""
+    if "coordinator-key" in node_config:
+        path = Path(str(node_config["coordinator-key"]))
+    elif run_config.get("keys"):
+        path = Path(str(run_config["keys"])) / COORDINATOR_HPKE_PUB
+    else:
+        raise ConfigError(
+            "Uploads must be sealed but this device has no coordinator key: start the SuperNode with "
+            "--node-config 'coordinator-key=\"PATH/coordinator-hpke.pub\"'."
+        )
+    return read_public_key(path, X25519PublicKey)
 
 
 def device_id(context: Context) -> str:

@@ -17,12 +17,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Final
 
+import numpy as np
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from flwr.app import Array, ArrayRecord
 
 from fleetlora.common.errors import FleetloraError
 
@@ -100,3 +104,38 @@ def open_sealed(
         return SUITE.decrypt(sealed.ciphertext, coordinator_key, info=info)
     except InvalidTag:
         raise EnvelopeError("ciphertext does not decrypt with this coordinator's key") from None
+
+
+# ---- wire form: the sealed bytes as a chunked ArrayRecord, the claim and signature in a ConfigRecord
+
+SEALED: Final = "sealed"  # the reply's ArrayRecord of ciphertext chunks
+CHUNK_BYTES: Final = 4 * 2**20
+_CLAIM = "upload."
+
+
+def to_records(
+    sealed: SealedUpload, claimed: UploadContext
+) -> tuple[ArrayRecord, dict[str, str | int | bytes]]:
+    """The ciphertext in ``CHUNK_BYTES`` uint8 chunks, and the config entries of the claim."""
+    view = memoryview(sealed.ciphertext)
+    chunks = {
+        f"chunk-{i:06d}": Array(np.frombuffer(view[start : start + CHUNK_BYTES], dtype=np.uint8))
+        for i, start in enumerate(range(0, len(view), CHUNK_BYTES))
+    }
+    config: dict[str, str | int | bytes] = {f"{_CLAIM}{k}": v for k, v in dataclasses.asdict(claimed).items()}
+    config[f"{_CLAIM}signature"] = sealed.signature
+    return ArrayRecord(array_dict=chunks), config
+
+
+def from_records(arrays: ArrayRecord, config: Mapping[str, object]) -> tuple[SealedUpload, UploadContext]:
+    """Reassemble what :func:`to_records` made; a malformed reply raises :class:`EnvelopeError`."""
+    try:
+        fields = {f.name: config[f"{_CLAIM}{f.name}"] for f in dataclasses.fields(UploadContext)}
+        claimed = UploadContext(**fields)  # type: ignore[arg-type]
+        signature = config[f"{_CLAIM}signature"]
+        ciphertext = b"".join(arrays[name].numpy().tobytes() for name in sorted(arrays))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EnvelopeError(f"malformed sealed upload ({exc})") from None
+    if not isinstance(signature, bytes):
+        raise EnvelopeError("malformed sealed upload (signature is not bytes)")
+    return SealedUpload(ciphertext, signature), claimed

@@ -17,6 +17,15 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 
 from fleetlora.common.errors import ConfigError
 
+# File names, the same on every machine: the coordinator's in its keys folder, the device's in its
+# state folder.
+COORDINATOR_HPKE_KEY = "coordinator-hpke.key"
+COORDINATOR_HPKE_PUB = "coordinator-hpke.pub"
+COORDINATOR_SIGNING_KEY = "coordinator-signing.key"
+COORDINATOR_SIGNING_PUB = "coordinator-signing.pub"
+DEVICE_SIGNING_KEY = "device-signing.key"
+DEVICE_SIGNING_PUB = "device-signing.pub"
+
 PrivateKey = Ed25519PrivateKey | X25519PrivateKey
 PublicKey = Ed25519PublicKey | X25519PublicKey
 _Private = TypeVar("_Private", Ed25519PrivateKey, X25519PrivateKey)
@@ -39,6 +48,12 @@ def write_private_key(path: Path, key: PrivateKey) -> None:
         handle.write(blob)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def read_public_key(path: Path, kind: type[_Public]) -> _Public:
+    if not path.is_file():
+        raise ConfigError(f"No public key at {path}: copy it from the machine that made it.")
+    return load_public_key(path.read_bytes(), kind, str(path))
 
 
 def write_public_key(path: Path, key: PublicKey) -> None:

@@ -20,6 +20,8 @@ class Instructions:
     round: int
     version: int
     base_sha256: str
+    tenant: str = "default"  # the fleet this coordinator serves; bound into every sealed upload
+    seal_uploads: bool = False  # reply with a delta encrypted to the coordinator and signed
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(
@@ -29,6 +31,8 @@ class Instructions:
                 records.ROUND: self.round,
                 records.VERSION: self.version,
                 records.BASE_MODEL_SHA256: self.base_sha256,
+                records.TENANT: self.tenant,
+                records.SEAL_UPLOADS: self.seal_uploads,
                 records.CONTRACT_VERSION: records.CONTRACT,
             }
         )
@@ -47,4 +51,6 @@ class Instructions:
             round=int(config[records.ROUND]),
             version=int(config[records.VERSION]),
             base_sha256=str(config[records.BASE_MODEL_SHA256]),
+            tenant=str(config.get(records.TENANT, "default")),
+            seal_uploads=bool(config.get(records.SEAL_UPLOADS, False)),
         )

@@ -19,6 +19,8 @@ ROUND: Final = "round"
 VERSION: Final = "version"
 BASE_MODEL_SHA256: Final = "base-model-sha256"
 CONTRACT_VERSION: Final = "contract-version"
+TENANT: Final = "tenant"
+SEAL_UPLOADS: Final = "seal-uploads"
 
 # Metric keys in a device's reply. Flower weights aggregated metrics by NUM_EXAMPLES.
 NUM_EXAMPLES: Final = "num-examples"

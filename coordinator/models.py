@@ -3,7 +3,8 @@
 ``model_versions`` holds every global adapter with its lineage; ``version_participants`` which
 devices contributed how many examples; ``rounds`` what happened in each round, failed ones
 included; ``optimizer_states`` the server optimizer's moments after each version;
-``privacy_ledger`` each DP device's cumulative ε after each round it trained. Rows carry the schema
+``privacy_ledger`` each DP device's cumulative ε after each round it trained; ``devices`` the
+enrolled devices' public signing keys. Rows carry the schema
 version that wrote them.
 """
 
@@ -127,4 +128,16 @@ class PrivacyEntry(Base):
     sample_rate: Mapped[float]
     steps: Mapped[int]
     recorded_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    schema_version: Mapped[int] = mapped_column(default=SCHEMA_VERSION)
+
+
+class EnrolledDevice(Base):
+    """A device allowed to upload: its Ed25519 public key, which every sealed upload must verify against."""
+
+    __tablename__ = "devices"
+
+    device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128))
+    public_key_pem: Mapped[str] = mapped_column(String(400))
+    enrolled_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     schema_version: Mapped[int] = mapped_column(default=SCHEMA_VERSION)

@@ -12,12 +12,22 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import select
 
 from fleetlora.common.delta import State, deserialize, nbytes, serialize, sha256_hex
 from fleetlora.common.errors import CorruptVersionError, FleetloraError
+from fleetlora.common.keys import load_public_key, public_pem
 from fleetlora.coordinator.db import Database
-from fleetlora.coordinator.models import ModelVersion, OptimizerState, Participant, PrivacyEntry, RoundRecord
+from fleetlora.coordinator.models import (
+    EnrolledDevice,
+    ModelVersion,
+    OptimizerState,
+    Participant,
+    PrivacyEntry,
+    RoundRecord,
+    utcnow,
+)
 from fleetlora.coordinator.strategy import PrivacySpend
 
 
@@ -184,6 +194,25 @@ class Registry:
             query = query.where(PrivacyEntry.lineage == lineage)
         with self.db.session() as session:
             return list(session.scalars(query))
+
+    def enroll_device(self, device_id: str, tenant: str, public_key: Ed25519PublicKey) -> None:
+        """Register (or re-key) a device; its uploads verify against this key from now on."""
+        pem = public_pem(public_key).decode()
+        with self.db.session() as session:
+            row = session.get(EnrolledDevice, device_id)
+            if row is None:
+                session.add(EnrolledDevice(device_id=device_id, tenant=tenant, public_key_pem=pem))
+            else:
+                row.tenant, row.public_key_pem, row.enrolled_at = tenant, pem, utcnow()
+
+    def device_key(self, device_id: str, tenant: str) -> Ed25519PublicKey | None:
+        """The enrolled key of ``device_id`` in ``tenant``, or None if it is not enrolled there."""
+        with self.db.session() as session:
+            row = session.get(EnrolledDevice, device_id)
+            if row is None or row.tenant != tenant:
+                return None
+            pem = row.public_key_pem
+        return load_public_key(pem.encode(), Ed25519PublicKey, f"device {device_id}'s enrolled key")
 
     def record_round(self, record: RoundRecord) -> None:
         with self.db.session() as session:

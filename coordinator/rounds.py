@@ -23,27 +23,33 @@ import dataclasses
 import hashlib
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+from safetensors import SafetensorError
 
 from fleetlora.common import records
 from fleetlora.common.batches import evaluate
 from fleetlora.common.data import Example, load_examples
 from fleetlora.common.delta import (
     State,
+    deserialize,
     layout_fingerprint,
     load_trainable_state,
     to_array_record,
 )
+from fleetlora.common.envelope import SEALED, EnvelopeError, UploadContext, from_records, open_sealed
 from fleetlora.common.errors import QuorumError
 from fleetlora.common.messages import Instructions
 from fleetlora.common.model import LoadedModel, cached_model
 from fleetlora.common.server_optim import server_step
 from fleetlora.coordinator.db import Database
 from fleetlora.coordinator.exchange import exchange, wait_for_nodes
+from fleetlora.coordinator.keys import load_hpke_key
 from fleetlora.coordinator.models import RoundRecord
 from fleetlora.coordinator.registry import Registry, VersionInfo
 from fleetlora.coordinator.settings import CoordinatorSettings
@@ -119,6 +125,7 @@ class Federation:
         self.lineage = lineage_of(self.loaded)
         self.eval_set: list[Example] = load_examples(settings.eval_data) if settings.eval_data else []
         self.optimizer_state: State = {}
+        self.hpke_key = load_hpke_key(Path(settings.keys_dir)) if settings.seal_uploads else None
 
     def run(self) -> list[RoundOutcome]:
         """Run ``settings.rounds`` rounds after the latest stored version."""
@@ -182,8 +189,11 @@ class Federation:
             round=number,
             version=parent.id,
             base_sha256=self.loaded.base_sha256,
+            tenant=self.settings.tenant,
+            seal_uploads=self.settings.seal_uploads,
         )
-        aggregator = DeltaAggregator(state)
+        unseal = self._unsealer(instructions) if self.settings.seal_uploads else None
+        aggregator = DeltaAggregator(state, unseal)
         for reply in exchange(
             self.grid, self._messages(sampled, state, instructions, MessageType.TRAIN), deadline
         ):
@@ -225,6 +235,39 @@ class Federation:
         )
         version = self.registry.finish_round(self._round_record(outcome), metrics)
         return dataclasses.replace(outcome, version=version), new_state
+
+    def _unsealer(self, instructions: Instructions) -> Callable[[Message], State]:
+        """Opens one round's sealed uploads against the context this coordinator expects."""
+        assert self.hpke_key is not None  # loaded in __init__ whenever seal_uploads is on
+
+        def unseal(reply: Message) -> State:
+            arrays = reply.content.array_records.get(SEALED)
+            if arrays is None:
+                raise EnvelopeError("reply holds no sealed upload")
+            sealed, claimed = from_records(arrays, reply.content.config_records.get(records.CONFIG, {}))
+            public = self.registry.device_key(claimed.device_id, self.settings.tenant)
+            if public is None:
+                raise EnvelopeError(f"unknown device {claimed.device_id!r}: enroll it first")
+            expected = UploadContext(
+                tenant=self.settings.tenant,
+                device_id=claimed.device_id,  # proven by the signature against its enrolled key
+                round=instructions.round,
+                base_sha256=instructions.base_sha256,
+                from_version=instructions.version,
+            )
+            plaintext = open_sealed(
+                sealed,
+                claimed=claimed,
+                expected=expected,
+                coordinator_key=self.hpke_key,
+                device_public=public,
+            )
+            try:
+                return deserialize(plaintext)
+            except SafetensorError as exc:
+                raise EnvelopeError(f"decrypted upload is not a delta ({exc})") from None
+
+        return unseal
 
     def _messages(
         self, nodes: list[int], state: State, instructions: Instructions, kind: str

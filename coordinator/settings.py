@@ -40,6 +40,9 @@ class CoordinatorSettings:
     seed: int
     server: ServerOptimizerSettings = dataclasses.field(default_factory=ServerOptimizerSettings)
     lr_decay: float = 1.0  # round r trains at learning_rate × lr_decay^(r-1)
+    seal_uploads: bool = False  # devices encrypt their deltas to this coordinator and sign them
+    tenant: str = "default"
+    keys_dir: str = ""  # the coordinator's keys (fleetlora coordinator keys init)
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -52,6 +55,10 @@ class CoordinatorSettings:
             raise ConfigError(f"round-deadline must be > 0 seconds, got {self.round_deadline}.")
         if not 0 < self.lr_decay <= 1:
             raise ConfigError(f"lr-decay must be in (0, 1], got {self.lr_decay}.")
+        if self.seal_uploads and not self.keys_dir:
+            raise ConfigError(
+                "seal-uploads needs the coordinator's keys: set `keys` to the `keys init` folder."
+            )
         if self.train.personal_head and self.spec.task != "classify":
             raise ConfigError("personal-head keeps a classification head per device; this task has none.")
 
@@ -125,4 +132,7 @@ class CoordinatorSettings:
             seed=seed,
             server=server,
             lr_decay=float(get("lr-decay", 1.0)),
+            seal_uploads=bool(get("seal-uploads", False)),
+            tenant=str(get("tenant", "default")),
+            keys_dir=str(get("keys", "")),
         )

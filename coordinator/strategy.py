@@ -8,7 +8,7 @@ their example counts (:class:`~fleetlora.common.aggregate.WeightedMean`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from flwr.app import Message
@@ -16,6 +16,7 @@ from flwr.app import Message
 from fleetlora.common import records
 from fleetlora.common.aggregate import WeightedMean
 from fleetlora.common.delta import State, from_array_record, is_finite, nbytes
+from fleetlora.common.envelope import EnvelopeError
 from fleetlora.common.errors import IncompatibleStateError
 
 
@@ -105,7 +106,8 @@ def _timeouts(sampled: Iterable[int], answered: set[int], drops: list[Drop], rea
 class DeltaAggregator:
     """Streams train replies into a weighted mean delta."""
 
-    def __init__(self, global_state: State) -> None:
+    def __init__(self, global_state: State, unseal: Callable[[Message], State] | None = None) -> None:
+        self._unseal = unseal  # set when uploads are sealed: opens one, or raises EnvelopeError
         self._mean = WeightedMean(global_state)
         self._tally = _Tally()
         self.participants: dict[int, int] = {}
@@ -130,10 +132,17 @@ class DeltaAggregator:
         spend = _privacy_spend(reply, metrics)
         if spend:  # spent whether or not the delta is usable, so recorded first
             self.privacy.append(spend)
-        if records.ARRAYS not in reply.content.array_records:
+        if self._unseal is not None:
+            try:
+                delta = self._unseal(reply)
+            except EnvelopeError as exc:
+                self.drops.append(Drop(node, f"sealed upload refused: {exc}"))
+                return
+        elif records.ARRAYS in reply.content.array_records:
+            delta = from_array_record(reply.content.array_records[records.ARRAYS])
+        else:
             self.drops.append(Drop(node, "reply has no arrays"))
             return
-        delta = from_array_record(reply.content.array_records[records.ARRAYS])
         if not is_finite(delta):
             self.drops.append(Drop(node, "delta holds NaN or inf"))
             return

@@ -118,6 +118,14 @@ def simulate(
             help="Rounds the ε budget must last (0 = --rounds); sets the noise.", rich_help_panel="Privacy"
         ),
     ] = _DEFAULTS.dp_rounds,
+    seal_uploads: Annotated[
+        bool,
+        typer.Option(
+            help="Devices encrypt each delta to the coordinator (HPKE) and sign it (Ed25519); keys are "
+            "made under OUT/keys and every device is enrolled.",
+            rich_help_panel="Privacy",
+        ),
+    ] = _DEFAULTS.seal_uploads,
     server_optimizer: Annotated[
         str, typer.Option(help="Server update: fedavg, fedavgm (momentum), fedadam or fedyogi.")
     ] = _DEFAULTS.server_optimizer,
@@ -171,6 +179,7 @@ def simulate(
         dp_max_grad_norm=dp_max_grad_norm,
         dp_accountant=dp_accountant,
         dp_rounds=dp_rounds,
+        seal_uploads=seal_uploads,
         server_optimizer=server_optimizer,
         server_lr=server_lr,
         server_momentum=server_momentum,

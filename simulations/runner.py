@@ -13,11 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from fleetlora.client.client_app import build_client_app
+from fleetlora.client.device_state import DeviceState
+from fleetlora.client.enroll import ensure_device_key
 from fleetlora.common.config import ModelSpec, PrivacySettings, ServerOptimizerSettings, TrainSettings
 from fleetlora.common.data import load_examples
 from fleetlora.common.data.partition import PartitionScheme, partition_indices
 from fleetlora.common.errors import ConfigError
+from fleetlora.common.keys import COORDINATOR_HPKE_KEY
 from fleetlora.common.model import cached_model
+from fleetlora.coordinator.db import Database
+from fleetlora.coordinator.keys import init_keys
+from fleetlora.coordinator.registry import Registry
 from fleetlora.coordinator.rounds import FederationObserver, FederationStart, RoundOutcome, summarize
 from fleetlora.coordinator.server_app import build_server_app
 from fleetlora.coordinator.settings import CoordinatorSettings
@@ -57,6 +63,8 @@ class SimulationConfig:
     dp_max_grad_norm: float = PrivacySettings.max_grad_norm
     dp_accountant: str = PrivacySettings.accountant
     dp_rounds: int = 0  # 0: --rounds
+    seal_uploads: bool = True  # keys are made under OUT/keys and every simulated device is enrolled
+    tenant: str = "default"
     server_optimizer: str = ServerOptimizerSettings.name
     server_lr: float = ServerOptimizerSettings.lr
     server_momentum: float = ServerOptimizerSettings.momentum
@@ -107,6 +115,9 @@ class SimulationConfig:
             "dp-max-grad-norm": self.dp_max_grad_norm,
             "dp-accountant": self.dp_accountant,
             "dp-rounds": self.dp_rounds,
+            "seal-uploads": self.seal_uploads,
+            "tenant": self.tenant,
+            "keys": str((self.out / "keys").resolve()),
             "device-state": str((self.out / "devices").resolve()),
             "server-optimizer": self.server_optimizer,
             "server-lr": self.server_lr,
@@ -156,9 +167,11 @@ def simulate(
     """Run the fleet; return (and write to ``OUT/results.json``) the per-round results."""
     from flwr.simulation import run_simulation  # imports Ray: only when a simulation really runs
 
-    preflight(config)
+    settings = preflight(config)
     config.out.mkdir(parents=True, exist_ok=True)
     run_config = config.run_config()
+    if config.seal_uploads:
+        provision_keys(config, settings)
     collector = ResultCollector(forward=observer)
     level = logging.INFO if verbose else logging.ERROR
     logging.getLogger("flwr").setLevel(level)
@@ -199,3 +212,15 @@ def device_privacy(outcomes: list[RoundOutcome]) -> dict[str, dict[str, float]]:
         for spend in outcome.privacy:
             latest[spend.device_id] = {"epsilon": spend.epsilon, "delta": spend.delta, "round": outcome.round}
     return dict(sorted(latest.items()))
+
+
+def provision_keys(config: SimulationConfig, settings: CoordinatorSettings) -> None:
+    """What an operator and each device do once before a sealed fleet runs: coordinator keys (kept if
+    there), a signing key in every simulated device's state folder, each public key enrolled."""
+    keys = Path(settings.keys_dir)
+    if not (keys / COORDINATOR_HPKE_KEY).exists():
+        init_keys(keys)
+    registry = Registry(Database(settings.db_url).initialize())
+    for partition in range(config.devices):
+        device = DeviceState.locate({"partition-id": partition}, config.run_config())
+        registry.enroll_device(f"partition-{partition}", settings.tenant, ensure_device_key(device))
