@@ -32,7 +32,7 @@ from fleetlora.common.delta import (
     trainable_state,
 )
 from fleetlora.common.envelope import SEALED, UploadContext, seal, to_records
-from fleetlora.common.errors import ConfigError, DataError, IncompatibleStateError
+from fleetlora.common.errors import ConfigError, ConsentError, DataError, IncompatibleStateError
 from fleetlora.common.keys import COORDINATOR_HPKE_PUB, read_public_key
 from fleetlora.common.messages import Instructions
 from fleetlora.common.model import LoadedModel, cached_model
@@ -58,6 +58,12 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
     overrides = dict(run_config_overrides or {})
 
     def prepare(message: Message, context: Context) -> Round:
+        run_config: Mapping = {**context.run_config, **overrides}
+        if not upload_consent(context.node_config, run_config):
+            raise ConsentError(
+                "This device has no upload consent: nothing leaves it. Its owner grants it with "
+                "--node-config 'upload-consent=true'."
+            )
         instructions = Instructions.from_record(message.content[records.CONFIG])
         loaded = cached_model(instructions.spec)
         if loaded.base_sha256 != instructions.base_sha256:
@@ -66,7 +72,6 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
                 f"{instructions.base_sha256[:12]}: install the same model package version."
             )
         load_trainable_state(loaded.model, from_array_record(message.content[records.ARRAYS]))
-        run_config: Mapping = {**context.run_config, **overrides}
         train_set, held_out = split_holdout(local_examples(context.node_config, run_config), HOLDOUT_FRACTION)
         settings = instructions.train
         keeps_state = settings.personal_head or settings.privacy.enabled or instructions.seal_uploads
@@ -144,6 +149,13 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
         return Message(RecordDict({records.METRICS: metrics}), reply_to=message)
 
     return app
+
+
+def upload_consent(node_config: UserConfig, run_config: UserConfig) -> bool:
+    """Whether the owner allows uploads: the node config says; a simulated device follows the run."""
+    if "upload-consent" in node_config:
+        return node_config["upload-consent"] is True or str(node_config["upload-consent"]).lower() == "true"
+    return "partition-id" in node_config and bool(run_config.get("simulated-consent", True))
 
 
 def coordinator_key(node_config: UserConfig, run_config: UserConfig) -> X25519PublicKey:

@@ -31,5 +31,9 @@ class CorruptVersionError(FleetloraError):
     """Stored adapter bytes do not match their recorded sha256."""
 
 
+class ConsentError(FleetloraError):
+    """The device's owner has not allowed uploads; the device answers nothing but this."""
+
+
 class QuorumError(FleetloraError):
     """Too few devices were online, or answered validly, before a round's deadline."""

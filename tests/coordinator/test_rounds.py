@@ -9,7 +9,7 @@ import torch
 from flwr.app import Message
 from flwr.clientapp import ClientApp
 
-from fleetlora.client.client_app import build_client_app
+from fleetlora.client.client_app import build_client_app, upload_consent
 from fleetlora.common import records
 from fleetlora.common.delta import from_array_record, to_array_record
 from fleetlora.coordinator.rounds import Federation
@@ -275,3 +275,30 @@ def test_dp_devices_report_their_spend_to_the_ledger_and_decline_past_their_budg
     ledger = federation.registry.privacy_ledger(federation.lineage)
     stored = sorted((row.round, row.device_id, row.epsilon) for row in ledger)
     assert stored == sorted((1, spend.device_id, spend.epsilon) for spend in first.privacy)
+
+
+def test_without_upload_consent_a_device_sends_nothing_but_its_refusal(sqlite_url: str):
+    config = _run_config(sqlite_url, **{"simulated-consent": False, "rounds": 1})
+    grid = LocalGrid(build_client_app(), 3, config)
+    sent: list[Message] = []
+    original_pull = grid.pull_messages
+    grid.pull_messages = lambda ids: sent.extend(r := list(original_pull(ids))) or r  # type: ignore[method-assign]
+
+    (outcome,) = Federation(grid, CoordinatorSettings.from_run_config(config)).run()
+
+    assert outcome.version is None and len(sent) == 3
+    assert all(reply.has_error() and "no upload consent" in reply.error.reason for reply in sent)
+
+
+@pytest.mark.parametrize(
+    ("node_config", "run_config", "allowed"),
+    [
+        ({"data-path": "x.csv"}, {}, False),  # a real device must say so itself
+        ({"data-path": "x.csv", "upload-consent": "true"}, {}, True),
+        ({"data-path": "x.csv", "upload-consent": False}, {}, False),
+        ({"partition-id": 0}, {}, True),  # simulated devices consent unless the run says otherwise
+        ({"partition-id": 0}, {"simulated-consent": False}, False),
+    ],
+)
+def test_upload_consent_is_explicit(node_config: dict, run_config: dict, allowed: bool):
+    assert upload_consent(node_config, run_config) is allowed
