@@ -47,6 +47,8 @@ from fleetlora.common.errors import QuorumError
 from fleetlora.common.messages import Instructions
 from fleetlora.common.model import LoadedModel, cached_model
 from fleetlora.common.server_optim import server_step
+from fleetlora.coordinator.central_dp import epsilon as central_epsilon
+from fleetlora.coordinator.central_dp import privatize
 from fleetlora.coordinator.db import Database
 from fleetlora.coordinator.exchange import exchange, wait_for_nodes
 from fleetlora.coordinator.keys import load_hpke_key
@@ -86,6 +88,12 @@ class RoundOutcome:
     @property
     def examples(self) -> int:
         return sum(self.participants.values())
+
+
+# Version metrics of a round under central DP: the accountant's history is rebuilt from them.
+CENTRAL_DP_EPSILON = "central_dp_epsilon"
+CENTRAL_DP_NOISE = "central_dp_noise_multiplier"
+CENTRAL_DP_RATE = "central_dp_sample_rate"
 
 
 class FederationObserver(Protocol):
@@ -193,7 +201,8 @@ class Federation:
             seal_uploads=self.settings.seal_uploads,
         )
         unseal = self._unsealer(instructions) if self.settings.seal_uploads else None
-        aggregator = DeltaAggregator(state, unseal)
+        central = self.settings.central_dp
+        aggregator = DeltaAggregator(state, unseal, central.clip_norm if central.enabled else None)
         for reply in exchange(
             self.grid, self._messages(sampled, state, instructions, MessageType.TRAIN), deadline
         ):
@@ -204,10 +213,16 @@ class Federation:
             error = f"{len(aggregator.participants)} valid deltas, {self.settings.min_devices} needed"
             return self._failed(number, started, sampled, aggregator, error), state
 
-        new_state, optimizer_state = server_step(
-            self.settings.server, state, aggregator.mean_delta(), self.optimizer_state
-        )
+        mean_delta = aggregator.mean_delta()
         train_metrics = aggregator.metrics()  # train_loss, train_steps, train_seconds
+        if central.enabled:
+            mean_delta = privatize(mean_delta, len(aggregator.participants), len(sampled), central)
+            train_metrics.update(
+                self._central_dp_spend(parent, len(sampled) / len(online), aggregator.clipped)
+            )
+        new_state, optimizer_state = server_step(
+            self.settings.server, state, mean_delta, self.optimizer_state
+        )
         version = self.registry.add_version(
             lineage=self.lineage,
             parent_id=parent.id,
@@ -235,6 +250,22 @@ class Federation:
         )
         version = self.registry.finish_round(self._round_record(outcome), metrics)
         return dataclasses.replace(outcome, version=version), new_state
+
+    def _central_dp_spend(self, parent: VersionInfo, sample_rate: float, clipped: int) -> dict[str, float]:
+        """This round's user-level DP metrics; ε composes every earlier noised round of the lineage."""
+        central = self.settings.central_dp
+        history = [
+            (v.metrics[CENTRAL_DP_NOISE], v.metrics[CENTRAL_DP_RATE], 1)
+            for v in self.registry.chain(parent.id)
+            if CENTRAL_DP_RATE in v.metrics
+        ]
+        history.append((central.noise_multiplier, sample_rate, 1))
+        return {
+            CENTRAL_DP_EPSILON: central_epsilon(history, central.delta),
+            CENTRAL_DP_NOISE: central.noise_multiplier,
+            CENTRAL_DP_RATE: sample_rate,
+            "central_dp_clipped": float(clipped),
+        }
 
     def _unsealer(self, instructions: Instructions) -> Callable[[Message], State]:
         """Opens one round's sealed uploads against the context this coordinator expects."""

@@ -21,6 +21,7 @@ from fleetlora.common.config import (
 from fleetlora.common.data import load_examples
 from fleetlora.common.data.examples import labels_of
 from fleetlora.common.errors import ConfigError
+from fleetlora.coordinator.central_dp import CentralDPSettings
 
 DEFAULT_DB = "sqlite:///fleetlora.db"
 
@@ -43,6 +44,7 @@ class CoordinatorSettings:
     seal_uploads: bool = False  # devices encrypt their deltas to this coordinator and sign them
     tenant: str = "default"
     keys_dir: str = ""  # the coordinator's keys (fleetlora coordinator keys init)
+    central_dp: CentralDPSettings = dataclasses.field(default_factory=CentralDPSettings)
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -135,4 +137,9 @@ class CoordinatorSettings:
             seal_uploads=bool(get("seal-uploads", False)),
             tenant=str(get("tenant", "default")),
             keys_dir=str(get("keys", "")),
+            central_dp=CentralDPSettings(
+                noise_multiplier=float(get("central-dp-noise", 0.0)),
+                clip_norm=float(get("central-dp-clip", 1.0)),
+                delta=float(get("central-dp-delta", 1e-5)),
+            ),
         )

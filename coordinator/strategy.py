@@ -18,6 +18,7 @@ from fleetlora.common.aggregate import WeightedMean
 from fleetlora.common.delta import State, from_array_record, is_finite, nbytes
 from fleetlora.common.envelope import EnvelopeError
 from fleetlora.common.errors import IncompatibleStateError
+from fleetlora.coordinator.central_dp import clip
 
 
 @dataclass(frozen=True)
@@ -106,8 +107,15 @@ def _timeouts(sampled: Iterable[int], answered: set[int], drops: list[Drop], rea
 class DeltaAggregator:
     """Streams train replies into a weighted mean delta."""
 
-    def __init__(self, global_state: State, unseal: Callable[[Message], State] | None = None) -> None:
+    def __init__(
+        self,
+        global_state: State,
+        unseal: Callable[[Message], State] | None = None,
+        clip_norm: float | None = None,
+    ) -> None:
         self._unseal = unseal  # set when uploads are sealed: opens one, or raises EnvelopeError
+        self._clip_norm = clip_norm  # central DP: clip each delta and weigh devices equally
+        self.clipped = 0
         self._mean = WeightedMean(global_state)
         self._tally = _Tally()
         self.participants: dict[int, int] = {}
@@ -146,11 +154,16 @@ class DeltaAggregator:
         if not is_finite(delta):
             self.drops.append(Drop(node, "delta holds NaN or inf"))
             return
+        weight, was_clipped = count, False
+        if self._clip_norm is not None:
+            delta, was_clipped = clip(delta, self._clip_norm)
+            weight = 1
         try:
-            self._mean.add(delta, weight=count)
+            self._mean.add(delta, weight=weight)
         except IncompatibleStateError as exc:
             self.drops.append(Drop(node, f"layout mismatch: {exc}"))
             return
+        self.clipped += was_clipped
         self.participants[node] = count
         self.upload_bytes += nbytes(delta)
         self._tally.add(metrics, count)

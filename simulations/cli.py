@@ -118,6 +118,17 @@ def simulate(
             help="Rounds the ε budget must last (0 = --rounds); sets the noise.", rich_help_panel="Privacy"
         ),
     ] = _DEFAULTS.dp_rounds,
+    central_dp_noise: Annotated[
+        float,
+        typer.Option(
+            help="User-level DP at the coordinator: noise multiplier on the sum of clipped deltas (0 = off).",
+            rich_help_panel="Privacy",
+        ),
+    ] = _DEFAULTS.central_dp_noise,
+    central_dp_clip: Annotated[
+        float,
+        typer.Option(help="L2 bound on each device's delta under central DP.", rich_help_panel="Privacy"),
+    ] = _DEFAULTS.central_dp_clip,
     seal_uploads: Annotated[
         bool,
         typer.Option(
@@ -179,6 +190,8 @@ def simulate(
         dp_max_grad_norm=dp_max_grad_norm,
         dp_accountant=dp_accountant,
         dp_rounds=dp_rounds,
+        central_dp_noise=central_dp_noise,
+        central_dp_clip=central_dp_clip,
         seal_uploads=seal_uploads,
         server_optimizer=server_optimizer,
         server_lr=server_lr,

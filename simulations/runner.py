@@ -63,6 +63,8 @@ class SimulationConfig:
     dp_max_grad_norm: float = PrivacySettings.max_grad_norm
     dp_accountant: str = PrivacySettings.accountant
     dp_rounds: int = 0  # 0: --rounds
+    central_dp_noise: float = 0.0
+    central_dp_clip: float = 1.0
     seal_uploads: bool = True  # keys are made under OUT/keys and every simulated device is enrolled
     tenant: str = "default"
     server_optimizer: str = ServerOptimizerSettings.name
@@ -115,6 +117,8 @@ class SimulationConfig:
             "dp-max-grad-norm": self.dp_max_grad_norm,
             "dp-accountant": self.dp_accountant,
             "dp-rounds": self.dp_rounds,
+            "central-dp-noise": self.central_dp_noise,
+            "central-dp-clip": self.central_dp_clip,
             "seal-uploads": self.seal_uploads,
             "tenant": self.tenant,
             "keys": str((self.out / "keys").resolve()),
