@@ -83,6 +83,11 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
         job = prepare(message, context)
         settings, loaded = job.instructions.train, job.loaded
         identity = ConfigRecord({records.DEVICE_ID: device_id(context)})
+        keys = None
+        if job.instructions.seal_uploads:
+            assert job.state is not None  # prepare locates it whenever uploads are sealed
+            # Both keys before any training: a device that cannot seal must not spend privacy budget.
+            keys = (coordinator_key(context.node_config, job.run_config), signing_key(job.state))
         account, noise = None, None
         if settings.privacy.enabled:
             assert job.state is not None  # prepare locates it whenever DP is on
@@ -112,12 +117,11 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
         if settings.personal_head and job.state:
             personal_head.keep(loaded, job.state)
         delta = diff(trainable_state(loaded.model), before)  # the head's change is against the global head
-        if not job.instructions.seal_uploads:
+        if keys is None:
             content = RecordDict(
                 {records.ARRAYS: to_array_record(delta), records.METRICS: metrics, records.CONFIG: identity}
             )
             return Message(content, reply_to=message)
-        assert job.state is not None  # prepare locates it whenever uploads are sealed
         claimed = UploadContext(
             tenant=job.instructions.tenant,
             device_id=str(identity[records.DEVICE_ID]),
@@ -125,8 +129,7 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
             base_sha256=job.instructions.base_sha256,
             from_version=job.instructions.version,
         )
-        coordinator = coordinator_key(context.node_config, job.run_config)
-        sealed = seal(serialize(delta), claimed, coordinator, signing_key(job.state))
+        sealed = seal(serialize(delta), claimed, *keys)
         arrays, claim = to_records(sealed, claimed)
         identity.update(claim)
         content = RecordDict({SEALED: arrays, records.METRICS: metrics, records.CONFIG: identity})
