@@ -111,6 +111,10 @@ FEDERATED_ARMS: dict[str, FederatedArm] = {
         "FedAvg with the restricted softmax (each device's loss over its own classes), 1 epoch, lr 3e-3",
         {**ONE_EPOCH, "restricted_softmax": True},
     ),
+    "dp-eps8": FederatedArm(
+        "the restricted arm with DP-SGD on every device, epsilon 8 per device over the rounds (issue 3)",
+        {**ONE_EPOCH, "restricted_softmax": True, "dp_epsilon": 8.0},
+    ),
     "personal-head": FederatedArm(
         "FedAvg with personal heads (kept per device; the global head is their mean), 1 epoch, lr 3e-3",
         {**ONE_EPOCH, "personal_head": True},
