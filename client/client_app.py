@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -24,6 +25,7 @@ from fleetlora.common import records
 from fleetlora.common.batches import evaluate as evaluate_model
 from fleetlora.common.data import Example, split_holdout
 from fleetlora.common.delta import (
+    State,
     diff,
     from_array_record,
     load_trainable_state,
@@ -117,22 +119,8 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
         if settings.personal_head and job.state:
             personal_head.keep(loaded, job.state)
         delta = diff(trainable_state(loaded.model), before)  # the head's change is against the global head
-        if keys is None:
-            content = RecordDict(
-                {records.ARRAYS: to_array_record(delta), records.METRICS: metrics, records.CONFIG: identity}
-            )
-            return Message(content, reply_to=message)
-        claimed = UploadContext(
-            tenant=job.instructions.tenant,
-            device_id=str(identity[records.DEVICE_ID]),
-            round=job.instructions.round,
-            base_sha256=job.instructions.base_sha256,
-            from_version=job.instructions.version,
-        )
-        sealed = seal(serialize(delta), claimed, *keys)
-        arrays, claim = to_records(sealed, claimed)
-        identity.update(claim)
-        content = RecordDict({SEALED: arrays, records.METRICS: metrics, records.CONFIG: identity})
+        content = upload(delta, identity, job.instructions, keys)
+        content[records.METRICS] = metrics
         return Message(content, reply_to=message)
 
     @app.evaluate()
@@ -152,6 +140,27 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
         return Message(RecordDict({records.METRICS: metrics}), reply_to=message)
 
     return app
+
+
+def upload(
+    delta: State,
+    identity: ConfigRecord,
+    instructions: Instructions,
+    keys: tuple[X25519PublicKey, Ed25519PrivateKey] | None,
+) -> RecordDict:
+    """The delta as a reply carries it: sealed to the coordinator and signed when ``keys`` are given."""
+    if keys is None:
+        return RecordDict({records.ARRAYS: to_array_record(delta), records.CONFIG: identity})
+    claimed = UploadContext(
+        tenant=instructions.tenant,
+        device_id=str(identity[records.DEVICE_ID]),
+        round=instructions.round,
+        base_sha256=instructions.base_sha256,
+        from_version=instructions.version,
+    )
+    arrays, claim = to_records(seal(serialize(delta), claimed, *keys), claimed)
+    identity.update(claim)
+    return RecordDict({SEALED: arrays, records.CONFIG: identity})
 
 
 def upload_consent(node_config: UserConfig, run_config: UserConfig) -> bool:
