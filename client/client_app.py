@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -51,7 +51,7 @@ class Round:
     train_set: list[Example]
     held_out: list[Example]
     state: DeviceState | None  # set when the device keeps a personal head, a privacy account or keys
-    run_config: Mapping = field(default_factory=dict)  # the run config with in-process overrides
+    run_config: Mapping  # the run config with in-process overrides
 
 
 def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientApp:
