@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fleetlora.client.device_state import DeviceState
 from fleetlora.client.enroll import ensure_device_key
+from fleetlora.client.updates import DEFAULT_CAP, UpdateSlots, apply_package
 from fleetlora.common.config import LoraSettings, ModelSpec, split_names
 from fleetlora.common.delta import nbytes, trainable_state
-from fleetlora.common.keys import DEVICE_SIGNING_PUB
+from fleetlora.common.keys import COORDINATOR_SIGNING_PUB, DEVICE_SIGNING_PUB, read_public_key
 from fleetlora.common.model import build_model
 
 app = typer.Typer(help="Set up and inspect the device agent.", no_args_is_help=True)
+StateDirOption = Annotated[
+    Path, typer.Option(help="The device's state folder (its node config `state-dir`).")
+]
 
 
 @app.command("model-info")
@@ -56,7 +62,7 @@ def model_info(
 
 @app.command("enroll")
 def enroll(
-    state_dir: Annotated[Path, typer.Option(help="The device's state folder (its node config `state-dir`).")],
+    state_dir: StateDirOption,
     device_id: Annotated[str, typer.Option(help="The id this device reports (its node config `device-id`).")],
 ) -> None:
     """Make this device's Ed25519 signing key (once) and show what to hand to the coordinator's operator."""
@@ -67,3 +73,43 @@ def enroll(
         "On the coordinator run: fleetlora coordinator devices enroll "
         f"--device-id {device_id} --public-key {public.name}"
     )
+
+
+@app.command("apply")
+def apply(
+    file: Annotated[Path, typer.Argument(help="An update package file.", exists=True, dir_okay=False)],
+    state_dir: StateDirOption,
+    coordinator_key: Annotated[
+        Path | None,
+        typer.Option(help="The coordinator's signing key [default: STATE_DIR/coordinator-signing.pub]."),
+    ] = None,
+    tenant: Annotated[str, typer.Option(help="The fleet this device belongs to.")] = "default",
+    cap: Annotated[
+        float, typer.Option(help="Refuse packages larger than this share of the base model.")
+    ] = DEFAULT_CAP,
+) -> None:
+    """Verify an update package and make it this device's active adapter (atomically; old one kept)."""
+    key = read_public_key(coordinator_key or state_dir / COORDINATOR_SIGNING_PUB, Ed25519PublicKey)
+    with file.open("rb") as stream:
+        applied = apply_package(stream, DeviceState(state_dir), key, tenant=tenant, cap=cap)
+    before = f"v{applied.previous}" if applied.previous is not None else "no adapter"
+    typer.echo(
+        f"applied: {before} → v{applied.active.version} ({applied.active.codec}, slot "
+        f"{applied.active.slot}) in {applied.seconds:.2f} s"
+    )
+
+
+@app.command("status")
+def status(
+    state_dir: StateDirOption,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Show the adapter this device runs (recovering from an interrupted apply first)."""
+    active = UpdateSlots(DeviceState(state_dir)).active()
+    document = {k: v for k, v in dataclasses.asdict(active).items() if k != "model"} if active else None
+    if as_json:
+        typer.echo(json.dumps(document, indent=2))
+    elif document is None:
+        typer.echo("no packaged adapter yet: the device runs the initial one until a package is applied")
+    else:
+        typer.echo("\n".join(f"{k}: {v}" for k, v in document.items()))

@@ -7,11 +7,12 @@ examples and a few scalar metrics; text never leaves the device.
 from __future__ import annotations
 
 import hashlib
+import io
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -21,7 +22,8 @@ from fleetlora.client.device_state import DeviceState
 from fleetlora.client.enroll import signing_key
 from fleetlora.client.local_data import UserConfig, local_examples
 from fleetlora.client.train import train_locally
-from fleetlora.common import records
+from fleetlora.client.updates import DEFAULT_CAP, UpdateSlots, apply_package
+from fleetlora.common import chunks, records
 from fleetlora.common.batches import evaluate as evaluate_model
 from fleetlora.common.data import Example, split_holdout
 from fleetlora.common.delta import (
@@ -35,9 +37,11 @@ from fleetlora.common.delta import (
 )
 from fleetlora.common.envelope import SEALED, UploadContext, seal, to_records
 from fleetlora.common.errors import ConfigError, ConsentError, DataError, IncompatibleStateError
-from fleetlora.common.keys import COORDINATOR_HPKE_PUB, read_public_key
+from fleetlora.common.keys import COORDINATOR_HPKE_PUB, COORDINATOR_SIGNING_PUB, read_public_key
+from fleetlora.common.keys import PublicKeyType as _Public
 from fleetlora.common.messages import Instructions
 from fleetlora.common.model import LoadedModel, cached_model
+from fleetlora.common.package import PACKAGE, PackageError
 
 HOLDOUT_FRACTION = 0.2
 
@@ -89,7 +93,10 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
         if job.instructions.seal_uploads:
             assert job.state is not None  # prepare locates it whenever uploads are sealed
             # Both keys before any training: a device that cannot seal must not spend privacy budget.
-            keys = (coordinator_key(context.node_config, job.run_config), signing_key(job.state))
+            keys = (
+                coordinator_key(context.node_config, job.run_config, X25519PublicKey),
+                signing_key(job.state),
+            )
         account, noise = None, None
         if settings.privacy.enabled:
             assert job.state is not None  # prepare locates it whenever DP is on
@@ -139,6 +146,41 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
         metrics = MetricRecord({records.NUM_EXAMPLES: len(job.held_out), **scores})
         return Message(RecordDict({records.METRICS: metrics}), reply_to=message)
 
+    @app.query(records.QUERY_UPDATE_STATUS.removeprefix("query."))
+    def update_status(message: Message, context: Context) -> Message:
+        run_config: Mapping = {**context.run_config, **overrides}
+        active = UpdateSlots(DeviceState.locate(context.node_config, run_config)).active()
+        reply = ConfigRecord(
+            {
+                records.DEVICE_ID: device_id(context),
+                records.ACTIVE_VERSION: active.version if active else -1,
+                records.ACTIVE_SEQUENCE: active.sequence if active else 0,
+            }
+        )
+        return Message(RecordDict({records.CONFIG: reply}), reply_to=message)
+
+    @app.query(records.QUERY_UPDATE_APPLY.removeprefix("query."))
+    def update_apply(message: Message, context: Context) -> Message:
+        run_config: Mapping = {**context.run_config, **overrides}
+        device = DeviceState.locate(context.node_config, run_config)
+        reply = ConfigRecord({records.DEVICE_ID: device_id(context)})
+        try:
+            apply_package(
+                io.BytesIO(chunks.from_array_record(message.content.array_records[PACKAGE])),
+                device,
+                coordinator_key(context.node_config, run_config, Ed25519PublicKey),
+                tenant=str(message.content[records.CONFIG][records.TENANT]),
+                cap=float(context.node_config.get("package-cap", DEFAULT_CAP)),
+            )
+            reply[records.UPDATE_STATUS] = "applied"
+        except PackageError as exc:
+            reply[records.UPDATE_STATUS] = "rejected"
+            reply[records.UPDATE_REASON] = f"{exc.reason}: {exc.detail}"
+        active = UpdateSlots(device).active()
+        reply[records.ACTIVE_VERSION] = active.version if active else -1
+        reply[records.ACTIVE_SEQUENCE] = active.sequence if active else 0
+        return Message(RecordDict({records.CONFIG: reply}), reply_to=message)
+
     return app
 
 
@@ -170,18 +212,27 @@ def upload_consent(node_config: UserConfig, run_config: UserConfig) -> bool:
     return "partition-id" in node_config and bool(run_config.get("simulated-consent", True))
 
 
-def coordinator_key(node_config: UserConfig, run_config: UserConfig) -> X25519PublicKey:
-    """The coordinator's HPKE public key: node config ``coordinator-key``, else the run's ``keys`` folder."""
-    if "coordinator-key" in node_config:
-        path = Path(str(node_config["coordinator-key"]))
+def coordinator_key(node_config: UserConfig, run_config: UserConfig, kind: type[_Public]) -> _Public:
+    """A coordinator public key: X25519 to seal uploads to, Ed25519 to verify update packages with.
+
+    From the node config (``coordinator-key``, ``coordinator-signing-key``), else the run's ``keys``
+    folder (a simulation's).
+    """
+    node_key, file_name = (
+        ("coordinator-key", COORDINATOR_HPKE_PUB)
+        if kind is X25519PublicKey
+        else ("coordinator-signing-key", COORDINATOR_SIGNING_PUB)
+    )
+    if node_key in node_config:
+        path = Path(str(node_config[node_key]))
     elif run_config.get("keys"):
-        path = Path(str(run_config["keys"])) / COORDINATOR_HPKE_PUB
+        path = Path(str(run_config["keys"])) / file_name
     else:
         raise ConfigError(
-            "Uploads must be sealed but this device has no coordinator key: start the SuperNode with "
-            "--node-config 'coordinator-key=\"PATH/coordinator-hpke.pub\"'."
+            f"This device has no coordinator key to use: start the SuperNode with "
+            f"--node-config '{node_key}=\"PATH/{file_name}\"'."
         )
-    return read_public_key(path, X25519PublicKey)
+    return read_public_key(path, kind)
 
 
 def device_id(context: Context) -> str:

@@ -21,13 +21,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-import numpy as np
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord
 
+from fleetlora.common import chunks
 from fleetlora.common.errors import FleetloraError
 
 SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
@@ -108,23 +108,17 @@ def open_sealed(
 
 # ---- wire form: the sealed bytes as a chunked ArrayRecord, the claim and signature in a ConfigRecord
 
-SEALED: Final = "sealed"  # the reply's ArrayRecord of ciphertext chunks
-CHUNK_BYTES: Final = 4 * 2**20
+SEALED: Final = "sealed"  # the reply's ArrayRecord of ciphertext chunks (common.chunks)
 _CLAIM = "upload."
 
 
 def to_records(
     sealed: SealedUpload, claimed: UploadContext
 ) -> tuple[ArrayRecord, dict[str, str | int | bytes]]:
-    """The ciphertext in ``CHUNK_BYTES`` uint8 chunks, and the config entries of the claim."""
-    view = memoryview(sealed.ciphertext)
-    chunks = {
-        f"chunk-{i:06d}": Array(np.frombuffer(view[start : start + CHUNK_BYTES], dtype=np.uint8))
-        for i, start in enumerate(range(0, len(view), CHUNK_BYTES))
-    }
+    """The ciphertext as a chunked ArrayRecord, and the config entries of the claim."""
     config: dict[str, str | int | bytes] = {f"{_CLAIM}{k}": v for k, v in dataclasses.asdict(claimed).items()}
     config[f"{_CLAIM}signature"] = sealed.signature
-    return ArrayRecord(array_dict=chunks), config
+    return chunks.to_array_record(sealed.ciphertext), config
 
 
 def from_records(arrays: ArrayRecord, config: Mapping[str, object]) -> tuple[SealedUpload, UploadContext]:
@@ -133,7 +127,7 @@ def from_records(arrays: ArrayRecord, config: Mapping[str, object]) -> tuple[Sea
         fields = {f.name: config[f"{_CLAIM}{f.name}"] for f in dataclasses.fields(UploadContext)}
         claimed = UploadContext(**fields)  # type: ignore[arg-type]
         signature = config[f"{_CLAIM}signature"]
-        ciphertext = b"".join(arrays[name].numpy().tobytes() for name in sorted(arrays))
+        ciphertext = chunks.from_array_record(arrays)
     except (KeyError, TypeError, ValueError) as exc:
         raise EnvelopeError(f"malformed sealed upload ({exc})") from None
     if not isinstance(signature, bytes):

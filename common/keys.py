@@ -30,6 +30,7 @@ PrivateKey = Ed25519PrivateKey | X25519PrivateKey
 PublicKey = Ed25519PublicKey | X25519PublicKey
 _Private = TypeVar("_Private", Ed25519PrivateKey, X25519PrivateKey)
 _Public = TypeVar("_Public", Ed25519PublicKey, X25519PublicKey)
+PublicKeyType = _Public  # for callers that take the kind of key as an argument
 
 
 def write_private_key(path: Path, key: PrivateKey) -> None:

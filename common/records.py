@@ -37,7 +37,16 @@ DP_SAMPLE_RATE: Final = "dp_sample_rate"
 DEVICE_ID: Final = "device-id"
 DECLINED: Final = "declined"
 
+# Update distribution: message types (ClientApp query actions) and the config keys of their replies.
+QUERY_UPDATE_STATUS: Final = "query.update_status"  # "which version do you hold?"
+QUERY_UPDATE_APPLY: Final = "query.update_apply"  # carries a package (common.package.PACKAGE)
+ACTIVE_VERSION: Final = "active-version"  # -1: no packaged adapter yet
+ACTIVE_SEQUENCE: Final = "active-sequence"
+UPDATE_STATUS: Final = "update-status"  # "applied" | "rejected" | "failed"
+UPDATE_REASON: Final = "update-reason"  # a PackageError reason code, or the error's text
+
 # Bumped whenever a message's shape changes; a device refuses a contract it does not know.
 # 2: model.pooling, train.personal_head, train.restricted_softmax, train.privacy.*; replies carry
 #    device-id (and declined) in a ConfigRecord, and dp_* metrics.
-CONTRACT: Final = 2
+# 3: update packages (query.update_status, query.update_apply).
+CONTRACT: Final = 3

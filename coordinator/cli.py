@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -11,14 +14,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from rich.console import Console
 from rich.table import Table
 
-from fleetlora.common.keys import COORDINATOR_HPKE_PUB, read_public_key
+from fleetlora.common.keys import COORDINATOR_HPKE_PUB, COORDINATOR_SIGNING_PUB, read_public_key
+from fleetlora.common.package import read_package
 from fleetlora.coordinator.db import Database
-from fleetlora.coordinator.keys import init_keys
-from fleetlora.coordinator.registry import Registry
+from fleetlora.coordinator.keys import init_keys, load_signing_key
+from fleetlora.coordinator.packages import DEFAULT_TTL, MAX_CAP, PackageInfo, PackagePolicy, PackageStore
+from fleetlora.coordinator.registry import Registry, VersionInfo
 from fleetlora.coordinator.settings import DEFAULT_DB
 
 app = typer.Typer(
-    help="Operate the coordinator: keys, enrolled devices, stored versions.", no_args_is_help=True
+    help="Operate the coordinator: keys, enrolled devices, stored versions, update packages.",
+    no_args_is_help=True,
 )
 versions_app = typer.Typer(help="Global adapter versions stored in SQL.", no_args_is_help=True)
 keys_app = typer.Typer(help="The coordinator's key pairs.", no_args_is_help=True)
@@ -26,8 +32,23 @@ devices_app = typer.Typer(help="Devices allowed to upload (the device registry).
 app.add_typer(versions_app, name="versions")
 app.add_typer(keys_app, name="keys")
 app.add_typer(devices_app, name="devices")
+packages_app = typer.Typer(
+    help="Signed update packages that bring devices to a version.", no_args_is_help=True
+)
+app.add_typer(packages_app, name="packages")
 
 DbOption = Annotated[str, typer.Option(help="SQLAlchemy URL of the coordinator database.")]
+KeysOption = Annotated[Path, typer.Option("--keys", help="The coordinator's keys folder (`keys init`).")]
+
+
+def _version_id(label: str) -> int:
+    """``v7`` or ``7`` → 7."""
+    try:
+        return int(label.removeprefix("v"))
+    except ValueError:
+        raise typer.BadParameter(
+            f"{label!r} is not a version: use an id such as v7 (see `versions list`)."
+        ) from None
 
 
 @versions_app.command("list")
@@ -36,12 +57,26 @@ def list_versions(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """List every stored version with its lineage, participants, size and metrics."""
-    versions = Registry(Database(db).initialize()).versions()
+    registry = Registry(Database(db).initialize())
+    versions = registry.versions()
     if as_json:
         typer.echo(json.dumps([{**v.__dict__, "label": v.label} for v in versions], default=str, indent=2))
         return
+    packages: dict[int, list[PackageInfo]] = {}
+    for package in PackageStore(registry).list():
+        packages.setdefault(package.to_version, []).append(package)
     table = Table(title=f"versions in {db}", title_justify="left")
-    for header in ("version", "parent", "round", "devices", "examples", "adapter", "sha256", "metrics"):
+    for header in (
+        "version",
+        "parent",
+        "round",
+        "devices",
+        "examples",
+        "adapter",
+        "packages",
+        "sha256",
+        "metrics",
+    ):
         table.add_column(header)
     for v in versions:
         metrics = ", ".join(f"{k}={val:.3f}" for k, val in sorted(v.metrics.items()) if "central" in k)
@@ -52,10 +87,11 @@ def list_versions(
             str(len(v.participants)),
             str(sum(v.participants.values())),
             f"{v.adapter_bytes / 1024:.0f} KiB",
+            _package_cell(v, packages.get(v.id, [])),
             v.adapter_sha256[:12],
             metrics or "-",
         )
-    Console().print(table)
+    _console().print(table)
 
 
 @keys_app.command("init")
@@ -82,3 +118,108 @@ def enroll_device(
     key = read_public_key(public_key, Ed25519PublicKey)
     Registry(Database(db).initialize()).enroll_device(device_id, tenant, key)
     typer.echo(f"enrolled {device_id} in {tenant}")
+
+
+def _package_cell(version: VersionInfo, packages: list[PackageInfo]) -> str:
+    """The package from the parent (what most devices receive), and how many others lead here."""
+    if not packages:
+        return "-"
+    main = next((p for p in packages if p.from_version == version.parent_id), packages[0])
+    others = f" +{len(packages) - 1}" if len(packages) > 1 else ""
+    return f"{main.package_bytes / 1024:.0f} KiB ({main.ratio:.2%}){others}"
+
+
+@packages_app.command("build")
+def build_package(
+    to: Annotated[str, typer.Option("--to", help="The version devices should reach, e.g. v7.")],
+    start: Annotated[
+        str | None,
+        typer.Option("--from", help="The version devices hold now; leave out for the full adapter."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Also write the package to this file.")] = None,
+    cap: Annotated[
+        float, typer.Option(help="Largest package as a share of the base model (≤ 0.10).")
+    ] = MAX_CAP,
+    ttl_hours: Annotated[float, typer.Option(help="Hours until devices refuse the package.")] = (
+        DEFAULT_TTL.total_seconds() / 3600
+    ),
+    keys: KeysOption = Path("keys"),
+    db: DbOption = DEFAULT_DB,
+) -> None:
+    """Build, sign and store the package FROM → TO with the lightest codec that fits the cap."""
+    store = PackageStore(Registry(Database(db).initialize()))
+    policy = PackagePolicy(cap=cap, ttl=timedelta(hours=ttl_hours))
+    package = store.build(
+        _version_id(to), _version_id(start) if start else None, load_signing_key(keys), policy
+    )
+    _print_packages([package])
+    if out is not None:
+        out.write_bytes(store.bytes_of(package.id))
+        typer.echo(f"wrote {out} ({package.package_bytes} bytes); apply it with `fleetlora device apply`")
+
+
+@packages_app.command("list")
+def list_packages(
+    db: DbOption = DEFAULT_DB,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """List stored packages: versions, codec, bytes against the base model, reconstruction error."""
+    packages = PackageStore(Registry(Database(db).initialize())).list()
+    if as_json:
+        typer.echo(json.dumps([{**p.__dict__, "ratio": p.ratio} for p in packages], default=str, indent=2))
+        return
+    _print_packages(packages)
+
+
+@packages_app.command("export")
+def export_package(
+    package_id: Annotated[int, typer.Argument(help="The package's id (see `packages list`).")],
+    out: Annotated[Path, typer.Option(help="File to write.")],
+    db: DbOption = DEFAULT_DB,
+) -> None:
+    """Write a stored package to a file, for devices reached out of band (`fleetlora device apply`)."""
+    blob = PackageStore(Registry(Database(db).initialize())).bytes_of(package_id)
+    out.write_bytes(blob)
+    typer.echo(f"wrote {out} ({len(blob)} bytes)")
+
+
+@packages_app.command("verify")
+def verify_package(
+    file: Annotated[Path, typer.Argument(help="A package file.", exists=True, dir_okay=False)],
+    key: Annotated[Path, typer.Option(help="The coordinator's public signing key.")] = Path("keys")
+    / COORDINATOR_SIGNING_PUB,
+) -> None:
+    """Check a package file's signature and payload hash, and show its manifest."""
+    with file.open("rb") as stream:
+        package = read_package(stream, read_public_key(key, Ed25519PublicKey))
+    table = Table(title=f"{file}: signature and payload verified", title_justify="left")
+    table.add_column("field")
+    table.add_column("value")
+    for name, value in dataclasses.asdict(package.manifest).items():
+        if name != "model":
+            table.add_row(name, str(value))
+    _console().print(table)
+
+
+def _print_packages(packages: list[PackageInfo]) -> None:
+    table = Table(title="update packages", title_justify="left")
+    for header in ("id", "from", "to", "codec", "bytes", "of base", "cap", "error", "build s", "expires"):
+        table.add_column(header)
+    for p in packages:
+        table.add_row(
+            str(p.id),
+            f"v{p.from_version}" if p.from_version is not None else "full",
+            f"v{p.to_version}",
+            p.codec,
+            str(p.package_bytes),
+            f"{p.ratio:.3%}",
+            f"{p.cap:.0%}",
+            f"{p.reconstruction_error:.2e}",
+            f"{p.build_seconds:.2f}",
+            p.expires_at.strftime("%Y-%m-%d %H:%M"),
+        )
+    _console().print(table)
+
+
+def _console() -> Console:
+    return Console(width=None if sys.stdout.isatty() else 160)  # logs and pipes get whole tables

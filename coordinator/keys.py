@@ -37,3 +37,8 @@ def init_keys(folder: Path) -> list[Path]:
 
 def load_hpke_key(folder: Path) -> X25519PrivateKey:
     return read_private_key(folder / COORDINATOR_HPKE_KEY, X25519PrivateKey)
+
+
+def load_signing_key(folder: Path) -> Ed25519PrivateKey:
+    """The key update packages are signed with."""
+    return read_private_key(folder / COORDINATOR_SIGNING_KEY, Ed25519PrivateKey)

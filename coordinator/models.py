@@ -4,8 +4,9 @@
 devices contributed how many examples; ``rounds`` what happened in each round, failed ones
 included; ``optimizer_states`` the server optimizer's moments after each version;
 ``privacy_ledger`` each DP device's cumulative ε after each round it trained; ``devices`` the
-enrolled devices' public signing keys. Rows carry the schema
-version that wrote them.
+enrolled devices' public signing keys; ``lineages`` each lineage's model; ``update_packages`` the
+signed packages built; ``device_updates`` the version each device last reported. Rows carry the
+schema version that wrote them.
 """
 
 from __future__ import annotations
@@ -13,7 +14,16 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, LargeBinary, String, TypeDecorator, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    LargeBinary,
+    String,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 SCHEMA_VERSION = 1
@@ -140,4 +150,57 @@ class EnrolledDevice(Base):
     tenant: Mapped[str] = mapped_column(String(128))
     public_key_pem: Mapped[str] = mapped_column(String(400))
     enrolled_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    schema_version: Mapped[int] = mapped_column(default=SCHEMA_VERSION)
+
+
+class Lineage(Base):
+    """A lineage's model: what a package manifest names, and the base size the package cap is taken of."""
+
+    __tablename__ = "lineages"
+
+    lineage: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128))
+    model: Mapped[dict[str, Any]] = mapped_column(JSON)  # the ModelSpec as config entries
+    base_model_sha256: Mapped[str] = mapped_column(String(64))
+    base_model_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    schema_version: Mapped[int] = mapped_column(default=SCHEMA_VERSION)
+
+
+class UpdatePackage(Base):
+    """A signed update package, stored whole: the exact bytes devices receive."""
+
+    __tablename__ = "update_packages"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    lineage: Mapped[str] = mapped_column(ForeignKey("lineages.lineage"), index=True)
+    from_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    to_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    sequence: Mapped[int]
+    codec: Mapped[str] = mapped_column(String(32))
+    package: Mapped[bytes] = mapped_column(LargeBinary)
+    package_bytes: Mapped[int]
+    package_sha256: Mapped[str] = mapped_column(String(64))
+    base_model_bytes: Mapped[int] = mapped_column(BigInteger)
+    cap: Mapped[float]
+    reconstruction_error: Mapped[float]
+    build_seconds: Mapped[float]
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    schema_version: Mapped[int] = mapped_column(default=SCHEMA_VERSION)
+
+
+class DeviceUpdate(Base):
+    """The version a device last reported holding, and how its last package offer went."""
+
+    __tablename__ = "device_updates"
+
+    device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128))
+    node_id: Mapped[str] = mapped_column(String(20))
+    version_id: Mapped[int | None]
+    sequence: Mapped[int] = mapped_column(default=0)
+    status: Mapped[str] = mapped_column(String(16))  # "applied" | "current" | "rejected" | "failed"
+    reason: Mapped[str | None] = mapped_column(String(500))
+    reported_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     schema_version: Mapped[int] = mapped_column(default=SCHEMA_VERSION)

@@ -34,6 +34,7 @@ from safetensors import SafetensorError
 
 from fleetlora.common import records
 from fleetlora.common.batches import evaluate
+from fleetlora.common.config import to_config
 from fleetlora.common.data import Example, load_examples
 from fleetlora.common.delta import (
     State,
@@ -50,9 +51,11 @@ from fleetlora.common.server_optim import server_step
 from fleetlora.coordinator.central_dp import epsilon as central_epsilon
 from fleetlora.coordinator.central_dp import privatize
 from fleetlora.coordinator.db import Database
+from fleetlora.coordinator.distribution import DistributionOutcome, Distributor
 from fleetlora.coordinator.exchange import exchange, wait_for_nodes
-from fleetlora.coordinator.keys import load_hpke_key
+from fleetlora.coordinator.keys import load_hpke_key, load_signing_key
 from fleetlora.coordinator.models import RoundRecord
+from fleetlora.coordinator.packages import PackageInfo, PackageStore
 from fleetlora.coordinator.registry import Registry, VersionInfo
 from fleetlora.coordinator.settings import CoordinatorSettings
 from fleetlora.coordinator.strategy import DeltaAggregator, Drop, MetricAggregator, PrivacySpend
@@ -84,6 +87,8 @@ class RoundOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     privacy: list[PrivacySpend] = field(default_factory=list)  # DP devices' cumulative spend
+    package: PackageInfo | None = None  # the signed package from the parent version to this one
+    distribution: DistributionOutcome | None = None
 
     @property
     def examples(self) -> int:
@@ -134,6 +139,26 @@ class Federation:
         self.eval_set: list[Example] = load_examples(settings.eval_data) if settings.eval_data else []
         self.optimizer_state: State = {}
         self.hpke_key = load_hpke_key(Path(settings.keys_dir)) if settings.seal_uploads else None
+        self.packages = PackageStore(self.registry)
+        self.packages.register_lineage(
+            self.lineage,
+            settings.tenant,
+            to_config(settings.spec, "model"),
+            self.loaded.base_sha256,
+            self.loaded.base_bytes,
+        )
+        self.distributor = (
+            Distributor(
+                grid,
+                self.packages,
+                load_signing_key(Path(settings.keys_dir)),
+                settings.package_policy,
+                tenant=settings.tenant,
+                timeout=settings.round_deadline,
+            )
+            if settings.builds_packages
+            else None
+        )
 
     def run(self) -> list[RoundOutcome]:
         """Run ``settings.rounds`` rounds after the latest stored version."""
@@ -249,7 +274,20 @@ class Federation:
             privacy=list(aggregator.privacy),
         )
         version = self.registry.finish_round(self._round_record(outcome), metrics)
-        return dataclasses.replace(outcome, version=version), new_state
+        outcome = dataclasses.replace(outcome, version=version)
+        if self.distributor:
+            outcome = self._publish(outcome, parent)
+        return outcome, new_state
+
+    def _publish(self, outcome: RoundOutcome, parent: VersionInfo) -> RoundOutcome:
+        """Build the round's package (parent → new version) and, if asked, bring connected devices up."""
+        assert self.distributor is not None and outcome.version is not None
+        package = self.distributor.package(outcome.version, parent.id)
+        distribution = None
+        if self.settings.distribute_updates:
+            nodes = sorted(self.grid.get_node_ids())
+            distribution = self.distributor.distribute(nodes, outcome.version)
+        return dataclasses.replace(outcome, package=package, distribution=distribution)
 
     def _central_dp_spend(self, parent: VersionInfo, sample_rate: float, clipped: int) -> dict[str, float]:
         """This round's user-level DP metrics; ε composes every earlier noised round of the lineage."""
@@ -385,4 +423,14 @@ def summarize(outcome: RoundOutcome) -> dict[str, Any]:
         "seconds": round(outcome.seconds, 3),
         **({"error": outcome.error} if outcome.error else {}),
         **({"privacy": {s.device_id: s.epsilon for s in outcome.privacy}} if outcome.privacy else {}),
+        **(
+            {
+                "package_bytes": outcome.package.package_bytes,
+                "package_ratio": round(outcome.package.ratio, 6),
+                "package_codec": outcome.package.codec,
+            }
+            if outcome.package
+            else {}
+        ),
+        **({"updates": outcome.distribution.as_dict()} if outcome.distribution else {}),
     }

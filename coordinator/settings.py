@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 
 from fleetlora.common.config import (
     LoraSettings,
@@ -22,6 +23,7 @@ from fleetlora.common.data import load_examples
 from fleetlora.common.data.examples import labels_of
 from fleetlora.common.errors import ConfigError
 from fleetlora.coordinator.central_dp import CentralDPSettings
+from fleetlora.coordinator.packages import DEFAULT_TTL, MAX_CAP, PackagePolicy
 
 DEFAULT_DB = "sqlite:///fleetlora.db"
 
@@ -45,6 +47,13 @@ class CoordinatorSettings:
     tenant: str = "default"
     keys_dir: str = ""  # the coordinator's keys (fleetlora coordinator keys init)
     central_dp: CentralDPSettings = dataclasses.field(default_factory=CentralDPSettings)
+    package_policy: PackagePolicy = dataclasses.field(default_factory=PackagePolicy)
+    distribute_updates: bool = True  # after each round, send connected devices the newest package
+
+    @property
+    def builds_packages(self) -> bool:
+        """Packages are signed with the coordinator's key, so they are built when its keys are set."""
+        return bool(self.keys_dir)
 
     def __post_init__(self) -> None:
         if self.rounds < 1:
@@ -137,6 +146,11 @@ class CoordinatorSettings:
             seal_uploads=bool(get("seal-uploads", False)),
             tenant=str(get("tenant", "default")),
             keys_dir=str(get("keys", "")),
+            package_policy=PackagePolicy(
+                cap=float(get("package-cap", MAX_CAP)),
+                ttl=timedelta(hours=float(get("package-ttl-hours", DEFAULT_TTL.total_seconds() / 3600))),
+            ),
+            distribute_updates=bool(get("distribute-updates", True)),
             central_dp=CentralDPSettings(
                 noise_multiplier=float(get("central-dp-noise", 0.0)),
                 clip_norm=float(get("central-dp-clip", 1.0)),

@@ -137,6 +137,21 @@ def simulate(
             rich_help_panel="Privacy",
         ),
     ] = _DEFAULTS.seal_uploads,
+    package_cap: Annotated[
+        float,
+        typer.Option(
+            help="Largest update package as a share of the base model's bytes (at most 0.10); lossier "
+            "codecs are used to fit.",
+            rich_help_panel="Updates",
+        ),
+    ] = _DEFAULTS.package_cap,
+    distribute_updates: Annotated[
+        bool,
+        typer.Option(
+            help="After each round, send every device the signed package to the new version.",
+            rich_help_panel="Updates",
+        ),
+    ] = _DEFAULTS.distribute_updates,
     server_optimizer: Annotated[
         str, typer.Option(help="Server update: fedavg, fedavgm (momentum), fedadam or fedyogi.")
     ] = _DEFAULTS.server_optimizer,
@@ -193,6 +208,8 @@ def simulate(
         central_dp_noise=central_dp_noise,
         central_dp_clip=central_dp_clip,
         seal_uploads=seal_uploads,
+        package_cap=package_cap,
+        distribute_updates=distribute_updates,
         server_optimizer=server_optimizer,
         server_lr=server_lr,
         server_momentum=server_momentum,

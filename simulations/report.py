@@ -57,23 +57,35 @@ class ProgressReporter:
             )
             self.console.print(
                 f"round {outcome.round}: {outcome.version.label} from "
-                f"{len(outcome.participants)}/{outcome.sampled} devices; {shown}"
+                f"{len(outcome.participants)}/{outcome.sampled} devices; {shown}{_updates(outcome)}"
             )
 
     def stop(self) -> None:
         self.progress.stop()
 
 
+def _updates(outcome: RoundOutcome) -> str:
+    """The round's package and how the fleet took it, e.g. '; package 12 KiB (0.01%), 20 applied'."""
+    if outcome.package is None:
+        return ""
+    text = f"; package {outcome.package.package_bytes / 1024:.0f} KiB ({outcome.package.ratio:.2%})"
+    if outcome.distribution:
+        statuses = sorted(outcome.distribution.statuses.items())
+        text += ", " + ", ".join(f"{n} {status}" for status, n in statuses)
+    return text
+
+
 def results_table(results: dict[str, Any]) -> Table:
     """The per-round table of a results.json document."""
     rows = [{"round": results["initial"]["round"], "version": results["initial"]["version"],
              "participants": "-", "examples": "-", "metrics": results["initial"]["metrics"],
-             "upload_bytes": None, "seconds": None}, *results["rounds"]]  # fmt: skip
+             "upload_bytes": None, "package_bytes": None, "seconds": None}, *results["rounds"]]  # fmt: skip
     shown = [k for k in _METRIC_COLUMNS if any(k in row["metrics"] for row in rows)]
     table = Table(title="fleetlora simulation", title_justify="left")
     for header in ("round", "version", "devices", "examples", *(_METRIC_COLUMNS[k] for k in shown)):
         table.add_column(header, justify="right")
     table.add_column("upload", justify="right")
+    table.add_column("package", justify="right")
     table.add_column("seconds", justify="right")
     for row in rows:
         table.add_row(
@@ -83,6 +95,7 @@ def results_table(results: dict[str, Any]) -> Table:
             str(row["examples"]),
             *(_fmt(row["metrics"].get(k)) for k in shown),
             "-" if row["upload_bytes"] is None else f"{row['upload_bytes'] / 1024:.0f} KiB",
+            "-" if row.get("package_bytes") is None else f"{row['package_bytes'] / 1024:.0f} KiB",
             "-" if row["seconds"] is None else f"{row['seconds']:.1f}",
         )
     return table

@@ -23,6 +23,7 @@ from fleetlora.common.keys import COORDINATOR_HPKE_KEY
 from fleetlora.common.model import cached_model
 from fleetlora.coordinator.db import Database
 from fleetlora.coordinator.keys import init_keys
+from fleetlora.coordinator.packages import MAX_CAP
 from fleetlora.coordinator.registry import Registry
 from fleetlora.coordinator.rounds import FederationObserver, FederationStart, RoundOutcome, summarize
 from fleetlora.coordinator.server_app import build_server_app
@@ -67,6 +68,8 @@ class SimulationConfig:
     central_dp_clip: float = 1.0
     seal_uploads: bool = True  # keys are made under OUT/keys and every simulated device is enrolled
     tenant: str = "default"
+    package_cap: float = MAX_CAP  # update packages: at most this share of the base model's bytes
+    distribute_updates: bool = True  # after each round, bring every device to the new version
     server_optimizer: str = ServerOptimizerSettings.name
     server_lr: float = ServerOptimizerSettings.lr
     server_momentum: float = ServerOptimizerSettings.momentum
@@ -121,6 +124,8 @@ class SimulationConfig:
             "central-dp-clip": self.central_dp_clip,
             "seal-uploads": self.seal_uploads,
             "tenant": self.tenant,
+            "package-cap": self.package_cap,
+            "distribute-updates": self.distribute_updates,
             "keys": str((self.out / "keys").resolve()),
             "device-state": str((self.out / "devices").resolve()),
             "server-optimizer": self.server_optimizer,
@@ -174,8 +179,7 @@ def simulate(
     settings = preflight(config)
     config.out.mkdir(parents=True, exist_ok=True)
     run_config = config.run_config()
-    if config.seal_uploads:
-        provision_keys(config, settings)
+    provision_keys(config, settings)  # the signing key for update packages is needed even unsealed
     collector = ResultCollector(forward=observer)
     level = logging.INFO if verbose else logging.ERROR
     logging.getLogger("flwr").setLevel(level)
@@ -219,8 +223,8 @@ def device_privacy(outcomes: list[RoundOutcome]) -> dict[str, dict[str, float]]:
 
 
 def provision_keys(config: SimulationConfig, settings: CoordinatorSettings) -> None:
-    """What an operator and each device do once before a sealed fleet runs: coordinator keys (kept if
-    there), a signing key in every simulated device's state folder, each public key enrolled."""
+    """What an operator and each device do once before a fleet runs: coordinator keys (kept if there),
+    a signing key in every simulated device's state folder, each public key enrolled."""
     keys = Path(settings.keys_dir)
     if not (keys / COORDINATOR_HPKE_KEY).exists():
         init_keys(keys)

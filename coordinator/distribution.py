@@ -1,0 +1,150 @@
+"""Bring connected devices to the newest version: ask each what it holds, send the package it needs.
+
+Two exchanges, each bounded by a deadline: a status query (the device answers with its id and
+active version), then one message per device carrying the package from that version to the newest
+(the full adapter when the device has none, or holds a version of another lineage). Packages are
+built once per starting version and reused from SQL while unexpired. Each device's answer (applied,
+or rejected with the reason) is recorded in ``device_updates``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from fleetlora.common import chunks, records
+from fleetlora.common.errors import FleetloraError
+from fleetlora.common.package import PACKAGE
+from fleetlora.coordinator.exchange import exchange
+from fleetlora.coordinator.models import DeviceUpdate, utcnow
+from fleetlora.coordinator.packages import PackageInfo, PackagePolicy, PackageStore
+from fleetlora.coordinator.registry import VersionInfo
+
+
+@dataclass
+class DistributionOutcome:
+    """How one distribution went: devices by status, and the packages sent."""
+
+    target: int
+    statuses: Counter[str] = field(default_factory=Counter)
+    packages: dict[int | None, PackageInfo] = field(default_factory=dict)  # by starting version
+    reasons: dict[str, str] = field(default_factory=dict)  # device id → why it refused or failed
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "version": f"v{self.target}",
+            "devices": dict(self.statuses),
+            "packages": {
+                (f"v{start}" if start is not None else "full"): {
+                    "codec": p.codec,
+                    "bytes": p.package_bytes,
+                    "ratio": round(p.ratio, 6),
+                }
+                for start, p in self.packages.items()
+            },
+            **({"reasons": self.reasons} if self.reasons else {}),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+class Distributor:
+    """Sends update packages to connected devices and records what they report."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        store: PackageStore,
+        key: Ed25519PrivateKey,
+        policy: PackagePolicy,
+        *,
+        tenant: str,
+        timeout: float,
+    ) -> None:
+        self.grid, self.store, self.key, self.policy = grid, store, key, policy
+        self.tenant, self.timeout = tenant, timeout
+
+    def package(self, target: VersionInfo, start: int | None) -> PackageInfo:
+        """The stored package ``start`` → ``target``, built if none is stored and unexpired."""
+        return self.store.find(target.id, start) or self.store.build(target.id, start, self.key, self.policy)
+
+    def distribute(self, nodes: list[int], target: VersionInfo) -> DistributionOutcome:
+        """Offer ``target`` to ``nodes``; both exchanges together end within ``timeout`` seconds."""
+        started = time.monotonic()
+        outcome = DistributionOutcome(target=target.id)
+        config = ConfigRecord({records.TENANT: self.tenant, records.CONTRACT_VERSION: records.CONTRACT})
+        holding: dict[int, tuple[str, int, int]] = {}  # node → (device id, active version, sequence)
+        status_messages = [self._message(node, records.QUERY_UPDATE_STATUS, config, None) for node in nodes]
+        for reply in exchange(self.grid, status_messages, started + self.timeout):
+            if reply.has_error():
+                outcome.statuses["unreachable"] += 1
+                continue
+            answer = reply.content[records.CONFIG]
+            holding[reply.metadata.src_node_id] = (
+                str(answer[records.DEVICE_ID]),
+                int(answer[records.ACTIVE_VERSION]),
+                int(answer[records.ACTIVE_SEQUENCE]),
+            )
+        offers = []
+        for node, (device, active, sequence) in holding.items():
+            if active == target.id:
+                outcome.statuses["current"] += 1
+                self._record(device, node, (active, sequence), "current", None)
+                continue
+            start = active if self._same_lineage(active, target) else None
+            if start not in outcome.packages:
+                outcome.packages[start] = self.package(target, start)
+            blob = self.store.bytes_of(outcome.packages[start].id)
+            offers.append(self._message(node, records.QUERY_UPDATE_APPLY, config, blob))
+        for reply in exchange(self.grid, offers, started + self.timeout):
+            node = reply.metadata.src_node_id
+            device = holding[node][0]
+            if reply.has_error():
+                outcome.statuses["failed"] += 1
+                outcome.reasons[device] = reply.error.reason
+                self._record(device, node, None, "failed", reply.error.reason)
+                continue
+            answer = reply.content[records.CONFIG]
+            status = str(answer[records.UPDATE_STATUS])
+            reason = str(answer[records.UPDATE_REASON]) if records.UPDATE_REASON in answer else None
+            outcome.statuses[status] += 1
+            if reason:
+                outcome.reasons[device] = reason
+            held = (int(answer[records.ACTIVE_VERSION]), int(answer[records.ACTIVE_SEQUENCE]))
+            self._record(device, node, held, status, reason)
+        outcome.statuses["no-answer"] += len(nodes) - sum(outcome.statuses.values())
+        outcome.statuses = +outcome.statuses  # drop zero counts
+        outcome.seconds = time.monotonic() - started
+        return outcome
+
+    def _same_lineage(self, version: int, target: VersionInfo) -> bool:
+        if version < 0:
+            return False
+        try:
+            return self.store.registry.get(version).lineage == target.lineage
+        except FleetloraError:
+            return False  # a version this database never stored: send the full adapter
+
+    def _message(self, node: int, kind: str, config: ConfigRecord, blob: bytes | None) -> Message:
+        content = RecordDict({records.CONFIG: config})
+        if blob is not None:
+            content[PACKAGE] = chunks.to_array_record(blob)
+        return Message(content, dst_node_id=node, message_type=kind, ttl=self.timeout)
+
+    def _record(
+        self, device: str, node: int, held: tuple[int, int] | None, status: str, reason: str | None
+    ) -> None:
+        """Upsert the device's row; ``held`` is (active version, sequence) as it reported them."""
+        with self.store.db.session() as session:
+            row = session.get(DeviceUpdate, device) or DeviceUpdate(device_id=device)
+            row.tenant, row.node_id, row.status = self.tenant, str(node), status
+            row.reason = reason[:500] if reason else None
+            row.reported_at = utcnow()
+            if held is not None and held[0] >= 0:
+                row.version_id, row.sequence = held
+            session.add(row)
