@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, Message, MessageType
 from flwr.clientapp import ClientApp
 
 from fleetlora.client.client_app import build_client_app
@@ -79,8 +80,15 @@ def test_a_sealed_fleet_trains_and_nothing_readable_leaves_a_device(tmp_path: Pa
         for p in range(3)
         for e in local_examples({"partition-id": p, "num-partitions": 3}, config)
     ]
-    train_replies = [m for m in sent if m.content.array_records]
-    assert len(train_replies) == 3 and len(sent) == 6  # 3 sealed train replies, 3 evaluation replies
+    kinds = Counter(m.metadata.message_type for m in sent)
+    # Sealed train replies, evaluation replies, and the update distribution's two exchanges.
+    assert kinds == {
+        MessageType.TRAIN: 3,
+        MessageType.EVALUATE: 3,
+        records.QUERY_UPDATE_STATUS: 3,
+        records.QUERY_UPDATE_APPLY: 3,
+    }
+    assert outcome.distribution is not None and outcome.distribution.statuses == {"applied": 3}
     for reply in sent:
         assert records.ARRAYS not in reply.content.array_records  # no plain adapter values, ever
         blobs = [
