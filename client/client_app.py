@@ -25,13 +25,13 @@ from fleetlora.client.train import train_locally
 from fleetlora.client.updates import DEFAULT_CAP, UpdateSlots, apply_package
 from fleetlora.common import chunks, records
 from fleetlora.common.batches import evaluate as evaluate_model
+from fleetlora.common.codec import UPLOAD_ZSTD_LEVEL, Codec, encode
 from fleetlora.common.data import Example, split_holdout
 from fleetlora.common.delta import (
     State,
     diff,
     from_array_record,
     load_trainable_state,
-    serialize,
     to_array_record,
     trainable_state,
 )
@@ -200,7 +200,8 @@ def upload(
         base_sha256=instructions.base_sha256,
         from_version=instructions.version,
     )
-    arrays, claim = to_records(seal(serialize(delta), claimed, *keys), claimed)
+    plaintext = encode(delta, Codec.parse(instructions.upload_codec), level=UPLOAD_ZSTD_LEVEL)
+    arrays, claim = to_records(seal(plaintext, claimed, *keys), claimed)
     identity.update(claim)
     return RecordDict({SEALED: arrays, records.CONFIG: identity})
 

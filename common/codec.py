@@ -30,7 +30,8 @@ from fleetlora.common.delta import State, deserialize, serialize
 from fleetlora.common.errors import FleetloraError
 
 Precision = Literal["fp32", "fp16", "int8"]
-ZSTD_LEVEL = 19  # packages are built once and fetched by many devices: spend the time compressing
+PACKAGE_ZSTD_LEVEL = 19  # packages are built once and fetched by many devices: spend the time compressing
+UPLOAD_ZSTD_LEVEL = 3  # an upload is encoded once on a small device: zstd's fast default
 INT8_MAX = 127
 FP16_MAX = 65504.0
 _SCALE, _INDEX, _SHAPE = "@scale", "@index", "@shape"
@@ -89,12 +90,12 @@ LADDER: tuple[Codec, ...] = (
 )
 
 
-def encode(state: Mapping[str, torch.Tensor], codec: Codec) -> bytes:
-    """The state in ``codec``'s form, as zstd-compressed safetensors bytes."""
+def encode(state: Mapping[str, torch.Tensor], codec: Codec, level: int = PACKAGE_ZSTD_LEVEL) -> bytes:
+    """The state in ``codec``'s form, as safetensors bytes compressed at zstd ``level``."""
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         tensors.update(_encode_tensor(name, tensor.detach().to(torch.float32).cpu(), codec))
-    return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(serialize(tensors))
+    return zstandard.ZstdCompressor(level=level).compress(serialize(tensors))
 
 
 def decode(blob: bytes, codec: Codec, max_bytes: int) -> State:

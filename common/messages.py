@@ -22,6 +22,7 @@ class Instructions:
     base_sha256: str
     tenant: str = "default"  # the fleet this coordinator serves; bound into every sealed upload
     seal_uploads: bool = False  # reply with a delta encrypted to the coordinator and signed
+    upload_codec: str = "fp32+zstd"  # how a sealed delta is encoded before encryption (common.codec)
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(
@@ -33,6 +34,7 @@ class Instructions:
                 records.BASE_MODEL_SHA256: self.base_sha256,
                 records.TENANT: self.tenant,
                 records.SEAL_UPLOADS: self.seal_uploads,
+                records.UPLOAD_CODEC: self.upload_codec,
                 records.CONTRACT_VERSION: records.CONTRACT,
             }
         )
@@ -53,4 +55,5 @@ class Instructions:
             base_sha256=str(config[records.BASE_MODEL_SHA256]),
             tenant=str(config.get(records.TENANT, "default")),
             seal_uploads=bool(config.get(records.SEAL_UPLOADS, False)),
+            upload_codec=str(config.get(records.UPLOAD_CODEC, "fp32+zstd")),
         )

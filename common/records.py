@@ -21,6 +21,7 @@ BASE_MODEL_SHA256: Final = "base-model-sha256"
 CONTRACT_VERSION: Final = "contract-version"
 TENANT: Final = "tenant"
 SEAL_UPLOADS: Final = "seal-uploads"
+UPLOAD_CODEC: Final = "upload-codec"
 
 # Metric keys in a device's reply. Flower weights aggregated metrics by NUM_EXAMPLES.
 NUM_EXAMPLES: Final = "num-examples"
@@ -48,5 +49,5 @@ UPDATE_REASON: Final = "update-reason"  # a PackageError reason code, or the err
 # Bumped whenever a message's shape changes; a device refuses a contract it does not know.
 # 2: model.pooling, train.personal_head, train.restricted_softmax, train.privacy.*; replies carry
 #    device-id (and declined) in a ConfigRecord, and dp_* metrics.
-# 3: update packages (query.update_status, query.update_apply).
+# 3: update packages (query.update_status, query.update_apply); sealed deltas encoded with upload-codec.
 CONTRACT: Final = 3

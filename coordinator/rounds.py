@@ -30,15 +30,14 @@ from typing import Any, Protocol
 
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from safetensors import SafetensorError
 
 from fleetlora.common import records
 from fleetlora.common.batches import evaluate
+from fleetlora.common.codec import Codec, CodecError, decode, inflated_bound
 from fleetlora.common.config import to_config
 from fleetlora.common.data import Example, load_examples
 from fleetlora.common.delta import (
     State,
-    deserialize,
     layout_fingerprint,
     load_trainable_state,
     to_array_record,
@@ -224,6 +223,7 @@ class Federation:
             base_sha256=self.loaded.base_sha256,
             tenant=self.settings.tenant,
             seal_uploads=self.settings.seal_uploads,
+            upload_codec=self.settings.upload_codec,
         )
         unseal = self._unsealer(instructions) if self.settings.seal_uploads else None
         central = self.settings.central_dp
@@ -309,6 +309,9 @@ class Federation:
         """Opens one round's sealed uploads against the context this coordinator expects."""
         assert self.hpke_key is not None  # loaded in __init__ whenever seal_uploads is on
 
+        codec = Codec.parse(instructions.upload_codec)
+        bound = inflated_bound(self.loaded.initial_adapter)
+
         def unseal(reply: Message) -> State:
             arrays = reply.content.array_records.get(SEALED)
             if arrays is None:
@@ -332,8 +335,8 @@ class Federation:
                 device_public=public,
             )
             try:
-                return deserialize(plaintext)
-            except SafetensorError as exc:
+                return decode(plaintext, codec, max_bytes=bound)
+            except CodecError as exc:
                 raise EnvelopeError(f"decrypted upload is not a delta ({exc})") from None
 
         return unseal

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
+from fleetlora.common.codec import Codec
 from fleetlora.common.config import (
     LoraSettings,
     ModelSpec,
@@ -44,6 +45,7 @@ class CoordinatorSettings:
     server: ServerOptimizerSettings = dataclasses.field(default_factory=ServerOptimizerSettings)
     lr_decay: float = 1.0  # round r trains at learning_rate × lr_decay^(r-1)
     seal_uploads: bool = False  # devices encrypt their deltas to this coordinator and sign them
+    upload_codec: str = "fp32+zstd"  # how devices encode a sealed delta (fp16 or int8 to send less)
     tenant: str = "default"
     keys_dir: str = ""  # the coordinator's keys (fleetlora coordinator keys init)
     central_dp: CentralDPSettings = dataclasses.field(default_factory=CentralDPSettings)
@@ -144,6 +146,7 @@ class CoordinatorSettings:
             server=server,
             lr_decay=float(get("lr-decay", 1.0)),
             seal_uploads=bool(get("seal-uploads", False)),
+            upload_codec=Codec.parse(str(get("upload-codec", "fp32+zstd"))).name,  # validated here
             tenant=str(get("tenant", "default")),
             keys_dir=str(get("keys", "")),
             package_policy=PackagePolicy(

@@ -15,7 +15,7 @@ from flwr.app import Message
 
 from fleetlora.common import records
 from fleetlora.common.aggregate import WeightedMean
-from fleetlora.common.delta import State, from_array_record, is_finite, nbytes
+from fleetlora.common.delta import State, from_array_record, is_finite
 from fleetlora.common.envelope import EnvelopeError
 from fleetlora.common.errors import IncompatibleStateError
 from fleetlora.coordinator.central_dp import clip
@@ -165,7 +165,7 @@ class DeltaAggregator:
             return
         self.clipped += was_clipped
         self.participants[node] = count
-        self.upload_bytes += nbytes(delta)
+        self.upload_bytes += wire_bytes(reply)
         self._tally.add(metrics, count)
 
     def mark_missing(self, sampled: Iterable[int]) -> None:
@@ -210,3 +210,10 @@ class MetricAggregator:
 
     def metrics(self) -> dict[str, float]:
         return {self._prefix + key: value for key, value in self._tally.means().items()}
+
+
+def wire_bytes(reply: Message) -> int:
+    """Bytes of array data a reply carried (a sealed upload's ciphertext, or the plain delta's arrays)."""
+    return sum(
+        len(array.data) for record in reply.content.array_records.values() for array in record.values()
+    )

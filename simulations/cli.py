@@ -137,6 +137,13 @@ def simulate(
             rich_help_panel="Privacy",
         ),
     ] = _DEFAULTS.seal_uploads,
+    upload_codec: Annotated[
+        str,
+        typer.Option(
+            help="How a sealed delta is encoded: fp32+zstd (lossless), fp16+zstd or int8+zstd (smaller).",
+            rich_help_panel="Privacy",
+        ),
+    ] = _DEFAULTS.upload_codec,
     package_cap: Annotated[
         float,
         typer.Option(
@@ -208,6 +215,7 @@ def simulate(
         central_dp_noise=central_dp_noise,
         central_dp_clip=central_dp_clip,
         seal_uploads=seal_uploads,
+        upload_codec=upload_codec,
         package_cap=package_cap,
         distribute_updates=distribute_updates,
         server_optimizer=server_optimizer,

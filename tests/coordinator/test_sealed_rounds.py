@@ -15,6 +15,7 @@ from fleetlora.client.enroll import ensure_device_key
 from fleetlora.client.local_data import local_examples
 from fleetlora.common import records
 from fleetlora.common.envelope import SEALED
+from fleetlora.common.errors import FleetloraError
 from fleetlora.coordinator.db import Database
 from fleetlora.coordinator.keys import init_keys
 from fleetlora.coordinator.registry import Registry
@@ -183,3 +184,23 @@ def test_a_replayed_upload_from_an_earlier_round_is_refused(tmp_path: Path, sqli
     assert [d.reason for d in second.drops] == [
         "sealed upload refused: upload is for round 1, not 2 (replayed)"
     ]
+
+
+def test_a_quantized_upload_codec_sends_less_and_still_trains(tmp_path: Path, sqlite_url: str):
+    lossless = _sealed_fleet(tmp_path / "fp32", f"sqlite:///{tmp_path / 'fp32.db'}")
+    int8 = {
+        **_sealed_fleet(tmp_path / "int8", f"sqlite:///{tmp_path / 'int8.db'}"),
+        "upload-codec": "int8+zstd",
+    }
+
+    (exact,), _ = _run(lossless)
+    (quantized,), _ = _run(int8)
+
+    assert quantized.version is not None and len(quantized.participants) == 3 and not quantized.drops
+    assert quantized.upload_bytes < exact.upload_bytes / 2  # int8 against fp32, both zstd-compressed
+
+
+def test_an_unknown_upload_codec_is_a_clear_error(tmp_path: Path, sqlite_url: str):
+    config = {**_sealed_fleet(tmp_path, sqlite_url), "upload-codec": "bf16+lz4"}
+    with pytest.raises(FleetloraError, match="Unknown codec"):
+        CoordinatorSettings.from_run_config(config)
