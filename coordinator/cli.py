@@ -192,7 +192,8 @@ def verify_package(
     """Check a package file's signature and payload hash, and show its manifest."""
     with file.open("rb") as stream:
         package = read_package(stream, read_public_key(key, Ed25519PublicKey))
-    table = Table(title=f"{file}: signature and payload verified", title_justify="left")
+    typer.echo(f"{file}: signature and payload verified")
+    table = Table()
     table.add_column("field")
     table.add_column("value")
     for name, value in dataclasses.asdict(package.manifest).items():

@@ -42,10 +42,35 @@ def test_tiny_fleet_end_to_end(tmp_path: Path):
     assert results["base_model_bytes"] > 0
     assert rounds[-1]["metrics"]["central_loss"] < results["initial"]["metrics"]["central_loss"]
 
+    # Every round's update package is under the cap, and every device was brought to the new version.
+    assert all(0 < r["package_ratio"] <= 0.10 and r["package_bytes"] > 0 for r in rounds)
+    assert all(r["updates"]["devices"] == {"applied": 3} for r in rounds)
+
     registry = Registry(Database(f"sqlite:///{out / 'fleetlora.db'}").initialize())
     stored = {v.label: v for v in registry.versions()}
     assert set(versions) <= set(stored)
     assert stored[versions[2]].parent_id == stored[versions[1]].id
+
+    # Each device's own state agrees: it runs the newest version, and an exported package applies
+    # out of band only where it moves the device forward.
+    device = out / "devices" / "partition-0"
+    status = fleetlora("device", "status", "--state-dir", str(device), "--json")
+    assert status.returncode == 0 and json.loads(status.stdout)["version"] == stored[versions[2]].id
+    db = f"sqlite:///{out / 'fleetlora.db'}"
+    package = tmp_path / "v2.pkg"
+    built = fleetlora(
+        "coordinator", "packages", "build", "--to", versions[1], "--out", str(package),
+        "--keys", str(out / "keys"), "--db", db,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr[-2000:]
+    signing_pub = str(out / "keys" / "coordinator-signing.pub")
+    verified = fleetlora("coordinator", "packages", "verify", str(package), "--key", signing_pub)
+    assert verified.returncode == 0 and "signature and payload verified" in verified.stdout
+    refused = fleetlora(
+        "device", "apply", str(package), "--state-dir", str(device),
+        "--coordinator-key", signing_pub,
+    )  # fmt: skip
+    assert "(rollback)" in _error_line(refused)  # an older version than the device holds
 
 
 def _error_line(done: subprocess.CompletedProcess[str]) -> str:
