@@ -179,7 +179,12 @@ def apply_package(
     state = _rebuild(manifest, payload, loaded, slots.load(current) if current else None)
     slot = next(s for s in SLOTS if current is None or s != current.slot)
     adapter_sha256 = slots.write_slot(slot, state)
-    health_check(loaded, slots.files.load_arrays(slot) or {}, adapter_sha256, slots.files.path(slot))
+    try:
+        health_check(loaded, slots.files.load_arrays(slot) or {}, adapter_sha256, slots.files.path(slot))
+    except PackageError:
+        # The model in memory must not keep running the rejected adapter.
+        load_trainable_state(loaded.model, slots.load(current) if current else loaded.initial_adapter)
+        raise
     active = ActiveAdapter(
         generation=(current.generation if current else 0) + 1,
         slot=slot,

@@ -101,6 +101,10 @@ def encode(state: Mapping[str, torch.Tensor], codec: Codec, level: int = PACKAGE
 def decode(blob: bytes, codec: Codec, max_bytes: int) -> State:
     """The float32 state ``encode`` stored; refuses to inflate past ``max_bytes``."""
     try:
+        # zstd trusts a frame's declared size over max_output_size, so check the declaration first.
+        declared = zstandard.frame_content_size(blob)  # -1 when the frame does not declare it
+        if declared > max_bytes:
+            raise CodecError(f"payload would inflate to {declared} bytes, more than {max_bytes}")
         raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=max_bytes)
     except zstandard.ZstdError as exc:
         raise CodecError(f"payload is not zstd data within {max_bytes} bytes ({exc})") from None

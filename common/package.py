@@ -72,6 +72,25 @@ class Manifest:
     def canonical(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":")).encode()
 
+    def check_types(self) -> None:
+        """Raise TypeError/ValueError unless every field has its declared type (JSON checks none)."""
+        kinds = {
+            str: ("tenant", "lineage", "base_sha256", "created", "expires", "payload_sha256", "codec"),
+            int: ("base_bytes", "to_version", "sequence", "payload_length", "format"),
+        }
+        for kind, names in kinds.items():
+            for name in names:
+                value = getattr(self, name)
+                if not isinstance(value, kind) or isinstance(value, bool):
+                    raise TypeError(f"{name} must be {kind.__name__}, got {value!r}")
+        if self.from_version is not None and type(self.from_version) is not int:
+            raise TypeError(f"from_version must be int or null, got {self.from_version!r}")
+        if not isinstance(self.model, dict) or not isinstance(self.reconstruction_error, int | float):
+            raise TypeError("model must be an object and reconstruction_error a number")
+        for stamp in (self.created, self.expires):
+            if datetime.fromisoformat(stamp).tzinfo is None:
+                raise ValueError(f"timestamp {stamp!r} has no time zone")
+
     @property
     def expires_at(self) -> datetime:
         return datetime.fromisoformat(self.expires)
@@ -83,7 +102,7 @@ class Manifest:
             if not isinstance(fields, dict) or set(fields) != {f.name for f in dataclasses.fields(cls)}:
                 raise ValueError("unexpected fields")
             manifest = cls(**fields)
-            datetime.fromisoformat(manifest.expires)
+            manifest.check_types()
         except (UnicodeDecodeError, ValueError, TypeError) as exc:
             raise PackageError("malformed", f"manifest is not valid ({exc})") from None
         if manifest.format != FORMAT:
