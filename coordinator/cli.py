@@ -82,6 +82,7 @@ def list_versions(
         metrics = ", ".join(f"{k}={val:.3f}" for k, val in sorted(v.metrics.items()) if "central" in k)
         table.add_row(
             v.label,
+            v.lineage[:8],
             f"v{v.parent_id}" if v.parent_id else "-",
             str(v.round),
             str(len(v.participants)),
