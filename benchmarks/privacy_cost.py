@@ -3,9 +3,10 @@
 - **DP step cost**: one LoRA training step on MiniLM (r=8 on query/value, a 77-class head) on a batch
   of 32 × 64 tokens, plain (AdamW) against DP-SGD (Opacus hooks, per-example clipping, noise), on the
   same batch, alternated so both see the same machine load. Reports the median seconds and the ratio.
-- **Crypto cost**: sealing the real adapter delta (safetensors → HPKE to the coordinator → Ed25519
-  signature) on the device, and verifying + decrypting it on the coordinator, against the time the
-  device's default local round (20 steps of batch 16) takes in the same run.
+- **Crypto cost**: sealing the real adapter delta as the device does (upload codec → HPKE to the
+  coordinator → Ed25519 signature) and opening it as the coordinator does (verify, decrypt, decode),
+  for the default upload codec (fp32+zstd) and int8+zstd, against the time the device's default local
+  round (20 steps of batch 16) takes in the same run.
 
 Run from the repository root::
 
@@ -34,11 +35,12 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from fleetlora.client.train import train_locally
+from fleetlora.common.codec import UPLOAD_ZSTD_LEVEL, Codec, decode, encode, inflated_bound
 from fleetlora.common.config import ModelSpec, TrainSettings
 from fleetlora.common.data import load_examples
 from fleetlora.common.data.examples import labels_of
-from fleetlora.common.delta import serialize, trainable_state
-from fleetlora.common.envelope import UploadContext, open_sealed, seal
+from fleetlora.common.delta import nbytes, trainable_state
+from fleetlora.common.envelope import SealedUpload, UploadContext, open_sealed, seal
 from fleetlora.common.model import build_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "banking77" / "train.csv"
@@ -108,26 +110,39 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- crypto cost against one default local round
     round_seconds = train_locally(loaded, examples[:400], TrainSettings(), seed=0).seconds
-    delta = serialize(trainable_state(model))
+    state = trainable_state(model)
     coordinator, device = X25519PrivateKey.generate(), Ed25519PrivateKey.generate()
     context = UploadContext("default", "partition-0", 1, loaded.base_sha256, 1)
-    sealed = seal(delta, context, coordinator.public_key(), device)
-    seal_seconds = median_seconds(
-        lambda: seal(delta, context, coordinator.public_key(), device), args.repeats
-    )
-    open_seconds = median_seconds(
-        lambda: open_sealed(
+    bound = inflated_bound(state)
+
+    def device_side(codec: Codec) -> SealedUpload:  # what the ClientApp does with a delta
+        return seal(encode(state, codec, UPLOAD_ZSTD_LEVEL), context, coordinator.public_key(), device)
+
+    def coordinator_side(sealed: SealedUpload, codec: Codec) -> None:  # what the unsealer does
+        plaintext = open_sealed(
             sealed,
             claimed=context,
             expected=context,
             coordinator_key=coordinator,
             device_public=device.public_key(),
-        ),
-        args.repeats,
-    )
-    progress(
-        f"seal {seal_seconds * 1e3:.2f} ms, open {open_seconds * 1e3:.2f} ms, round {round_seconds:.1f} s"
-    )
+        )
+        decode(plaintext, codec, max_bytes=bound)
+
+    uploads = {}
+    for codec in (Codec("fp32"), Codec("int8")):
+        sealed = device_side(codec)
+        seal_seconds = median_seconds(partial(device_side, codec), args.repeats)
+        open_seconds = median_seconds(partial(coordinator_side, sealed, codec), args.repeats)
+        uploads[codec.name] = {
+            "sealed_bytes": len(sealed.ciphertext) + len(sealed.signature),
+            "encode_and_seal_seconds": round(seal_seconds, 5),
+            "open_and_decode_seconds": round(open_seconds, 5),
+            "share_of_round": round((seal_seconds + open_seconds) / round_seconds, 5),
+        }
+        progress(
+            f"{codec.name}: encode+seal {seal_seconds * 1e3:.2f} ms, "
+            f"open+decode {open_seconds * 1e3:.2f} ms, round {round_seconds:.1f} s"
+        )
     result = {
         "benchmark": "privacy_cost",
         "command": shlex.join(sys.orig_argv),
@@ -140,12 +155,10 @@ def main(argv: list[str] | None = None) -> dict:
             "target_ratio": 1.15,
         },
         "crypto": {
-            "delta_bytes": len(delta),
-            "sealed_bytes": len(sealed.ciphertext) + len(sealed.signature),
-            "seal_seconds": round(seal_seconds, 5),
-            "open_seconds": round(open_seconds, 5),
+            "delta_bytes": nbytes(state),
             "local_round_seconds": round(round_seconds, 2),
-            "share_of_round": round((seal_seconds + open_seconds) / round_seconds, 5),
+            "by_upload_codec": uploads,
+            "share_of_round": uploads[Codec("fp32").name]["share_of_round"],  # the default codec
             "target_share": 0.01,
         },
         "repeats": args.repeats,

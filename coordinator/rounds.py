@@ -54,7 +54,7 @@ from fleetlora.coordinator.distribution import DistributionOutcome, Distributor
 from fleetlora.coordinator.exchange import exchange, wait_for_nodes
 from fleetlora.coordinator.keys import load_hpke_key, load_signing_key
 from fleetlora.coordinator.models import RoundRecord
-from fleetlora.coordinator.packages import PackageInfo, PackageStore
+from fleetlora.coordinator.packages import PackageInfo, PackageStore, PackageTooLarge
 from fleetlora.coordinator.registry import Registry, VersionInfo
 from fleetlora.coordinator.settings import CoordinatorSettings
 from fleetlora.coordinator.strategy import DeltaAggregator, Drop, MetricAggregator, PrivacySpend
@@ -88,6 +88,7 @@ class RoundOutcome:
     privacy: list[PrivacySpend] = field(default_factory=list)  # DP devices' cumulative spend
     package: PackageInfo | None = None  # the signed package from the parent version to this one
     distribution: DistributionOutcome | None = None
+    package_error: str | None = None  # why no package was built (none fits under the cap)
 
     @property
     def examples(self) -> int:
@@ -282,7 +283,11 @@ class Federation:
     def _publish(self, outcome: RoundOutcome, parent: VersionInfo) -> RoundOutcome:
         """Build the round's package (parent → new version) and, if asked, bring connected devices up."""
         assert self.distributor is not None and outcome.version is not None
-        package = self.distributor.package(outcome.version, parent.id)
+        try:
+            package = self.distributor.package(outcome.version, parent.id)
+        except PackageTooLarge as exc:
+            # The version stands; no device is offered a package over the cap.
+            return dataclasses.replace(outcome, package_error=str(exc))
         distribution = None
         if self.settings.distribute_updates:
             nodes = sorted(self.grid.get_node_ids())
@@ -436,4 +441,5 @@ def summarize(outcome: RoundOutcome) -> dict[str, Any]:
             else {}
         ),
         **({"updates": outcome.distribution.as_dict()} if outcome.distribution else {}),
+        **({"package_error": outcome.package_error} if outcome.package_error else {}),
     }

@@ -66,6 +66,8 @@ class ProgressReporter:
 
 def _updates(outcome: RoundOutcome) -> str:
     """The round's package and how the fleet took it, e.g. '; package 12 KiB (0.01%), 20 applied'."""
+    if outcome.package_error:
+        return "; [red]no package[/]: none fits under the cap"
     if outcome.package is None:
         return ""
     text = f"; package {outcome.package.package_bytes / 1024:.0f} KiB ({outcome.package.ratio:.2%})"

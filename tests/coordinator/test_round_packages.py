@@ -1,0 +1,46 @@
+"""Update packages in the round loop: each round's package is recorded, and one over the cap is never sent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import MessageType
+
+from fleetlora.coordinator.db import Database
+from fleetlora.coordinator.models import DeviceUpdate
+from fleetlora.coordinator.packages import PackageStore
+from fleetlora.coordinator.registry import Registry
+from fleetlora.coordinator.rounds import summarize
+from tests.coordinator.test_sealed_rounds import _run, _sealed_fleet
+
+
+def test_two_rounds_bring_every_device_to_the_newest_version_with_delta_packages(
+    tmp_path: Path, sqlite_url: str
+):
+    outcomes, _ = _run(_sealed_fleet(tmp_path, sqlite_url, rounds=2))
+
+    first, second = outcomes
+    # Round 1: devices hold nothing yet and get the full adapter; round 2: the delta from round 1's version.
+    assert first.distribution is not None and set(first.distribution.packages) == {None}
+    assert second.distribution is not None and set(second.distribution.packages) == {first.version.id}
+    assert second.distribution.statuses == {"applied": 3}
+    assert all(0 < summarize(o)["package_ratio"] <= 0.10 for o in outcomes)
+    with Database(sqlite_url).initialize().session() as session:
+        rows = session.query(DeviceUpdate).all()
+        assert sorted((r.device_id, r.version_id, r.status) for r in rows) == [
+            (f"partition-{i}", second.version.id, "applied") for i in range(3)
+        ]
+
+
+def test_a_package_over_the_cap_is_never_built_and_the_round_still_stands(tmp_path: Path, sqlite_url: str):
+    config = {**_sealed_fleet(tmp_path, sqlite_url), "package-cap": 1e-7}
+
+    (outcome,), grid = _run(config)
+
+    assert outcome.version is not None  # the round's version is stored
+    assert outcome.package is None and outcome.distribution is None
+    assert "No codec fits" in (outcome.package_error or "")
+    assert "package_error" in summarize(outcome)
+    assert PackageStore(Registry(Database(sqlite_url).initialize())).list() == []
+    sent = {m.metadata.message_type for m in grid.received}
+    assert sent == {MessageType.TRAIN, MessageType.EVALUATE}  # no device was offered anything
