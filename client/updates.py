@@ -96,6 +96,7 @@ class UpdateSlots:
             if slot.is_file() and sha256_hex(slot.read_bytes()) == pointer.adapter_sha256:
                 self._remove_scratch()
                 return pointer
+        self._remove_scratch()  # a first apply killed before its switch
         return None
 
     def load(self, active: ActiveAdapter) -> State:
@@ -181,10 +182,18 @@ def apply_package(
     adapter_sha256 = slots.write_slot(slot, state)
     try:
         health_check(loaded, slots.files.load_arrays(slot) or {}, adapter_sha256, slots.files.path(slot))
-    except PackageError:
-        # The model in memory must not keep running the rejected adapter.
+        active = _activate(slots, slot, adapter_sha256, manifest, current)
+    except BaseException:
+        # The model in memory must not keep running an adapter the device did not switch to.
         load_trainable_state(loaded.model, slots.load(current) if current else loaded.initial_adapter)
         raise
+    return Applied(current.version if current else None, active, time.perf_counter() - started)
+
+
+def _activate(
+    slots: UpdateSlots, slot: str, adapter_sha256: str, manifest: Manifest, current: ActiveAdapter | None
+) -> ActiveAdapter:
+    """Switch the pointer to ``slot``: the commit point of an apply."""
     active = ActiveAdapter(
         generation=(current.generation if current else 0) + 1,
         slot=slot,
@@ -200,7 +209,7 @@ def apply_package(
         applied_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     slots.switch(active)
-    return Applied(current.version if current else None, active, time.perf_counter() - started)
+    return active
 
 
 def health_check(loaded: LoadedModel, state: State, expected_sha256: str, path: Path) -> None:

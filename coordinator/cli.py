@@ -18,7 +18,14 @@ from fleetlora.common.keys import COORDINATOR_HPKE_PUB, COORDINATOR_SIGNING_PUB,
 from fleetlora.common.package import read_package
 from fleetlora.coordinator.db import Database
 from fleetlora.coordinator.keys import init_keys, load_signing_key
-from fleetlora.coordinator.packages import DEFAULT_TTL, MAX_CAP, PackageInfo, PackagePolicy, PackageStore
+from fleetlora.coordinator.packages import (
+    DEFAULT_MAX_ERROR,
+    DEFAULT_TTL,
+    MAX_CAP,
+    PackageInfo,
+    PackagePolicy,
+    PackageStore,
+)
 from fleetlora.coordinator.registry import Registry, VersionInfo
 from fleetlora.coordinator.settings import DEFAULT_DB
 
@@ -144,12 +151,15 @@ def build_package(
     ttl_hours: Annotated[float, typer.Option(help="Hours until devices refuse the package.")] = (
         DEFAULT_TTL.total_seconds() / 3600
     ),
+    max_error: Annotated[
+        float, typer.Option(help="Largest reconstruction error (relative L2) a lossy codec may cause.")
+    ] = DEFAULT_MAX_ERROR,
     keys: KeysOption = Path("keys"),
     db: DbOption = DEFAULT_DB,
 ) -> None:
-    """Build, sign and store the package FROM → TO with the lightest codec that fits the cap."""
+    """Build, sign and store the package FROM → TO with the most faithful codec that fits the cap."""
     store = PackageStore(Registry(Database(db).initialize()))
-    policy = PackagePolicy(cap=cap, ttl=timedelta(hours=ttl_hours))
+    policy = PackagePolicy(cap=cap, ttl=timedelta(hours=ttl_hours), max_error=max_error)
     package = store.build(
         _version_id(to), _version_id(start) if start else None, load_signing_key(keys), policy
     )

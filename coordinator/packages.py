@@ -3,8 +3,9 @@
 A package takes a device from a stored version to a later one of the same lineage: the delta
 between the two adapters, or the whole adapter for a device that has none. The builder walks the
 codec ladder (:data:`fleetlora.common.codec.LADDER`) from lossless down and keeps the first codec
-whose whole package fits under ``cap × base-model bytes``; if none fits it refuses, naming the
-sizes. Every package is stored whole in SQL, so what a device received can always be shown again.
+whose whole package fits under ``cap × base-model bytes`` with a reconstruction error within
+``max_error``; if none does it refuses, naming each codec's size and error. Every package is
+stored whole in SQL, so what a device received can always be shown again.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from fleetlora.coordinator.registry import Registry
 
 MAX_CAP = 0.10  # the fleet's contract: a package is never more than 10% of the base model
 DEFAULT_TTL = timedelta(days=7)
+DEFAULT_MAX_ERROR = 0.10
 
 
 class PackageTooLarge(FleetloraError):
@@ -39,8 +41,13 @@ class PackagePolicy:
 
     cap: float = MAX_CAP
     ttl: timedelta = DEFAULT_TTL
+    # A lossier codec is used only while the rebuilt adapter stays this close to the real one
+    # (relative L2): past it, the package would not be the version it names.
+    max_error: float = DEFAULT_MAX_ERROR
 
     def __post_init__(self) -> None:
+        if not self.max_error > 0:
+            raise ConfigError(f"package max error must be > 0, got {self.max_error}.")
         if not 0 < self.cap <= MAX_CAP:
             raise ConfigError(f"package cap must be in (0, {MAX_CAP}], got {self.cap}.")
         if self.ttl <= timedelta(0):
@@ -158,13 +165,15 @@ class PackageStore:
                 reconstruction_error=relative_error(adapter, rebuilt),
             )
             blob = sign(manifest, payload, key).to_bytes()
-            sizes.append(f"{codec.name} {len(blob)}")
-            if len(blob) <= limit and math.isfinite(manifest.reconstruction_error):
+            error = manifest.reconstruction_error
+            sizes.append(f"{codec.name} {len(blob)} bytes, error {error:.2g}")
+            if len(blob) <= limit and math.isfinite(error) and error <= policy.max_error:
                 return self._store(manifest, codec, blob, policy, time.perf_counter() - started)
         raise PackageTooLarge(
             f"No codec fits v{from_version or 'none'} → v{to_version} under the cap of {limit} bytes "
-            f"({policy.cap:.1%} of {lineage.base_model_bytes} base-model bytes); package bytes by codec: "
-            f"{', '.join(sizes)}. Raise the cap (at most {MAX_CAP:.0%}) or train a smaller adapter."
+            f"({policy.cap:.1%} of {lineage.base_model_bytes} base-model bytes) with reconstruction error "
+            f"<= {policy.max_error:g}; by codec: {'; '.join(sizes)}. Raise the cap (at most {MAX_CAP:.0%}) "
+            "or the allowed error, or train a smaller adapter."
         )
 
     def find(

@@ -24,7 +24,7 @@ from fleetlora.common.data import load_examples
 from fleetlora.common.data.examples import labels_of
 from fleetlora.common.errors import ConfigError
 from fleetlora.coordinator.central_dp import CentralDPSettings
-from fleetlora.coordinator.packages import DEFAULT_TTL, MAX_CAP, PackagePolicy
+from fleetlora.coordinator.packages import DEFAULT_MAX_ERROR, DEFAULT_TTL, MAX_CAP, PackagePolicy
 
 DEFAULT_DB = "sqlite:///fleetlora.db"
 
@@ -152,6 +152,7 @@ class CoordinatorSettings:
             package_policy=PackagePolicy(
                 cap=float(get("package-cap", MAX_CAP)),
                 ttl=timedelta(hours=float(get("package-ttl-hours", DEFAULT_TTL.total_seconds() / 3600))),
+                max_error=float(get("package-max-error", DEFAULT_MAX_ERROR)),
             ),
             distribute_updates=bool(get("distribute-updates", True)),
             central_dp=CentralDPSettings(

@@ -71,12 +71,17 @@ def test_tight_cap_picks_a_lossier_codec(fleet: Fleet):
     # Tighter still: a sparse codec, with a larger error, still under the cap.
     limit = encoded["int8+zstd+top0.25"] + overhead + 64
     assert limit < encoded["int8+zstd"] + overhead - 64
-    sparse = fleet.store.build(v2.id, v1.id, fleet.key, PackagePolicy(cap=_cap_for(limit, base)))
+    loose = PackagePolicy(cap=_cap_for(limit, base), max_error=1.0)
+    sparse = fleet.store.build(v2.id, v1.id, fleet.key, loose)
     assert Codec.parse(sparse.codec).density < 1
     assert sparse.reconstruction_error > info.reconstruction_error
     assert sparse.package_bytes <= sparse.cap * base
     # find() gives the newest stored package for the step.
     assert fleet.store.find(v2.id, v1.id) == sparse
+    # With an error bound below what the sparse codec costs, the same cap is refused.
+    strict = PackagePolicy(cap=_cap_for(limit, base), max_error=sparse.reconstruction_error / 2)
+    with pytest.raises(PackageTooLarge, match="reconstruction error"):
+        fleet.store.build(v2.id, v1.id, fleet.key, strict)
 
 
 def test_cap_too_small_for_any_codec_stores_nothing(fleet: Fleet):
