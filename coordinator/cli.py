@@ -16,7 +16,7 @@ from rich.table import Table
 
 from fleetlora.common.keys import COORDINATOR_HPKE_PUB, COORDINATOR_SIGNING_PUB, read_public_key
 from fleetlora.common.package import read_package
-from fleetlora.coordinator.db import Database
+from fleetlora.coordinator.db import Database, upgrade
 from fleetlora.coordinator.keys import init_keys, load_signing_key
 from fleetlora.coordinator.packages import (
     DEFAULT_MAX_ERROR,
@@ -30,7 +30,7 @@ from fleetlora.coordinator.registry import Registry, VersionInfo
 from fleetlora.coordinator.settings import DEFAULT_DB
 
 app = typer.Typer(
-    help="Operate the coordinator: keys, enrolled devices, stored versions, update packages.",
+    help="Operate the coordinator: keys, enrolled devices, versions, update packages, the database.",
     no_args_is_help=True,
 )
 versions_app = typer.Typer(help="Global adapter versions stored in SQL.", no_args_is_help=True)
@@ -43,6 +43,8 @@ packages_app = typer.Typer(
     help="Signed update packages that bring devices to a version.", no_args_is_help=True
 )
 app.add_typer(packages_app, name="packages")
+db_app = typer.Typer(help="The coordinator database's schema (Alembic migrations).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
 
 DbOption = Annotated[str, typer.Option(help="SQLAlchemy URL of the coordinator database.")]
 KeysOption = Annotated[Path, typer.Option("--keys", help="The coordinator's keys folder (`keys init`).")]
@@ -100,6 +102,12 @@ def list_versions(
             metrics or "-",
         )
     _console().print(table)
+
+
+@db_app.command("upgrade")
+def upgrade_database(db: DbOption = DEFAULT_DB) -> None:
+    """Migrate the database to this fleetlora's schema (creates it if empty; safe to repeat)."""
+    typer.echo(f"{db}: schema at revision {upgrade(Database(db).engine)}")
 
 
 @keys_app.command("init")

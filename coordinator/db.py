@@ -6,13 +6,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import create_engine, event
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine, event, inspect
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
 from fleetlora.common.errors import ConfigError
 from fleetlora.coordinator.models import Base
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+BASELINE = "0001"  # the schema create_all made before migrations existed
 
 
 class Database:
@@ -35,8 +41,8 @@ class Database:
         self._initialized = False
 
     def initialize(self) -> Database:
-        """Create missing tables (idempotent); must run before :meth:`session`."""
-        Base.metadata.create_all(self.engine)
+        """Bring the schema to the newest migration (idempotent); must run before :meth:`session`."""
+        upgrade(self.engine)
         self._initialized = True
         return self
 
@@ -55,6 +61,24 @@ class Database:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def upgrade(engine: Engine) -> str:
+    """Run Alembic's migrations up to the newest; return the revision the database is now at.
+
+    A database made before migrations existed (tables but no ``alembic_version``) is adopted: any
+    table it lacks is created, and it is stamped as the baseline before upgrading.
+    """
+    with engine.begin() as connection:
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        config.attributes["connection"] = connection
+        tables = inspect(connection).get_table_names()
+        if "model_versions" in tables and "alembic_version" not in tables:
+            Base.metadata.create_all(connection)
+            command.stamp(config, BASELINE)
+        command.upgrade(config, "head")
+        return str(MigrationContext.configure(connection).get_current_revision())
 
 
 def _sqlite_pragmas(connection, _record) -> None:  # type: ignore[no-untyped-def]

@@ -16,8 +16,8 @@ from tests.client.update_harness import LINEAGE, TENANT, Fleet, make_fleet, stat
 
 
 @pytest.fixture
-def fleet(tmp_path: Path, tiny_spec: ModelSpec, sqlite_url: str) -> Fleet:
-    return make_fleet(tmp_path, tiny_spec, sqlite_url)
+def fleet(tmp_path: Path, tiny_spec: ModelSpec, db_url: str) -> Fleet:
+    return make_fleet(tmp_path, tiny_spec, db_url)
 
 
 def _cap_for(limit: int, base_bytes: int) -> float:

@@ -1,6 +1,7 @@
 import pytest
 import torch
 from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 
 from fleetlora.common.delta import serialize, sha256_hex
 from fleetlora.common.errors import ConfigError, CorruptVersionError
@@ -24,8 +25,8 @@ def _add(registry: Registry, parent: int | None, round_number: int, value: float
     )
 
 
-def test_lineage_chain_and_hashes(sqlite_url: str):
-    registry = _registry(sqlite_url)
+def test_lineage_chain_and_hashes(db_url: str):
+    registry = _registry(db_url)
     v0 = _add(registry, None, 0, 0.0)
     v1 = _add(registry, v0.id, 1, 1.0)
     v2 = _add(registry, v1.id, 2, 2.0)
@@ -41,15 +42,15 @@ def test_lineage_chain_and_hashes(sqlite_url: str):
     assert registry.latest("other") is None
 
 
-def test_versions_survive_reopening_the_database(sqlite_url: str):
-    v0 = _add(_registry(sqlite_url), None, 0, 0.5)
-    reopened = _registry(sqlite_url)
+def test_versions_survive_reopening_the_database(db_url: str):
+    v0 = _add(_registry(db_url), None, 0, 0.5)
+    reopened = _registry(db_url)
     assert reopened.latest("L") == v0
     assert torch.equal(reopened.load_adapter(v0.id)["w"], torch.full((4, 2), 0.5))
 
 
-def test_corrupted_adapter_bytes_are_detected(sqlite_url: str):
-    registry = _registry(sqlite_url)
+def test_corrupted_adapter_bytes_are_detected(db_url: str):
+    registry = _registry(db_url)
     v0 = _add(registry, None, 0, 0.0)
     blob = bytearray(serialize({"w": torch.full((4, 2), 0.0)}))
     blob[-1] ^= 0xFF
@@ -61,11 +62,11 @@ def test_corrupted_adapter_bytes_are_detected(sqlite_url: str):
         registry.load_adapter(v0.id)
 
 
-def test_a_round_is_stored_once_per_lineage(sqlite_url: str):
-    registry = _registry(sqlite_url)
+def test_a_round_is_stored_once_per_lineage(db_url: str):
+    registry = _registry(db_url)
     v0 = _add(registry, None, 0, 0.0)
     _add(registry, v0.id, 1, 1.0)
-    with pytest.raises(Exception, match="UNIQUE"):
+    with pytest.raises(IntegrityError, match=r"uq_version_lineage_round|UNIQUE"):
         _add(registry, v0.id, 1, 1.0)
     assert len(registry.versions("L")) == 2  # the failed insert left nothing behind
 

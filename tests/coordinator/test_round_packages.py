@@ -15,9 +15,9 @@ from tests.coordinator.test_sealed_rounds import _run, _sealed_fleet
 
 
 def test_two_rounds_bring_every_device_to_the_newest_version_with_delta_packages(
-    tmp_path: Path, sqlite_url: str
+    tmp_path: Path, db_url: str
 ):
-    outcomes, _ = _run(_sealed_fleet(tmp_path, sqlite_url, rounds=2))
+    outcomes, _ = _run(_sealed_fleet(tmp_path, db_url, rounds=2))
 
     first, second = outcomes
     # Round 1: devices hold nothing yet and get the full adapter; round 2: the delta from round 1's version.
@@ -25,15 +25,15 @@ def test_two_rounds_bring_every_device_to_the_newest_version_with_delta_packages
     assert second.distribution is not None and set(second.distribution.packages) == {first.version.id}
     assert second.distribution.statuses == {"applied": 3}
     assert all(0 < summarize(o)["package_ratio"] <= 0.10 for o in outcomes)
-    with Database(sqlite_url).initialize().session() as session:
+    with Database(db_url).initialize().session() as session:
         rows = session.query(DeviceUpdate).all()
         assert sorted((r.device_id, r.version_id, r.status) for r in rows) == [
             (f"partition-{i}", second.version.id, "applied") for i in range(3)
         ]
 
 
-def test_a_package_over_the_cap_is_never_built_and_the_round_still_stands(tmp_path: Path, sqlite_url: str):
-    config = {**_sealed_fleet(tmp_path, sqlite_url), "package-cap": 1e-7}
+def test_a_package_over_the_cap_is_never_built_and_the_round_still_stands(tmp_path: Path, db_url: str):
+    config = {**_sealed_fleet(tmp_path, db_url), "package-cap": 1e-7}
 
     (outcome,), grid = _run(config)
 
@@ -41,6 +41,6 @@ def test_a_package_over_the_cap_is_never_built_and_the_round_still_stands(tmp_pa
     assert outcome.package is None and outcome.distribution is None
     assert "No codec fits" in (outcome.package_error or "")
     assert "package_error" in summarize(outcome)
-    assert PackageStore(Registry(Database(sqlite_url).initialize())).list() == []
+    assert PackageStore(Registry(Database(db_url).initialize())).list() == []
     sent = {m.metadata.message_type for m in grid.received}
     assert sent == {MessageType.TRAIN, MessageType.EVALUATE}  # no device was offered anything

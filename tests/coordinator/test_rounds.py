@@ -139,8 +139,8 @@ def test_too_few_devices_online_fails_at_the_deadline(sqlite_url: str):
     assert outcome.version is None and "Only 2 of the 3 devices" in outcome.error
 
 
-def test_a_restarted_coordinator_resumes_from_the_latest_version(sqlite_url: str):
-    config = _run_config(sqlite_url)
+def test_a_restarted_coordinator_resumes_from_the_latest_version(db_url: str):
+    config = _run_config(db_url)
     first = Federation(LocalGrid(build_client_app(), 3, config), CoordinatorSettings.from_run_config(config))
     last = first.run()[-1].version
 
@@ -253,9 +253,9 @@ def test_personal_heads_are_kept_on_each_device_and_scored_beside_the_global_mod
     )
 
 
-def test_dp_devices_report_their_spend_to_the_ledger_and_decline_past_their_budget(sqlite_url, tmp_path):
+def test_dp_devices_report_their_spend_to_the_ledger_and_decline_past_their_budget(db_url, tmp_path):
     config = _run_config(
-        sqlite_url, **{"dp-epsilon": 8.0, "dp-rounds": 1, "device-state": str(tmp_path), "min-devices": 3}
+        db_url, **{"dp-epsilon": 8.0, "dp-rounds": 1, "device-state": str(tmp_path), "min-devices": 3}
     )
     federation = Federation(
         LocalGrid(build_client_app(), 3, config), CoordinatorSettings.from_run_config(config)
