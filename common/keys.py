@@ -35,9 +35,16 @@ PublicKeyType = _Public  # for callers that take the kind of key as an argument
 
 def write_private_key(path: Path, key: PrivateKey) -> None:
     """Create ``path`` with mode 0600 and the key in it; refuse to replace an existing key."""
-    blob = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    write_private_key_bytes(
+        path,
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
     )
+
+
+def write_private_key_bytes(path: Path, blob: bytes) -> None:
+    """Create ``path`` with mode 0600 holding ``blob`` (a PEM private key); never replace a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
