@@ -10,11 +10,13 @@ from typing import Annotated
 import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from fleetlora.client import supernode
 from fleetlora.client.device_state import DeviceState
-from fleetlora.client.enroll import ensure_device_key
+from fleetlora.client.enroll import ensure_auth_key, ensure_device_key
 from fleetlora.client.updates import DEFAULT_CAP, UpdateSlots, apply_package
 from fleetlora.common.config import LoraSettings, ModelSpec, split_names
 from fleetlora.common.delta import nbytes, trainable_state
+from fleetlora.common.host_config import load_host_config
 from fleetlora.common.keys import COORDINATOR_SIGNING_PUB, DEVICE_SIGNING_PUB, read_public_key
 from fleetlora.common.model import build_model
 
@@ -65,14 +67,35 @@ def enroll(
     state_dir: StateDirOption,
     device_id: Annotated[str, typer.Option(help="The id this device reports (its node config `device-id`).")],
 ) -> None:
-    """Make this device's Ed25519 signing key (once) and show what to hand to the coordinator's operator."""
-    ensure_device_key(DeviceState(state_dir))
+    """Make this device's keys (once): Ed25519 to sign uploads, ECDSA for its SuperNode to authenticate;
+    show what to hand to the coordinator's operator."""
+    device = DeviceState(state_dir)
+    ensure_device_key(device)
+    auth = ensure_auth_key(device)
     public = state_dir / DEVICE_SIGNING_PUB
-    typer.echo(f"public key: {public}")
+    typer.echo(f"upload-signing key: {public}")
+    typer.echo(f"SuperNode auth key: {auth}")
     typer.echo(
-        "On the coordinator run: fleetlora coordinator devices enroll "
-        f"--device-id {device_id} --public-key {public.name}"
+        "Hand both .pub files to the operator, who runs: fleetlora coordinator devices enroll "
+        f"--device-id {device_id} --public-key {public.name} --auth-key {auth.name}"
     )
+
+
+@app.command("up")
+def up(
+    config: Annotated[
+        Path | None, typer.Option("--config", help="fleetlora.toml with a [device] section.")
+    ] = None,
+    coordinator: Annotated[
+        str | None, typer.Option(help="HOST:PORT of the coordinator's SuperLink [default: the config's].")
+    ] = None,
+) -> None:
+    """Start this device's SuperNode (TLS, its auth key) in the foreground; it trains when sampled."""
+    device = load_host_config(config).device
+    if coordinator:
+        device = dataclasses.replace(device, coordinator=coordinator)
+    typer.echo(f"{device.device_id}: joining {device.coordinator} (upload consent: {device.upload_consent})")
+    raise typer.Exit(supernode.run_foreground(device))
 
 
 @app.command("apply")

@@ -14,9 +14,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from rich.console import Console
 from rich.table import Table
 
+from fleetlora.common.host_config import load_host_config
 from fleetlora.common.keys import COORDINATOR_HPKE_PUB, COORDINATOR_SIGNING_PUB, read_public_key
 from fleetlora.common.package import read_package
+from fleetlora.coordinator import deploy_cli
 from fleetlora.coordinator.db import Database, upgrade
+from fleetlora.coordinator.flower_control import register_node
 from fleetlora.coordinator.keys import init_keys, load_signing_key
 from fleetlora.coordinator.packages import (
     DEFAULT_MAX_ERROR,
@@ -43,10 +46,15 @@ packages_app = typer.Typer(
     help="Signed update packages that bring devices to a version.", no_args_is_help=True
 )
 app.add_typer(packages_app, name="packages")
+app.command("up")(deploy_cli.up)
+app.command("status")(deploy_cli.status)
+app.add_typer(deploy_cli.certs_app, name="certs")
+app.add_typer(deploy_cli.round_app, name="round")
 db_app = typer.Typer(help="The coordinator database's schema (Alembic migrations).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
 DbOption = Annotated[str, typer.Option(help="SQLAlchemy URL of the coordinator database.")]
+ConfigOption = deploy_cli.ConfigOption
 KeysOption = Annotated[Path, typer.Option("--keys", help="The coordinator's keys folder (`keys init`).")]
 
 
@@ -127,13 +135,29 @@ def init_keys_command(
 def enroll_device(
     device_id: Annotated[str, typer.Option(help="The device's id, as its node config `device-id` says.")],
     public_key: Annotated[Path, typer.Option(help="The device's device-signing.pub (from `device enroll`).")],
-    tenant: Annotated[str, typer.Option(help="The fleet the device belongs to.")] = "default",
-    db: DbOption = DEFAULT_DB,
+    auth_key: Annotated[
+        Path | None,
+        typer.Option(help="The device's supernode-auth.pub: also register its SuperNode with the SuperLink."),
+    ] = None,
+    tenant: Annotated[
+        str | None, typer.Option(help="The fleet the device belongs to [default: config's].")
+    ] = None,
+    db: Annotated[str | None, typer.Option(help="Database URL [default: the config's, else sqlite].")] = None,
+    config: ConfigOption = None,
 ) -> None:
-    """Register a device's public signing key; its sealed uploads verify against it from now on."""
+    """Register a device: its upload-signing key in fleetlora's registry and, with --auth-key, its
+    SuperNode with the running SuperLink (`fleetlora coordinator up`)."""
+    host = load_host_config(config).coordinator
     key = read_public_key(public_key, Ed25519PublicKey)
-    Registry(Database(db).initialize()).enroll_device(device_id, tenant, key)
-    typer.echo(f"enrolled {device_id} in {tenant}")
+    node_id = register_node(host, auth_key, device_id) if auth_key is not None else None
+    tenant = tenant or host.tenant
+    Registry(Database(db or _database(config)).initialize()).enroll_device(device_id, tenant, key, node_id)
+    typer.echo(f"enrolled {device_id} in {tenant}" + (f" as SuperNode {node_id}" if node_id else ""))
+
+
+def _database(config: Path | None) -> str:
+    """The database a command uses: the config file's, else the zero-set-up SQLite default."""
+    return load_host_config(config).coordinator.database_url if config else DEFAULT_DB
 
 
 def _package_cell(version: VersionInfo, packages: list[PackageInfo]) -> str:

@@ -149,6 +149,7 @@ class EnrolledDevice(Base):
     device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(128))
     public_key_pem: Mapped[str] = mapped_column(String(400))
+    node_id: Mapped[str | None] = mapped_column(String(20))  # its SuperNode's Flower node id, once registered
     enrolled_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     schema_version: Mapped[int] = mapped_column(default=SCHEMA_VERSION)
 

@@ -195,15 +195,27 @@ class Registry:
         with self.db.session() as session:
             return list(session.scalars(query))
 
-    def enroll_device(self, device_id: str, tenant: str, public_key: Ed25519PublicKey) -> None:
-        """Register (or re-key) a device; its uploads verify against this key from now on."""
+    def enroll_device(
+        self, device_id: str, tenant: str, public_key: Ed25519PublicKey, node_id: int | None = None
+    ) -> None:
+        """Register (or re-key) a device; its uploads verify against this key from now on.
+
+        ``node_id`` is its SuperNode's Flower node id when the device was registered with the SuperLink.
+        """
         pem = public_pem(public_key).decode()
+        node = str(node_id) if node_id is not None else None
         with self.db.session() as session:
             row = session.get(EnrolledDevice, device_id)
             if row is None:
-                session.add(EnrolledDevice(device_id=device_id, tenant=tenant, public_key_pem=pem))
+                row = EnrolledDevice(device_id=device_id, tenant=tenant, public_key_pem=pem, node_id=node)
+                session.add(row)
             else:
                 row.tenant, row.public_key_pem, row.enrolled_at = tenant, pem, utcnow()
+                row.node_id = node or row.node_id
+
+    def enrolled_devices(self) -> list[EnrolledDevice]:
+        with self.db.session() as session:
+            return list(session.scalars(select(EnrolledDevice).order_by(EnrolledDevice.device_id)))
 
     def device_key(self, device_id: str, tenant: str) -> Ed25519PublicKey | None:
         """The enrolled key of ``device_id`` in ``tenant``, or None if it is not enrolled there."""

@@ -6,11 +6,13 @@ import subprocess
 import sys
 
 import torch
+from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, inspect, text
 
-from fleetlora.coordinator.db import Database, upgrade
+from fleetlora.coordinator.db import MIGRATIONS, Database, upgrade
 from fleetlora.coordinator.models import Base
 from fleetlora.coordinator.registry import Registry
 
@@ -45,6 +47,24 @@ def test_a_database_made_before_migrations_is_adopted_with_its_data(db_url: str)
     registry.db.close()
 
 
+def test_an_older_schema_is_upgraded_in_place(db_url: str):
+    engine = create_engine(db_url)
+    with engine.begin() as connection:
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")  # a coordinator of the first release
+        connection.execute(
+            text("INSERT INTO devices (device_id, tenant, public_key_pem, enrolled_at, schema_version) "
+                 "VALUES ('d1', 'default', 'pem', CURRENT_TIMESTAMP, 1)")
+        )  # fmt: skip
+    assert upgrade(engine) == "0002"
+    with engine.connect() as connection:
+        rows = connection.execute(text("SELECT device_id, node_id FROM devices")).all()
+    assert [tuple(r) for r in rows] == [("d1", None)]  # kept, with the new column empty
+    engine.dispose()
+
+
 def test_db_upgrade_command(db_url: str):
     done = subprocess.run(
         [sys.executable, "-m", "fleetlora", "coordinator", "db", "upgrade", "--db", db_url],
@@ -54,4 +74,4 @@ def test_db_upgrade_command(db_url: str):
         check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "schema at revision 0001" in done.stdout
+    assert "schema at revision 0002" in done.stdout

@@ -14,9 +14,7 @@ from fleetlora.coordinator.rounds import summarize
 from tests.coordinator.test_sealed_rounds import _run, _sealed_fleet
 
 
-def test_two_rounds_bring_every_device_to_the_newest_version_with_delta_packages(
-    tmp_path: Path, db_url: str
-):
+def test_two_rounds_bring_every_device_to_the_newest_version_with_delta_packages(tmp_path: Path, db_url: str):
     outcomes, _ = _run(_sealed_fleet(tmp_path, db_url, rounds=2))
 
     first, second = outcomes

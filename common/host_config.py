@@ -1,0 +1,125 @@
+"""``fleetlora.toml``: one file for a deployed coordinator host and its devices.
+
+``[coordinator]`` says where the SuperLink listens, where its state lives and which database to use;
+``[federation]`` holds the run config a round starts with (the keys of ``[tool.flwr.app.config]``);
+``[device]`` says where a device's SuperNode connects and what it keeps. Every setting has a
+default, so a file may name only what differs (``fleetlora coordinator config`` prints them all).
+Relative paths are taken from the folder of the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fleetlora.common.errors import ConfigError
+
+DEFAULT_PORT = 9092
+
+
+@dataclass(frozen=True)
+class CoordinatorHost:
+    """The coordinator host: the SuperLink's address and the folders and database it keeps."""
+
+    host: str = "127.0.0.1"  # the SuperLink's listening address (0.0.0.0: all interfaces)
+    port: int = DEFAULT_PORT  # one HTTPS port: devices, operators and the ServerApp all use it
+    state_dir: Path = Path("coordinator")  # keys/, certs/, superlink.db, flwr/ (Flower's home)
+    database: str = ""  # SQLAlchemy URL of fleetlora's database; "" = SQLite in state_dir
+    tenant: str = "default"
+    tls_hosts: tuple[str, ...] = ("localhost", "127.0.0.1")  # names devices dial, put in the certificate
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.state_dir / "keys"
+
+    @property
+    def certs_dir(self) -> Path:
+        return self.state_dir / "certs"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.state_dir / "flwr"
+
+    @property
+    def superlink_db(self) -> Path:
+        return self.state_dir / "superlink.db"
+
+    @property
+    def database_url(self) -> str:
+        return self.database or f"sqlite:///{(self.state_dir / 'fleetlora.db').resolve()}"
+
+    @property
+    def address(self) -> str:
+        """Where local clients (the operator CLI, the ServerApp runner) reach the SuperLink."""
+        return f"{'127.0.0.1' if self.host in ('0.0.0.0', '') else self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class DeviceHost:
+    """One device: which coordinator it joins, its identity, its folders and its data."""
+
+    coordinator: str = f"127.0.0.1:{DEFAULT_PORT}"  # HOST:PORT of the SuperLink
+    device_id: str = "device-1"
+    state_dir: Path = Path("device")  # keys, privacy account, personal head, update slots
+    ca_cert: Path = Path("ca.crt")  # the coordinator's CA certificate (`coordinator certs init`)
+    coordinator_keys: Path = Path("coordinator-keys")  # coordinator-hpke.pub, coordinator-signing.pub
+    data: str = "builtin"  # the device's local text (CSV/JSONL/TXT, or `builtin`)
+    upload_consent: bool = False  # nothing leaves the device until its owner says so
+    runtime_port: int = 9094  # the SuperNode's local port for its ClientApp (one per device on a host)
+
+    @property
+    def auth_key(self) -> Path:
+        return self.state_dir / "supernode-auth.key"
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    coordinator: CoordinatorHost = field(default_factory=CoordinatorHost)
+    federation: dict[str, Any] = field(default_factory=dict)  # run config overrides for `round start`
+    device: DeviceHost = field(default_factory=DeviceHost)
+
+
+def load_host_config(path: Path | None) -> HostConfig:
+    """Read ``path`` (None: all defaults, paths relative to the working folder)."""
+    if path is None:
+        return HostConfig()
+    if not path.is_file():
+        raise ConfigError(f"No config file at {path}: write one (docs/operator.md shows every setting).")
+    try:
+        document = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    unknown = set(document) - {"coordinator", "federation", "device"}
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown section(s) {sorted(unknown)}; use coordinator, federation, device."
+        )
+    base = path.resolve().parent
+    return HostConfig(
+        coordinator=_section(CoordinatorHost, document.get("coordinator", {}), path, base),
+        federation=dict(document.get("federation", {})),
+        device=_section(DeviceHost, document.get("device", {}), path, base),
+    )
+
+
+def _section(cls: type[Any], values: dict[str, Any], path: Path, base: Path) -> Any:
+    """Build ``cls`` from a TOML table whose keys are the fields with dashes; check names and types."""
+    fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s) {sorted(unknown)}; known: {sorted(fields)}.")
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        spec = fields[key]
+        default = spec.default
+        if isinstance(default, Path):
+            value = base / str(value)
+        elif isinstance(default, tuple):
+            value = tuple(str(v) for v in value)
+        elif type(value) is not type(default):
+            raise ConfigError(f"{path}: {key} must be {type(default).__name__}, got {value!r}.")
+        kwargs[spec.name] = value
+    return cls(**kwargs)
