@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-from pathlib import Path
+import sys
+import time
 from types import FrameType
 
 from fleetlora.client.enroll import SUPERNODE_AUTH_KEY
@@ -60,27 +61,40 @@ def supernode_command(device: DeviceHost) -> list[str]:
         "--auth-supernode-private-key", str(device.state_dir / SUPERNODE_AUTH_KEY),
         "--node-config", node_config(device),
         "--port", str(device.runtime_port),
+        *(["--isolation", "process"] if device.warm_clientapp else []),
     ]  # fmt: skip
 
 
-def start(device: DeviceHost, log: Path | None = None) -> subprocess.Popen[bytes]:
-    output = log.open("ab") if log else None
-    return subprocess.Popen(
-        supernode_command(device),
-        env=flower_env(device.state_dir / "flwr"),
-        cwd=device.state_dir,
-        stdout=output,
-        stderr=subprocess.STDOUT if output else None,
-    )
-
-
 def run_foreground(device: DeviceHost) -> int:
-    """Run the SuperNode until it exits; SIGINT/SIGTERM stop it cleanly."""
-    process = start(device)
+    """Run the SuperNode (and, when warm, the ClientApp runner beside it) until the SuperNode exits.
+
+    SIGINT/SIGTERM stop both. A runner that dies is started again: the SuperNode keeps its messages
+    queued meanwhile, so the device goes on unattended.
+    """
+    env = flower_env(device.state_dir / "flwr")
+    supernode = subprocess.Popen(supernode_command(device), env=env, cwd=device.state_dir)
+    runner: subprocess.Popen[bytes] | None = None
+    stopping = False
 
     def stop(signum: int, _frame: FrameType | None) -> None:
-        process.send_signal(signum)
+        nonlocal stopping
+        stopping = True
+        for process in (supernode, runner):
+            if process is not None and process.poll() is None:
+                process.send_signal(signum)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    return process.wait()
+    while supernode.poll() is None:
+        if device.warm_clientapp and not stopping and (runner is None or runner.poll() is not None):
+            runner = subprocess.Popen(
+                [sys.executable, "-m", "fleetlora.client.warm_clientapp",
+                 f"127.0.0.1:{device.runtime_port}", str(supernode.pid)],
+                env=env,
+                cwd=device.state_dir,
+            )  # fmt: skip
+        time.sleep(0.5)
+    if runner is not None and runner.poll() is None:
+        runner.terminate()
+        runner.wait(timeout=10)
+    return supernode.returncode

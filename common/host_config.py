@@ -69,6 +69,7 @@ class DeviceHost:
     data: str = "builtin"  # the device's local text (CSV/JSONL/TXT, or `builtin`)
     upload_consent: bool = False  # nothing leaves the device until its owner says so
     runtime_port: int = 9094  # the SuperNode's local port for its ClientApp (one per device on a host)
+    warm_clientapp: bool = True  # import the ClientApp once and fork per message (client/warm_clientapp.py)
 
     @property
     def auth_key(self) -> Path:
