@@ -1,0 +1,144 @@
+"""What deployment costs against simulation, and what the warm ClientApp runner saves (issue 5).
+
+In one run, on 127.0.0.1, with the tiny model and 2 devices (5 local steps each):
+
+- **simulation**: ``fleetlora simulate`` of 2 rounds; the rounds' seconds as the coordinator records
+  them (train, aggregate, federated evaluation, update distribution);
+- **deployed, cold**: the same 2 rounds on the Deployment Engine (TLS, SuperNode auth) with Flower's
+  default isolation, a fresh ``flwr-clientapp`` process per message;
+- **deployed, warm**: the same with fleetlora's warm ClientApp runner (``client/warm_clientapp.py``).
+
+For each deployed fleet it also times the cold start of the coordinator host (first start: keys,
+certificates, schema, SuperLink ready) and of the devices (enrolment + SuperNode online), and the
+recovery after SIGKILL of the coordinator host (restart until both devices are back online).
+Round 1 also pays for building the model in each process; round 2 is the steady state quoted.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/deployed_round.py [--json benchmarks/results/deployed_round.json]
+
+Progress goes to stderr; the JSON result is the last line of stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from fleetlora.coordinator.db import Database
+from fleetlora.coordinator.registry import Registry
+from fleetlora.simulations.local_deployment import LocalFleet
+from fleetlora.simulations.runner import SimulationConfig, simulate
+
+ROUNDS = 2
+FEDERATION: dict[str, Any] = {
+    "model": "tiny",
+    "data": "builtin",
+    "eval-data": "builtin-test",
+    "rounds": ROUNDS,
+    "devices-per-round": 2,
+    "min-devices": 2,
+    "round-deadline": 300.0,
+    "local-steps": 5,
+    "partition": "iid",
+}
+PORT = 19800
+
+
+def progress(message: str) -> None:
+    print(f"[deployed_round] {message}", file=sys.stderr, flush=True)
+
+
+def simulated(scratch: Path) -> dict[str, Any]:
+    config = SimulationConfig(
+        model="tiny", data="builtin", devices=2, rounds=ROUNDS, devices_per_round=2, min_devices=2,
+        local_steps=5, partition="iid", out=scratch / "simulation",
+    )  # fmt: skip
+    started = time.perf_counter()
+    results = simulate(config)
+    return {
+        "round_seconds": [r["seconds"] for r in results["rounds"]],
+        "wall_seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def deployed(scratch: Path, warm: bool, port: int) -> dict[str, Any]:
+    fleet = LocalFleet(scratch / ("warm" if warm else "cold"), port, 2, dict(FEDERATION), warm_clientapp=warm)
+    try:
+        coordinator_start = fleet.start_coordinator()
+        started = time.monotonic()
+        for i in (1, 2):
+            fleet.enroll(i)
+            fleet.start_device(i)
+        fleet.wait_online(2, timeout=120)
+        devices_start = time.monotonic() - started
+        started = time.monotonic()
+        run = fleet.start_run()
+        status = fleet.wait_finished(run, 900)
+        run_seconds = time.monotonic() - started
+        registry = Registry(Database(fleet.coordinator.database_url).initialize())
+        rounds = registry.rounds(registry.versions()[-1].lineage)
+        fleet.hosts["coordinator"].kill()
+        restarted = time.monotonic()
+        superlink_ready = fleet.start_coordinator()
+        fleet.wait_online(2, timeout=120)
+        recovery = time.monotonic() - restarted
+    finally:
+        fleet.stop()
+    return {
+        "status": status,
+        "round_seconds": [round(r.seconds, 2) for r in rounds],
+        "run_seconds": round(run_seconds, 2),
+        "coordinator_cold_start_seconds": round(coordinator_start, 2),
+        "devices_cold_start_seconds": round(devices_start, 2),
+        "recovery_after_kill_seconds": round(recovery, 2),
+        "superlink_ready_after_restart_seconds": round(superlink_ready, 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/deployed_round.json"))
+    args = parser.parse_args()
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="fleetlora-deployed-") as folder:
+        scratch = Path(folder)
+        progress("simulation")
+        simulation = simulated(scratch)
+        progress(f"simulation rounds {simulation['round_seconds']}")
+        arms = {}
+        for offset, warm in enumerate((False, True)):
+            name = "warm" if warm else "cold"
+            progress(f"deployed, {name} ClientApp")
+            arms[name] = deployed(scratch, warm, PORT + 10 * offset)
+            progress(f"{name}: rounds {arms[name]['round_seconds']}, run {arms[name]['run_seconds']} s")
+    steady = {name: arm["round_seconds"][-1] for name, arm in arms.items()}
+    result = {
+        "benchmark": "deployed_round",
+        "command": shlex.join(sys.orig_argv),
+        "setup": {"devices": 2, **FEDERATION},
+        "simulation": simulation,
+        "deployed": arms,
+        "steady_round_seconds": {"simulation": simulation["round_seconds"][-1], **steady},
+        "ratio_deployed_over_simulated": {
+            name: round(seconds / simulation["round_seconds"][-1], 2) for name, seconds in steady.items()
+        },
+        "warm_over_cold": round(steady["warm"] / steady["cold"], 3),
+        "targets": {"cold_start_seconds": 300, "recovery_seconds": 30},
+        "cpus": os.cpu_count(),
+        "load_average": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""A deployed fleet on one machine: the real coordinator and device hosts as processes on 127.0.0.1.
+
+The same commands an operator and device owners run (docs/operator.md, docs/device.md), driven from
+Python: ``fleetlora coordinator up``, ``device enroll``, ``coordinator devices enroll``, ``device up``,
+``coordinator round start``. The integration test and ``benchmarks/deployed_round.py`` use it to
+prove the deployment works, and to time it, without Docker.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fleetlora.common.host_config import CoordinatorHost, load_host_config
+from fleetlora.coordinator import flower_control
+
+T = TypeVar("T")
+
+
+def fleetlora(*args: str, cwd: Path, timeout: float = 120) -> str:
+    """Run one ``fleetlora`` command; its stdout, or AssertionError with its stderr."""
+    done = subprocess.run(
+        [sys.executable, "-m", "fleetlora", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+    if done.returncode != 0:
+        raise AssertionError(f"fleetlora {' '.join(args)} exited {done.returncode}: {done.stderr[-3000:]}")
+    return done.stdout
+
+
+def wait_for(predicate: Callable[[], T], timeout: float, what: str, poll: float = 0.5) -> T:
+    """The first truthy value of ``predicate()``; AssertionError after ``timeout`` seconds."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+class Host:
+    """A long-running ``fleetlora ... up`` in its own process group, logging to a file."""
+
+    def __init__(self, args: list[str], cwd: Path, log: Path) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "fleetlora", *args],
+            cwd=cwd,
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # the host and everything it starts, as one group
+        )
+
+    def kill(self) -> None:
+        """SIGKILL the whole group, as a power cut would."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@dataclass
+class LocalFleet:
+    """A coordinator host and ``devices`` device hosts under ``folder``, with their config files."""
+
+    folder: Path
+    port: int
+    devices: int = 2
+    federation: dict[str, Any] = field(default_factory=dict)  # run config of `round start`
+    warm_clientapp: bool = True
+    hosts: dict[str, Host] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        federation = "\n".join(f"{k} = {_toml(v)}" for k, v in self.federation.items())
+        self.config.write_text(
+            f'[coordinator]\nport = {self.port}\nstate-dir = "coordinator"\n\n[federation]\n{federation}\n'
+        )
+        for i in range(1, self.devices + 1):
+            (self.folder / f"device-{i}.toml").write_text(
+                f'[device]\ncoordinator = "127.0.0.1:{self.port}"\ndevice-id = "device-{i}"\n'
+                f'state-dir = "device-{i}"\nca-cert = "coordinator/certs/ca.crt"\n'
+                f'coordinator-keys = "coordinator/keys"\ndata = "builtin"\nupload-consent = true\n'
+                f"runtime-port = {self.port + 100 + i}\nwarm-clientapp = {_toml(self.warm_clientapp)}\n"
+            )
+
+    @property
+    def config(self) -> Path:
+        return self.folder / "fleetlora.toml"
+
+    @property
+    def coordinator(self) -> CoordinatorHost:
+        return load_host_config(self.config).coordinator
+
+    def start_coordinator(self, timeout: float = 60) -> float:
+        """Start (or restart) the coordinator host; seconds until its SuperLink answers."""
+        started = time.monotonic()
+        self.hosts["coordinator"] = Host(
+            ["coordinator", "up", "--config", str(self.config)], self.folder, self.folder / "coordinator.log"
+        )
+        wait_for(lambda: self.runs() is not None, timeout, "the SuperLink")
+        return time.monotonic() - started
+
+    def enroll(self, i: int, *, register: bool = True) -> None:
+        """The device makes its keys; the operator registers them (unless ``register`` is False)."""
+        fleetlora(
+            "device", "enroll", "--state-dir", f"device-{i}", "--device-id", f"device-{i}", cwd=self.folder
+        )
+        if register:
+            fleetlora(
+                "coordinator", "devices", "enroll", "--device-id", f"device-{i}",
+                "--public-key", f"device-{i}/device-signing.pub",
+                "--auth-key", f"device-{i}/supernode-auth.pub",
+                "--config", str(self.config), cwd=self.folder,
+            )  # fmt: skip
+
+    def start_device(self, i: int) -> None:
+        self.hosts[f"device-{i}"] = Host(
+            ["device", "up", "--config", f"device-{i}.toml"], self.folder, self.folder / f"device-{i}.log"
+        )
+
+    def start(self, timeout: float = 120) -> None:
+        """The whole fleet: coordinator up, every device enrolled and online."""
+        self.start_coordinator()
+        for i in range(1, self.devices + 1):
+            self.enroll(i)
+            self.start_device(i)
+        self.wait_online(self.devices, timeout)
+
+    def wait_online(self, count: int, timeout: float) -> float:
+        started = time.monotonic()
+        wait_for(lambda: self.online() == count, timeout, f"{count} devices online")
+        return time.monotonic() - started
+
+    def online(self) -> int:
+        try:
+            return sum(n["status"] == "online" for n in flower_control.list_nodes(self.coordinator))
+        except flower_control.ControlError:
+            return 0
+
+    def runs(self) -> list[dict[str, Any]] | None:
+        try:
+            return flower_control.list_runs(self.coordinator)
+        except flower_control.ControlError:
+            return None
+
+    def status(self, run_id: int) -> str:
+        return next((r["status"] for r in self.runs() or [] if int(r["run-id"]) == run_id), "")
+
+    def start_run(self, *options: str) -> int:
+        out = fleetlora(
+            "coordinator", "round", "start", "--config", str(self.config), *options, cwd=self.folder
+        )
+        return int(out.split("started run ")[1].split(";")[0])
+
+    def wait_finished(self, run_id: int, timeout: float) -> str:
+        return wait_for(
+            lambda: (s := self.status(run_id)).startswith("finished") and s,
+            timeout,
+            f"run {run_id} to finish",
+        )
+
+    def stop(self) -> None:
+        for host in self.hosts.values():
+            host.stop()
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(value)
