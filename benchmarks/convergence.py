@@ -115,6 +115,22 @@ FEDERATED_ARMS: dict[str, FederatedArm] = {
         "the restricted arm with DP-SGD on every device, epsilon 8 per device over the rounds (issue 3)",
         {**ONE_EPOCH, "restricted_softmax": True, "dp_epsilon": 8.0},
     ),
+    "dp-eps8-tuned": FederatedArm(
+        "dp-eps8 tuned for DP: batch 64 (noise on the mean gradient 1/4 as large per step), FFA-LoRA "
+        "(half the noised coordinates), 2 local epochs, sigma planned for 4 participations (5 of 20 "
+        "devices a round take part in 2.5 of 10 rounds on average); a round needs 3 devices, since "
+        "a device sampled a 5th time declines",
+        {
+            **ONE_EPOCH,
+            "restricted_softmax": True,
+            "dp_epsilon": 8.0,
+            "dp_rounds": 4,
+            "batch_size": 64,
+            "ffa_lora": True,
+            "local_epochs": 2.0,
+            "min_devices": 3,
+        },
+    ),
     "personal-head": FederatedArm(
         "FedAvg with personal heads (kept per device; the global head is their mean), 1 epoch, lr 3e-3",
         {**ONE_EPOCH, "personal_head": True},
