@@ -3,7 +3,7 @@
 ``[coordinator]`` says where the SuperLink listens, where its state lives and which database to use;
 ``[federation]`` holds the run config a round starts with (the keys of ``[tool.flwr.app.config]``);
 ``[device]`` says where a device's SuperNode connects and what it keeps. Every setting has a
-default, so a file may name only what differs (``fleetlora coordinator config`` prints them all).
+default, so a file may name only what differs (docs/operator.md lists them all).
 Relative paths are taken from the folder of the file.
 """
 

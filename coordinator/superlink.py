@@ -35,7 +35,9 @@ def prepare(host: CoordinatorHost) -> list[str]:
     if not (host.keys_dir / COORDINATOR_HPKE_KEY).exists():
         made += [str(p) for p in init_keys(host.keys_dir)]
     if not (host.certs_dir / CA_CERT).exists():
-        made += [str(p) for p in init_certs(host.certs_dir, host.tls_hosts)]
+        # The SuperLink's own helpers dial it on loopback: those names are always in the certificate.
+        names = tuple(dict.fromkeys((*host.tls_hosts, "localhost", "127.0.0.1")))
+        made += [str(p) for p in init_certs(host.certs_dir, names)]
     upgrade(Database(host.database_url).engine)
     write_connection(host)
     return made

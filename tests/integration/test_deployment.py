@@ -106,3 +106,10 @@ def test_a_deployed_fleet_trains_refuses_strangers_and_survives_kills(fleet: Loc
     assert newest.round == last.round + 1 and len(newest.participants) == 1
     # Training, evaluation and the update offer each wait at most one deadline for the dead device.
     assert time.monotonic() - started < 3 * DEADLINE + 30
+
+    # 5. An operator stops a run; what its finished rounds stored stays.
+    run = fleet.start_run("--rounds", "5", "--min-devices", "1")
+    wait_for(lambda: fleet.status(run) == "running", 60, "the run to start")
+    fleetlora("coordinator", "round", "stop", "--config", str(fleet.config), cwd=fleet.folder)
+    assert fleet.wait_finished(run, 60) == "finished:stopped"
+    assert [v.round for v in registry.versions()][: len(rounds) + 1] == [*rounds, newest.round]
