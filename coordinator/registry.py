@@ -217,14 +217,15 @@ class Registry:
         with self.db.session() as session:
             return list(session.scalars(select(EnrolledDevice).order_by(EnrolledDevice.device_id)))
 
-    def device_key(self, device_id: str, tenant: str) -> Ed25519PublicKey | None:
-        """The enrolled key of ``device_id`` in ``tenant``, or None if it is not enrolled there."""
+    def device_key(self, device_id: str, tenant: str) -> tuple[Ed25519PublicKey, str | None] | None:
+        """The enrolled key of ``device_id`` in ``tenant`` and its SuperNode's node id (None when it was
+        enrolled without one, as simulated devices are); None if it is not enrolled there."""
         with self.db.session() as session:
             row = session.get(EnrolledDevice, device_id)
             if row is None or row.tenant != tenant:
                 return None
-            pem = row.public_key_pem
-        return load_public_key(pem.encode(), Ed25519PublicKey, f"device {device_id}'s enrolled key")
+            pem, node_id = row.public_key_pem, row.node_id
+        return load_public_key(pem.encode(), Ed25519PublicKey, f"device {device_id}'s enrolled key"), node_id
 
     def record_round(self, record: RoundRecord) -> None:
         with self.db.session() as session:

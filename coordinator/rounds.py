@@ -322,9 +322,16 @@ class Federation:
             if arrays is None:
                 raise EnvelopeError("reply holds no sealed upload")
             sealed, claimed = from_records(arrays, reply.content.config_records.get(records.CONFIG, {}))
-            public = self.registry.device_key(claimed.device_id, self.settings.tenant)
-            if public is None:
+            enrolled = self.registry.device_key(claimed.device_id, self.settings.tenant)
+            if enrolled is None:
                 raise EnvelopeError(f"unknown device {claimed.device_id!r}: enroll it first")
+            public, node_id = enrolled
+            if node_id is not None and node_id != str(reply.metadata.src_node_id):
+                # The SuperLink authenticated the sending node: it must be the one enrolled under this id.
+                raise EnvelopeError(
+                    f"device {claimed.device_id!r} is enrolled as node {node_id}, but this reply came from "
+                    f"node {reply.metadata.src_node_id}"
+                )
             expected = UploadContext(
                 tenant=self.settings.tenant,
                 device_id=claimed.device_id,  # proven by the signature against its enrolled key

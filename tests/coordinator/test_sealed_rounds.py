@@ -204,3 +204,18 @@ def test_an_unknown_upload_codec_is_a_clear_error(tmp_path: Path, sqlite_url: st
     config = {**_sealed_fleet(tmp_path, sqlite_url), "upload-codec": "bf16+lz4"}
     with pytest.raises(FleetloraError, match="Unknown codec"):
         CoordinatorSettings.from_run_config(config)
+
+
+def test_an_upload_must_come_from_the_node_its_device_was_enrolled_with(tmp_path: Path, sqlite_url: str):
+    config = _sealed_fleet(tmp_path, sqlite_url)
+    registry = Registry(Database(sqlite_url).initialize())
+    # LocalGrid's node ids are 101, 102, 103 for partitions 0, 1, 2.
+    for partition, node in ((0, 102), (1, 102)):  # partition-0 enrolled under partition-1's node
+        key = ensure_device_key(DeviceState.locate({"partition-id": partition}, config))
+        registry.enroll_device(f"partition-{partition}", "default", key, node_id=node)
+    (outcome,), _ = _run(config)
+    assert sorted(outcome.participants) == [102, 103]
+    assert [d.reason for d in outcome.drops] == [
+        "sealed upload refused: device 'partition-0' is enrolled as node 102, "
+        "but this reply came from node 101"
+    ]
