@@ -11,6 +11,7 @@ import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fleetlora.client import supernode
+from fleetlora.client.corpus import cli as corpus_cli
 from fleetlora.client.device_state import DeviceState
 from fleetlora.client.enroll import ensure_auth_key, ensure_device_key
 from fleetlora.client.updates import DEFAULT_CAP, UpdateSlots, apply_package
@@ -21,6 +22,8 @@ from fleetlora.common.keys import COORDINATOR_SIGNING_PUB, DEVICE_SIGNING_PUB, r
 from fleetlora.common.model import build_model
 
 app = typer.Typer(help="Set up and inspect the device agent.", no_args_is_help=True)
+app.command("ingest")(corpus_cli.ingest)
+app.add_typer(corpus_cli.quarantine_app, name="quarantine")
 StateDirOption = Annotated[
     Path, typer.Option(help="The device's state folder (its node config `state-dir`).")
 ]

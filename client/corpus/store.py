@@ -213,7 +213,9 @@ class CorpusStore:
         if capacity_bytes is None:
             capacity_bytes = max(1, int(free_disk_share * shutil.disk_usage(self.path.parent).free))
         self.capacity_bytes = capacity_bytes
-        self._db = sqlite3.connect(self.path, isolation_level=None)  # transactions are explicit
+        # Transactions are explicit. One store may serve several threads (the inbox watcher, the HTTP
+        # endpoint) as long as callers serialise access, as the ingest Pipeline does with its lock.
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             self._open()
         except sqlite3.DatabaseError as exc:

@@ -1,0 +1,128 @@
+"""``fleetlora device ingest`` and ``fleetlora device quarantine``: the corpus from a person's side."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fleetlora.client.corpus.ingest import FORMATS, http_server, ingest_stream, scan_inbox, watch_inbox
+from fleetlora.client.corpus.pipeline import Outcome, Pipeline
+from fleetlora.client.corpus.store import CorpusStore
+
+CORPUS_FILE = "corpus.sqlite"
+StateDir = Annotated[
+    Path, typer.Option(help=f"The device's state folder; the corpus is {CORPUS_FILE} in it.")
+]
+quarantine_app = typer.Typer(help="Records held back from the corpus, with the reason.", no_args_is_help=True)
+
+
+def open_store(state_dir: Path) -> CorpusStore:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    return CorpusStore(state_dir / CORPUS_FILE)
+
+
+def ingest(
+    state_dir: StateDir,
+    device_id: Annotated[str, typer.Option(help="This device's id, stamped on every record.")] = "device",
+    inbox: Annotated[
+        Path | None, typer.Option(help="Ingest the files in this folder (jsonl, csv, txt).")
+    ] = None,
+    watch: Annotated[
+        bool, typer.Option(help="Keep watching the inbox (and serving HTTP) until Ctrl-C.")
+    ] = False,
+    stdin: Annotated[bool, typer.Option("--stdin", help="Read records from standard input.")] = False,
+    fmt: Annotated[str, typer.Option("--format", help=f"Format on stdin: {', '.join(FORMATS)}.")] = "jsonl",
+    http: Annotated[
+        int | None, typer.Option(help="Serve POST /records on 127.0.0.1:PORT until Ctrl-C (0 picks a port).")
+    ] = None,
+    threshold: Annotated[float, typer.Option(help="Near-duplicate similarity, in [0.85, 0.95].")] = 0.9,
+) -> None:
+    """Take new records into the device's corpus: quality rules, de-duplication, durable store."""
+    if not (inbox or stdin or http is not None):
+        raise typer.BadParameter("Say where records come from: --inbox DIR, --stdin or --http PORT.")
+    with open_store(state_dir) as store:
+        pipeline = Pipeline(store, threshold=threshold)
+        outcomes: list[Outcome] = []
+        if stdin:
+            outcomes += ingest_stream(pipeline, sys.stdin, fmt, source="stdin", device=device_id)
+        if inbox and not watch:
+            inbox.mkdir(parents=True, exist_ok=True)
+            outcomes += scan_inbox(pipeline, inbox, device=device_id)
+        if watch or http is not None:
+            _serve(pipeline, inbox if watch else None, http, device_id)
+        store.maintain()
+    counts = Counter(o.status for o in outcomes)
+    typer.echo(", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing new")
+
+
+def _serve(pipeline: Pipeline, inbox: Path | None, port: int | None, device: str) -> None:
+    stop = threading.Event()
+    threads = []
+    server = None
+    if port is not None:
+        server = http_server(pipeline, port=port, device=device)
+        typer.echo(f"POST records to http://127.0.0.1:{server.server_address[1]}/records (Ctrl-C stops)")
+        threads.append(threading.Thread(target=server.serve_forever, daemon=True))
+    if inbox is not None:
+        typer.echo(f"watching {inbox} (Ctrl-C stops)")
+        threads.append(
+            threading.Thread(
+                target=watch_inbox, args=(pipeline, inbox), kwargs={"device": device, "stop": stop}
+            )
+        )
+    for thread in threads:
+        thread.start()
+    try:
+        while any(t.is_alive() for t in threads):
+            threads[0].join(timeout=0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop.set()
+        if server is not None:
+            server.shutdown()
+        for thread in threads:
+            thread.join(timeout=5)
+
+
+@quarantine_app.command("list")
+def quarantine_list(state_dir: StateDir) -> None:
+    """Show quarantined records: id, when, why, and the start of the text."""
+    with open_store(state_dir) as store:
+        held = store.quarantined()
+    table = Table(title=f"{len(held)} quarantined", title_justify="left")
+    for column in ("id", "at", "source", "reason", "text"):
+        table.add_column(column)
+    for item in held:
+        text = item.record.text.replace("\n", " ")
+        table.add_row(item.record.id, f"{item.at:%Y-%m-%d %H:%M}", item.record.source, item.reason, text[:60])
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
+@quarantine_app.command("release")
+def quarantine_release(
+    record_id: Annotated[str, typer.Argument(help="The record's id (see `quarantine list`).")],
+    state_dir: StateDir,
+) -> None:
+    """Accept a quarantined record as it is (a person overrides the rule); exact duplicates still count."""
+    with open_store(state_dir) as store:
+        outcome = Pipeline(store).release(record_id)
+    typer.echo(f"released {record_id}: {outcome.status}" + (f" ({outcome.reason})" if outcome.reason else ""))
+
+
+@quarantine_app.command("drop")
+def quarantine_drop(
+    record_id: Annotated[str, typer.Argument(help="The record's id (see `quarantine list`).")],
+    state_dir: StateDir,
+) -> None:
+    """Delete a quarantined record for good."""
+    with open_store(state_dir) as store:
+        store.drop(record_id)
+    typer.echo(f"dropped {record_id}")

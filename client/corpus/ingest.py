@@ -1,0 +1,186 @@
+"""Where records arrive: files dropped in an inbox folder, standard input, and an HTTP endpoint on loopback.
+
+Each source turns its input into :class:`Record` s and hands them to the :class:`Pipeline`; a line it
+cannot parse becomes a quarantined record holding the raw line and the parse error, so nothing that
+arrived is lost. Formats:
+
+* ``.jsonl``: one JSON object per line, ``{"text": ..., "label": ..., "modality": "text"|"image"|"audio",
+  "metadata": {...}}`` (for media, ``text`` is the file's path);
+* ``.csv``: a header with a ``text`` column and optional ``label`` (BANKING77's ``category`` too);
+* ``.txt``: one text per line.
+
+The inbox moves a file to ``done/`` only after every record in it is committed; a crash before that
+re-reads the file at the next start, and exact dedup keeps records from being stored twice.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, TextIO
+
+from fleetlora.client.corpus.pipeline import Outcome, Pipeline
+from fleetlora.client.corpus.records import Record
+from fleetlora.common.errors import ConfigError
+
+FORMATS = ("jsonl", "csv", "txt")
+MAX_HTTP_BODY = 1 << 20  # one request holds at most 1 MiB of records
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def parse(stream: TextIO, fmt: str, *, source: str, device: str) -> Iterator[Record | tuple[str, str]]:
+    """Records from ``stream``; a line that does not parse comes out as ``(raw line, reason)``."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"Unknown format {fmt!r}: use one of {', '.join(FORMATS)}.")
+    if fmt == "txt":
+        for line in stream:
+            if line.strip():
+                yield Record(text=line.rstrip("\n"), source=source, device=device)
+        return
+    if fmt == "csv":
+        reader = csv.DictReader(stream)
+        if not reader.fieldnames or "text" not in reader.fieldnames:
+            yield (",".join(reader.fieldnames or []), "malformed-csv: no `text` column in the header")
+            return
+        for row in reader:
+            label = row.get("label") or row.get("category") or None
+            yield Record(text=row.get("text") or "", source=source, device=device, label=label)
+        return
+    for number, line in enumerate(stream, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield _from_json(json.loads(line), source=source, device=device)
+        except (ValueError, TypeError) as exc:
+            yield (line.rstrip("\n"), f"malformed-jsonl: line {number}: {exc}")
+
+
+def _from_json(document: Any, *, source: str, device: str) -> Record:
+    if not isinstance(document, dict) or not isinstance(document.get("text"), str):
+        raise ValueError("expected an object with a string `text`")
+    modality = document.get("modality", "text")
+    if modality not in ("text", "image", "audio"):
+        raise ValueError(f"unknown modality {modality!r}")
+    metadata = document.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise ValueError("`metadata` must be an object")
+    label = document.get("label")
+    return Record(
+        text=document["text"],
+        source=source,
+        device=device,
+        modality=modality,
+        label=str(label) if label is not None else None,
+        metadata=metadata,
+    )
+
+
+def ingest_stream(pipeline: Pipeline, stream: TextIO, fmt: str, *, source: str, device: str) -> list[Outcome]:
+    """Every record of ``stream`` through the pipeline; unparseable lines are quarantined."""
+    outcomes = []
+    for item in parse(stream, fmt, source=source, device=device):
+        if isinstance(item, tuple):
+            raw, reason = item
+            outcomes.append(pipeline.quarantine(Record(text=raw, source=source, device=device), reason))
+        else:
+            outcomes.append(pipeline.ingest(item))
+    return outcomes
+
+
+def scan_inbox(pipeline: Pipeline, inbox: Path, *, device: str) -> list[Outcome]:
+    """Ingest every file in ``inbox`` once, oldest first, then move it to ``done/`` (or ``failed/``)."""
+    outcomes: list[Outcome] = []
+    files = sorted((p for p in inbox.iterdir() if p.is_file() and not p.name.startswith(".")), key=_mtime)
+    for path in files:
+        fmt = path.suffix.lstrip(".").lower()
+        target = inbox / ("done" if fmt in FORMATS else "failed")
+        if fmt in FORMATS:
+            try:
+                with path.open(encoding="utf-8", errors="strict", newline="") as stream:
+                    outcomes += ingest_stream(
+                        pipeline, stream, fmt, source=f"inbox:{path.name}", device=device
+                    )
+            except UnicodeDecodeError as exc:
+                record = Record(text=path.name, source=f"inbox:{path.name}", device=device)
+                outcomes.append(pipeline.quarantine(record, f"malformed-file: not UTF-8 ({exc.reason})"))
+                target = inbox / "failed"
+        else:
+            record = Record(text=path.name, source=f"inbox:{path.name}", device=device)
+            outcomes.append(pipeline.quarantine(record, f"unknown-format: {path.suffix or 'no suffix'}"))
+        target.mkdir(exist_ok=True)
+        path.replace(target / path.name)  # only now: every record of the file is committed
+    return outcomes
+
+
+def watch_inbox(
+    pipeline: Pipeline, inbox: Path, *, device: str, poll: float = 1.0, stop: threading.Event | None = None
+) -> None:
+    """Scan ``inbox`` every ``poll`` seconds until ``stop`` is set."""
+    inbox.mkdir(parents=True, exist_ok=True)
+    stop = stop or threading.Event()
+    while not stop.is_set():
+        scan_inbox(pipeline, inbox, device=device)
+        stop.wait(poll)
+
+
+def http_server(
+    pipeline: Pipeline, *, host: str = "127.0.0.1", port: int = 0, device: str
+) -> ThreadingHTTPServer:
+    """An HTTP server on loopback: ``POST /records`` with a JSON object or list; 201 once durable.
+
+    Each request is answered with every record's outcome, once they are committed.
+    """
+    if host not in LOOPBACK:
+        raise ConfigError(f"The ingest endpoint listens on loopback only; {host!r} is not (use 127.0.0.1).")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            if self.path != "/records":
+                self._answer(404, {"error": "POST records to /records"})
+                return
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > MAX_HTTP_BODY:
+                self._answer(413, {"error": f"at most {MAX_HTTP_BODY} bytes per request"})
+                return
+            body = self.rfile.read(length).decode("utf-8", errors="replace")
+            lines = _json_lines(body)
+            outcomes = ingest_stream(pipeline, io.StringIO(lines), "jsonl", source="http", device=device)
+            self._answer(201, {"outcomes": [o.__dict__ for o in outcomes]})
+
+        def _answer(self, status: int, document: dict[str, Any]) -> None:
+            blob = json.dumps(document).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(blob)))
+            self.end_headers()
+            self.wfile.write(blob)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # quiet: outcomes are in the store
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    return server
+
+
+def _json_lines(body: str) -> str:
+    """A request body (one object, a list of objects, or JSON lines) as JSON lines."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return body  # JSON lines, or garbage the parser will quarantine line by line
+    items: Iterable[Any] = document if isinstance(document, list) else [document]
+    return "\n".join(json.dumps(item) for item in items)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return time.time()

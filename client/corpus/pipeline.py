@@ -1,0 +1,114 @@
+"""One path every arriving record takes, whatever brought it: stamp → quality → conflicts → dedup → store.
+
+A record is acknowledged only once the store has committed it (or its quarantine entry), so an
+agent killed at any moment has lost nothing it acknowledged; a source that re-sends after a crash
+finds its records already stored (exact dedup). Nothing a record contains can crash the agent: a
+record that fails a rule, cannot be hashed or cannot be stored goes to quarantine with the reason.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+from fleetlora.client.corpus.dedup import Deduplicator
+from fleetlora.client.corpus.quality import ConflictDetector, QualityRules, check
+from fleetlora.client.corpus.records import Record, stamped
+from fleetlora.client.corpus.store import CorpusStore
+from fleetlora.common.delta import sha256_hex
+from fleetlora.common.errors import DataError
+
+Status = Literal["stored", "duplicate", "near-duplicate", "quarantined"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    record_id: str
+    status: Status
+    reason: str = ""
+
+
+class Pipeline:
+    """Ingests records into a device's store; the dedup index is rebuilt from the store on start."""
+
+    def __init__(
+        self, store: CorpusStore, *, threshold: float = 0.9, rules: QualityRules | None = None
+    ) -> None:
+        self.store = store
+        self.rules = rules or QualityRules()
+        kept = store.window()
+        self.dedup = Deduplicator.from_records(kept, threshold=threshold)
+        self.conflicts = ConflictDetector.from_records(kept, self.dedup)  # shares the index
+        self._lock = threading.RLock()  # sources on several threads share one store and one index
+
+    def ingest(self, record: Record) -> Outcome:
+        """Take one record to its durable end: stored, refused as a duplicate, or quarantined."""
+        with self._lock:
+            return self._ingest(record)
+
+    def _ingest(self, record: Record) -> Outcome:
+        try:
+            record = _stamp(record)
+        except (OSError, UnicodeError, ValueError) as exc:
+            return self.quarantine(record, f"unreadable: {exc}")
+        reason = check(record, self.rules)
+        if reason:
+            return self.quarantine(record, reason)
+        conflict = self.conflicts.check(record) if record.modality == "text" else None
+        if conflict:  # a copy that disagrees about the label: a person should look
+            return self.quarantine(record, conflict)
+        if self.store.has_hash(record.sha256):
+            return Outcome(record.id, "duplicate", "exact")
+        verdict = self.dedup.check(record) if record.modality == "text" else None  # media: by hash only
+        if verdict is not None and verdict.kind == "exact":
+            return Outcome(record.id, "duplicate", "exact")
+        if verdict is not None and verdict.kind == "near":
+            return Outcome(
+                record.id, "near-duplicate", f"{verdict.similarity:.2f} similar to {verdict.match_id}"
+            )
+        try:
+            stored = self.store.add(record)
+        except DataError as exc:
+            return self.quarantine(record, f"malformed: {exc}")
+        if not stored:
+            return Outcome(record.id, "duplicate", "exact")
+        if record.modality == "text":
+            self.conflicts.add(record)  # indexes it in the shared Deduplicator too
+        return Outcome(record.id, "stored")
+
+    def release(self, record_id: str) -> Outcome:
+        """Store a quarantined record as it is (a person overrode the rule); exact duplicates still count."""
+        with self._lock:
+            return self._release(record_id)
+
+    def _release(self, record_id: str) -> Outcome:
+        record = self.store.release(record_id)
+        try:
+            record = _stamp(record)
+            stored = self.store.add(record)
+        except (DataError, OSError, UnicodeError, ValueError) as exc:
+            return self.quarantine(record, f"malformed: {exc}")
+        if not stored:
+            return Outcome(record.id, "duplicate", "exact")
+        if record.modality == "text":
+            self.conflicts.add(record)  # indexes it in the shared Deduplicator too
+        return Outcome(record.id, "stored")
+
+    def quarantine(self, record: Record, reason: str) -> Outcome:
+        """Hold the record aside with the reason; it can be released or dropped later."""
+        with self._lock:
+            return Outcome(self.store.quarantine(record, reason), "quarantined", reason)
+
+
+def _stamp(record: Record) -> Record:
+    """The record with its content hash: of the text, or of the referenced media file's bytes."""
+    if record.modality == "text":
+        return stamped(record)
+    path = Path(record.text)
+    blob = path.read_bytes()  # OSError: a missing or unreadable file goes to quarantine
+    kind, _ = mimetypes.guess_type(path.name)
+    metadata = {**record.metadata, "bytes": len(blob), "mime": kind or "application/octet-stream"}
+    return stamped(replace(record, metadata=metadata), sha256_hex(blob))
