@@ -18,9 +18,9 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fleetlora.client import personal_head, privacy
-from fleetlora.client.device_state import DeviceState
+from fleetlora.client.device_state import DeviceState, UserConfig
 from fleetlora.client.enroll import signing_key
-from fleetlora.client.local_data import UserConfig, local_examples
+from fleetlora.client.local_data import local_examples
 from fleetlora.client.train import train_locally
 from fleetlora.client.updates import DEFAULT_CAP, UpdateSlots, apply_package
 from fleetlora.common import chunks, records
@@ -78,7 +78,10 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
                 f"{instructions.base_sha256[:12]}: install the same model package version."
             )
         load_trainable_state(loaded.model, from_array_record(message.content[records.ARRAYS]))
-        train_set, held_out = split_holdout(local_examples(context.node_config, run_config), HOLDOUT_FRACTION)
+        examples = local_examples(context.node_config, run_config)
+        if instructions.spec.task == "classify":  # unlabelled corpus records wait for their labels
+            examples = [e for e in examples if e.label is not None]
+        train_set, held_out = split_holdout(examples, HOLDOUT_FRACTION)
         settings = instructions.train
         keeps_state = settings.personal_head or settings.privacy.enabled or instructions.seal_uploads
         state = DeviceState.locate(context.node_config, run_config) if keeps_state else None

@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from fleetlora.client.local_data import UserConfig
 from fleetlora.common.delta import State, deserialize, serialize
 from fleetlora.common.errors import ConfigError, IncompatibleStateError
+
+UserConfig = Mapping[str, bool | int | float | str]  # a Flower node or run config
 
 
 class DeviceState:

@@ -14,9 +14,8 @@ from rich.table import Table
 
 from fleetlora.client.corpus.ingest import FORMATS, http_server, ingest_stream, scan_inbox, watch_inbox
 from fleetlora.client.corpus.pipeline import Outcome, Pipeline
-from fleetlora.client.corpus.store import CorpusStore
+from fleetlora.client.corpus.store import CORPUS_FILE, CorpusStore
 
-CORPUS_FILE = "corpus.sqlite"
 StateDir = Annotated[
     Path, typer.Option(help=f"The device's state folder; the corpus is {CORPUS_FILE} in it.")
 ]

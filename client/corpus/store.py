@@ -116,6 +116,9 @@ CREATE TABLE quarantine (
 _HOT_COLUMNS = "seq, id, sha256, arrived_at, text, source, device, modality, label, metadata"
 
 
+CORPUS_FILE = "corpus.sqlite"  # the store's name in a device's state folder
+
+
 class CorruptCorpusError(FleetloraError):
     """Stored corpus bytes do not match their checksum or do not decode; ``block_id`` names the block."""
 

@@ -17,7 +17,14 @@ from flwr.supercore.task_identity import TaskIdentity
 
 
 class LocalGrid(Grid):
-    def __init__(self, app: ClientApp, num_nodes: int, run_config: dict, silent: Iterable[int] = ()) -> None:
+    def __init__(
+        self,
+        app: ClientApp,
+        num_nodes: int,
+        run_config: dict,
+        silent: Iterable[int] = (),
+        node_configs: list[dict] | None = None,  # real devices' node configs; default: simulated partitions
+    ) -> None:
         self.app = app
         # Flower's ServerApp runtime sets these before the app's main runs; messages need them.
         TaskIdentity.run_id = 1
@@ -26,6 +33,7 @@ class LocalGrid(Grid):
         self.node_ids = list(range(101, 101 + num_nodes))
         self.silent = set(silent)
         self.run_config = run_config
+        self.node_configs = node_configs
         self.replies: dict[str, Message] = {}
         self.received: list[Message] = []
 
@@ -55,7 +63,11 @@ class LocalGrid(Grid):
             context = Context(
                 run_id=1,
                 node_id=node,
-                node_config={"partition-id": partition, "num-partitions": len(self.node_ids)},
+                node_config=(
+                    self.node_configs[partition]
+                    if self.node_configs
+                    else {"partition-id": partition, "num-partitions": len(self.node_ids)}
+                ),
                 state=RecordDict(),
                 run_config=self.run_config,
             )
