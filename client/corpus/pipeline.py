@@ -69,15 +69,7 @@ class Pipeline:
             return Outcome(
                 record.id, "near-duplicate", f"{verdict.similarity:.2f} similar to {verdict.match_id}"
             )
-        try:
-            stored = self.store.add(record)
-        except DataError as exc:
-            return self.quarantine(record, f"malformed: {exc}")
-        if not stored:
-            return Outcome(record.id, "duplicate", "exact")
-        if record.modality == "text":
-            self.conflicts.add(record)  # indexes it in the shared Deduplicator too
-        return Outcome(record.id, "stored")
+        return self._keep(record)
 
     def release(self, record_id: str) -> Outcome:
         """Store a quarantined record as it is (a person overrode the rule); exact duplicates still count."""
@@ -88,8 +80,15 @@ class Pipeline:
         record = self.store.release(record_id)
         try:
             record = _stamp(record)
+        except (OSError, UnicodeError, ValueError) as exc:
+            return self.quarantine(record, f"unreadable: {exc}")
+        return self._keep(record)
+
+    def _keep(self, record: Record) -> Outcome:
+        """Commit a stamped record and index it; a record the store refuses goes to quarantine."""
+        try:
             stored = self.store.add(record)
-        except (DataError, OSError, UnicodeError, ValueError) as exc:
+        except DataError as exc:
             return self.quarantine(record, f"malformed: {exc}")
         if not stored:
             return Outcome(record.id, "duplicate", "exact")
