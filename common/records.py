@@ -45,6 +45,8 @@ ACTIVE_VERSION: Final = "active-version"  # -1: no packaged adapter yet
 ACTIVE_SEQUENCE: Final = "active-sequence"
 UPDATE_STATUS: Final = "update-status"  # "applied" | "rejected" | "failed"
 UPDATE_REASON: Final = "update-reason"  # a PackageError reason code, or the error's text
+WANTS_TRAIN: Final = "wants-train"  # a corpus device whose new records drifted from its last training set
+DRIFT: Final = "drift"  # that drift, as distance ÷ chance (-1: it never trained)
 
 # Bumped whenever a message's shape changes; a device refuses a contract it does not know.
 # 2: model.pooling, train.personal_head, train.restricted_softmax, train.privacy.*; replies carry

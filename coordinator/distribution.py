@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
+from sqlalchemy import select
 
 from fleetlora.common import chunks, records
 from fleetlora.common.errors import FleetloraError
@@ -79,6 +80,7 @@ class Distributor:
         outcome = DistributionOutcome(target=target.id)
         config = ConfigRecord({records.TENANT: self.tenant, records.CONTRACT_VERSION: records.CONTRACT})
         holding: dict[int, tuple[str, int, int]] = {}  # node → (device id, active version, sequence)
+        wants: dict[str, bool] = {}  # device id → its new records drifted (corpus devices only)
         status_messages = [self._message(node, records.QUERY_UPDATE_STATUS, config, None) for node in nodes]
         for reply in exchange(self.grid, status_messages, started + self.timeout):
             if reply.has_error():
@@ -90,6 +92,7 @@ class Distributor:
                 int(answer[records.ACTIVE_VERSION]),
                 int(answer[records.ACTIVE_SEQUENCE]),
             )
+            wants[str(answer[records.DEVICE_ID])] = bool(answer.get(records.WANTS_TRAIN, False))
         offers = []
         for node, (device, active, sequence) in holding.items():
             if active == target.id:
@@ -117,10 +120,24 @@ class Distributor:
                 outcome.reasons[device] = reason
             held = (int(answer[records.ACTIVE_VERSION]), int(answer[records.ACTIVE_SEQUENCE]))
             self._record(device, node, held, status, reason)
+        self._record_wants(wants)
         outcome.statuses["no-answer"] += len(nodes) - sum(outcome.statuses.values())
         outcome.statuses = +outcome.statuses  # drop zero counts
         outcome.seconds = time.monotonic() - started
         return outcome
+
+    def _record_wants(self, wants: dict[str, bool]) -> None:
+        with self.store.db.session() as session:
+            for device, flag in wants.items():
+                row = session.get(DeviceUpdate, device)
+                if row is not None:
+                    row.wants_train = flag
+
+    def wanting_nodes(self) -> set[int]:
+        """Nodes whose device last said its new records drifted: sampled first in the next round."""
+        with self.store.db.session() as session:
+            rows = session.scalars(select(DeviceUpdate).where(DeviceUpdate.wants_train.is_(True)))
+            return {int(r.node_id) for r in rows}
 
     def _same_lineage(self, version: int, target: VersionInfo) -> bool:
         if version < 0:

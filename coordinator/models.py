@@ -202,6 +202,9 @@ class DeviceUpdate(Base):
     version_id: Mapped[int | None]
     sequence: Mapped[int] = mapped_column(default=0)
     status: Mapped[str] = mapped_column(String(16))  # "applied" | "current" | "rejected" | "failed"
+    wants_train: Mapped[bool] = mapped_column(
+        default=False
+    )  # its new records drifted (client/corpus/drift.py)
     reason: Mapped[str | None] = mapped_column(String(500))
     reported_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     schema_version: Mapped[int] = mapped_column(default=SCHEMA_VERSION)

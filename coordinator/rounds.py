@@ -214,7 +214,12 @@ class Federation:
         except QuorumError as exc:
             return self._failed(number, started, sampled=[], aggregator=None, error=str(exc)), state
         rng = random.Random(f"{self.settings.seed}:{number}")
-        sampled = rng.sample(online, min(self.settings.devices_per_round, len(online)))
+        sampled = sample_devices(
+            online,
+            self.settings.devices_per_round,
+            self.distributor.wanting_nodes() if self.distributor else set(),
+            rng,
+        )
 
         instructions = Instructions(
             spec=self.settings.spec,
@@ -423,6 +428,15 @@ class Federation:
             seconds=outcome.seconds,
             error=outcome.error,
         )
+
+
+def sample_devices(online: list[int], count: int, wanting: set[int], rng: random.Random) -> list[int]:
+    """``count`` of the ``online`` nodes, at random, those whose device wants to train (drift) first."""
+    first = [n for n in online if n in wanting]
+    rest = [n for n in online if n not in wanting]
+    rng.shuffle(first)
+    rng.shuffle(rest)
+    return (first + rest)[: min(count, len(online))]
 
 
 def summarize(outcome: RoundOutcome) -> dict[str, Any]:

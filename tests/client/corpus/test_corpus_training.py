@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+from flwr.app import ConfigRecord, Message, RecordDict
+
 from fleetlora.client.client_app import HOLDOUT_FRACTION, build_client_app
 from fleetlora.client.corpus.pipeline import Pipeline
 from fleetlora.client.corpus.records import Record
 from fleetlora.client.corpus.store import CORPUS_FILE, CorpusStore
 from fleetlora.client.local_data import local_examples
+from fleetlora.common import records
 from fleetlora.common.data import load_examples, split_holdout
 from fleetlora.coordinator.rounds import Federation
 from fleetlora.coordinator.settings import CoordinatorSettings
@@ -54,3 +58,34 @@ def test_devices_train_on_their_corpus_store(tmp_path: Path, sqlite_url: str):
         train, _ = split_holdout([e for e in local_examples(c, {}) if e.label is not None], HOLDOUT_FRACTION)
         expected.append(len(train))
     assert sorted(outcome.participants.values()) == sorted(expected)
+
+
+def test_a_corpus_device_reports_drift_when_asked_for_its_status(tmp_path: Path, sqlite_url: str):
+    examples = load_examples("builtin")
+    state = tmp_path / "device-0"
+    _fill(state, examples[:150], unlabelled=0)
+    node = {"data-path": "corpus", "state-dir": str(state), "device-id": "device-0", "upload-consent": True}
+    config = _run_config(sqlite_url, **{"devices-per-round": 1, "min-devices": 1, "rounds": 1})
+    grid = LocalGrid(build_client_app(), 1, config, node_configs=[node])
+
+    def status() -> ConfigRecord:
+        query = Message(
+            RecordDict({records.CONFIG: ConfigRecord({records.TENANT: "default"})}),
+            dst_node_id=grid.node_ids[0],
+            message_type=records.QUERY_UPDATE_STATUS,
+        )
+        (reply,) = grid.send_and_receive([query])
+        return reply.content[records.CONFIG]
+
+    assert status()[records.WANTS_TRAIN] is True  # never trained, holds records
+    Federation(grid, CoordinatorSettings.from_run_config(config)).run()  # trains; keeps the reference
+    assert status()[records.WANTS_TRAIN] is False  # nothing new since
+    play = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+    if not play.is_file():
+        pytest.skip(f"needs {play}")
+    lines = [line for line in play.read_text().splitlines() if len(line) > 30][:60]
+    with CorpusStore(state / CORPUS_FILE) as store:
+        pipeline = Pipeline(store)
+        for line in lines:
+            pipeline.ingest(Record(text=line, source="test", device="device-0"))
+    assert status()[records.WANTS_TRAIN] is True  # a new topic arrived
