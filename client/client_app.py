@@ -19,11 +19,11 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fleetlora.client import personal_head, privacy
-from fleetlora.client.corpus import drift
+from fleetlora.client.corpus import drift, simulated
 from fleetlora.client.corpus.store import CORPUS_FILE, CorpusStore
 from fleetlora.client.device_state import DeviceState, UserConfig
 from fleetlora.client.enroll import signing_key
-from fleetlora.client.local_data import CORPUS, local_examples
+from fleetlora.client.local_data import CORPUS, corpus_examples, local_examples
 from fleetlora.client.train import train_locally
 from fleetlora.client.updates import DEFAULT_CAP, UpdateSlots, apply_package
 from fleetlora.common import chunks, records
@@ -84,6 +84,12 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
         load_trainable_state(loaded.model, from_array_record(message.content[records.ARRAYS]))
         read_at = datetime.now(UTC)
         examples = local_examples(context.node_config, run_config)
+        if streams(context.node_config, run_config):  # the partition arrives round by round
+            device = DeviceState.locate(context.node_config, run_config)
+            seed = f"{instructions.spec.seed}:{context.node_config['partition-id']}"
+            per_round = int(run_config["stream-records"])
+            simulated.catch_up(device, device_id(context), examples, per_round, instructions.round, seed)
+            examples = corpus_examples(device.root / CORPUS_FILE)
         if instructions.spec.task == "classify":  # unlabelled corpus records wait for their labels
             examples = [e for e in examples if e.label is not None]
         train_set, held_out = split_holdout(examples, HOLDOUT_FRACTION)
@@ -133,7 +139,7 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
             metrics.update(privacy.spend(job.state, account, settings.privacy, noise, result.steps))
         if settings.personal_head and job.state:
             personal_head.keep(loaded, job.state)
-        if uses_corpus(context.node_config):  # what it trained on is the reference for drift
+        if uses_corpus(context.node_config, job.run_config):  # what it trained on is the drift reference
             corpus_device = DeviceState.locate(context.node_config, job.run_config)
             drift.save_reference(corpus_device, [e.text for e in job.train_set], job.read_at)
         delta = diff(trainable_state(loaded.model), before)  # the head's change is against the global head
@@ -169,7 +175,7 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
                 records.ACTIVE_SEQUENCE: active.sequence if active else 0,
             }
         )
-        if uses_corpus(context.node_config):
+        if uses_corpus(context.node_config, run_config):
             with CorpusStore(device.root / CORPUS_FILE) as store:
                 report = drift.measure(device, store)
             reply[records.WANTS_TRAIN] = report.wants_train
@@ -223,9 +229,14 @@ def upload(
     return RecordDict({SEALED: arrays, records.CONFIG: identity})
 
 
-def uses_corpus(node_config: UserConfig) -> bool:
-    """Whether this device trains on its corpus store (node config ``data-path="corpus"``)."""
-    return str(node_config.get("data-path", "")) == CORPUS
+def uses_corpus(node_config: UserConfig, run_config: UserConfig) -> bool:
+    """Whether this device trains on its corpus store: ``data-path="corpus"``, or a streamed simulation."""
+    return str(node_config.get("data-path", "")) == CORPUS or streams(node_config, run_config)
+
+
+def streams(node_config: UserConfig, run_config: UserConfig) -> bool:
+    """A simulated device whose partition arrives round by round (``stream-records`` > 0)."""
+    return "partition-id" in node_config and int(run_config.get("stream-records", 0) or 0) > 0
 
 
 def upload_consent(node_config: UserConfig, run_config: UserConfig) -> bool:

@@ -137,6 +137,14 @@ def simulate(
             rich_help_panel="Privacy",
         ),
     ] = _DEFAULTS.seal_uploads,
+    stream_records: Annotated[
+        int,
+        typer.Option(
+            help="Feed each device its partition as a stream: this many records a round, with duplicates "
+            "and junk mixed in, through the device's corpus pipeline (0: the whole partition at once).",
+            rich_help_panel="Data",
+        ),
+    ] = _DEFAULTS.stream_records,
     upload_codec: Annotated[
         str,
         typer.Option(
@@ -215,6 +223,7 @@ def simulate(
         central_dp_noise=central_dp_noise,
         central_dp_clip=central_dp_clip,
         seal_uploads=seal_uploads,
+        stream_records=stream_records,
         upload_codec=upload_codec,
         package_cap=package_cap,
         distribute_updates=distribute_updates,

@@ -67,6 +67,7 @@ class SimulationConfig:
     central_dp_noise: float = 0.0
     central_dp_clip: float = 1.0
     seal_uploads: bool = True  # keys are made under OUT/keys and every simulated device is enrolled
+    stream_records: int = 0  # > 0: each device's partition arrives this many records a round (its corpus)
     upload_codec: str = "fp32+zstd"  # sealed deltas: fp16+zstd or int8+zstd send less, lossily
     tenant: str = "default"
     package_cap: float = MAX_CAP  # update packages: at most this share of the base model's bytes
@@ -124,6 +125,7 @@ class SimulationConfig:
             "central-dp-noise": self.central_dp_noise,
             "central-dp-clip": self.central_dp_clip,
             "seal-uploads": self.seal_uploads,
+            "stream-records": self.stream_records,
             "upload-codec": self.upload_codec,
             "tenant": self.tenant,
             "package-cap": self.package_cap,
