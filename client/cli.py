@@ -24,6 +24,8 @@ from fleetlora.common.model import build_model
 app = typer.Typer(help="Set up and inspect the device agent.", no_args_is_help=True)
 app.command("ingest")(corpus_cli.ingest)
 app.add_typer(corpus_cli.quarantine_app, name="quarantine")
+app.command("label")(corpus_cli.label)
+app.add_typer(corpus_cli.review_app, name="review")
 StateDirOption = Annotated[
     Path, typer.Option(help="The device's state folder (its node config `state-dir`).")
 ]

@@ -12,9 +12,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fleetlora.client.corpus import labels
 from fleetlora.client.corpus.ingest import FORMATS, http_server, ingest_stream, scan_inbox, watch_inbox
 from fleetlora.client.corpus.pipeline import Outcome, Pipeline
 from fleetlora.client.corpus.store import CORPUS_FILE, CorpusStore
+from fleetlora.client.device_state import DeviceState
+from fleetlora.client.updates import UpdateSlots
+from fleetlora.common.delta import load_trainable_state
+from fleetlora.common.model import cached_model
 
 StateDir = Annotated[
     Path, typer.Option(help=f"The device's state folder; the corpus is {CORPUS_FILE} in it.")
@@ -125,3 +130,52 @@ def quarantine_drop(
     with open_store(state_dir) as store:
         store.drop(record_id)
     typer.echo(f"dropped {record_id}")
+
+
+review_app = typer.Typer(help="Records whose proposed labels a person should settle.", no_args_is_help=True)
+
+
+def label(
+    state_dir: StateDir,
+    floor: Annotated[float, typer.Option(help="Confidence a proposal needs to become the label.")] = 0.8,
+) -> None:
+    """Let the device's current model (its active packaged adapter) label recent unlabelled records;
+    unsure ones go to the review queue."""
+    device = DeviceState(state_dir)
+    active = UpdateSlots(device).active()
+    if active is None:
+        raise typer.BadParameter("This device has no packaged adapter yet to label with (`device status`).")
+    loaded = cached_model(active.spec)
+    load_trainable_state(loaded.model, UpdateSlots(device).load(active))
+    with open_store(state_dir) as store:
+        counts = labels.propose(store, labels.Labeller(loaded, f"model:v{active.version}"), floor=floor)
+    typer.echo(", ".join(f"{n} {what}" for what, n in sorted(counts.items())) or "nothing to label")
+
+
+@review_app.command("list")
+def review_list(state_dir: StateDir) -> None:
+    """Show records waiting for review with the models' proposals."""
+    with open_store(state_dir) as store:
+        queue = labels.review_queue(store)
+    table = Table(title=f"{len(queue)} waiting for review", title_justify="left")
+    for column in ("id", "text", "proposals"):
+        table.add_column(column)
+    for record in queue:
+        proposals = ", ".join(
+            f"{p['label']} {p['confidence']:.2f} ({p['by']})"
+            for p in record.metadata[labels.REVIEW]["proposals"]
+        )
+        table.add_row(record.id, record.text[:60], proposals)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
+@review_app.command("accept")
+def review_accept(
+    record_id: Annotated[str, typer.Argument(help="The record's id (see `review list`).")],
+    state_dir: StateDir,
+    label: Annotated[str | None, typer.Option(help="The right label, if not the top proposal.")] = None,
+) -> None:
+    """Settle a record's label: the top proposal, or --label to correct it."""
+    with open_store(state_dir) as store:
+        chosen = labels.settle(store, record_id, label)
+    typer.echo(f"{record_id}: {chosen} (by a person)")

@@ -364,6 +364,25 @@ class CorpusStore:
             "`fleetlora device quarantine list` shows the ids."
         )
 
+    # ---- labels (hot records: labels are proposed and reviewed while a record is recent)
+
+    def unlabelled(self, limit: int | None = None) -> list[Record]:
+        """Hot text records without a label, oldest first."""
+        query = f"SELECT {_HOT_COLUMNS} FROM hot WHERE label IS NULL AND modality = 'text' ORDER BY seq"
+        with self._read() as db:
+            rows = db.execute(query + (" LIMIT ?" if limit else ""), (limit,) if limit else ()).fetchall()
+        return [_hot_record(row) for row in rows]
+
+    def relabel(self, record_id: str, label: str | None, metadata: dict[str, Any]) -> None:
+        """Set a hot record's label and metadata (its provenance, or a pending review)."""
+        blob = json.dumps(metadata, sort_keys=True)
+        with self._write() as db:
+            changed = db.execute(
+                "UPDATE hot SET label = ?, metadata = ? WHERE id = ?", (label, blob, record_id)
+            ).rowcount
+        if not changed:
+            raise UnknownIdError(f"No recent record has id {record_id!r} in {self.path}.")
+
     # ---- the window
 
     def window(self, *, since: datetime | None = None, limit: int | None = None) -> list[Record]:
