@@ -27,9 +27,10 @@ StateDir = Annotated[
 quarantine_app = typer.Typer(help="Records held back from the corpus, with the reason.", no_args_is_help=True)
 
 
-def open_store(state_dir: Path) -> CorpusStore:
+def open_store(state_dir: Path, capacity_mb: float | None = None, hot_days: float = 7.0) -> CorpusStore:
     state_dir.mkdir(parents=True, exist_ok=True)
-    return CorpusStore(state_dir / CORPUS_FILE)
+    capacity = int(capacity_mb * 2**20) if capacity_mb is not None else None
+    return CorpusStore(state_dir / CORPUS_FILE, capacity_bytes=capacity, hot_days=hot_days)
 
 
 def ingest(
@@ -47,11 +48,17 @@ def ingest(
         int | None, typer.Option(help="Serve POST /records on 127.0.0.1:PORT until Ctrl-C (0 picks a port).")
     ] = None,
     threshold: Annotated[float, typer.Option(help="Near-duplicate similarity, in [0.85, 0.95].")] = 0.9,
+    capacity_mb: Annotated[
+        float | None, typer.Option(help="Corpus size limit [default: 10% of the free disk]; oldest go first.")
+    ] = None,
+    hot_days: Annotated[
+        float, typer.Option(help="Days a record stays uncompressed before the cold tier.")
+    ] = 7.0,
 ) -> None:
     """Take new records into the device's corpus: quality rules, de-duplication, durable store."""
     if not (inbox or stdin or http is not None):
         raise typer.BadParameter("Say where records come from: --inbox DIR, --stdin or --http PORT.")
-    with open_store(state_dir) as store:
+    with open_store(state_dir, capacity_mb, hot_days) as store:
         pipeline = Pipeline(store, threshold=threshold)
         outcomes: list[Outcome] = []
         if stdin:
