@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fleetlora.client.corpus import labels
 from fleetlora.client.corpus.ingest import FORMATS, http_server, ingest_stream, scan_inbox, watch_inbox
-from fleetlora.client.corpus.pipeline import Outcome, Pipeline
+from fleetlora.client.corpus.pipeline import Pipeline
 from fleetlora.client.corpus.store import CORPUS_FILE, CorpusStore
 from fleetlora.client.device_state import DeviceState
 from fleetlora.client.updates import UpdateSlots
@@ -60,16 +60,15 @@ def ingest(
         raise typer.BadParameter("Say where records come from: --inbox DIR, --stdin or --http PORT.")
     with open_store(state_dir, capacity_mb, hot_days) as store:
         pipeline = Pipeline(store, threshold=threshold)
-        outcomes: list[Outcome] = []
         if stdin:
-            outcomes += ingest_stream(pipeline, sys.stdin, fmt, source="stdin", device=device_id)
+            ingest_stream(pipeline, sys.stdin, fmt, source="stdin", device=device_id)
         if inbox and not watch:
             inbox.mkdir(parents=True, exist_ok=True)
-            outcomes += scan_inbox(pipeline, inbox, device=device_id)
+            scan_inbox(pipeline, inbox, device=device_id)
         if watch or http is not None:
             _serve(pipeline, inbox if watch else None, http, device_id)
         store.maintain()
-    counts = Counter(o.status for o in outcomes)
+    counts = pipeline.counts
     typer.echo(", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing new")
 
 
@@ -112,8 +111,9 @@ def quarantine_list(state_dir: StateDir) -> None:
     for column in ("id", "at", "source", "reason", "text"):
         table.add_column(column)
     for item in held:
-        text = item.record.text.replace("\n", " ")
-        table.add_row(item.record.id, f"{item.at:%Y-%m-%d %H:%M}", item.record.source, item.reason, text[:60])
+        text = item.record.text.replace("\n", " ")[:60]
+        cells = (item.record.id, f"{item.at:%Y-%m-%d %H:%M}", item.record.source, item.reason, text)
+        table.add_row(*(_plain(c) for c in cells))
     Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
@@ -172,7 +172,7 @@ def review_list(state_dir: StateDir) -> None:
             f"{p['label']} {p['confidence']:.2f} ({p['by']})"
             for p in record.metadata[labels.REVIEW]["proposals"]
         )
-        table.add_row(record.id, record.text[:60], proposals)
+        table.add_row(_plain(record.id), _plain(record.text[:60]), _plain(proposals))
     Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
@@ -186,3 +186,8 @@ def review_accept(
     with open_store(state_dir) as store:
         chosen = labels.settle(store, record_id, label)
     typer.echo(f"{record_id}: {chosen} (by a person)")
+
+
+def _plain(text: str) -> str:
+    """Arrived text shown as it is: no Rich markup, and undecodable characters escaped."""
+    return escape(text.encode("utf-8", "backslashreplace").decode())

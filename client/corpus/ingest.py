@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -31,7 +32,17 @@ from fleetlora.common.errors import ConfigError
 
 FORMATS = ("jsonl", "csv", "txt")
 MAX_HTTP_BODY = 1 << 20  # one request holds at most 1 MiB of records
+DRAIN_SECONDS = 2.0
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # socketserver's 5 drops SYNs under bursts (a 1 s retry each)
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
 
 
 def parse(stream: TextIO, fmt: str, *, source: str, device: str) -> Iterator[Record | tuple[str, str]]:
@@ -41,24 +52,27 @@ def parse(stream: TextIO, fmt: str, *, source: str, device: str) -> Iterator[Rec
     if fmt == "txt":
         for line in stream:
             if line.strip():
-                yield Record(text=line.rstrip("\n"), source=source, device=device)
+                yield Record(text=line.rstrip("\r\n"), source=source, device=device)
         return
     if fmt == "csv":
         reader = csv.DictReader(stream)
         if not reader.fieldnames or "text" not in reader.fieldnames:
             yield (",".join(reader.fieldnames or []), "malformed-csv: no `text` column in the header")
             return
-        for row in reader:
-            label = row.get("label") or row.get("category") or None
-            yield Record(text=row.get("text") or "", source=source, device=device, label=label)
+        try:
+            for row in reader:
+                label = row.get("label") or row.get("category") or None
+                yield Record(text=row.get("text") or "", source=source, device=device, label=label)
+        except csv.Error as exc:
+            yield (f"line {reader.line_num}", f"malformed-csv: {exc}")
         return
     for number, line in enumerate(stream, start=1):
         if not line.strip():
             continue
         try:
             yield _from_json(json.loads(line), source=source, device=device)
-        except (ValueError, TypeError) as exc:
-            yield (line.rstrip("\n"), f"malformed-jsonl: line {number}: {exc}")
+        except (ValueError, TypeError, RecursionError) as exc:
+            yield (line.rstrip("\r\n"), f"malformed-jsonl: line {number}: {exc}"[:500])
 
 
 def _from_json(document: Any, *, source: str, device: str) -> Record:
@@ -110,6 +124,12 @@ def scan_inbox(pipeline: Pipeline, inbox: Path, *, device: str) -> list[Outcome]
                 record = Record(text=path.name, source=f"inbox:{path.name}", device=device)
                 outcomes.append(pipeline.quarantine(record, f"malformed-file: not UTF-8 ({exc.reason})"))
                 target = inbox / "failed"
+            except (OSError, ValueError, RecursionError) as exc:  # the file, not the agent, is at fault
+                record = Record(text=path.name, source=f"inbox:{path.name}", device=device)
+                outcomes.append(
+                    pipeline.quarantine(record, f"malformed-file: {type(exc).__name__}: {exc}"[:500])
+                )
+                target = inbox / "failed"
         else:
             record = Record(text=path.name, source=f"inbox:{path.name}", device=device)
             outcomes.append(pipeline.quarantine(record, f"unknown-format: {path.suffix or 'no suffix'}"))
@@ -144,14 +164,37 @@ def http_server(
             if self.path != "/records":
                 self._answer(404, {"error": "POST records to /records"})
                 return
-            length = int(self.headers.get("Content-Length") or 0)
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if length < 0:
+                self.close_connection = True
+                self._answer(400, {"error": "Content-Length must be a number of bytes"})
+                return
             if length > MAX_HTTP_BODY:
+                self.close_connection = True
+                self._drain(length)
                 self._answer(413, {"error": f"at most {MAX_HTTP_BODY} bytes per request"})
                 return
             body = self.rfile.read(length).decode("utf-8", errors="replace")
             lines = _json_lines(body)
             outcomes = ingest_stream(pipeline, io.StringIO(lines), "jsonl", source="http", device=device)
             self._answer(201, {"outcomes": [o.__dict__ for o in outcomes]})
+
+        def _drain(self, length: int) -> None:
+            """Read (and drop) what the client sends, so it sees the answer rather than a reset; a
+            client that stops sending is answered after a short wait."""
+            remaining = min(length, 16 * MAX_HTTP_BODY)
+            self.connection.settimeout(DRAIN_SECONDS)
+            try:
+                while remaining > 0:
+                    chunk = self.rfile.read1(min(remaining, 1 << 16))
+                    if not chunk:
+                        break
+                    remaining -= len(chunk)
+            except TimeoutError:
+                pass
 
         def _answer(self, status: int, document: dict[str, Any]) -> None:
             blob = json.dumps(document).encode()
@@ -164,16 +207,14 @@ def http_server(
         def log_message(self, format: str, *args: Any) -> None:
             pass  # quiet: outcomes are in the store
 
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    return server
+    return (_Server6 if ":" in host else _Server)((host, port), Handler)
 
 
 def _json_lines(body: str) -> str:
     """A request body (one object, a list of objects, or JSON lines) as JSON lines."""
     try:
         document = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return body  # JSON lines, or garbage the parser will quarantine line by line
     items: Iterable[Any] = document if isinstance(document, list) else [document]
     return "\n".join(json.dumps(item) for item in items)

@@ -8,8 +8,11 @@ record that fails a rule, cannot be hashed or cannot be stored goes to quarantin
 
 from __future__ import annotations
 
+import hashlib
 import mimetypes
+import stat
 import threading
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -18,10 +21,10 @@ from fleetlora.client.corpus.dedup import Deduplicator
 from fleetlora.client.corpus.quality import ConflictDetector, QualityRules, check
 from fleetlora.client.corpus.records import Record, stamped
 from fleetlora.client.corpus.store import CorpusStore
-from fleetlora.common.delta import sha256_hex
 from fleetlora.common.errors import DataError
 
 Status = Literal["stored", "duplicate", "near-duplicate", "quarantined"]
+MAX_MEDIA_BYTES = 1 << 30  # a media record names a file; larger ones are refused, not read
 
 
 @dataclass(frozen=True)
@@ -43,23 +46,24 @@ class Pipeline:
         self.dedup = Deduplicator.from_records(kept, threshold=threshold)
         self.conflicts = ConflictDetector.from_records(kept, self.dedup)  # shares the index
         self._lock = threading.RLock()  # sources on several threads share one store and one index
+        self.counts: Counter[str] = Counter()  # outcomes so far, by status
 
     def ingest(self, record: Record) -> Outcome:
         """Take one record to its durable end: stored, refused as a duplicate, or quarantined."""
         with self._lock:
-            return self._ingest(record)
+            return self._count(self._ingest(record))
 
     def _ingest(self, record: Record) -> Outcome:
         try:
             record = _stamp(record)
         except (OSError, UnicodeError, ValueError) as exc:
-            return self.quarantine(record, f"unreadable: {exc}")
+            return self._hold(record, f"unreadable: {exc}")
         reason = check(record, self.rules)
         if reason:
-            return self.quarantine(record, reason)
+            return self._hold(record, reason)
         conflict = self.conflicts.check(record) if record.modality == "text" else None
         if conflict:  # a copy that disagrees about the label: a person should look
-            return self.quarantine(record, conflict)
+            return self._hold(record, conflict)
         if self.store.has_hash(record.sha256):
             return Outcome(record.id, "duplicate", "exact")
         verdict = self.dedup.check(record) if record.modality == "text" else None  # media: by hash only
@@ -74,14 +78,14 @@ class Pipeline:
     def release(self, record_id: str) -> Outcome:
         """Store a quarantined record as it is (a person overrode the rule); exact duplicates still count."""
         with self._lock:
-            return self._release(record_id)
+            return self._count(self._release(record_id))
 
     def _release(self, record_id: str) -> Outcome:
         record = self.store.release(record_id)
         try:
             record = _stamp(record)
         except (OSError, UnicodeError, ValueError) as exc:
-            return self.quarantine(record, f"unreadable: {exc}")
+            return self._hold(record, f"unreadable: {exc}")
         return self._keep(record)
 
     def _keep(self, record: Record) -> Outcome:
@@ -89,7 +93,7 @@ class Pipeline:
         try:
             stored = self.store.add(record)
         except DataError as exc:
-            return self.quarantine(record, f"malformed: {exc}")
+            return self._hold(record, f"malformed: {exc}")
         if not stored:
             return Outcome(record.id, "duplicate", "exact")
         if record.modality == "text":
@@ -99,7 +103,14 @@ class Pipeline:
     def quarantine(self, record: Record, reason: str) -> Outcome:
         """Hold the record aside with the reason; it can be released or dropped later."""
         with self._lock:
-            return Outcome(self.store.quarantine(record, reason), "quarantined", reason)
+            return self._count(self._hold(record, reason))
+
+    def _hold(self, record: Record, reason: str) -> Outcome:
+        return Outcome(self.store.quarantine(record, reason), "quarantined", reason)
+
+    def _count(self, outcome: Outcome) -> Outcome:
+        self.counts[outcome.status] += 1
+        return outcome
 
 
 def _stamp(record: Record) -> Record:
@@ -107,7 +118,13 @@ def _stamp(record: Record) -> Record:
     if record.modality == "text":
         return stamped(record)
     path = Path(record.text)
-    blob = path.read_bytes()  # OSError: a missing or unreadable file goes to quarantine
+    info = path.stat()  # OSError: a missing or unreadable file goes to quarantine
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{path} is not a regular file")
+    if info.st_size > MAX_MEDIA_BYTES:
+        raise ValueError(f"{path} is {info.st_size} bytes, more than {MAX_MEDIA_BYTES}")
+    with path.open("rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
     kind, _ = mimetypes.guess_type(path.name)
-    metadata = {**record.metadata, "bytes": len(blob), "mime": kind or "application/octet-stream"}
-    return stamped(replace(record, metadata=metadata), sha256_hex(blob))
+    metadata = {**record.metadata, "bytes": info.st_size, "mime": kind or "application/octet-stream"}
+    return stamped(replace(record, metadata=metadata), digest)
