@@ -13,6 +13,7 @@ import mimetypes
 import stat
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -114,9 +115,23 @@ class Pipeline:
 
 
 def _stamp(record: Record) -> Record:
-    """The record with its content hash: of the text, or of the referenced media file's bytes."""
-    if record.modality == "text":
-        return stamped(record)
+    """The record with its content hash, by its modality's handler (:data:`HANDLERS`)."""
+    handler = HANDLERS.get(record.modality)
+    if handler is None:
+        raise ValueError(f"no handler for modality {record.modality!r}; known: {', '.join(HANDLERS)}")
+    return handler(record)
+
+
+def _text(record: Record) -> Record:
+    """A text record: hashed as UTF-8."""
+    return stamped(record)
+
+
+def _media_file(record: Record) -> Record:
+    """An image or audio record: a reference to a regular file, hashed in chunks, with its size and type.
+
+    Kept as a reference with metadata, so later models can use it; the text models here skip it.
+    """
     path = Path(record.text)
     info = path.stat()  # OSError: a missing or unreadable file goes to quarantine
     if not stat.S_ISREG(info.st_mode):
@@ -128,3 +143,7 @@ def _stamp(record: Record) -> Record:
     kind, _ = mimetypes.guess_type(path.name)
     metadata = {**record.metadata, "bytes": info.st_size, "mime": kind or "application/octet-stream"}
     return stamped(replace(record, metadata=metadata), digest)
+
+
+# Modality → how a record of it is stamped. A new modality registers its handler here.
+HANDLERS: dict[str, Callable[[Record], Record]] = {"text": _text, "image": _media_file, "audio": _media_file}
