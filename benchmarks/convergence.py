@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -181,28 +181,27 @@ def progress(text: str) -> None:
 
 def fleet_config(data: Path, rounds: int, out: Path, **overrides: Any) -> SimulationConfig:
     """The fleet every arm shares, with an arm's overrides applied."""
-    base = SimulationConfig(
-        model="minilm",
-        data=str(data / "train.csv"),
-        eval_data=str(data / "test.csv"),
-        devices=DEVICES,
-        rounds=rounds,
-        partition=PARTITION,
-        seed=SEED,
-        out=out,
-        devices_per_round=DEVICES_PER_ROUND,
-        min_devices=MIN_DEVICES,
-        batch_size=BATCH_SIZE,
-        max_length=MAX_LENGTH,
-        learning_rate=LEARNING_RATE,
-        local_epochs=1.0,
-        lora_rank=8,
-        lora_alpha=16,
-        lora_targets="query,value",
-        round_deadline=ROUND_DEADLINE,
-        restricted_softmax=False,  # plain FedAvg unless an arm turns it on (fleetlora's default is on)
-    )
-    return replace(base, **overrides)
+    settings = {
+        "model": "minilm",
+        "data": str(data / "train.csv"),
+        "eval-data": str(data / "test.csv"),
+        "rounds": rounds,
+        "partition": PARTITION,
+        "seed": SEED,
+        "devices-per-round": DEVICES_PER_ROUND,
+        "min-devices": MIN_DEVICES,
+        "batch-size": BATCH_SIZE,
+        "max-length": MAX_LENGTH,
+        "learning-rate": LEARNING_RATE,
+        "local-epochs": 1.0,
+        "lora-rank": 8,
+        "lora-alpha": 16,
+        "lora-targets": "query,value",
+        "round-deadline": ROUND_DEADLINE,
+        "restricted-softmax": False,  # plain FedAvg unless an arm turns it on (fleetlora's default is on)
+    }
+    arm = {key.replace("_", "-"): value for key, value in overrides.items()}
+    return SimulationConfig(devices=DEVICES, out=out, settings={**settings, **arm})
 
 
 def reference_spec(data: Path) -> ModelSpec:

@@ -58,8 +58,10 @@ def progress(message: str) -> None:
 
 def simulated(scratch: Path) -> dict[str, Any]:
     config = SimulationConfig(
-        model="tiny", data="builtin", devices=2, rounds=ROUNDS, devices_per_round=2, min_devices=2,
-        local_steps=5, partition="iid", out=scratch / "simulation",
+        devices=2,
+        out=scratch / "simulation",
+        settings={"model": "tiny", "data": "builtin", "rounds": ROUNDS, "devices-per-round": 2,
+                  "min-devices": 2, "local-steps": 5, "partition": "iid"},
     )  # fmt: skip
     started = time.perf_counter()
     results = simulate(config)

@@ -45,7 +45,7 @@ from flwr.simulation import run_simulation  # imports Ray here, so neither arm's
 from fleetlora.client.client_app import HOLDOUT_FRACTION, training_seed
 from fleetlora.client.local_data import local_examples
 from fleetlora.client.train import train_locally
-from fleetlora.common.config import ModelSpec, TrainSettings
+from fleetlora.common.config import ModelSpec, PrivacySettings, TrainSettings
 from fleetlora.common.data import load_examples, split_holdout
 from fleetlora.common.data.examples import labels_of
 from fleetlora.common.delta import load_trainable_state, trainable_state
@@ -92,20 +92,22 @@ def progress(text: str) -> None:
 def fleetlora_config(rounds: int, devices: int, local_steps: int, out: Path) -> SimulationConfig:
     """The fleetlora arm's configuration; every device trains in every round."""
     return SimulationConfig(
-        model="tiny",
         devices=devices,
-        rounds=rounds,
-        devices_per_round=devices,
-        min_devices=devices,
-        local_steps=local_steps,
         out=out,
-        data=str(DATA_CONFIG["data"]),
-        partition=str(DATA_CONFIG["partition"]),
-        seed=int(DATA_CONFIG["seed"]),
-        batch_size=BATCH_SIZE,
-        learning_rate=LEARNING_RATE,
-        max_length=MAX_LENGTH,
         client_cpus=CLIENT_CPUS,
+        settings={
+            "model": "tiny",
+            "rounds": rounds,
+            "devices-per-round": devices,
+            "min-devices": devices,
+            "local-steps": local_steps,
+            "data": str(DATA_CONFIG["data"]),
+            "partition": str(DATA_CONFIG["partition"]),
+            "seed": int(DATA_CONFIG["seed"]),
+            "batch-size": BATCH_SIZE,
+            "learning-rate": LEARNING_RATE,
+            "max-length": MAX_LENGTH,
+        },
     )
 
 
@@ -118,7 +120,12 @@ def shared_workload(config: SimulationConfig) -> tuple[ModelSpec, TrainSettings]
         max_length=MAX_LENGTH,
         seed=0,
     )
-    train = TrainSettings(local_steps=config.local_steps, batch_size=BATCH_SIZE, learning_rate=LEARNING_RATE)
+    train = TrainSettings(
+        local_steps=config.run.local_steps,
+        batch_size=BATCH_SIZE,
+        learning_rate=LEARNING_RATE,
+        privacy=PrivacySettings(planned_rounds=config.run.rounds),  # fleetlora plans DP for the run's rounds
+    )
     settings = CoordinatorSettings.from_run_config(config.run_config())
     if settings.spec != spec or settings.train != train:
         raise SystemExit(
@@ -252,7 +259,7 @@ def run_fleetlora(config: SimulationConfig) -> tuple[float, dict[str, Any]]:
     results = simulate(config)
     wall = time.perf_counter() - started
     rounds = results["rounds"]
-    if len(rounds) != config.rounds or any(
+    if len(rounds) != config.run.rounds or any(
         r.get("error") or r["participants"] != config.devices for r in rounds
     ):
         raise SystemExit(f"fleetlora arm incomplete: {json.dumps(rounds, default=str)}")

@@ -1,7 +1,8 @@
 """The coordinator's settings, read from a Flower run config (``[tool.flwr.app.config]``).
 
-``fleetlora simulate`` writes the same keys, so the CLI, ``flwr run .`` and the deployed
-coordinator share one reading of them.
+The keys, their types and defaults are declared once in :mod:`fleetlora.common.run_config`;
+this module only turns a checked :class:`RunConfig` into what the coordinator runs, and checks
+what depends on more than one key.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from fleetlora.common.codec import Codec
 from fleetlora.common.config import (
@@ -23,10 +25,11 @@ from fleetlora.common.config import (
 from fleetlora.common.data import load_examples
 from fleetlora.common.data.examples import labels_of
 from fleetlora.common.errors import ConfigError
+from fleetlora.common.run_config import RunConfig
 from fleetlora.coordinator.central_dp import CentralDPSettings
-from fleetlora.coordinator.packages import DEFAULT_MAX_ERROR, DEFAULT_TTL, MAX_CAP, PackagePolicy
+from fleetlora.coordinator.packages import PackagePolicy
 
-DEFAULT_DB = "sqlite:///fleetlora.db"
+DEFAULT_DB = "sqlite:///fleetlora.db"  # the operator CLI's database when neither --db nor --config is given
 
 
 @dataclass(frozen=True)
@@ -42,15 +45,15 @@ class CoordinatorSettings:
     db_url: str
     eval_data: str  # coordinator-side evaluation set; "" for none
     seed: int
-    server: ServerOptimizerSettings = dataclasses.field(default_factory=ServerOptimizerSettings)
-    lr_decay: float = 1.0  # round r trains at learning_rate × lr_decay^(r-1)
-    seal_uploads: bool = False  # devices encrypt their deltas to this coordinator and sign them
-    upload_codec: str = "fp32+zstd"  # how devices encode a sealed delta (fp16 or int8 to send less)
-    tenant: str = "default"
-    keys_dir: str = ""  # the coordinator's keys (fleetlora coordinator keys init)
-    central_dp: CentralDPSettings = dataclasses.field(default_factory=CentralDPSettings)
-    package_policy: PackagePolicy = dataclasses.field(default_factory=PackagePolicy)
-    distribute_updates: bool = True  # after each round, send connected devices the newest package
+    server: ServerOptimizerSettings
+    lr_decay: float  # round r trains at learning_rate × lr_decay^(r-1)
+    seal_uploads: bool  # devices encrypt their deltas to this coordinator and sign them
+    upload_codec: str  # how devices encode a sealed delta (fp16 or int8 to send less)
+    tenant: str
+    keys_dir: str  # the coordinator's keys (fleetlora coordinator keys init); "" builds no packages
+    central_dp: CentralDPSettings
+    package_policy: PackagePolicy
+    distribute_updates: bool  # after each round, send connected devices the newest package
 
     @property
     def builds_packages(self) -> bool:
@@ -81,83 +84,81 @@ class CoordinatorSettings:
         return dataclasses.replace(self.train, learning_rate=lr)
 
     @classmethod
-    def from_run_config(cls, config: Mapping[str, bool | int | float | str]) -> CoordinatorSettings:
-        def get(key: str, default: bool | int | float | str) -> bool | int | float | str:
-            return config.get(key, default)
+    def from_run_config(cls, config: Mapping[str, Any]) -> CoordinatorSettings:
+        """Read a Flower run config (checked key by key by :class:`RunConfig`) into the settings."""
+        return cls.from_run(RunConfig.from_mapping(config))
 
-        seed = int(get("seed", 0))
-        labels = split_names(str(get("labels", "")))
-        task = str(get("task", "auto"))
+    @classmethod
+    def from_run(cls, run: RunConfig) -> CoordinatorSettings:
+        labels = split_names(run.labels)
+        task = run.task
         if task == "auto":
-            if not labels and get("data", ""):
-                labels = labels_of(load_examples(str(get("data", ""))))
+            if not labels and run.data:
+                labels = labels_of(load_examples(run.data))
             task = "classify" if labels else "causal-lm"
         spec = ModelSpec(
-            name=str(get("model", "minilm")),
-            task=task,  # type: ignore[arg-type]  # validated by ModelSpec
+            name=run.model,
+            task=task,  # type: ignore[arg-type]  # one of RunConfig.task's choices
             labels=labels,
-            max_length=int(get("max-length", ModelSpec.max_length)),
-            pooling=str(get("pooling", ModelSpec.pooling)),  # type: ignore[arg-type]  # validated
-            seed=seed,
+            max_length=run.max_length,
+            pooling=run.pooling,  # type: ignore[arg-type]  # one of RunConfig.pooling's choices
+            seed=run.seed,
             lora=LoraSettings(
-                rank=int(get("lora-rank", 8)),
-                alpha=int(get("lora-alpha", 16)),
-                target_modules=split_names(str(get("lora-targets", ""))),
-                unfreeze=split_names(str(get("unfreeze", ""))),
-                ffa=bool(get("ffa-lora", False)),
+                rank=run.lora_rank,
+                alpha=run.lora_alpha,
+                target_modules=split_names(run.lora_targets),
+                unfreeze=split_names(run.unfreeze),
+                ffa=run.ffa_lora,
             ),
         )
         train = TrainSettings(
-            local_steps=int(get("local-steps", TrainSettings.local_steps)),
-            batch_size=int(get("batch-size", TrainSettings.batch_size)),
-            learning_rate=float(get("learning-rate", TrainSettings.learning_rate)),
-            local_epochs=float(get("local-epochs", TrainSettings.local_epochs)),
-            personal_head=bool(get("personal-head", TrainSettings.personal_head)),
+            local_steps=run.local_steps,
+            batch_size=run.batch_size,
+            learning_rate=run.learning_rate,
+            local_epochs=run.local_epochs,
+            personal_head=run.personal_head,
             # Classes only exist in classification: a causal LM trains on the plain loss whatever is set.
-            restricted_softmax=task == "classify"
-            and bool(get("restricted-softmax", TrainSettings.restricted_softmax)),
+            restricted_softmax=task == "classify" and run.restricted_softmax,
             privacy=PrivacySettings(
-                epsilon=float(get("dp-epsilon", PrivacySettings.epsilon)),
-                delta=float(get("dp-delta", PrivacySettings.delta)),
-                max_grad_norm=float(get("dp-max-grad-norm", PrivacySettings.max_grad_norm)),
-                accountant=str(get("dp-accountant", PrivacySettings.accountant)),  # type: ignore[arg-type]
-                # 0: the budget must last this run's rounds.
-                planned_rounds=int(get("dp-rounds", 0)) or int(get("rounds", 3)),
+                epsilon=run.dp_epsilon,
+                delta=run.dp_delta,
+                max_grad_norm=run.dp_max_grad_norm,
+                accountant=run.dp_accountant,  # type: ignore[arg-type]  # one of RunConfig's choices
+                planned_rounds=run.dp_rounds or run.rounds,  # 0: the budget must last this run's rounds
             ),
         )
-        defaults = ServerOptimizerSettings()
         server = ServerOptimizerSettings(
-            name=str(get("server-optimizer", defaults.name)),  # type: ignore[arg-type]  # validated
-            lr=float(get("server-lr", defaults.lr)),
-            momentum=float(get("server-momentum", defaults.momentum)),
-            beta2=float(get("server-beta2", defaults.beta2)),
-            tau=float(get("server-tau", defaults.tau)),
+            name=run.server_optimizer,  # type: ignore[arg-type]  # one of RunConfig's choices
+            lr=run.server_lr,
+            momentum=run.server_momentum,
+            beta2=run.server_beta2,
+            tau=run.server_tau,
         )
         return cls(
             spec=spec,
             train=train,
-            rounds=int(get("rounds", 3)),
-            devices_per_round=int(get("devices-per-round", 4)),
-            min_devices=int(get("min-devices", 2)),
-            round_deadline=float(get("round-deadline", 600.0)),
-            db_url=str(get("db", DEFAULT_DB)),
-            eval_data=str(get("eval-data", "")),
-            seed=seed,
+            rounds=run.rounds,
+            devices_per_round=run.devices_per_round,
+            min_devices=run.min_devices,
+            round_deadline=run.round_deadline,
+            db_url=run.db,
+            eval_data=run.eval_data,
+            seed=run.seed,
             server=server,
-            lr_decay=float(get("lr-decay", 1.0)),
-            seal_uploads=bool(get("seal-uploads", False)),
-            upload_codec=Codec.parse(str(get("upload-codec", "fp32+zstd"))).name,  # validated here
-            tenant=str(get("tenant", "default")),
-            keys_dir=str(get("keys", "")),
+            lr_decay=run.lr_decay,
+            seal_uploads=run.seal_uploads,
+            upload_codec=Codec.parse(run.upload_codec).name,  # validated here
+            tenant=run.tenant,
+            keys_dir=run.keys,
             package_policy=PackagePolicy(
-                cap=float(get("package-cap", MAX_CAP)),
-                ttl=timedelta(hours=float(get("package-ttl-hours", DEFAULT_TTL.total_seconds() / 3600))),
-                max_error=float(get("package-max-error", DEFAULT_MAX_ERROR)),
+                cap=run.package_cap,
+                ttl=timedelta(hours=run.package_ttl_hours),
+                max_error=run.package_max_error,
             ),
-            distribute_updates=bool(get("distribute-updates", True)),
+            distribute_updates=run.distribute_updates,
             central_dp=CentralDPSettings(
-                noise_multiplier=float(get("central-dp-noise", 0.0)),
-                clip_norm=float(get("central-dp-clip", 1.0)),
-                delta=float(get("central-dp-delta", 1e-5)),
+                noise_multiplier=run.central_dp_noise,
+                clip_norm=run.central_dp_clip,
+                delta=run.central_dp_delta,
             ),
         )

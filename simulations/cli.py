@@ -1,245 +1,144 @@
-"""``fleetlora simulate``: a whole fleet in one process, for researchers and the demo."""
+"""``fleetlora simulate``: a whole fleet in one process, for researchers and the demo.
+
+Its options are derived from the run-config table (:mod:`fleetlora.common.run_config`): one
+``--key`` per key, in the table's help panels, plus the few that only a simulation has. An option
+left unset takes the simulation's default, then the table's; ``--run-config 'key=value ...'``
+(Flower's own form, TOML values) sets any key as well, and an explicit option wins over it.
+"""
 
 from __future__ import annotations
 
+import inspect
+import shlex
 import sys
+import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
-from fleetlora.simulations.report import ProgressReporter, results_table
-from fleetlora.simulations.runner import SimulationConfig
-from fleetlora.simulations.runner import simulate as run_fleet
+from fleetlora.common.errors import ConfigError
+from fleetlora.common.run_config import SETTINGS, RunValue, Setting
 
-_DEFAULTS = SimulationConfig()
+SIMULATION_PANEL = "Simulation"
+
+# What a simulation fills in itself when the key is not set (see SimulationConfig.simulation_defaults).
+_SIMULATION_DEFAULT_HELP = {
+    "seal-uploads": "on in a simulation: keys are made under OUT/keys and every device is enrolled",
+    "eval-data": "builtin-test for builtin data, else none",
+    "db": "sqlite:///OUT/fleetlora.db",
+    "keys": "OUT/keys",
+    "device-state": "OUT/devices",
+}
 
 
-def simulate(
-    devices: Annotated[int, typer.Option(help="Simulated devices in the fleet.")] = _DEFAULTS.devices,
-    rounds: Annotated[
-        int, typer.Option(help="Federated rounds to run (after any stored ones).")
-    ] = _DEFAULTS.rounds,
-    model: Annotated[
-        str, typer.Option(help="Base model: minilm, smollm2, tiny, or a local Hugging Face folder.")
-    ] = _DEFAULTS.model,
-    data: Annotated[
-        str, typer.Option(help="Training data: 'builtin' or a CSV/JSONL/TXT file, split over the devices.")
-    ] = _DEFAULTS.data,
-    eval_data: Annotated[
-        str | None,
-        typer.Option(help="Coordinator-side test set (default: built-in test split for builtin data)."),
-    ] = None,
-    partition: Annotated[
-        str, typer.Option(help="How data is split over devices: iid or dirichlet:ALPHA (by label).")
-    ] = _DEFAULTS.partition,
-    seed: Annotated[
-        int, typer.Option(help="Seed for partitions, sampling and initial weights.")
-    ] = _DEFAULTS.seed,
-    out: Annotated[Path, typer.Option(help="Folder for results.json and the default database.")] = Path(
-        "runs/latest"
+def _option(setting: Setting) -> inspect.Parameter:
+    """``--key`` for one run-config key; None (unset) by default, so only what a user sets is passed."""
+    shown = _SIMULATION_DEFAULT_HELP.get(setting.key, str(setting.default))
+    kind: Any = setting.type
+    flags = (f"--{setting.key}/--no-{setting.key}",) if setting.type is bool else (f"--{setting.key}",)
+    option = typer.Option(*flags, help=setting.help, rich_help_panel=setting.group.value, show_default=shown)
+    return inspect.Parameter(
+        setting.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, option]
+    )
+
+
+_OWN_OPTIONS = [
+    inspect.Parameter(
+        "devices",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=8,
+        annotation=Annotated[
+            int, typer.Option(help="Simulated devices in the fleet.", rich_help_panel=SIMULATION_PANEL)
+        ],
     ),
-    db: Annotated[
-        str | None,
-        typer.Option(help="SQLAlchemy URL of the version store (default sqlite:///OUT/fleetlora.db)."),
-    ] = None,
-    devices_per_round: Annotated[
-        int, typer.Option(help="Devices sampled each round.")
-    ] = _DEFAULTS.devices_per_round,
-    min_devices: Annotated[
-        int, typer.Option(help="Valid replies needed for a round to count.")
-    ] = _DEFAULTS.min_devices,
-    local_steps: Annotated[
-        int, typer.Option(help="Optimizer steps per device per round.")
-    ] = _DEFAULTS.local_steps,
-    batch_size: Annotated[int, typer.Option(help="Examples per local step.")] = _DEFAULTS.batch_size,
-    learning_rate: Annotated[
-        float, typer.Option(help="Local AdamW learning rate.")
-    ] = _DEFAULTS.learning_rate,
-    local_epochs: Annotated[
-        float, typer.Option(help="Passes over the local data per round; > 0 replaces --local-steps.")
-    ] = _DEFAULTS.local_epochs,
-    lr_decay: Annotated[
-        float, typer.Option(help="Round r trains at learning-rate × lr-decay^(r-1).")
-    ] = _DEFAULTS.lr_decay,
-    max_length: Annotated[
-        int, typer.Option(help="Tokens per example (longer texts are cut).")
-    ] = _DEFAULTS.max_length,
-    lora_rank: Annotated[int, typer.Option(help="LoRA rank r.")] = _DEFAULTS.lora_rank,
-    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha (scale = alpha / r).")] = _DEFAULTS.lora_alpha,
-    lora_targets: Annotated[
-        str, typer.Option(help="Comma-separated module names LoRA wraps (default: attention q/v).")
-    ] = _DEFAULTS.lora_targets,
-    unfreeze: Annotated[
-        str, typer.Option(help="Comma-separated base modules trained in full on top of LoRA.")
-    ] = _DEFAULTS.unfreeze,
-    ffa_lora: Annotated[
-        bool, typer.Option(help="FFA-LoRA: keep A at its shared seeded init, train only B and the head.")
-    ] = _DEFAULTS.ffa_lora,
-    pooling: Annotated[
-        str,
-        typer.Option(
-            help="Classification head: mean (mean of the last hidden states) or transformers "
-            "(the architecture's own, BERT: pooler over [CLS])."
-        ),
-    ] = _DEFAULTS.pooling,
-    personal_head: Annotated[
-        bool,
-        typer.Option(
-            help="Each device trains and keeps its own classification head (in OUT/devices); "
-            "evaluation reports global and personalised accuracy."
-        ),
-    ] = _DEFAULTS.personal_head,
-    restricted_softmax: Annotated[
-        bool,
-        typer.Option(
-            help="Classification: each device's loss covers only its own classes (FedRS-style, against "
-            "label skew). Ignored for causal LM."
-        ),
-    ] = _DEFAULTS.restricted_softmax,
-    dp_epsilon: Annotated[
-        float,
-        typer.Option(
-            help="DP-SGD on every device with this ε budget per device (0 = no DP).",
-            rich_help_panel="Privacy",
-        ),
-    ] = _DEFAULTS.dp_epsilon,
-    dp_delta: Annotated[float, typer.Option(help="DP δ.", rich_help_panel="Privacy")] = _DEFAULTS.dp_delta,
-    dp_max_grad_norm: Annotated[
-        float, typer.Option(help="Per-example gradient clipping bound (L2).", rich_help_panel="Privacy")
-    ] = _DEFAULTS.dp_max_grad_norm,
-    dp_accountant: Annotated[
-        str, typer.Option(help="Privacy accountant: rdp or prv.", rich_help_panel="Privacy")
-    ] = _DEFAULTS.dp_accountant,
-    dp_rounds: Annotated[
-        int,
-        typer.Option(
-            help="Rounds the ε budget must last (0 = --rounds); sets the noise.", rich_help_panel="Privacy"
-        ),
-    ] = _DEFAULTS.dp_rounds,
-    central_dp_noise: Annotated[
-        float,
-        typer.Option(
-            help="User-level DP at the coordinator: noise multiplier on the sum of clipped deltas (0 = off).",
-            rich_help_panel="Privacy",
-        ),
-    ] = _DEFAULTS.central_dp_noise,
-    central_dp_clip: Annotated[
-        float,
-        typer.Option(help="L2 bound on each device's delta under central DP.", rich_help_panel="Privacy"),
-    ] = _DEFAULTS.central_dp_clip,
-    seal_uploads: Annotated[
-        bool,
-        typer.Option(
-            help="Devices encrypt each delta to the coordinator (HPKE) and sign it (Ed25519); keys are "
-            "made under OUT/keys and every device is enrolled.",
-            rich_help_panel="Privacy",
-        ),
-    ] = _DEFAULTS.seal_uploads,
-    stream_records: Annotated[
-        int,
-        typer.Option(
-            help="Feed each device its partition as a stream: this many records a round, with duplicates "
-            "and junk mixed in, through the device's corpus pipeline (0: the whole partition at once).",
-            rich_help_panel="Data",
-        ),
-    ] = _DEFAULTS.stream_records,
-    upload_codec: Annotated[
-        str,
-        typer.Option(
-            help="How a sealed delta is encoded: fp32+zstd (lossless), fp16+zstd or int8+zstd (smaller).",
-            rich_help_panel="Privacy",
-        ),
-    ] = _DEFAULTS.upload_codec,
-    package_cap: Annotated[
-        float,
-        typer.Option(
-            help="Largest update package as a share of the base model's bytes (at most 0.10); lossier "
-            "codecs are used to fit.",
-            rich_help_panel="Updates",
-        ),
-    ] = _DEFAULTS.package_cap,
-    distribute_updates: Annotated[
-        bool,
-        typer.Option(
-            help="After each round, send every device the signed package to the new version.",
-            rich_help_panel="Updates",
-        ),
-    ] = _DEFAULTS.distribute_updates,
-    server_optimizer: Annotated[
-        str, typer.Option(help="Server update: fedavg, fedavgm (momentum), fedadam or fedyogi.")
-    ] = _DEFAULTS.server_optimizer,
-    server_lr: Annotated[
-        float, typer.Option(help="Server learning rate (1 = plain FedAvg).")
-    ] = _DEFAULTS.server_lr,
-    server_momentum: Annotated[
-        float, typer.Option(help="FedAvgM momentum, or beta1 of FedAdam/FedYogi.")
-    ] = _DEFAULTS.server_momentum,
-    server_beta2: Annotated[float, typer.Option(help="beta2 of FedAdam/FedYogi.")] = _DEFAULTS.server_beta2,
-    server_tau: Annotated[
-        float, typer.Option(help="tau (adaptivity) of FedAdam/FedYogi.")
-    ] = _DEFAULTS.server_tau,
-    round_deadline: Annotated[
-        float, typer.Option(help="Seconds a round waits for devices.")
-    ] = _DEFAULTS.round_deadline,
-    client_cpus: Annotated[
-        int, typer.Option(help="CPUs per simulated device (2 = one at a time).")
-    ] = _DEFAULTS.client_cpus,
-    verbose: Annotated[bool, typer.Option(help="Show Flower's and Ray's logs.")] = False,
-) -> None:
+    inspect.Parameter(
+        "out",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=Path("runs/latest"),
+        annotation=Annotated[
+            Path,
+            typer.Option(
+                help="Folder for results.json, the database, keys and device state.",
+                rich_help_panel=SIMULATION_PANEL,
+            ),
+        ],
+    ),
+    inspect.Parameter(
+        "client_cpus",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=2,
+        annotation=Annotated[
+            int,
+            typer.Option(
+                help="CPUs per simulated device (2 = one at a time).", rich_help_panel=SIMULATION_PANEL
+            ),
+        ],
+    ),
+    inspect.Parameter(
+        "run_config",
+        inspect.Parameter.KEYWORD_ONLY,
+        default="",
+        annotation=Annotated[
+            str,
+            typer.Option(
+                help="Any keys as Flower takes them: 'key=value key2=\"text\"' (TOML values). "
+                "An explicit option wins over a key set here.",
+                rich_help_panel=SIMULATION_PANEL,
+            ),
+        ],
+    ),
+    inspect.Parameter(
+        "verbose",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=False,
+        annotation=Annotated[
+            bool, typer.Option(help="Show Flower's and Ray's logs.", rich_help_panel=SIMULATION_PANEL)
+        ],
+    ),
+]
+
+
+def parse_run_config(text: str) -> dict[str, RunValue]:
+    """Flower's ``--run-config`` form: space-separated ``key=value`` pairs, each value in TOML."""
+    parsed: dict[str, RunValue] = {}
+    for pair in shlex.split(text, posix=False):
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--run-config takes key=value pairs, got {pair!r}.")
+        try:
+            parsed[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            raise ConfigError(
+                f'--run-config {key}: {value!r} is not a TOML value (quote text: {key}="...").'
+            ) from None
+    return parsed
+
+
+def simulate(**options: Any) -> None:
     """Simulate a fleet: partition the data over devices, run federated LoRA rounds, report each."""
+    from fleetlora.simulations.report import ProgressReporter, results_table
+    from fleetlora.simulations.runner import SimulationConfig
+    from fleetlora.simulations.runner import simulate as run_fleet
+
+    explicit = {s.key: options[s.name] for s in SETTINGS if options[s.name] is not None}
     config = SimulationConfig(
-        devices=devices,
-        rounds=rounds,
-        model=model,
-        data=data,
-        eval_data=eval_data,
-        partition=partition,
-        seed=seed,
-        out=out,
-        db=db,
-        devices_per_round=devices_per_round,
-        min_devices=min_devices,
-        local_steps=local_steps,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        local_epochs=local_epochs,
-        lr_decay=lr_decay,
-        max_length=max_length,
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        lora_targets=lora_targets,
-        unfreeze=unfreeze,
-        ffa_lora=ffa_lora,
-        pooling=pooling,
-        personal_head=personal_head,
-        restricted_softmax=restricted_softmax,
-        dp_epsilon=dp_epsilon,
-        dp_delta=dp_delta,
-        dp_max_grad_norm=dp_max_grad_norm,
-        dp_accountant=dp_accountant,
-        dp_rounds=dp_rounds,
-        central_dp_noise=central_dp_noise,
-        central_dp_clip=central_dp_clip,
-        seal_uploads=seal_uploads,
-        stream_records=stream_records,
-        upload_codec=upload_codec,
-        package_cap=package_cap,
-        distribute_updates=distribute_updates,
-        server_optimizer=server_optimizer,
-        server_lr=server_lr,
-        server_momentum=server_momentum,
-        server_beta2=server_beta2,
-        server_tau=server_tau,
-        round_deadline=round_deadline,
-        client_cpus=client_cpus,
+        devices=options["devices"],
+        out=options["out"],
+        client_cpus=options["client_cpus"],
+        settings={**parse_run_config(options["run_config"]), **explicit},
     )
     console = Console(width=None if sys.stdout.isatty() else 140)  # logs and CI get the whole table
-    reporter = ProgressReporter(rounds, console)
+    reporter = ProgressReporter(config.run.rounds, console)
     try:
-        results = run_fleet(config, reporter, verbose=verbose)
+        results = run_fleet(config, reporter, verbose=options["verbose"])
     finally:
         reporter.stop()
     console.print(results_table(results))
-    console.print(f"results: {out / 'results.json'}")
+    console.print(f"results: {config.out / 'results.json'}")
+
+
+simulate.__signature__ = inspect.Signature(  # type: ignore[attr-defined]  # typer reads the options from it
+    [*_OWN_OPTIONS, *(_option(s) for s in SETTINGS)], return_annotation=None
+)

@@ -6,24 +6,25 @@ before the engine starts, so a mistake costs a second and a one-line error, not 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fleetlora.client.client_app import build_client_app
 from fleetlora.client.device_state import DeviceState
 from fleetlora.client.enroll import ensure_device_key
-from fleetlora.common.config import ModelSpec, PrivacySettings, ServerOptimizerSettings, TrainSettings
 from fleetlora.common.data import load_examples
 from fleetlora.common.data.partition import PartitionScheme, partition_indices
 from fleetlora.common.errors import ConfigError
 from fleetlora.common.keys import COORDINATOR_HPKE_KEY
 from fleetlora.common.model import cached_model
+from fleetlora.common.run_config import DEFAULTS, RunConfig, RunValue
 from fleetlora.coordinator.db import Database
 from fleetlora.coordinator.keys import init_keys
-from fleetlora.coordinator.packages import MAX_CAP
 from fleetlora.coordinator.registry import Registry
 from fleetlora.coordinator.rounds import FederationObserver, FederationStart, RoundOutcome, summarize
 from fleetlora.coordinator.server_app import build_server_app
@@ -32,113 +33,51 @@ from fleetlora.coordinator.settings import CoordinatorSettings
 
 @dataclass(frozen=True)
 class SimulationConfig:
-    """A simulated fleet. Defaults: MiniLM intent classification on the built-in corpus."""
+    """A simulated fleet: its size, where results go, and the run-config keys a caller set.
+
+    ``settings`` holds only what was set, keyed as in ``[tool.flwr.app.config]`` (as
+    ``flwr run --run-config`` takes it); every other key takes the simulation's own default
+    (:meth:`simulation_defaults`), then the table's (:mod:`fleetlora.common.run_config`).
+    Defaults: MiniLM intent classification on the built-in corpus.
+    """
 
     devices: int = 8
-    rounds: int = 3
-    model: str = "minilm"
-    data: str = "builtin"
-    eval_data: str | None = None  # None: the built-in test split for builtin data, else none
-    partition: str = "dirichlet:1.0"
-    seed: int = 0
     out: Path = Path("runs/latest")
-    db: str | None = None  # None: sqlite:///OUT/fleetlora.db
-    devices_per_round: int = 4
-    min_devices: int = 2
-    local_steps: int = TrainSettings.local_steps
-    batch_size: int = TrainSettings.batch_size
-    learning_rate: float = TrainSettings.learning_rate
-    local_epochs: float = TrainSettings.local_epochs
-    lr_decay: float = 1.0
-    max_length: int = 48
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    lora_targets: str = ""
-    unfreeze: str = ""
-    ffa_lora: bool = False
-    pooling: str = ModelSpec.pooling
-    personal_head: bool = TrainSettings.personal_head
-    restricted_softmax: bool = TrainSettings.restricted_softmax
-    dp_epsilon: float = PrivacySettings.epsilon
-    dp_delta: float = PrivacySettings.delta
-    dp_max_grad_norm: float = PrivacySettings.max_grad_norm
-    dp_accountant: str = PrivacySettings.accountant
-    dp_rounds: int = 0  # 0: --rounds
-    central_dp_noise: float = 0.0
-    central_dp_clip: float = 1.0
-    seal_uploads: bool = True  # keys are made under OUT/keys and every simulated device is enrolled
-    stream_records: int = 0  # > 0: each device's partition arrives this many records a round (its corpus)
-    upload_codec: str = "fp32+zstd"  # sealed deltas: fp16+zstd or int8+zstd send less, lossily
-    tenant: str = "default"
-    package_cap: float = MAX_CAP  # update packages: at most this share of the base model's bytes
-    distribute_updates: bool = True  # after each round, bring every device to the new version
-    server_optimizer: str = ServerOptimizerSettings.name
-    server_lr: float = ServerOptimizerSettings.lr
-    server_momentum: float = ServerOptimizerSettings.momentum
-    server_beta2: float = ServerOptimizerSettings.beta2
-    server_tau: float = ServerOptimizerSettings.tau
-    round_deadline: float = 600.0
     client_cpus: int = 2  # Flower's default: one virtual device at a time on 2 cores
+    settings: Mapping[str, RunValue] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.devices < 1:
             raise ConfigError(f"--devices must be >= 1, got {self.devices}.")
         if self.client_cpus < 1:
             raise ConfigError(f"--client-cpus must be >= 1, got {self.client_cpus}.")
+        self.run  # noqa: B018  # checks every key now, before anything starts
 
-    def run_config(self) -> dict[str, bool | int | float | str]:
-        """The Flower run config both apps read (the keys of ``[tool.flwr.app.config]``)."""
-        if self.eval_data is not None:
-            eval_data = self.eval_data
-        else:
-            eval_data = "builtin-test" if self.data == "builtin" else ""
-        per_round = min(self.devices_per_round, self.devices)
+    def simulation_defaults(self) -> dict[str, RunValue]:
+        """Where a simulation differs from the table: it seals (keys are made under OUT/keys and
+        every device is enrolled) and keeps its database, keys and device state under ``out``."""
+        data = self.settings.get("data", DEFAULTS.data)
         return {
-            "model": self.model,
-            "data": self.data,
-            "eval-data": eval_data,
-            "partition": self.partition,
-            "seed": self.seed,
-            "rounds": self.rounds,
-            "devices-per-round": per_round,
-            "min-devices": min(self.min_devices, per_round),
-            "round-deadline": self.round_deadline,
-            "local-steps": self.local_steps,
-            "batch-size": self.batch_size,
-            "learning-rate": self.learning_rate,
-            "local-epochs": self.local_epochs,
-            "lr-decay": self.lr_decay,
-            "max-length": self.max_length,
-            "lora-rank": self.lora_rank,
-            "lora-alpha": self.lora_alpha,
-            "lora-targets": self.lora_targets,
-            "unfreeze": self.unfreeze,
-            "ffa-lora": self.ffa_lora,
-            "pooling": self.pooling,
-            "personal-head": self.personal_head,
-            "restricted-softmax": self.restricted_softmax,
-            "dp-epsilon": self.dp_epsilon,
-            "dp-delta": self.dp_delta,
-            "dp-max-grad-norm": self.dp_max_grad_norm,
-            "dp-accountant": self.dp_accountant,
-            "dp-rounds": self.dp_rounds,
-            "central-dp-noise": self.central_dp_noise,
-            "central-dp-clip": self.central_dp_clip,
-            "seal-uploads": self.seal_uploads,
-            "stream-records": self.stream_records,
-            "upload-codec": self.upload_codec,
-            "tenant": self.tenant,
-            "package-cap": self.package_cap,
-            "distribute-updates": self.distribute_updates,
+            "seal-uploads": True,
+            "eval-data": "builtin-test" if data == "builtin" else "",
+            "db": f"sqlite:///{(self.out / 'fleetlora.db').resolve()}",
             "keys": str((self.out / "keys").resolve()),
             "device-state": str((self.out / "devices").resolve()),
-            "server-optimizer": self.server_optimizer,
-            "server-lr": self.server_lr,
-            "server-momentum": self.server_momentum,
-            "server-beta2": self.server_beta2,
-            "server-tau": self.server_tau,
-            "db": self.db or f"sqlite:///{(self.out / 'fleetlora.db').resolve()}",
         }
+
+    @property
+    def run(self) -> RunConfig:
+        """The whole run config, checked; a round samples no more devices than the fleet has."""
+        config = {**DEFAULTS.to_mapping(), **self.simulation_defaults(), **self.settings}
+        run = RunConfig.from_mapping(config)
+        per_round = min(run.devices_per_round, self.devices)
+        return dataclasses.replace(
+            run, devices_per_round=per_round, min_devices=min(run.min_devices, per_round)
+        )
+
+    def run_config(self) -> dict[str, RunValue]:
+        """The Flower run config both apps read (the keys of ``[tool.flwr.app.config]``)."""
+        return self.run.to_mapping()
 
 
 @dataclass
@@ -162,11 +101,11 @@ class ResultCollector:
 
 def preflight(config: SimulationConfig) -> CoordinatorSettings:
     """Check inputs and build the model once (the coordinator reuses it) before the engine starts."""
-    run_config = config.run_config()
-    settings = CoordinatorSettings.from_run_config(run_config)
-    examples = load_examples(config.data)
+    run = config.run
+    settings = CoordinatorSettings.from_run(run)
+    examples = load_examples(run.data)
     partition_indices(
-        [e.label for e in examples], config.devices, PartitionScheme.parse(config.partition), config.seed
+        [e.label for e in examples], config.devices, PartitionScheme.parse(run.partition), run.seed
     )
     if settings.eval_data:
         load_examples(settings.eval_data)
@@ -200,7 +139,13 @@ def simulate(
     if collector.start is None:
         raise ConfigError("The simulation ended before the coordinator started; rerun with --verbose.")
     results = {
-        "config": {**asdict(config), "out": str(config.out), "run_config": run_config},
+        "config": {
+            "devices": config.devices,
+            "out": str(config.out),
+            "client_cpus": config.client_cpus,
+            "settings": dict(config.settings),
+            "run_config": run_config,
+        },
         "base_model_bytes": collector.start.base_model_bytes,
         "trainable_share": collector.start.trainable_share,
         "lineage": collector.start.lineage,

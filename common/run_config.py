@@ -1,0 +1,309 @@
+"""Every key of a fleetlora run, declared once: its type, default, help text, group and check.
+
+A Flower run config is a flat table of ``key = value`` (``[tool.flwr.app.config]`` in
+pyproject.toml, ``flwr run . --run-config``, a host's ``[federation]`` section, or what
+``fleetlora simulate`` writes). :class:`RunConfig` is that table as a typed, self-checking
+dataclass, modelled on PEFT's ``LoraConfig``: each field carries its default and
+``metadata={"help": ..., "group": ...}``. Everything else is derived from it: the ``simulate``
+options and their help panels, the reading of a run config into the coordinator's and the
+devices' settings, the run config a simulation writes, and the test that pyproject.toml's table
+equals these defaults. Adding a setting is one field here plus its use.
+
+A key is the field's name with ``-`` for ``_`` (``devices_per_round`` → ``devices-per-round``).
+Ranges that the wire settings (:mod:`fleetlora.common.config`) already check are checked there,
+once, when the coordinator builds them; what nothing downstream checks is checked here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from fleetlora.common.errors import ConfigError
+
+RunValue = bool | int | float | str
+
+
+class Group(StrEnum):
+    """The help panels of ``fleetlora simulate``, in the order a reader meets them."""
+
+    MODEL = "Model"
+    DATA = "Data"
+    FLEET = "Fleet"
+    TRAINING = "Local training"
+    PRIVACY = "Privacy"
+    UPLOADS = "Uploads and packages"
+    SERVER = "Server"
+
+
+Check = Callable[[Any], str | None]  # the problem with a value, or None when it is fine
+
+
+def setting(
+    default: RunValue, help: str, group: Group, *, choices: tuple[str, ...] = (), check: Check | None = None
+) -> Any:
+    """One run-config key's declaration (a dataclass field with its metadata)."""
+    return dataclasses.field(
+        default=default, metadata={"help": help, "group": group, "choices": choices, "check": check}
+    )
+
+
+def at_least(minimum: float) -> Check:
+    return lambda value: None if value >= minimum else f"must be >= {minimum}"
+
+
+def in_unit_interval(value: float) -> str | None:
+    return None if 0 < value < 1 else "must be in (0, 1)"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A fleetlora run, key by key. Defaults are ``[tool.flwr.app.config]``'s (a test keeps them equal)."""
+
+    # ---- model
+    model: str = setting(
+        "minilm", "Base model: minilm, smollm2, tiny, or a local Hugging Face folder.", Group.MODEL
+    )
+    task: str = setting(
+        "auto",
+        "classify, causal-lm, or auto (classify when labels are given or found in the data).",
+        Group.MODEL,
+        choices=("auto", "classify", "causal-lm"),
+    )
+    labels: str = setting(
+        "", "Comma-separated class names, in order (empty: read them from --data).", Group.MODEL
+    )
+    max_length: int = setting(48, "Tokens per example (longer texts are cut).", Group.MODEL)
+    lora_rank: int = setting(8, "LoRA rank r.", Group.MODEL)
+    lora_alpha: int = setting(16, "LoRA alpha (scale = alpha / r).", Group.MODEL)
+    lora_targets: str = setting(
+        "", "Comma-separated module names LoRA wraps (empty: the attention query and value).", Group.MODEL
+    )
+    unfreeze: str = setting("", "Comma-separated base modules trained in full on top of LoRA.", Group.MODEL)
+    ffa_lora: bool = setting(
+        False, "FFA-LoRA: keep A at its shared seeded init, train only B and the head.", Group.MODEL
+    )
+    pooling: str = setting(
+        "mean",
+        "Classification head: mean (of the last hidden states) or transformers (the architecture's own).",
+        Group.MODEL,
+        choices=("mean", "transformers"),
+    )
+
+    # ---- data
+    data: str = setting(
+        "builtin", "Training data: 'builtin' or a CSV/JSONL/TXT file, split over the devices.", Group.DATA
+    )
+    eval_data: str = setting(
+        "builtin-test", "Coordinator-side test set ('builtin-test', a file, or empty for none).", Group.DATA
+    )
+    partition: str = setting(
+        "dirichlet:1.0", "How data is split over devices: iid or dirichlet:ALPHA (by label).", Group.DATA
+    )
+    stream_records: int = setting(
+        0,
+        "Simulated devices receive their partition this many records a round, with duplicates and junk "
+        "mixed in, through their corpus pipeline (0: the whole partition at once).",
+        Group.DATA,
+        check=at_least(0),
+    )
+
+    # ---- fleet
+    seed: int = setting(0, "Seed for partitions, sampling and initial weights.", Group.FLEET)
+    rounds: int = setting(3, "Federated rounds to run (after any stored ones).", Group.FLEET)
+    devices_per_round: int = setting(4, "Devices sampled each round.", Group.FLEET)
+    min_devices: int = setting(2, "Valid replies needed for a round to count.", Group.FLEET)
+    round_deadline: float = setting(
+        600.0, "Seconds a round waits for devices to connect and answer.", Group.FLEET
+    )
+    tenant: str = setting(
+        "default", "The fleet's tenant: devices, versions and packages belong to it.", Group.FLEET
+    )
+    device_state: str = setting(
+        "runs/flwr/devices",
+        "Simulated devices' state folders (a SuperNode sets its own state-dir).",
+        Group.FLEET,
+    )
+    simulated_consent: bool = setting(
+        True, "Simulated devices' upload consent (a real device's owner sets upload-consent).", Group.FLEET
+    )
+    db: str = setting(
+        "sqlite:///runs/flwr/fleetlora.db", "SQLAlchemy URL of the coordinator's version store.", Group.FLEET
+    )
+
+    # ---- local training
+    local_steps: int = setting(20, "Optimizer steps per device per round.", Group.TRAINING)
+    batch_size: int = setting(16, "Examples per local step.", Group.TRAINING)
+    learning_rate: float = setting(0.003, "Local AdamW learning rate.", Group.TRAINING)
+    local_epochs: float = setting(
+        0.0, "Passes over the local data per round; > 0 replaces local-steps.", Group.TRAINING
+    )
+    lr_decay: float = setting(1.0, "Round r trains at learning-rate × lr-decay^(r-1).", Group.TRAINING)
+    personal_head: bool = setting(
+        False,
+        "Each device trains and keeps its own classification head (in its state folder); evaluation "
+        "reports global and personalised accuracy.",
+        Group.TRAINING,
+    )
+    restricted_softmax: bool = setting(
+        True,
+        "Classification: each device's loss covers only its own classes (FedRS-style, against label "
+        "skew). Ignored for causal LM.",
+        Group.TRAINING,
+    )
+
+    # ---- privacy
+    dp_epsilon: float = setting(
+        0.0,
+        "DP-SGD on every device with this ε budget per device (0: no DP).",
+        Group.PRIVACY,
+        check=at_least(0),
+    )
+    dp_delta: float = setting(1e-5, "DP δ.", Group.PRIVACY)
+    dp_max_grad_norm: float = setting(1.0, "Per-example gradient clipping bound (L2).", Group.PRIVACY)
+    dp_accountant: str = setting(
+        "rdp", "Privacy accountant: rdp or prv.", Group.PRIVACY, choices=("rdp", "prv")
+    )
+    dp_rounds: int = setting(
+        0, "Rounds the ε budget must last (0: rounds); sets the noise.", Group.PRIVACY, check=at_least(0)
+    )
+    central_dp_noise: float = setting(
+        0.0,
+        "User-level DP at the coordinator: noise multiplier on the sum of clipped deltas (0: off).",
+        Group.PRIVACY,
+    )
+    central_dp_clip: float = setting(1.0, "L2 bound on each device's delta under central DP.", Group.PRIVACY)
+    central_dp_delta: float = setting(1e-5, "δ of the coordinator's user-level DP.", Group.PRIVACY)
+
+    # ---- uploads and packages
+    seal_uploads: bool = setting(
+        False,
+        "Devices encrypt each delta to the coordinator (HPKE) and sign it (Ed25519); needs keys and "
+        "enrolled devices.",
+        Group.UPLOADS,
+    )
+    upload_codec: str = setting(
+        "fp32+zstd",
+        "How a sealed delta is encoded: fp32+zstd (lossless), fp16+zstd or int8+zstd (smaller).",
+        Group.UPLOADS,
+    )
+    keys: str = setting(
+        "",
+        "The coordinator's keys folder (fleetlora coordinator keys init); signs update packages.",
+        Group.UPLOADS,
+    )
+    package_cap: float = setting(
+        0.10,
+        "Largest update package as a share of the base model's bytes (at most 0.10); lossier codecs are "
+        "used to fit.",
+        Group.UPLOADS,
+    )
+    package_ttl_hours: float = setting(
+        168.0, "Devices refuse a package this long after it was built.", Group.UPLOADS
+    )
+    package_max_error: float = setting(
+        0.10,
+        "A lossy package codec is used only while the rebuilt adapter stays this close (relative L2).",
+        Group.UPLOADS,
+    )
+    distribute_updates: bool = setting(
+        True, "After each round, send connected devices the signed package to the new version.", Group.UPLOADS
+    )
+
+    # ---- server
+    server_optimizer: str = setting(
+        "fedavg",
+        "Server update: fedavg, fedavgm (momentum), fedadam or fedyogi.",
+        Group.SERVER,
+        choices=("fedavg", "fedavgm", "fedadam", "fedyogi"),
+    )
+    server_lr: float = setting(1.0, "Server learning rate (1: plain FedAvg).", Group.SERVER)
+    server_momentum: float = setting(0.9, "FedAvgM momentum, or beta1 of FedAdam/FedYogi.", Group.SERVER)
+    server_beta2: float = setting(0.99, "beta2 of FedAdam/FedYogi.", Group.SERVER)
+    server_tau: float = setting(0.001, "tau (adaptivity) of FedAdam/FedYogi.", Group.SERVER)
+
+    def __post_init__(self) -> None:
+        problems = [f"{s.key}: {problem}" for s in SETTINGS if (problem := s.problem(getattr(self, s.name)))]
+        if problems:
+            raise ConfigError("Invalid run configuration: " + "; ".join(problems) + ".")
+
+    @classmethod
+    def from_mapping(cls, config: Mapping[str, Any]) -> RunConfig:
+        """Read a Flower run config; missing keys take their defaults, unknown keys are refused by name."""
+        unknown = sorted(set(config) - set(BY_KEY))
+        if unknown:
+            raise ConfigError(
+                f"Unknown run-config key(s) {', '.join(map(repr, unknown))}; "
+                f"the keys are listed by `fleetlora simulate --help` and in pyproject.toml."
+            )
+        values = {}
+        for key, value in config.items():
+            spec = BY_KEY[key]
+            values[spec.name] = spec.coerce(value)
+        return cls(**values)
+
+    def to_mapping(self) -> dict[str, RunValue]:
+        """The run config Flower carries, keyed as in ``[tool.flwr.app.config]``."""
+        return {s.key: getattr(self, s.name) for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One key of the table, as the CLI, the readers and the tests see it."""
+
+    name: str  # the field name
+    type: type
+    default: RunValue
+    help: str
+    group: Group
+    choices: tuple[str, ...]
+    check: Check | None
+
+    @property
+    def key(self) -> str:
+        return self.name.replace("_", "-")
+
+    def coerce(self, value: Any) -> RunValue:
+        """``value`` as this key's type; a clear error for anything else (an int is a fine float)."""
+        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if type(value) is not self.type:
+            raise ConfigError(
+                f"Run-config key {self.key!r} expects {self.type.__name__}, got {value!r} "
+                f"({type(value).__name__})."
+            )
+        return value
+
+    def problem(self, value: Any) -> str | None:
+        if type(value) is not self.type:
+            return f"expects {self.type.__name__}, got {value!r}"
+        if self.type is float and not math.isfinite(value):
+            return f"must be finite, got {value}"
+        if self.choices and value not in self.choices:
+            return f"must be one of {', '.join(self.choices)}, got {value!r}"
+        if self.check is not None and (problem := self.check(value)):
+            return f"{problem}, got {value!r}"
+        return None
+
+
+def _settings() -> Iterator[Setting]:
+    types = {"bool": bool, "int": int, "float": float, "str": str}
+    for field in dataclasses.fields(RunConfig):
+        yield Setting(
+            name=field.name,
+            type=types[str(field.type)],
+            default=field.default,  # type: ignore[arg-type]  # every field has a plain default
+            help=field.metadata["help"],
+            group=field.metadata["group"],
+            choices=field.metadata["choices"],
+            check=field.metadata["check"],
+        )
+
+
+SETTINGS: tuple[Setting, ...] = tuple(_settings())
+BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
+DEFAULTS = RunConfig()

@@ -1,0 +1,89 @@
+"""The run-config table: one declaration per key, and everything derived from it agrees with it."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fleetlora.cli import app
+from fleetlora.common.errors import ConfigError
+from fleetlora.common.run_config import BY_KEY, DEFAULTS, SETTINGS, Group, RunConfig
+from fleetlora.simulations.cli import parse_run_config
+from fleetlora.simulations.runner import SimulationConfig
+
+PYPROJECT = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+
+
+def test_pyproject_run_config_equals_the_tables_defaults_key_for_key():
+    declared = PYPROJECT["tool"]["flwr"]["app"]["config"]
+
+    assert declared == DEFAULTS.to_mapping()
+
+
+def test_every_key_has_help_a_group_and_a_default_of_its_type():
+    for setting in SETTINGS:
+        assert setting.help.strip(), setting.key
+        assert isinstance(setting.group, Group)
+        assert type(setting.default) is setting.type, setting.key
+
+
+def test_simulate_help_lists_every_key_of_the_table():
+    result = CliRunner().invoke(app, ["simulate", "--help"], env={"COLUMNS": "200"}, terminal_width=200)
+
+    assert result.exit_code == 0, result.output
+    listed = set(re.findall(r"--([a-z0-9-]+)", result.output))
+    missing = {s.key for s in SETTINGS} - listed
+    assert not missing, f"not in `simulate --help`: {sorted(missing)}"
+
+
+def test_an_unknown_key_is_refused_by_name():
+    with pytest.raises(ConfigError, match="'round'"):
+        RunConfig.from_mapping({"round": 3})
+
+
+def test_a_value_of_the_wrong_type_is_refused_with_its_key():
+    with pytest.raises(ConfigError, match="'rounds' expects int"):
+        RunConfig.from_mapping({"rounds": "3"})
+    with pytest.raises(ConfigError, match="'seal-uploads' expects bool"):
+        RunConfig.from_mapping({"seal-uploads": 1})
+
+
+def test_an_int_is_a_fine_float_and_keeps_the_float_type():
+    run = RunConfig.from_mapping({"round-deadline": 30})
+
+    assert run.round_deadline == 30.0 and type(run.round_deadline) is float
+
+
+def test_choices_and_checks_name_every_bad_key_at_once():
+    with pytest.raises(ConfigError) as raised:
+        RunConfig.from_mapping({"server-optimizer": "sgd", "stream-records": -1, "dp-epsilon": float("nan")})
+
+    message = str(raised.value)
+    assert "server-optimizer" in message and "stream-records" in message and "dp-epsilon" in message
+
+
+def test_flowers_run_config_form_parses_toml_values():
+    parsed = parse_run_config('rounds=2 model="tiny" learning-rate=0.01 seal-uploads=false')
+
+    assert parsed == {"rounds": 2, "model": "tiny", "learning-rate": 0.01, "seal-uploads": False}
+    with pytest.raises(ConfigError, match="TOML"):
+        parse_run_config("model=tiny")  # text must be quoted, as flwr run wants it
+
+
+def test_a_simulation_writes_only_table_keys_and_its_own_defaults(tmp_path: Path):
+    config = SimulationConfig(devices=3, out=tmp_path, settings={"devices-per-round": 5, "model": "tiny"})
+
+    written = config.run_config()
+    assert set(written) == set(BY_KEY)
+    assert written["devices-per-round"] == 3 and written["min-devices"] == 2  # no more than the fleet
+    assert written["seal-uploads"] is True and written["keys"] == str((tmp_path / "keys").resolve())
+    assert written["model"] == "tiny" and written["eval-data"] == "builtin-test"
+
+
+def test_a_simulation_with_a_bad_key_fails_before_anything_starts(tmp_path: Path):
+    with pytest.raises(ConfigError, match="'local-step'"):
+        SimulationConfig(out=tmp_path, settings={"local-step": 3})
