@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-quick bench bench-convergence lint clean
+.PHONY: install demo test test-quick bench bench-convergence lint typecheck clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,8 +35,17 @@ bench: install
 bench-convergence: install
 	$(BIN)/python benchmarks/convergence.py $(if $(ARMS),--arms $(ARMS))
 
-lint: install
+lint: install typecheck
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# mypy cannot follow setuptools' package-dir mapping (fleetlora.common = common/ ...): it checks
+# the installed layout through a tree of links. Settings: [tool.mypy] in pyproject.toml.
+TYPECHECK := build/typecheck
+typecheck: install
+	rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/fleetlora
+	for part in common client coordinator simulations; do ln -s ../../../$$part $(TYPECHECK)/fleetlora/$$part; done
+	for file in fleetlora/*.py; do ln -s ../../../$$file $(TYPECHECK)/$$file; done
+	cd $(TYPECHECK) && ../../$(BIN)/mypy --config-file ../../pyproject.toml --cache-dir ../mypy-cache -p fleetlora
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

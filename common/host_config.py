@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetlora.common.errors import ConfigError
+from fleetlora.common.run_config import RunConfig
 
 DEFAULT_PORT = 9092
 
@@ -99,9 +100,14 @@ def load_host_config(path: Path | None) -> HostConfig:
             f"{path}: unknown section(s) {sorted(unknown)}; use coordinator, federation, device."
         )
     base = path.resolve().parent
+    federation = document.get("federation", {})
+    try:  # checked here, where the file is named, rather than later on the SuperLink
+        RunConfig.from_mapping(federation)
+    except ConfigError as exc:
+        raise ConfigError(f"{path} [federation]: {exc}") from None
     return HostConfig(
         coordinator=_section(CoordinatorHost, document.get("coordinator", {}), path, base),
-        federation=dict(document.get("federation", {})),
+        federation=dict(federation),
         device=_section(DeviceHost, document.get("device", {}), path, base),
     )
 

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from fleetlora.cli import app
 from fleetlora.common.errors import ConfigError
+from fleetlora.common.host_config import load_host_config
 from fleetlora.common.run_config import BY_KEY, DEFAULTS, SETTINGS, Group, RunConfig
 from fleetlora.simulations.cli import parse_run_config
 from fleetlora.simulations.runner import SimulationConfig
@@ -87,3 +88,11 @@ def test_a_simulation_writes_only_table_keys_and_its_own_defaults(tmp_path: Path
 def test_a_simulation_with_a_bad_key_fails_before_anything_starts(tmp_path: Path):
     with pytest.raises(ConfigError, match="'local-step'"):
         SimulationConfig(out=tmp_path, settings={"local-step": 3})
+
+
+def test_a_mistyped_federation_key_in_a_host_config_is_named_with_the_file(tmp_path: Path):
+    config = tmp_path / "fleetlora.toml"
+    config.write_text('[federation]\nmodel = "tiny"\ndevices-per-rond = 2\n')
+
+    with pytest.raises(ConfigError, match=r"fleetlora.toml \[federation\].*'devices-per-rond'"):
+        load_host_config(config)
