@@ -240,7 +240,7 @@ class RunConfig:
                 f"Unknown run-config key(s) {', '.join(map(repr, unknown))}; "
                 f"the keys are listed by `fleetlora simulate --help` and in pyproject.toml."
             )
-        values = {}
+        values: dict[str, Any] = {}
         for key, value in config.items():
             spec = BY_KEY[key]
             values[spec.name] = spec.coerce(value)
@@ -267,21 +267,21 @@ class Setting:
     def key(self) -> str:
         return self.name.replace("_", "-")
 
-    def coerce(self, value: Any) -> RunValue:
+    def coerce(self, value: object) -> RunValue:
         """``value`` as this key's type; a clear error for anything else (an int is a fine float)."""
         if self.type is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
-        if type(value) is not self.type:
+        if not isinstance(value, bool | int | float | str) or type(value) is not self.type:
             raise ConfigError(
                 f"Run-config key {self.key!r} expects {self.type.__name__}, got {value!r} "
                 f"({type(value).__name__})."
             )
         return value
 
-    def problem(self, value: Any) -> str | None:
+    def problem(self, value: object) -> str | None:
         if type(value) is not self.type:
             return f"expects {self.type.__name__}, got {value!r}"
-        if self.type is float and not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             return f"must be finite, got {value}"
         if self.choices and value not in self.choices:
             return f"must be one of {', '.join(self.choices)}, got {value!r}"

@@ -168,7 +168,7 @@ class LocalFleet:
 
     def wait_finished(self, run_id: int, timeout: float) -> str:
         return wait_for(
-            lambda: (s := self.status(run_id)).startswith("finished") and s,
+            lambda: s if (s := self.status(run_id)).startswith("finished") else "",
             timeout,
             f"run {run_id} to finish",
         )
