@@ -25,7 +25,7 @@ from fleetlora.client.device_state import DeviceState, UserConfig
 from fleetlora.client.enroll import signing_key
 from fleetlora.client.local_data import CORPUS, corpus_examples, local_examples
 from fleetlora.client.train import train_locally
-from fleetlora.client.updates import DEFAULT_CAP, UpdateSlots, apply_package
+from fleetlora.client.updates import UpdateSlots, apply_package
 from fleetlora.common import chunks, records
 from fleetlora.common.batches import evaluate as evaluate_model
 from fleetlora.common.codec import UPLOAD_ZSTD_LEVEL, Codec, encode
@@ -44,7 +44,7 @@ from fleetlora.common.keys import COORDINATOR_HPKE_PUB, COORDINATOR_SIGNING_PUB,
 from fleetlora.common.keys import PublicKeyType as _Public
 from fleetlora.common.messages import Instructions
 from fleetlora.common.model import LoadedModel, cached_model
-from fleetlora.common.package import PACKAGE, PackageError
+from fleetlora.common.package import MAX_CAP, PACKAGE, PackageError
 
 HOLDOUT_FRACTION = 0.2
 
@@ -193,7 +193,7 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
                 device,
                 coordinator_key(context.node_config, run_config, Ed25519PublicKey),
                 tenant=str(message.content[records.CONFIG][records.TENANT]),
-                cap=float(context.node_config.get("package-cap", DEFAULT_CAP)),
+                cap=float(context.node_config.get("package-cap", MAX_CAP)),
             )
             reply[records.UPDATE_STATUS] = "applied"
         except PackageError as exc:
