@@ -186,7 +186,6 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
     def update_apply(message: Message, context: Context) -> Message:
         run_config = run_config_of(context)
         device = DeviceState.locate(context.node_config, run_config)
-        reply = ConfigRecord({records.DEVICE_ID: device_id(context)})
         try:
             apply_package(
                 io.BytesIO(chunks.array_record_to_bytes(message.content.array_records[PACKAGE])),
@@ -195,10 +194,13 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
                 tenant=str(message.content[records.CONFIG][records.TENANT]),
                 cap=float(context.node_config.get("package-cap", MAX_CAP)),
             )
-            reply[records.UPDATE_STATUS] = "applied"
+            outcome = {records.UPDATE_STATUS: "applied"}
         except PackageError as exc:
-            reply[records.UPDATE_STATUS] = "rejected"
-            reply[records.UPDATE_REASON] = f"{exc.reason}: {exc.detail}"
+            outcome = {
+                records.UPDATE_STATUS: "rejected",
+                records.UPDATE_REASON: f"{exc.reason}: {exc.detail}",
+            }
+        reply = ConfigRecord({records.DEVICE_ID: device_id(context), **outcome})
         report_active(reply, UpdateSlots(device).active())
         return Message(RecordDict({records.CONFIG: reply}), reply_to=message)
 
