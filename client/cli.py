@@ -14,12 +14,13 @@ from fleetlora.client import supernode
 from fleetlora.client.corpus import cli as corpus_cli
 from fleetlora.client.device_state import DeviceState
 from fleetlora.client.enroll import ensure_auth_key, ensure_device_key
-from fleetlora.client.updates import DEFAULT_CAP, UpdateSlots, apply_package
+from fleetlora.client.updates import UpdateSlots, apply_package
 from fleetlora.common.config import LoraSettings, ModelSpec, split_names
 from fleetlora.common.delta import nbytes, trainable_state
 from fleetlora.common.host_config import load_host_config
 from fleetlora.common.keys import COORDINATOR_SIGNING_PUB, DEVICE_SIGNING_PUB, read_public_key
 from fleetlora.common.model import build_model
+from fleetlora.common.package import MAX_CAP
 
 app = typer.Typer(help="Set up and inspect the device agent.", no_args_is_help=True)
 app.command("ingest")(corpus_cli.ingest)
@@ -114,7 +115,7 @@ def apply(
     tenant: Annotated[str, typer.Option(help="The fleet this device belongs to.")] = "default",
     cap: Annotated[
         float, typer.Option(help="Refuse packages larger than this share of the base model.")
-    ] = DEFAULT_CAP,
+    ] = MAX_CAP,
 ) -> None:
     """Verify an update package and make it this device's active adapter (atomically; old one kept)."""
     key = read_public_key(coordinator_key or state_dir / COORDINATOR_SIGNING_PUB, Ed25519PublicKey)

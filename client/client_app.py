@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,7 +26,7 @@ from fleetlora.client.device_state import DeviceState, UserConfig
 from fleetlora.client.enroll import signing_key
 from fleetlora.client.local_data import CORPUS, corpus_examples, local_examples
 from fleetlora.client.train import train_locally
-from fleetlora.client.updates import DEFAULT_CAP, UpdateSlots, apply_package
+from fleetlora.client.updates import ActiveAdapter, UpdateSlots, apply_package
 from fleetlora.common import chunks, records
 from fleetlora.common.batches import evaluate as evaluate_model
 from fleetlora.common.codec import UPLOAD_ZSTD_LEVEL, Codec, encode
@@ -44,14 +45,14 @@ from fleetlora.common.keys import COORDINATOR_HPKE_PUB, COORDINATOR_SIGNING_PUB,
 from fleetlora.common.keys import PublicKeyType as _Public
 from fleetlora.common.messages import Instructions
 from fleetlora.common.model import LoadedModel, cached_model
-from fleetlora.common.package import PACKAGE, PackageError
+from fleetlora.common.package import MAX_CAP, PACKAGE, PackageError
 
 HOLDOUT_FRACTION = 0.2
 
 
 @dataclass(frozen=True)
-class Round:
-    """What a message asks of this device, and what the device has to answer it with."""
+class MessageJob:
+    """What one train or evaluate message asks of this device, and what the device answers it with."""
 
     instructions: Instructions
     loaded: LoadedModel
@@ -67,8 +68,12 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
     app = ClientApp()
     overrides = dict(run_config_overrides or {})
 
-    def prepare(message: Message, context: Context) -> Round:
-        run_config: Mapping = {**context.run_config, **overrides}
+    def run_config_of(context: Context) -> Mapping:
+        """The run's config as this process sees it: Flower's, with the in-process overrides on top."""
+        return {**context.run_config, **overrides}
+
+    def prepare(message: Message, context: Context) -> MessageJob:
+        run_config = run_config_of(context)
         if not upload_consent(context.node_config, run_config):
             raise ConsentError(
                 "This device has no upload consent: nothing leaves it. Its owner grants it with "
@@ -96,7 +101,7 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
         settings = instructions.train
         keeps_state = settings.personal_head or settings.privacy.enabled or instructions.seal_uploads
         state = DeviceState.locate(context.node_config, run_config) if keeps_state else None
-        return Round(instructions, loaded, train_set, held_out, state, run_config, read_at)
+        return MessageJob(instructions, loaded, train_set, held_out, state, run_config, read_at)
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
@@ -123,8 +128,8 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
         if settings.personal_head and job.state:
             personal_head.restore(loaded, job.state)
         # A simulated device's identity is its partition (Flower draws node ids at random per run).
-        device = context.node_config.get("partition-id", context.node_id)
-        seed = training_seed(job.instructions.spec.seed, job.instructions.round, int(device))
+        node_number = int(context.node_config.get("partition-id", context.node_id))
+        seed = training_seed(job.instructions.spec.seed, job.instructions.round, node_number)
         result = train_locally(loaded, job.train_set, settings, seed=seed, noise=noise)
         metrics = MetricRecord(
             {
@@ -165,43 +170,38 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
 
     @app.query(records.QUERY_UPDATE_STATUS.removeprefix("query."))
     def update_status(message: Message, context: Context) -> Message:
-        run_config: Mapping = {**context.run_config, **overrides}
+        run_config = run_config_of(context)
         device = DeviceState.locate(context.node_config, run_config)
-        active = UpdateSlots(device).active()
-        reply = ConfigRecord(
-            {
-                records.DEVICE_ID: device_id(context),
-                records.ACTIVE_VERSION: active.version if active else -1,
-                records.ACTIVE_SEQUENCE: active.sequence if active else 0,
-            }
-        )
+        reply = ConfigRecord({records.DEVICE_ID: device_id(context)})
+        report_active(reply, UpdateSlots(device).active())
         if uses_corpus(context.node_config, run_config):
             with CorpusStore(device.root / CORPUS_FILE) as store:
                 report = drift.measure(device, store)
             reply[records.WANTS_TRAIN] = report.wants_train
-            reply[records.DRIFT] = report.score if report.score != float("inf") else -1.0
+            if math.isfinite(report.score):  # infinite before its first training (no reference yet)
+                reply[records.DRIFT] = report.score
         return Message(RecordDict({records.CONFIG: reply}), reply_to=message)
 
     @app.query(records.QUERY_UPDATE_APPLY.removeprefix("query."))
     def update_apply(message: Message, context: Context) -> Message:
-        run_config: Mapping = {**context.run_config, **overrides}
+        run_config = run_config_of(context)
         device = DeviceState.locate(context.node_config, run_config)
-        reply = ConfigRecord({records.DEVICE_ID: device_id(context)})
         try:
             apply_package(
-                io.BytesIO(chunks.from_array_record(message.content.array_records[PACKAGE])),
+                io.BytesIO(chunks.array_record_to_bytes(message.content.array_records[PACKAGE])),
                 device,
                 coordinator_key(context.node_config, run_config, Ed25519PublicKey),
                 tenant=str(message.content[records.CONFIG][records.TENANT]),
-                cap=float(context.node_config.get("package-cap", DEFAULT_CAP)),
+                cap=float(context.node_config.get("package-cap", MAX_CAP)),
             )
-            reply[records.UPDATE_STATUS] = "applied"
+            outcome = {records.UPDATE_STATUS: "applied"}
         except PackageError as exc:
-            reply[records.UPDATE_STATUS] = "rejected"
-            reply[records.UPDATE_REASON] = f"{exc.reason}: {exc.detail}"
-        active = UpdateSlots(device).active()
-        reply[records.ACTIVE_VERSION] = active.version if active else -1
-        reply[records.ACTIVE_SEQUENCE] = active.sequence if active else 0
+            outcome = {
+                records.UPDATE_STATUS: "rejected",
+                records.UPDATE_REASON: f"{exc.reason}: {exc.detail}",
+            }
+        reply = ConfigRecord({records.DEVICE_ID: device_id(context), **outcome})
+        report_active(reply, UpdateSlots(device).active())
         return Message(RecordDict({records.CONFIG: reply}), reply_to=message)
 
     return app
@@ -227,6 +227,13 @@ def upload(
     arrays, claim = to_records(seal(plaintext, claimed, *keys), claimed)
     identity.update(claim)
     return RecordDict({SEALED: arrays, records.CONFIG: identity})
+
+
+def report_active(reply: ConfigRecord, active: ActiveAdapter | None) -> None:
+    """The packaged adapter the device runs, in a reply: no version key when it holds none yet."""
+    if active is not None:
+        reply[records.ACTIVE_VERSION] = active.version
+    reply[records.ACTIVE_SEQUENCE] = active.sequence if active else 0
 
 
 def uses_corpus(node_config: UserConfig, run_config: UserConfig) -> bool:

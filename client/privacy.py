@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from fleetlora.client.device_state import DeviceState
 from fleetlora.client.train import NoisePlan
 from fleetlora.common import records
 from fleetlora.common.config import PrivacySettings, TrainSettings
+from fleetlora.common.dp_accounting import AccountantStep, epsilon_from_history
 from fleetlora.common.errors import FleetloraError, IncompatibleStateError
 
 ACCOUNT_FILE = "privacy-account"
@@ -37,18 +37,14 @@ class PrivacyAccount:
 
     noise_multiplier: float
     accountant: str
-    history: list[tuple[float, float, int]] = field(default_factory=list)
+    history: list[AccountantStep] = field(default_factory=list)
 
     def epsilon(self, delta: float, extra: tuple[float, int] | None = None) -> float:
         """ε spent at ``delta``; with ``extra`` = (sample rate, steps), ε if those steps were taken too."""
         history = list(self.history)
         if extra is not None:
             history.append((self.noise_multiplier, *extra))
-        if not history:
-            return 0.0
-        accountant = create_accountant(self.accountant)
-        accountant.history = history
-        return float(accountant.get_epsilon(delta))
+        return epsilon_from_history(history, delta=delta, accountant=self.accountant)
 
     def record(self, sample_rate: float, steps: int) -> None:
         self.history.append((self.noise_multiplier, sample_rate, steps))

@@ -12,9 +12,10 @@ label skew that push is what makes averaged heads forget rare classes (FedRS, Li
 trains on the plain loss.
 
 With a :class:`NoisePlan` the round is DP-SGD (Abadi et al. 2016) through Opacus: Poisson-sampled
-batches, per-example gradients from hooks (``GradSampleModule``; see DESIGN.md's notes), each
-clipped to ``max_grad_norm``, Gaussian noise of ``noise_multiplier × max_grad_norm`` added to their
-sum. An empty Poisson batch is still a step (noise only) and still counted by the accountant.
+batches, per-example gradients from Opacus' hooks-based ``GradSampleModule`` (hooks on the trainable
+leaf layers only, here LoRA's ``nn.Linear`` pairs and the head; Opacus' ``grad_sample/README.md``),
+each clipped to ``max_grad_norm``, Gaussian noise of ``noise_multiplier × max_grad_norm`` added to
+their sum. An empty Poisson batch is still a step (noise only) and still counted by the accountant.
 """
 
 from __future__ import annotations

@@ -21,8 +21,6 @@ comes back with the old adapter or the new one, never a torn one.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -33,15 +31,18 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fleetlora.client.device_state import DeviceState
+from fleetlora.common.canonical import canonical_json
 from fleetlora.common.codec import Codec, CodecError, decode, inflated_bound
 from fleetlora.common.config import ModelSpec, from_config
 from fleetlora.common.delta import State, apply_delta, check_layout, load_trainable_state, sha256_hex
 from fleetlora.common.errors import ConfigError, IncompatibleStateError
 from fleetlora.common.model import LoadedModel, cached_model
 from fleetlora.common.package import (
+    MAX_CAP,
     Expectations,
     Manifest,
     PackageError,
+    PackageRejection,
     check_claims,
     read_manifest,
     read_payload,
@@ -50,7 +51,6 @@ from fleetlora.common.package import (
 UPDATES_DIR = "updates"
 SLOTS = ("slot-a", "slot-b")
 POINTERS = ("active-0", "active-1")
-DEFAULT_CAP = 0.10
 CANARY_TEXT = "fleetlora canary: is this adapter healthy?"
 
 
@@ -153,7 +153,7 @@ def apply_package(
     trusted: Ed25519PublicKey,
     *,
     tenant: str,
-    cap: float = DEFAULT_CAP,
+    cap: float = MAX_CAP,
     now: datetime | None = None,
 ) -> Applied:
     """Verify the package in ``stream`` and make it the device's active adapter, or raise PackageError.
@@ -215,24 +215,26 @@ def _activate(
 def health_check(loaded: LoadedModel, state: State, expected_sha256: str, path: Path) -> None:
     """The slot as written: its hash, that it loads into the model, and a finite canary output."""
     if sha256_hex(path.read_bytes()) != expected_sha256:
-        raise PackageError("unhealthy", f"{path} does not read back as written")
+        raise PackageError(PackageRejection.UNHEALTHY, f"{path} does not read back as written")
     try:
         load_trainable_state(loaded.model, state)
     except IncompatibleStateError as exc:
-        raise PackageError("unhealthy", f"adapter does not load ({exc})") from None
+        raise PackageError(PackageRejection.UNHEALTHY, f"adapter does not load ({exc})") from None
     batch = loaded.tokenizer([CANARY_TEXT], return_tensors="pt", truncation=True, max_length=32)
     loaded.model.eval()
     with torch.no_grad():
         logits = loaded.model(**batch).logits
     if not bool(torch.isfinite(logits).all()):
-        raise PackageError("unhealthy", "canary inference gave non-finite outputs")
+        raise PackageError(PackageRejection.UNHEALTHY, "canary inference gave non-finite outputs")
 
 
 def _model_for(manifest: Manifest) -> LoadedModel:
     try:
         return cached_model(from_config(ModelSpec, manifest.model, "model"))
     except (ConfigError, KeyError, TypeError) as exc:
-        raise PackageError("malformed", f"package names a model this device cannot build ({exc})") from None
+        raise PackageError(
+            PackageRejection.MALFORMED, f"package names a model this device cannot build ({exc})"
+        ) from None
 
 
 def _rebuild(manifest: Manifest, payload: bytes, loaded: LoadedModel, active: State | None) -> State:
@@ -243,11 +245,11 @@ def _rebuild(manifest: Manifest, payload: bytes, loaded: LoadedModel, active: St
         check_layout(decoded, layout)
         state = decoded if active is None or manifest.from_version is None else apply_delta(active, decoded)
     except (CodecError, IncompatibleStateError) as exc:
-        raise PackageError("malformed", str(exc)) from None
+        raise PackageError(PackageRejection.MALFORMED, str(exc)) from None
     if not all(bool(torch.isfinite(t).all()) for t in state.values()):
-        raise PackageError("unhealthy", "the rebuilt adapter holds non-finite values")
+        raise PackageError(PackageRejection.UNHEALTHY, "the rebuilt adapter holds non-finite values")
     return state
 
 
 def _checksum(document: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(document, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return sha256_hex(canonical_json(document))

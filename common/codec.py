@@ -12,7 +12,8 @@ differ in what is compressed:
 
 :data:`LADDER` lists them from the most faithful to the smallest; the package builder takes the
 first that fits under the size cap. The container inside zstd is safetensors, so decoding untrusted
-bytes never runs pickle, and decompression is bounded so a small payload cannot expand without limit.
+bytes never runs pickle, and decompression is bounded (:mod:`fleetlora.common.compression`) so a
+small payload cannot expand without limit.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import zstandard
 from safetensors import SafetensorError
 
+from fleetlora.common.compression import DecompressionError, compress, decompress
 from fleetlora.common.delta import State, deserialize, serialize
 from fleetlora.common.errors import FleetloraError
 
@@ -95,19 +96,15 @@ def encode(state: Mapping[str, torch.Tensor], codec: Codec, level: int = PACKAGE
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         tensors.update(_encode_tensor(name, tensor.detach().to(torch.float32).cpu(), codec))
-    return zstandard.ZstdCompressor(level=level).compress(serialize(tensors))
+    return compress(serialize(tensors), level=level)
 
 
 def decode(blob: bytes, codec: Codec, max_bytes: int) -> State:
     """The float32 state ``encode`` stored; refuses to inflate past ``max_bytes``."""
     try:
-        # zstd trusts a frame's declared size over max_output_size, so check the declaration first.
-        declared = zstandard.frame_content_size(blob)  # -1 when the frame does not declare it
-        if declared > max_bytes:
-            raise CodecError(f"payload would inflate to {declared} bytes, more than {max_bytes}")
-        raw = zstandard.ZstdDecompressor().decompress(blob, max_output_size=max_bytes)
-    except zstandard.ZstdError as exc:
-        raise CodecError(f"payload is not zstd data within {max_bytes} bytes ({exc})") from None
+        raw = decompress(blob, max_bytes=max_bytes)
+    except DecompressionError as exc:
+        raise CodecError(f"payload refused: {exc}") from None
     try:
         stored = deserialize(raw)
     except SafetensorError as exc:

@@ -77,10 +77,12 @@ def nbytes(state: Mapping[str, torch.Tensor]) -> int:
 
 
 def to_array_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """The tensors as a Flower ArrayRecord, one array per tensor (opaque bytes go by :mod:`.chunks`)."""
     return ArrayRecord({name: t.contiguous() for name, t in state.items()})
 
 
 def from_array_record(record: ArrayRecord) -> State:
+    """The tensors :func:`to_array_record` stored."""
     return dict(record.to_torch_state_dict())
 
 

@@ -15,7 +15,6 @@ the signature; a ciphertext sealed to another coordinator key fails decryption. 
 from __future__ import annotations
 
 import dataclasses
-import json
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from flwr.app import ArrayRecord
 
 from fleetlora.common import chunks
+from fleetlora.common.canonical import canonical_json
 from fleetlora.common.errors import FleetloraError
 
 SUITE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
@@ -50,8 +50,7 @@ class UploadContext:
 
     def info(self) -> bytes:
         """The HPKE ``info``: canonical JSON (sorted keys, no spaces) under a versioned label."""
-        fields = dataclasses.asdict(self)
-        return f"{INFO_LABEL}:{json.dumps(fields, sort_keys=True, separators=(',', ':'))}".encode()
+        return f"{INFO_LABEL}:".encode() + canonical_json(dataclasses.asdict(self))
 
 
 @dataclass(frozen=True)
@@ -118,7 +117,7 @@ def to_records(
     """The ciphertext as a chunked ArrayRecord, and the config entries of the claim."""
     config: dict[str, str | int | bytes] = {f"{_CLAIM}{k}": v for k, v in dataclasses.asdict(claimed).items()}
     config[f"{_CLAIM}signature"] = sealed.signature
-    return chunks.to_array_record(sealed.ciphertext), config
+    return chunks.bytes_to_array_record(sealed.ciphertext), config
 
 
 def from_records(arrays: ArrayRecord, config: Mapping[str, object]) -> tuple[SealedUpload, UploadContext]:
@@ -127,7 +126,7 @@ def from_records(arrays: ArrayRecord, config: Mapping[str, object]) -> tuple[Sea
         fields = {f.name: config[f"{_CLAIM}{f.name}"] for f in dataclasses.fields(UploadContext)}
         claimed = UploadContext(**fields)  # type: ignore[arg-type]
         signature = config[f"{_CLAIM}signature"]
-        ciphertext = chunks.from_array_record(arrays)
+        ciphertext = chunks.array_record_to_bytes(arrays)
     except (KeyError, TypeError, ValueError) as exc:
         raise EnvelopeError(f"malformed sealed upload ({exc})") from None
     if not isinstance(signature, bytes):

@@ -23,11 +23,13 @@ import json
 import struct
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, BinaryIO, Final
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from fleetlora.common.canonical import canonical_json
 from fleetlora.common.delta import sha256_hex
 from fleetlora.common.errors import FleetloraError
 
@@ -37,13 +39,32 @@ SIGNING_CONTEXT: Final = b"fleetlora update package v1\x00"
 SIGNATURE_BYTES: Final = 64
 MAX_MANIFEST_BYTES: Final = 64 * 1024
 READ_CHUNK: Final = 1 << 20
+# The fleet's contract: a whole package is never more than this share of its base model's bytes. The
+# coordinator builds under it and a device refuses more (each may be set lower, never higher).
+MAX_CAP: Final = 0.10
 _LENGTH = struct.Struct(">I")
 
 
-class PackageError(FleetloraError):
-    """A package a device must not apply; ``reason`` is a short code for logs and the coordinator."""
+class PackageRejection(StrEnum):
+    """Why a device refused a package: the reason codes it reports (``docs/packages.md`` section 8)."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    MALFORMED = "malformed"  # not a package, a manifest or payload that does not parse, an unknown model
+    BAD_SIGNATURE = "bad-signature"  # not signed by the trusted coordinator key
+    TRUNCATED = "truncated"  # ends before a declared length
+    WRONG_TENANT = "wrong-tenant"
+    WRONG_BASE = "wrong-base"  # for another base model than the device built
+    EXPIRED = "expired"
+    ROLLBACK = "rollback"  # sequence not above the last applied: older or replayed
+    WRONG_FROM_VERSION = "wrong-from-version"  # a delta from a version the device does not hold
+    OVERSIZE = "oversize"  # larger than the device's cap, or data after the declared payload
+    TAMPERED = "tampered"  # payload does not match its signed sha256
+    UNHEALTHY = "unhealthy"  # the rebuilt adapter is non-finite, does not load or read back
+
+
+class PackageError(FleetloraError):
+    """A package a device must not apply; ``reason`` is the code logs and the coordinator record."""
+
+    def __init__(self, reason: PackageRejection, detail: str) -> None:
         super().__init__(f"update package rejected ({reason}): {detail}")
         self.reason = reason
         self.detail = detail
@@ -70,7 +91,7 @@ class Manifest:
     format: int = FORMAT
 
     def canonical(self) -> bytes:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":")).encode()
+        return canonical_json(dataclasses.asdict(self))
 
     def check_types(self) -> None:
         """Raise TypeError/ValueError unless every field has its declared type (JSON checks none)."""
@@ -104,9 +125,11 @@ class Manifest:
             manifest = cls(**fields)
             manifest.check_types()
         except (UnicodeDecodeError, ValueError, TypeError) as exc:
-            raise PackageError("malformed", f"manifest is not valid ({exc})") from None
+            raise PackageError(PackageRejection.MALFORMED, f"manifest is not valid ({exc})") from None
         if manifest.format != FORMAT:
-            raise PackageError("malformed", f"package format {manifest.format}, this device reads {FORMAT}")
+            raise PackageError(
+                PackageRejection.MALFORMED, f"package format {manifest.format}, this device reads {FORMAT}"
+            )
         return manifest
 
 
@@ -149,45 +172,54 @@ def read_manifest(stream: BinaryIO, trusted: Ed25519PublicKey) -> tuple[Manifest
     Raises :class:`PackageError`. The stream is left at the payload's first byte.
     """
     if _read_exactly(stream, len(MAGIC), "header") != MAGIC:
-        raise PackageError("malformed", "not a fleetlora update package (bad magic bytes)")
+        raise PackageError(PackageRejection.MALFORMED, "not a fleetlora update package (bad magic bytes)")
     (length,) = _LENGTH.unpack(_read_exactly(stream, _LENGTH.size, "header"))
     if length > MAX_MANIFEST_BYTES:
-        raise PackageError("malformed", f"manifest declares {length} bytes, more than {MAX_MANIFEST_BYTES}")
+        raise PackageError(
+            PackageRejection.MALFORMED, f"manifest declares {length} bytes, more than {MAX_MANIFEST_BYTES}"
+        )
     manifest_bytes = _read_exactly(stream, length, "manifest")
     signature = _read_exactly(stream, SIGNATURE_BYTES, "signature")
     try:
         trusted.verify(signature, SIGNING_CONTEXT + manifest_bytes)
     except InvalidSignature:
-        raise PackageError("bad-signature", "not signed by a trusted coordinator key") from None
+        raise PackageError(
+            PackageRejection.BAD_SIGNATURE, "not signed by a trusted coordinator key"
+        ) from None
     return Manifest.parse(manifest_bytes), signature
 
 
 def check_claims(manifest: Manifest, expect: Expectations, now: datetime) -> None:
     """The signed manifest against the device's own state; raises :class:`PackageError`."""
     if manifest.tenant != expect.tenant:
-        raise PackageError("wrong-tenant", f"package is for {manifest.tenant!r}, not {expect.tenant!r}")
+        raise PackageError(
+            PackageRejection.WRONG_TENANT, f"package is for {manifest.tenant!r}, not {expect.tenant!r}"
+        )
     if manifest.base_sha256 != expect.base_sha256:
         raise PackageError(
-            "wrong-base",
+            PackageRejection.WRONG_BASE,
             f"package is for base model {manifest.base_sha256[:12]}, this device has "
             f"{expect.base_sha256[:12]}",
         )
     if now >= manifest.expires_at:
-        raise PackageError("expired", f"package expired at {manifest.expires}; ask for a fresh one")
+        raise PackageError(
+            PackageRejection.EXPIRED, f"package expired at {manifest.expires}; ask for a fresh one"
+        )
     if manifest.sequence <= expect.last_sequence:
         raise PackageError(
-            "rollback",
+            PackageRejection.ROLLBACK,
             f"sequence {manifest.sequence} is not above the last applied {expect.last_sequence} "
             "(an older or replayed package)",
         )
     if manifest.from_version is not None and manifest.from_version != expect.active_version:
         active = f"v{expect.active_version}" if expect.active_version is not None else "no adapter"
         raise PackageError(
-            "wrong-from-version", f"package updates v{manifest.from_version}, this device holds {active}"
+            PackageRejection.WRONG_FROM_VERSION,
+            f"package updates v{manifest.from_version}, this device holds {active}",
         )
     if manifest.payload_length > expect.max_payload_bytes:
         raise PackageError(
-            "oversize",
+            PackageRejection.OVERSIZE,
             f"payload of {manifest.payload_length} bytes exceeds this device's cap of "
             f"{expect.max_payload_bytes} bytes",
         )
@@ -197,9 +229,11 @@ def read_payload(stream: BinaryIO, manifest: Manifest) -> bytes:
     """Exactly the declared payload, checked against the signed hash; more data after it is refused."""
     payload = _read_exactly(stream, manifest.payload_length, "payload")
     if stream.read(1):
-        raise PackageError("oversize", f"data continues past the declared {manifest.payload_length} bytes")
+        raise PackageError(
+            PackageRejection.OVERSIZE, f"data continues past the declared {manifest.payload_length} bytes"
+        )
     if sha256_hex(payload) != manifest.payload_sha256:
-        raise PackageError("tampered", "payload does not match the signed sha256")
+        raise PackageError(PackageRejection.TAMPERED, "payload does not match the signed sha256")
     return payload
 
 
@@ -215,7 +249,9 @@ def _read_exactly(stream: BinaryIO, count: int, what: str) -> bytes:
     while remaining:
         part = stream.read(min(remaining, READ_CHUNK))
         if not part:
-            raise PackageError("truncated", f"{what} ends {remaining} bytes before its declared length")
+            raise PackageError(
+                PackageRejection.TRUNCATED, f"{what} ends {remaining} bytes before its declared length"
+            )
         parts.append(part)
         remaining -= len(part)
     return b"".join(parts)

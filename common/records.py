@@ -41,12 +41,12 @@ DECLINED: Final = "declined"
 # Update distribution: message types (ClientApp query actions) and the config keys of their replies.
 QUERY_UPDATE_STATUS: Final = "query.update_status"  # "which version do you hold?"
 QUERY_UPDATE_APPLY: Final = "query.update_apply"  # carries a package (common.package.PACKAGE)
-ACTIVE_VERSION: Final = "active-version"  # -1: no packaged adapter yet
-ACTIVE_SEQUENCE: Final = "active-sequence"
+ACTIVE_VERSION: Final = "active-version"  # absent: the device holds no packaged adapter yet
+ACTIVE_SEQUENCE: Final = "active-sequence"  # 0 before the first package
 UPDATE_STATUS: Final = "update-status"  # "applied" | "rejected" | "failed"
 UPDATE_REASON: Final = "update-reason"  # a PackageError reason code, or the error's text
 WANTS_TRAIN: Final = "wants-train"  # a corpus device whose new records drifted from its last training set
-DRIFT: Final = "drift"  # that drift, as distance ÷ chance (-1: it never trained)
+DRIFT: Final = "drift"  # that drift, as distance ÷ chance; absent when infinite (before its first training)
 
 # Bumped whenever a message's shape changes; a device refuses a contract it does not know.
 # 2: model.pooling, train.personal_head, train.restricted_softmax, train.privacy.*; replies carry

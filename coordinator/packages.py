@@ -22,11 +22,10 @@ from sqlalchemy import select
 from fleetlora.common.codec import LADDER, Codec, decode, encode, inflated_bound, relative_error
 from fleetlora.common.delta import apply_delta, diff, sha256_hex
 from fleetlora.common.errors import ConfigError, FleetloraError
-from fleetlora.common.package import Manifest, sign, utc_iso
+from fleetlora.common.package import MAX_CAP, Manifest, sign, utc_iso
 from fleetlora.coordinator.models import Lineage, UpdatePackage, utcnow
 from fleetlora.coordinator.registry import Registry
 
-MAX_CAP = 0.10  # the fleet's contract: a package is never more than 10% of the base model
 DEFAULT_TTL = timedelta(days=7)
 DEFAULT_MAX_ERROR = 0.10
 

@@ -17,10 +17,10 @@ costs besides its share of a block. ``hot`` holds records younger than ``hot_day
 self-contained record per line, oldest first), each with the sha256 of its compressed bytes, its
 record count, uncompressed size and time span. Every read of a block checks its sha256 first
 (against bit rot on flash, not against an attacker, who could rewrite both) and decompresses no more
-than the recorded size. A block that fails raises :class:`CorruptCorpusError`; the agent then calls
-:meth:`CorpusStore.set_aside` (or sets aside all of :meth:`CorpusStore.verify`'s findings): the block
-moves to ``set_aside`` for inspection, its records leave the window (and may arrive again), and the
-rest reads again.
+than the recorded size (:mod:`fleetlora.common.compression`). A block that fails raises
+:class:`CorruptCorpusError`; the agent then calls :meth:`CorpusStore.set_aside` (or sets aside all of
+:meth:`CorpusStore.verify`'s findings): the block moves to ``set_aside`` for inspection, its records
+leave the window (and may arrive again), and the rest reads again.
 
 Size. "Stored bytes", which :meth:`CorpusStore.evict` keeps under the capacity, counts the payload:
 the serialized (JSON line) size of each hot record, the compressed size of each cold block, and
@@ -49,9 +49,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, get_args
 
-import zstandard
-
 from fleetlora.client.corpus.records import Modality, Record
+from fleetlora.common.compression import DecompressionError, compress, decompress
 from fleetlora.common.errors import ConfigError, DataError, FleetloraError
 
 SCHEMA_VERSION = 1
@@ -587,11 +586,11 @@ class CorpusStore:
         if hashlib.sha256(data).hexdigest() != sha256:
             raise corrupt("its bytes do not match their sha256")
         try:
-            if zstandard.frame_content_size(data) != raw_bytes:  # zstd trusts the frame's declared size
-                raise corrupt(f"it declares another size than {raw_bytes} bytes")
-            raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=raw_bytes)
-        except zstandard.ZstdError as exc:
-            raise corrupt(f"not zstd data within {raw_bytes} bytes: {exc}") from None
+            raw = decompress(data, max_bytes=raw_bytes)
+        except DecompressionError as exc:
+            raise corrupt(str(exc)) from None
+        if len(raw) != raw_bytes:
+            raise corrupt(f"it inflates to {len(raw)} bytes, not {raw_bytes}")
         lines = raw.split(b"\n")  # JSON escapes newlines inside strings
         if lines.pop() != b"" or len(lines) != count:
             raise corrupt(f"{len(lines)} records, not {count}")
@@ -624,7 +623,7 @@ def _stored_bytes(db: sqlite3.Connection) -> int:
 def _pack(lines: list[bytes]) -> tuple[bytes, str, int, int, str, str, str]:
     """A cold block's column values for JSON lines, oldest first: data, sha256, count, sizes, times."""
     raw = b"\n".join(lines) + b"\n"
-    data = zstandard.ZstdCompressor(level=COLD_ZSTD_LEVEL).compress(raw)  # declares its content size
+    data = compress(raw, level=COLD_ZSTD_LEVEL)
     oldest, newest = (json.loads(line)["arrived_at"] for line in (lines[0], lines[-1]))
     return (
         data,

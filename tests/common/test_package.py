@@ -1,8 +1,10 @@
 import dataclasses
 import io
 import json
+import re
 import struct
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -17,6 +19,7 @@ from fleetlora.common.package import (
     Manifest,
     Package,
     PackageError,
+    PackageRejection,
     check_claims,
     read_manifest,
     read_package,
@@ -30,6 +33,7 @@ PAYLOAD = bytes(range(256)) * 40  # 10 KiB
 KEY = Ed25519PrivateKey.generate()
 OTHER_KEY = Ed25519PrivateKey.generate()
 HEADER = len(MAGIC) + 4
+PACKAGES_DOC = Path(__file__).resolve().parents[2] / "docs" / "packages.md"
 
 
 def _manifest(payload: bytes = PAYLOAD, **changes) -> Manifest:
@@ -249,3 +253,26 @@ def test_full_package_is_accepted_over_an_active_version_when_its_sequence_is_hi
     check_claims(full, _expect(active_version=None, last_sequence=0), NOW)
     assert _claims_reason(full, _expect(active_version=9, last_sequence=9)) == "rollback"
     assert _claims_reason(full, _expect(active_version=12, last_sequence=12)) == "rollback"
+
+
+def _documented_reasons() -> set[str]:
+    """The reason codes in the table of docs/packages.md section 8."""
+    section = PACKAGES_DOC.read_text().split("## 8. Reason codes", 1)[1].split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `([a-z-]+)` \|", section, flags=re.MULTILINE))
+
+
+@pytest.mark.parametrize("reason", list(PackageRejection), ids=str)
+def test_every_rejection_reason_is_documented(reason: PackageRejection):
+    assert reason.value in _documented_reasons()
+
+
+def test_the_docs_list_no_reason_the_code_lacks():
+    assert _documented_reasons() == {r.value for r in PackageRejection}
+
+
+def test_a_rejection_reads_as_its_code():
+    error = PackageError(PackageRejection.WRONG_FROM_VERSION, "package updates v3, this device holds v2")
+    assert error.reason == "wrong-from-version"
+    assert (
+        str(error) == "update package rejected (wrong-from-version): package updates v3, this device holds v2"
+    )
