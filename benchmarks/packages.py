@@ -88,7 +88,7 @@ from fleetlora.common.package import Manifest, sign, utc_iso
 from fleetlora.coordinator.keys import init_keys
 from fleetlora.coordinator.models import utcnow
 from fleetlora.coordinator.packages import MAX_CAP, PackagePolicy, PackageTooLarge, build_package
-from fleetlora.coordinator.storage import PackageInfo, Storage
+from fleetlora.coordinator.storage import NewVersion, PackageInfo, Storage
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data
 REPO = Path(__file__).resolve().parents[1]
@@ -261,13 +261,15 @@ class Bench:
         for round_number, adapter in enumerate((loaded.initial_adapter, self.a, self.b)):
             versions.append(
                 self.storage.versions.add(
-                    lineage=self.lineage,
-                    parent_id=versions[-1].id if versions else None,
-                    round_number=round_number,
-                    base_model_sha256=loaded.base_sha256,
-                    adapter=adapter,
-                    participants={},
-                    metrics={},
+                    NewVersion(
+                        lineage=self.lineage,
+                        parent_id=versions[-1].id if versions else None,
+                        round=round_number,
+                        base_model_sha256=loaded.base_sha256,
+                        adapter=adapter,
+                        participants={},
+                        metrics={},
+                    )
                 )
             )
         self.v_a, self.v_b = versions[1].id, versions[2].id

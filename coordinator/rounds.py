@@ -54,7 +54,14 @@ from fleetlora.coordinator.exchange import exchange, wait_for_nodes
 from fleetlora.coordinator.keys import load_hpke_key, load_signing_key
 from fleetlora.coordinator.packages import PackageTooLarge
 from fleetlora.coordinator.settings import CoordinatorSettings
-from fleetlora.coordinator.storage import PackageInfo, RoundReport, ServerOptimizerState, Storage, VersionInfo
+from fleetlora.coordinator.storage import (
+    NewVersion,
+    PackageInfo,
+    RoundReport,
+    ServerOptimizerState,
+    Storage,
+    VersionInfo,
+)
 from fleetlora.coordinator.strategy import DeltaAggregator, Drop, MetricAggregator, PrivacySpend
 
 
@@ -191,13 +198,15 @@ class Federation:
             return latest, self.storage.versions.adapter(latest.id), True
         state = self.loaded.initial_adapter  # not the live weights: a cached model may have trained
         version = self.storage.versions.add(
-            lineage=self.lineage,
-            parent_id=None,
-            round_number=0,
-            base_model_sha256=self.loaded.base_sha256,
-            adapter=state,
-            participants={},
-            metrics=self._central_metrics(state),
+            NewVersion(
+                lineage=self.lineage,
+                parent_id=None,
+                round=0,
+                base_model_sha256=self.loaded.base_sha256,
+                adapter=state,
+                participants={},
+                metrics=self._central_metrics(state),
+            )
         )
         return version, state, False
 
@@ -252,14 +261,16 @@ class Federation:
             self.settings.server, state, mean_delta, self.optimizer_state
         )
         version = self.storage.versions.add(
-            lineage=self.lineage,
-            parent_id=parent.id,
-            round_number=number,
-            base_model_sha256=self.loaded.base_sha256,
-            adapter=new_state,
-            participants={str(n): c for n, c in aggregator.participants.items()},
-            metrics=train_metrics,
-            optimizer=ServerOptimizerState(self.settings.server.name, optimizer_state),
+            NewVersion(
+                lineage=self.lineage,
+                parent_id=parent.id,
+                round=number,
+                base_model_sha256=self.loaded.base_sha256,
+                adapter=new_state,
+                participants={str(n): c for n, c in aggregator.participants.items()},
+                metrics=train_metrics,
+                optimizer=ServerOptimizerState(self.settings.server.name, optimizer_state),
+            )
         )
         self.optimizer_state = optimizer_state
         eval_instructions = dataclasses.replace(instructions, version=version.id)
@@ -409,13 +420,11 @@ class Federation:
             error=error,
             privacy=list(aggregator.privacy) if aggregator else [],
         )
-        self.storage.ledgers.record_failed_round(self._round_report(outcome))
+        self.storage.ledgers.record_failed_round(self.lineage, number, self._round_report(outcome))
         return outcome
 
     def _round_report(self, outcome: RoundOutcome) -> RoundReport:
         return RoundReport(
-            lineage=self.lineage,
-            round=outcome.round,
             sampled=outcome.sampled,
             received=len(outcome.participants),
             dropped=[d.as_dict() for d in outcome.drops],

@@ -20,6 +20,7 @@ from fleetlora.coordinator.storage.ledgers import LedgerStore, PrivacyEntryInfo,
 from fleetlora.coordinator.storage.packages import PackageInfo, PackageStore
 from fleetlora.coordinator.storage.versions import (
     LineageInfo,
+    NewVersion,
     ServerOptimizerState,
     VersionInfo,
     VersionStore,
@@ -32,6 +33,7 @@ __all__ = [
     "DeviceUpdateInfo",
     "LedgerStore",
     "LineageInfo",
+    "NewVersion",
     "PackageInfo",
     "PackageStore",
     "PrivacyEntryInfo",

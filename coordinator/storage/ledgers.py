@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 
 from fleetlora.coordinator.db import Database
 from fleetlora.coordinator.models import PrivacyEntry, RoundRecord
-from fleetlora.coordinator.storage.rows import info_of
+from fleetlora.coordinator.storage.rows import info_of, oldest_first
 from fleetlora.coordinator.strategy import PrivacySpend
 
 COMPLETED = "completed"
@@ -27,10 +27,8 @@ FAILED = "failed"
 
 @dataclass(frozen=True)
 class RoundReport:
-    """What one round did, as the round loop reports it: the round record before it is stored."""
+    """What one round did, as the round loop reports it: a round record before it is stored."""
 
-    lineage: str
-    round: int
     sampled: int
     received: int
     dropped: list[dict[str, Any]]  # each dropped device's node id and reason
@@ -58,27 +56,23 @@ class RoundInfo:
 
 
 @dataclass(frozen=True)
-class PrivacyEntryInfo:
-    """A DP device's cumulative ε after a round, as it reported it."""
+class PrivacyEntryInfo(PrivacySpend):
+    """A DP device's cumulative spend after a round of a lineage, as it reported it."""
 
     id: int
     lineage: str
     round: int
-    device_id: str
-    epsilon: float
-    delta: float
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
     recorded_at: datetime
 
 
-def round_row(report: RoundReport, version_id: int | None) -> RoundRecord:
-    """The row of ``report``: completed when it made ``version_id``, failed otherwise."""
+def round_row(lineage: str, round_number: int, report: RoundReport, version_id: int | None) -> RoundRecord:
+    """The row of ``report``: completed when the round made ``version_id``, failed otherwise."""
     return RoundRecord(
-        **dataclasses.asdict(report),
+        lineage=lineage,
+        round=round_number,
         status=COMPLETED if version_id is not None else FAILED,
         version_id=version_id,
+        **dataclasses.asdict(report),
     )
 
 
@@ -102,11 +96,10 @@ class LedgerStore:
 
     def privacy_ledger(self, lineage: str | None = None) -> list[PrivacyEntryInfo]:
         """Every ledger entry (of one lineage if given), oldest first."""
-        query = select(PrivacyEntry).order_by(PrivacyEntry.id)
-        if lineage is not None:
-            query = query.where(PrivacyEntry.lineage == lineage)
         with self.db.session() as session:
-            return [info_of(PrivacyEntryInfo, row) for row in session.scalars(query)]
+            return [
+                info_of(PrivacyEntryInfo, row) for row in session.scalars(oldest_first(PrivacyEntry, lineage))
+            ]
 
     def epsilon_spent(self) -> dict[str, float]:
         """Each DP device's largest reported ε (its spend so far, the spend being cumulative)."""
@@ -116,10 +109,10 @@ class LedgerStore:
         with self.db.session() as session:
             return {device: float(epsilon) for device, epsilon in session.execute(query).all()}
 
-    def record_failed_round(self, report: RoundReport) -> RoundInfo:
+    def record_failed_round(self, lineage: str, round_number: int, report: RoundReport) -> RoundInfo:
         """Store the record of a round that made no version."""
         with self.db.session() as session:
-            row = round_row(report, version_id=None)
+            row = round_row(lineage, round_number, report, version_id=None)
             session.add(row)
             session.flush()
             return round_info(row)

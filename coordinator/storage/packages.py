@@ -16,7 +16,7 @@ from fleetlora.common.errors import FleetloraError
 from fleetlora.common.package import Manifest
 from fleetlora.coordinator.db import Database
 from fleetlora.coordinator.models import UpdatePackage, utcnow
-from fleetlora.coordinator.storage.rows import checked_blob, info_of
+from fleetlora.coordinator.storage.rows import checked_blob, info_of, oldest_first
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,19 @@ class PackageInfo:
         return self.package_bytes / self.base_model_bytes
 
 
+# The manifest's fields that a package row keeps as columns, by column name.
+_MANIFEST_COLUMNS = {
+    "lineage": "lineage",
+    "from_version_id": "from_version",
+    "to_version_id": "to_version",
+    "sequence": "sequence",
+    "codec": "codec",
+    "base_model_bytes": "base_bytes",
+    "reconstruction_error": "reconstruction_error",
+    "expires_at": "expires_at",
+}
+
+
 def _package_info(row: UpdatePackage) -> PackageInfo:
     return info_of(PackageInfo, row, from_version=row.from_version_id, to_version=row.to_version_id)
 
@@ -56,20 +69,13 @@ class PackageStore:
         """Store the signed package ``blob`` whose manifest is ``manifest``."""
         with self.db.session() as session:
             row = UpdatePackage(
-                lineage=manifest.lineage,
-                from_version_id=manifest.from_version,
-                to_version_id=manifest.to_version,
-                sequence=manifest.sequence,
-                codec=manifest.codec,
+                **{column: getattr(manifest, field) for column, field in _MANIFEST_COLUMNS.items()},
                 package=blob,
                 package_bytes=len(blob),
                 package_sha256=sha256_hex(blob),
-                base_model_bytes=manifest.base_bytes,
                 cap=cap,
-                reconstruction_error=manifest.reconstruction_error,
                 build_seconds=build_seconds,
                 created_at=datetime.fromisoformat(manifest.created),
-                expires_at=manifest.expires_at,
             )
             session.add(row)
             session.flush()
@@ -107,8 +113,5 @@ class PackageStore:
 
     def all(self, lineage: str | None = None) -> list[PackageInfo]:
         """Every stored package (of one lineage if given), oldest first."""
-        query = select(UpdatePackage).order_by(UpdatePackage.id)
-        if lineage is not None:
-            query = query.where(UpdatePackage.lineage == lineage)
         with self.db.session() as session:
-            return [_package_info(row) for row in session.scalars(query)]
+            return [_package_info(row) for row in session.scalars(oldest_first(UpdatePackage, lineage))]

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import fields
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from sqlalchemy import Select, select
+from sqlalchemy.orm import Mapped
 
 from fleetlora.common.delta import sha256_hex
 from fleetlora.common.errors import FleetloraError
@@ -25,6 +28,20 @@ def info_of(cls: type[Info], row: object, **overrides: Any) -> Info:
     """``cls`` filled from ``row``'s attributes of the same names; ``overrides`` give the rest."""
     values = {f.name: getattr(row, f.name) for f in fields(cls) if f.name not in overrides}
     return cls(**values, **overrides)
+
+
+class _LineageTable(Protocol):
+    id: Mapped[int]
+    lineage: Mapped[str]
+
+
+Table = TypeVar("Table", bound=_LineageTable)
+
+
+def oldest_first(table: type[Table], lineage: str | None) -> Select[tuple[Table]]:
+    """Every row of ``table`` (of one lineage if given), in the order they were written."""
+    query = select(table).order_by(table.id)
+    return query if lineage is None else query.where(table.lineage == lineage)
 
 
 def checked_blob(blob: bytes, sha256: str, corrupt: Callable[[], FleetloraError]) -> bytes:

@@ -53,6 +53,20 @@ class ServerOptimizerState:
 
 
 @dataclass(frozen=True)
+class NewVersion:
+    """A version to store: where it comes from, its adapter, who trained it and how it scored."""
+
+    lineage: str
+    round: int  # 0: the seeded initial adapter, with no parent
+    parent_id: int | None
+    base_model_sha256: str
+    adapter: State
+    participants: Mapping[str, int]  # node id → examples it trained on
+    metrics: Mapping[str, Any]
+    optimizer: ServerOptimizerState | None = None  # None, or an empty state: nothing to continue
+
+
+@dataclass(frozen=True)
 class LineageInfo:
     """A lineage's model: what its packages' manifests name."""
 
@@ -81,55 +95,20 @@ class VersionStore:
 
     # ---- write ----------------------------------------------------------------------------
 
-    def add(
-        self,
-        *,
-        lineage: str,
-        parent_id: int | None,
-        round_number: int,
-        base_model_sha256: str,
-        adapter: State,
-        participants: Mapping[str, int],
-        metrics: Mapping[str, Any],
-        optimizer: ServerOptimizerState | None = None,
-    ) -> VersionInfo:
+    def add(self, version: NewVersion) -> VersionInfo:
         """Store a version, its participants and the server optimizer's state in one transaction."""
         with self.db.session() as session:
-            row = self._insert(
-                session, lineage, parent_id, round_number, base_model_sha256, adapter, participants, metrics
-            )
-            self._insert_optimizer(session, row.id, optimizer)
-            return _version_info(row)
+            return _version_info(self._insert(session, version))
 
-    def commit_round(
-        self,
-        *,
-        report: RoundReport,
-        parent_id: int,
-        base_model_sha256: str,
-        adapter: State,
-        participants: Mapping[str, int],
-        metrics: Mapping[str, Any],
-        optimizer: ServerOptimizerState | None = None,
-    ) -> VersionInfo:
-        """Store a completed round whole, in one transaction: its new version (lineage and round from
-        ``report``), the participants, the metrics, the server optimizer's state and the round record.
+    def commit_round(self, version: NewVersion, report: RoundReport) -> VersionInfo:
+        """Store a completed round whole, in one transaction: its new version, the participants, the
+        metrics, the server optimizer's state and the round record.
 
         A crash leaves either all of it or none: never a version without its round, or the reverse.
         """
         with self.db.session() as session:
-            row = self._insert(
-                session,
-                report.lineage,
-                parent_id,
-                report.round,
-                base_model_sha256,
-                adapter,
-                participants,
-                metrics,
-            )
-            self._insert_optimizer(session, row.id, optimizer)
-            session.add(round_row(report, version_id=row.id))
+            row = self._insert(session, version)
+            session.add(round_row(version.lineage, version.round, report, version_id=row.id))
             session.flush()
             return _version_info(row)
 
@@ -139,7 +118,7 @@ class VersionStore:
         with self.db.session() as session:
             row = self._row(session, version_id)
             row.metrics = {**(row.metrics or {}), **metrics}
-            session.add(round_row(report, version_id=version_id))
+            session.add(round_row(row.lineage, row.round, report, version_id=version_id))
             session.flush()
             return _version_info(row)
 
@@ -236,42 +215,32 @@ class VersionStore:
     # ---- rows -----------------------------------------------------------------------------
 
     @staticmethod
-    def _insert(
-        session: Session,
-        lineage: str,
-        parent_id: int | None,
-        round_number: int,
-        base_model_sha256: str,
-        adapter: State,
-        participants: Mapping[str, int],
-        metrics: Mapping[str, Any],
-    ) -> ModelVersion:
-        blob = serialize(adapter)
+    def _insert(session: Session, version: NewVersion) -> ModelVersion:
+        blob = serialize(version.adapter)
         row = ModelVersion(
-            parent_id=parent_id,
-            lineage=lineage,
-            round=round_number,
-            base_model_sha256=base_model_sha256,
+            **{
+                name: getattr(version, name)
+                for name in ("lineage", "round", "parent_id", "base_model_sha256")
+            },
             adapter=blob,
             adapter_sha256=sha256_hex(blob),
-            adapter_bytes=nbytes(adapter),
-            metrics=dict(metrics),
-            participants=[Participant(node_id=str(n), num_examples=c) for n, c in participants.items()],
+            adapter_bytes=nbytes(version.adapter),
+            metrics=dict(version.metrics),
+            participants=[
+                Participant(node_id=str(n), num_examples=c) for n, c in version.participants.items()
+            ],
         )
         session.add(row)
         session.flush()  # assigns row.id
-        return row
-
-    @staticmethod
-    def _insert_optimizer(session: Session, version_id: int, optimizer: ServerOptimizerState | None) -> None:
-        if optimizer is None or not optimizer.state:
-            return
-        blob = serialize(optimizer.state)
-        session.add(
-            OptimizerState(
-                version_id=version_id, optimizer=optimizer.name, state=blob, state_sha256=sha256_hex(blob)
+        optimizer = version.optimizer
+        if optimizer is not None and optimizer.state:
+            state = serialize(optimizer.state)
+            session.add(
+                OptimizerState(
+                    version_id=row.id, optimizer=optimizer.name, state=state, state_sha256=sha256_hex(state)
+                )
             )
-        )
+        return row
 
     @staticmethod
     def _row(session: Session, version_id: int) -> ModelVersion:

@@ -59,7 +59,7 @@ class Fleet:
 
 def make_fleet(folder: Path, spec: ModelSpec, db_url: str) -> Fleet:
     from fleetlora.coordinator.keys import init_keys
-    from fleetlora.coordinator.storage import Storage
+    from fleetlora.coordinator.storage import NewVersion, Storage
 
     loaded = cached_model(spec)
     storage = Storage.open(db_url)
@@ -76,13 +76,15 @@ def make_fleet(folder: Path, spec: ModelSpec, db_url: str) -> Fleet:
     for round_number, state in enumerate(states):
         versions.append(
             storage.versions.add(
-                lineage=LINEAGE,
-                parent_id=versions[-1].id if versions else None,
-                round_number=round_number,
-                base_model_sha256=loaded.base_sha256,
-                adapter=state,
-                participants={},
-                metrics={},
+                NewVersion(
+                    lineage=LINEAGE,
+                    parent_id=versions[-1].id if versions else None,
+                    round=round_number,
+                    base_model_sha256=loaded.base_sha256,
+                    adapter=state,
+                    participants={},
+                    metrics={},
+                )
             )
         )
     keys = folder / "keys"

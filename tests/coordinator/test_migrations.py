@@ -14,7 +14,7 @@ from sqlalchemy import create_engine, inspect, text
 
 from fleetlora.coordinator.db import MIGRATIONS, Database, upgrade
 from fleetlora.coordinator.models import Base
-from fleetlora.coordinator.storage import Storage
+from fleetlora.coordinator.storage import NewVersion, Storage
 
 
 def test_migrations_build_exactly_the_models_schema_and_are_idempotent(db_url: str):
@@ -33,13 +33,15 @@ def test_a_database_made_before_migrations_is_adopted_with_its_data(db_url: str)
 
     storage = Storage.open(db_url)
     version = storage.versions.add(
-        lineage="L",
-        parent_id=None,
-        round_number=0,
-        base_model_sha256="b" * 64,
-        adapter={"w": torch.ones(2)},
-        participants={},
-        metrics={},
+        NewVersion(
+            lineage="L",
+            parent_id=None,
+            round=0,
+            base_model_sha256="b" * 64,
+            adapter={"w": torch.ones(2)},
+            participants={},
+            metrics={},
+        )
     )
     assert storage.versions.latest("L") == version
     tables = set(inspect(storage.db.engine).get_table_names())

@@ -12,6 +12,7 @@ from fleetlora.common.errors import ConfigError, FleetloraError
 from fleetlora.common.package import read_package
 from fleetlora.coordinator.models import UpdatePackage
 from fleetlora.coordinator.packages import MAX_CAP, PackagePolicy, PackageTooLarge, build_package
+from fleetlora.coordinator.storage import NewVersion
 from tests.client.update_harness import LINEAGE, TENANT, Fleet, make_fleet, states_equal
 
 
@@ -148,13 +149,15 @@ def test_package_must_go_to_a_later_version_of_the_same_lineage(fleet: Fleet):
 
     def add(lineage: str):
         return fleet.storage.versions.add(
-            lineage=lineage,
-            parent_id=None,
-            round_number=0,
-            base_model_sha256=fleet.loaded.base_sha256,
-            adapter={n: torch.zeros_like(t) for n, t in fleet.adapters[0].items()},
-            participants={},
-            metrics={},
+            NewVersion(
+                lineage=lineage,
+                parent_id=None,
+                round=0,
+                base_model_sha256=fleet.loaded.base_sha256,
+                adapter={n: torch.zeros_like(t) for n, t in fleet.adapters[0].items()},
+                participants={},
+                metrics={},
+            )
         )
 
     other = add("another-lineage")
