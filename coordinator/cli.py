@@ -151,13 +151,10 @@ def enroll_device(
     key = read_public_key(public_key, Ed25519PublicKey)
     node_id = register_node(host, auth_key, device_id) if auth_key is not None else None
     tenant = tenant or host.tenant
-    Storage.open(db or _database(config)).devices.enroll(device_id, tenant, key, node_id)
+    Storage.open(db or (host.database_url if config else DEFAULT_DB)).devices.enroll(
+        device_id, tenant, key, node_id
+    )
     typer.echo(f"enrolled {device_id} in {tenant}" + (f" as SuperNode {node_id}" if node_id else ""))
-
-
-def _database(config: Path | None) -> str:
-    """The database a command uses: the config file's, else the zero-set-up SQLite default."""
-    return load_host_config(config).coordinator.database_url if config else DEFAULT_DB
 
 
 def _package_cell(version: VersionInfo, packages: list[PackageInfo]) -> str:

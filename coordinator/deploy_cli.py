@@ -73,12 +73,8 @@ def round_start(
     settings = load_host_config(config)
     host = settings.coordinator
     run_config = {**settings.federation, **deployment_run_config(host)}
-    if rounds is not None:
-        run_config["rounds"] = rounds
-    if min_devices is not None:
-        run_config["min-devices"] = min_devices
-    if deadline is not None:
-        run_config["round-deadline"] = deadline
+    overrides = {"rounds": rounds, "min-devices": min_devices, "round-deadline": deadline}
+    run_config.update({key: value for key, value in overrides.items() if value is not None})
     if fraction is not None:
         if not 0 < fraction <= 1:
             raise typer.BadParameter(f"--fraction must be in (0, 1], got {fraction}.")
