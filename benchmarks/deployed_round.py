@@ -32,8 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fleetlora.coordinator.db import Database
-from fleetlora.coordinator.registry import Registry
+from fleetlora.coordinator.storage import Storage
 from fleetlora.simulations.local_deployment import LocalFleet
 from fleetlora.simulations.runner import SimulationConfig, simulate
 
@@ -85,8 +84,8 @@ def deployed(scratch: Path, warm: bool, port: int) -> dict[str, Any]:
         run = fleet.start_run()
         status = fleet.wait_finished(run, 900)
         run_seconds = time.monotonic() - started
-        registry = Registry(Database(fleet.coordinator.database_url).initialize())
-        rounds = registry.rounds(registry.versions()[-1].lineage)
+        storage = Storage.open(fleet.coordinator.database_url)
+        rounds = storage.ledgers.rounds(storage.versions.all()[-1].lineage)
         fleet.hosts["coordinator"].kill()
         restarted = time.monotonic()
         superlink_ready = fleet.start_coordinator()

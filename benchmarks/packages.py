@@ -11,7 +11,7 @@ classifying BANKING77's 77 intents) and each LoRA rank, in one process:
   in the format of ``fleetlora.common.package``) as a share of the base model's bytes, and the
   reconstruction error: relative L2 of the rebuilt adapter (decoded, plus A for the delta) against
   the true B. ``payload_error`` is the same against the payload itself (B, or B − A).
-- **What the builder picks**: ``PackageStore.build`` at the default cap (10% of the base model) and at
+- **What the builder picks**: ``build_package`` at the default cap (10% of the base model) and at
   a tight cap (0.1%), for the full adapter and the delta; a refusal (``PackageTooLarge``) is recorded.
   Its ``build_seconds`` is the package build time.
 - **Device apply**: ``apply_package`` of the full package A then the delta package A → B (default
@@ -84,12 +84,11 @@ from fleetlora.common.keys import (
     read_public_key,
 )
 from fleetlora.common.model import cached_model
-from fleetlora.common.package import Manifest, sign, utc_iso
-from fleetlora.coordinator.db import Database
+from fleetlora.common.package import MAX_CAP, Manifest, sign, utc_iso
 from fleetlora.coordinator.keys import init_keys
 from fleetlora.coordinator.models import utcnow
-from fleetlora.coordinator.packages import MAX_CAP, PackageInfo, PackagePolicy, PackageStore, PackageTooLarge
-from fleetlora.coordinator.registry import Registry
+from fleetlora.coordinator.packages import PackagePolicy, PackageTooLarge, build_package
+from fleetlora.coordinator.storage import NewVersion, PackageInfo, Storage
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data
 REPO = Path(__file__).resolve().parents[1]
@@ -252,24 +251,25 @@ class Bench:
 
     def store_versions(self) -> None:
         loaded = self.loaded
-        self.registry = Registry(Database(f"sqlite:///{self.scratch / 'coordinator.db'}").initialize())
-        self.store = PackageStore(self.registry)
+        self.storage = Storage.open(f"sqlite:///{self.scratch / 'coordinator.db'}")
         self.lineage = f"{self.name}-r{self.rank}"
         self.model_config = to_config(self.spec, "model")
-        self.store.register_lineage(
+        self.storage.versions.register_lineage(
             self.lineage, TENANT, self.model_config, loaded.base_sha256, loaded.base_bytes
         )
         versions = []
         for round_number, adapter in enumerate((loaded.initial_adapter, self.a, self.b)):
             versions.append(
-                self.registry.add_version(
-                    lineage=self.lineage,
-                    parent_id=versions[-1].id if versions else None,
-                    round_number=round_number,
-                    base_model_sha256=loaded.base_sha256,
-                    adapter=adapter,
-                    participants={},
-                    metrics={},
+                self.storage.versions.add(
+                    NewVersion(
+                        lineage=self.lineage,
+                        parent_id=versions[-1].id if versions else None,
+                        round=round_number,
+                        base_model_sha256=loaded.base_sha256,
+                        adapter=adapter,
+                        participants={},
+                        metrics={},
+                    )
                 )
             )
         self.v_a, self.v_b = versions[1].id, versions[2].id
@@ -305,7 +305,7 @@ class Bench:
         return table
 
     def _manifest(self, from_version: int | None, codec: str, payload: bytes, error: float) -> Manifest:
-        """The manifest PackageStore.build would write for this payload (same fields, same sizes)."""
+        """The manifest build_package would write for this payload (same fields, same sizes)."""
         created = utcnow()
         return Manifest(
             tenant=TENANT,
@@ -325,15 +325,15 @@ class Bench:
         )
 
     def builder_choices(self) -> dict[str, dict[str, Any]]:
-        """What PackageStore.build picks, at the default cap and a tight one, for full and delta."""
+        """What build_package picks, at the default cap and a tight one, for full and delta."""
         choices: dict[str, dict[str, Any]] = {}
         for cap in (MAX_CAP, TIGHT_CAP):
             entry: dict[str, Any] = {}
             for kind, from_version in (("full", None), ("delta", self.v_a)):
                 try:
                     info, wall = timed(
-                        lambda f=from_version, c=cap: self.store.build(
-                            self.v_b, f, self.key, PackagePolicy(cap=c)
+                        lambda f=from_version, c=cap: build_package(
+                            self.storage, self.v_b, f, self.key, PackagePolicy(cap=c)
                         )
                     )
                 except PackageTooLarge as exc:
@@ -344,11 +344,13 @@ class Bench:
                     self._write_package(f"{kind}-to-b.pkg", info)
             choices[f"cap {cap:g}"] = entry
         # The full package to A: what a new device receives before the delta A → B.
-        self._write_package("full-to-a.pkg", self.store.build(self.v_a, None, self.key, PackagePolicy()))
+        self._write_package(
+            "full-to-a.pkg", build_package(self.storage, self.v_a, None, self.key, PackagePolicy())
+        )
         return choices
 
     def _write_package(self, name: str, info: PackageInfo) -> None:
-        (self.scratch / name).write_bytes(self.store.bytes_of(info.id))
+        (self.scratch / name).write_bytes(self.storage.packages.blob(info.id))
 
     def device_apply(self, repeats: int) -> dict[str, Any]:
         """apply_package full A then delta A → B on fresh devices, against plain safetensors loads."""
@@ -622,7 +624,7 @@ def report(
             "model's bytes (fp32 weights, tied ones once). adapter_error: relative L2 of the adapter a "
             "device rebuilds (decoded payload, plus A for the delta) against the true B; payload_error: "
             "the same against the payload itself. Per-codec packages are signed with the same manifest "
-            "fields as PackageStore.build; 'chosen' comes from PackageStore.build itself, whose "
+            "fields as build_package; 'chosen' comes from build_package itself, whose "
             "build_seconds is the build time (encode + decode + sign per codec tried, store). Apply "
             "times are medians over fresh device folders with the model already loaded (a running "
             "device); they include reading the package file, signature and claim checks, decoding, "

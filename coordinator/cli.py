@@ -25,12 +25,11 @@ from fleetlora.coordinator.packages import (
     DEFAULT_MAX_ERROR,
     DEFAULT_TTL,
     MAX_CAP,
-    PackageInfo,
     PackagePolicy,
-    PackageStore,
+    build_package,
 )
-from fleetlora.coordinator.registry import Registry, VersionInfo
 from fleetlora.coordinator.settings import DEFAULT_DB
+from fleetlora.coordinator.storage import PackageInfo, Storage, VersionInfo
 
 app = typer.Typer(
     help="Operate the coordinator: keys, enrolled devices, versions, update packages, the database.",
@@ -74,17 +73,18 @@ def list_versions(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """List every stored version with its lineage, participants, size and metrics."""
-    registry = Registry(Database(db).initialize())
-    versions = registry.versions()
+    storage = Storage.open(db)
+    versions = storage.versions.all()
     if as_json:
         typer.echo(json.dumps([{**v.__dict__, "label": v.label} for v in versions], default=str, indent=2))
         return
     packages: dict[int, list[PackageInfo]] = {}
-    for package in PackageStore(registry).list():
+    for package in storage.packages.all():
         packages.setdefault(package.to_version, []).append(package)
     table = Table(title=f"versions in {db}", title_justify="left")
     for header in (
         "version",
+        "lineage",
         "parent",
         "round",
         "devices",
@@ -151,13 +151,10 @@ def enroll_device(
     key = read_public_key(public_key, Ed25519PublicKey)
     node_id = register_node(host, auth_key, device_id) if auth_key is not None else None
     tenant = tenant or host.tenant
-    Registry(Database(db or _database(config)).initialize()).enroll_device(device_id, tenant, key, node_id)
+    Storage.open(db or (host.database_url if config else DEFAULT_DB)).devices.enroll(
+        device_id, tenant, key, node_id
+    )
     typer.echo(f"enrolled {device_id} in {tenant}" + (f" as SuperNode {node_id}" if node_id else ""))
-
-
-def _database(config: Path | None) -> str:
-    """The database a command uses: the config file's, else the zero-set-up SQLite default."""
-    return load_host_config(config).coordinator.database_url if config else DEFAULT_DB
 
 
 def _package_cell(version: VersionInfo, packages: list[PackageInfo]) -> str:
@@ -170,7 +167,7 @@ def _package_cell(version: VersionInfo, packages: list[PackageInfo]) -> str:
 
 
 @packages_app.command("build")
-def build_package(
+def build_package_command(
     to: Annotated[str, typer.Option("--to", help="The version devices should reach, e.g. v7.")],
     start: Annotated[
         str | None,
@@ -190,14 +187,14 @@ def build_package(
     db: DbOption = DEFAULT_DB,
 ) -> None:
     """Build, sign and store the package FROM → TO with the most faithful codec that fits the cap."""
-    store = PackageStore(Registry(Database(db).initialize()))
+    storage = Storage.open(db)
     policy = PackagePolicy(cap=cap, ttl=timedelta(hours=ttl_hours), max_error=max_error)
-    package = store.build(
-        _version_id(to), _version_id(start) if start else None, load_signing_key(keys), policy
+    package = build_package(
+        storage, _version_id(to), _version_id(start) if start else None, load_signing_key(keys), policy
     )
     _print_packages([package])
     if out is not None:
-        out.write_bytes(store.bytes_of(package.id))
+        out.write_bytes(storage.packages.blob(package.id))
         typer.echo(f"wrote {out} ({package.package_bytes} bytes); apply it with `fleetlora device apply`")
 
 
@@ -207,7 +204,7 @@ def list_packages(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """List stored packages: versions, codec, bytes against the base model, reconstruction error."""
-    packages = PackageStore(Registry(Database(db).initialize())).list()
+    packages = Storage.open(db).packages.all()
     if as_json:
         typer.echo(json.dumps([{**p.__dict__, "ratio": p.ratio} for p in packages], default=str, indent=2))
         return
@@ -221,7 +218,7 @@ def export_package(
     db: DbOption = DEFAULT_DB,
 ) -> None:
     """Write a stored package to a file, for devices reached out of band (`fleetlora device apply`)."""
-    blob = PackageStore(Registry(Database(db).initialize())).bytes_of(package_id)
+    blob = Storage.open(db).packages.blob(package_id)
     out.write_bytes(blob)
     typer.echo(f"wrote {out} ({len(blob)} bytes)")
 

@@ -16,14 +16,11 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import func, select
 
 from fleetlora.common.host_config import CoordinatorHost, load_host_config
 from fleetlora.coordinator import flower_control, superlink
 from fleetlora.coordinator.certs import DEFAULT_HOSTS, init_certs
-from fleetlora.coordinator.db import Database
-from fleetlora.coordinator.models import DeviceUpdate, PrivacyEntry, RoundRecord
-from fleetlora.coordinator.registry import Registry
+from fleetlora.coordinator.storage import DeviceUpdateInfo, Storage
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", help="fleetlora.toml of this coordinator host (docs/operator.md).")
@@ -76,12 +73,8 @@ def round_start(
     settings = load_host_config(config)
     host = settings.coordinator
     run_config = {**settings.federation, **deployment_run_config(host)}
-    if rounds is not None:
-        run_config["rounds"] = rounds
-    if min_devices is not None:
-        run_config["min-devices"] = min_devices
-    if deadline is not None:
-        run_config["round-deadline"] = deadline
+    overrides = {"rounds": rounds, "min-devices": min_devices, "round-deadline": deadline}
+    run_config.update({key: value for key, value in overrides.items() if value is not None})
     if fraction is not None:
         if not 0 < fraction <= 1:
             raise typer.BadParameter(f"--fraction must be in (0, 1], got {fraction}.")
@@ -144,24 +137,16 @@ def deployment_run_config(host: CoordinatorHost) -> dict[str, Any]:
 
 def fleet_status(host: CoordinatorHost) -> dict[str, list[dict[str, Any]]]:
     """Devices, rounds, versions and runs as rows, from fleetlora's database and the SuperLink."""
-    registry = Registry(Database(host.database_url).initialize())
+    storage = Storage.open(host.database_url)
     try:
         nodes = {str(n.get("node-id")): n for n in flower_control.list_nodes(host)}
         runs = flower_control.list_runs(host)
     except flower_control.ControlError as exc:
         nodes, runs = {}, [{"error": str(exc)}]
-    with registry.db.session() as session:
-        updates = {u.device_id: u for u in session.scalars(select(DeviceUpdate))}
-        latest_epsilon = dict(
-            session.execute(
-                select(PrivacyEntry.device_id, func.max(PrivacyEntry.epsilon)).group_by(
-                    PrivacyEntry.device_id
-                )
-            ).all()
-        )
-        rounds = list(session.scalars(select(RoundRecord).order_by(RoundRecord.id.desc()).limit(10)))
+    updates = {u.device_id: u for u in storage.devices.updates()}
+    latest_epsilon = storage.ledgers.epsilon_spent()
     devices = []
-    for device in registry.enrolled_devices():
+    for device in storage.devices.enrolled():
         node = nodes.get(device.node_id or "", {})
         update = updates.get(device.device_id)
         devices.append(
@@ -188,11 +173,11 @@ def fleet_status(host: CoordinatorHost) -> dict[str, list[dict[str, Any]]]:
                 "seconds": round(r.seconds, 1),
                 "error": r.error or "",
             }
-            for r in reversed(rounds)
+            for r in storage.ledgers.rounds(last=10)
         ],
         "versions": [
             {"version": v.label, "round": v.round, "devices": len(v.participants), **_accuracy(v.metrics)}
-            for v in registry.versions()[-5:]
+            for v in storage.versions.all()[-5:]
         ],
         "runs": [{k: r.get(k, "") for k in ("run-id", "status", "elapsed", "pending-at")} for r in runs]
         if runs and "error" not in runs[0]
@@ -200,7 +185,7 @@ def fleet_status(host: CoordinatorHost) -> dict[str, list[dict[str, Any]]]:
     }
 
 
-def _last_seen(node: dict[str, Any], update: DeviceUpdate | None) -> Any:
+def _last_seen(node: dict[str, Any], update: DeviceUpdateInfo | None) -> Any:
     """Online since (the SuperLink's word), else when the device last reported its version."""
     if node.get("status") == "online":
         return f"online since {node.get('online-at')}"

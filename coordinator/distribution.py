@@ -16,15 +16,13 @@ from dataclasses import dataclass, field
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
-from sqlalchemy import select
 
 from fleetlora.common import chunks, records
 from fleetlora.common.errors import FleetloraError
 from fleetlora.common.package import PACKAGE
 from fleetlora.coordinator.exchange import exchange
-from fleetlora.coordinator.models import DeviceUpdate, utcnow
-from fleetlora.coordinator.packages import PackageInfo, PackagePolicy, PackageStore
-from fleetlora.coordinator.registry import VersionInfo
+from fleetlora.coordinator.packages import PackagePolicy, build_package
+from fleetlora.coordinator.storage import PackageInfo, Storage, VersionInfo
 
 
 @dataclass
@@ -60,26 +58,27 @@ class Distributor:
     def __init__(
         self,
         grid: Grid,
-        store: PackageStore,
+        storage: Storage,
         key: Ed25519PrivateKey,
         policy: PackagePolicy,
         *,
         tenant: str,
         timeout: float,
     ) -> None:
-        self.grid, self.store, self.key, self.policy = grid, store, key, policy
+        self.grid, self.storage, self.key, self.policy = grid, storage, key, policy
         self.tenant, self.timeout = tenant, timeout
 
     def package(self, target: VersionInfo, start: int | None) -> PackageInfo:
         """The stored package ``start`` → ``target``, built if none is stored and unexpired."""
-        return self.store.find(target.id, start) or self.store.build(target.id, start, self.key, self.policy)
+        stored = self.storage.packages.find(target.id, start)
+        return stored or build_package(self.storage, target.id, start, self.key, self.policy)
 
     def distribute(self, nodes: list[int], target: VersionInfo) -> DistributionOutcome:
         """Offer ``target`` to ``nodes``; both exchanges together end within ``timeout`` seconds."""
         started = time.monotonic()
         outcome = DistributionOutcome(target=target.id)
         config = ConfigRecord({records.TENANT: self.tenant, records.CONTRACT_VERSION: records.CONTRACT})
-        holding: dict[int, tuple[str, int, int]] = {}  # node → (device id, active version, sequence)
+        holding: dict[int, tuple[str, int | None, int]] = {}  # node → (device id, active version, sequence)
         wants: dict[str, bool] = {}  # device id → its new records drifted (corpus devices only)
         status_messages = [self._message(node, records.QUERY_UPDATE_STATUS, config, None) for node in nodes]
         for reply in exchange(self.grid, status_messages, started + self.timeout):
@@ -89,7 +88,7 @@ class Distributor:
             answer = reply.content[records.CONFIG]
             holding[reply.metadata.src_node_id] = (
                 str(answer[records.DEVICE_ID]),
-                int(answer[records.ACTIVE_VERSION]),
+                _active_version(answer),
                 int(answer[records.ACTIVE_SEQUENCE]),
             )
             wants[str(answer[records.DEVICE_ID])] = bool(answer.get(records.WANTS_TRAIN, False))
@@ -102,7 +101,7 @@ class Distributor:
             start = active if self._same_lineage(active, target) else None
             if start not in outcome.packages:
                 outcome.packages[start] = self.package(target, start)
-            blob = self.store.bytes_of(outcome.packages[start].id)
+            blob = self.storage.packages.blob(outcome.packages[start].id)
             offers.append(self._message(node, records.QUERY_UPDATE_APPLY, config, blob))
         for reply in exchange(self.grid, offers, started + self.timeout):
             node = reply.metadata.src_node_id
@@ -118,50 +117,44 @@ class Distributor:
             outcome.statuses[status] += 1
             if reason:
                 outcome.reasons[device] = reason
-            held = (int(answer[records.ACTIVE_VERSION]), int(answer[records.ACTIVE_SEQUENCE]))
+            held = (_active_version(answer), int(answer[records.ACTIVE_SEQUENCE]))
             self._record(device, node, held, status, reason)
-        self._record_wants(wants)
+        self.storage.devices.record_wants_train(wants)
         outcome.statuses["no-answer"] += len(nodes) - sum(outcome.statuses.values())
         outcome.statuses = +outcome.statuses  # drop zero counts
         outcome.seconds = time.monotonic() - started
         return outcome
 
-    def _record_wants(self, wants: dict[str, bool]) -> None:
-        with self.store.db.session() as session:
-            for device, flag in wants.items():
-                row = session.get(DeviceUpdate, device)
-                if row is not None:
-                    row.wants_train = flag
-
-    def wanting_nodes(self) -> set[int]:
-        """Nodes whose device last said its new records drifted: sampled first in the next round."""
-        with self.store.db.session() as session:
-            rows = session.scalars(select(DeviceUpdate).where(DeviceUpdate.wants_train.is_(True)))
-            return {int(r.node_id) for r in rows}
-
-    def _same_lineage(self, version: int, target: VersionInfo) -> bool:
-        if version < 0:
+    def _same_lineage(self, version: int | None, target: VersionInfo) -> bool:
+        if version is None:
             return False
         try:
-            return self.store.registry.get(version).lineage == target.lineage
+            return self.storage.versions.get(version).lineage == target.lineage
         except FleetloraError:
             return False  # a version this database never stored: send the full adapter
 
     def _message(self, node: int, kind: str, config: ConfigRecord, blob: bytes | None) -> Message:
         content = RecordDict({records.CONFIG: config})
         if blob is not None:
-            content[PACKAGE] = chunks.to_array_record(blob)
+            content[PACKAGE] = chunks.bytes_to_array_record(blob)
         return Message(content, dst_node_id=node, message_type=kind, ttl=self.timeout)
 
     def _record(
-        self, device: str, node: int, held: tuple[int, int] | None, status: str, reason: str | None
+        self, device: str, node: int, held: tuple[int | None, int] | None, status: str, reason: str | None
     ) -> None:
-        """Upsert the device's row; ``held`` is (active version, sequence) as it reported them."""
-        with self.store.db.session() as session:
-            row = session.get(DeviceUpdate, device) or DeviceUpdate(device_id=device)
-            row.tenant, row.node_id, row.status = self.tenant, str(node), status
-            row.reason = reason[:500] if reason else None
-            row.reported_at = utcnow()
-            if held is not None and held[0] >= 0:
-                row.version_id, row.sequence = held
-            session.add(row)
+        """Store the device's report; ``held`` is (active version, sequence) as it reported them."""
+        version, sequence = held if held is not None and held[0] is not None else (None, 0)
+        self.storage.devices.record_update(
+            device,
+            tenant=self.tenant,
+            node_id=node,
+            status=status,
+            reason=reason,
+            version_id=version,
+            sequence=sequence,
+        )
+
+
+def _active_version(answer: ConfigRecord) -> int | None:
+    """The version a device reports holding; the key is absent while it holds no packaged adapter."""
+    return int(answer[records.ACTIVE_VERSION]) if records.ACTIVE_VERSION in answer else None

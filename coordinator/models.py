@@ -52,7 +52,13 @@ class Base(DeclarativeBase):
     pass
 
 
-class ModelVersion(Base):
+class SchemaStamped:
+    """Every row but a version's participants says which schema version wrote it (as models.py describes)."""
+
+    schema_version: Mapped[int] = mapped_column(default=SCHEMA_VERSION)
+
+
+class ModelVersion(SchemaStamped, Base):
     """One global adapter. Round 0 is the seeded initial adapter, with no parent."""
 
     __tablename__ = "model_versions"
@@ -68,7 +74,6 @@ class ModelVersion(Base):
     adapter_bytes: Mapped[int]
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    schema_version: Mapped[int] = mapped_column(default=SCHEMA_VERSION)
 
     participants: Mapped[list[Participant]] = relationship(
         back_populates="version", cascade="all, delete-orphan", lazy="selectin"
@@ -87,7 +92,7 @@ class Participant(Base):
     version: Mapped[ModelVersion] = relationship(back_populates="participants")
 
 
-class RoundRecord(Base):
+class RoundRecord(SchemaStamped, Base):
     """The outcome of one round: completed (with its version) or failed (with the reason)."""
 
     __tablename__ = "rounds"
@@ -104,10 +109,9 @@ class RoundRecord(Base):
     seconds: Mapped[float]
     error: Mapped[str | None] = mapped_column(String(500))
     finished_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    schema_version: Mapped[int] = mapped_column(default=SCHEMA_VERSION)
 
 
-class OptimizerState(Base):
+class OptimizerState(SchemaStamped, Base):
     """The server optimizer's state after a version was made, so a restart continues it."""
 
     __tablename__ = "optimizer_states"
@@ -116,10 +120,9 @@ class OptimizerState(Base):
     optimizer: Mapped[str] = mapped_column(String(32))  # fedavgm, fedadam, ...
     state: Mapped[bytes] = mapped_column(LargeBinary)  # safetensors bytes
     state_sha256: Mapped[str] = mapped_column(String(64))
-    schema_version: Mapped[int] = mapped_column(default=SCHEMA_VERSION)
 
 
-class PrivacyEntry(Base):
+class PrivacyEntry(SchemaStamped, Base):
     """A DP device's cumulative ε after a round, as it reported it: the privacy ledger.
 
     Written for every device that trained, whether or not its delta was used or the round reached
@@ -138,10 +141,9 @@ class PrivacyEntry(Base):
     sample_rate: Mapped[float]
     steps: Mapped[int]
     recorded_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    schema_version: Mapped[int] = mapped_column(default=SCHEMA_VERSION)
 
 
-class EnrolledDevice(Base):
+class EnrolledDevice(SchemaStamped, Base):
     """A device allowed to upload: its Ed25519 public key, which every sealed upload must verify against."""
 
     __tablename__ = "devices"
@@ -151,10 +153,9 @@ class EnrolledDevice(Base):
     public_key_pem: Mapped[str] = mapped_column(String(400))
     node_id: Mapped[str | None] = mapped_column(String(20))  # its SuperNode's Flower node id, once registered
     enrolled_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    schema_version: Mapped[int] = mapped_column(default=SCHEMA_VERSION)
 
 
-class Lineage(Base):
+class Lineage(SchemaStamped, Base):
     """A lineage's model: what a package manifest names, and the base size the package cap is taken of."""
 
     __tablename__ = "lineages"
@@ -165,10 +166,9 @@ class Lineage(Base):
     base_model_sha256: Mapped[str] = mapped_column(String(64))
     base_model_bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    schema_version: Mapped[int] = mapped_column(default=SCHEMA_VERSION)
 
 
-class UpdatePackage(Base):
+class UpdatePackage(SchemaStamped, Base):
     """A signed update package, stored whole: the exact bytes devices receive."""
 
     __tablename__ = "update_packages"
@@ -188,10 +188,9 @@ class UpdatePackage(Base):
     build_seconds: Mapped[float]
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    schema_version: Mapped[int] = mapped_column(default=SCHEMA_VERSION)
 
 
-class DeviceUpdate(Base):
+class DeviceUpdate(SchemaStamped, Base):
     """The version a device last reported holding, and how its last package offer went."""
 
     __tablename__ = "device_updates"
@@ -207,4 +206,3 @@ class DeviceUpdate(Base):
     )  # its new records drifted (client/corpus/drift.py)
     reason: Mapped[str | None] = mapped_column(String(500))
     reported_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    schema_version: Mapped[int] = mapped_column(default=SCHEMA_VERSION)

@@ -49,14 +49,19 @@ from fleetlora.common.model import LoadedModel, cached_model
 from fleetlora.common.server_optim import server_step
 from fleetlora.coordinator.central_dp import epsilon as central_epsilon
 from fleetlora.coordinator.central_dp import privatize
-from fleetlora.coordinator.db import Database
 from fleetlora.coordinator.distribution import DistributionOutcome, Distributor
 from fleetlora.coordinator.exchange import exchange, wait_for_nodes
 from fleetlora.coordinator.keys import load_hpke_key, load_signing_key
-from fleetlora.coordinator.models import RoundRecord
-from fleetlora.coordinator.packages import PackageInfo, PackageStore, PackageTooLarge
-from fleetlora.coordinator.registry import Registry, VersionInfo
+from fleetlora.coordinator.packages import PackageTooLarge
 from fleetlora.coordinator.settings import CoordinatorSettings
+from fleetlora.coordinator.storage import (
+    NewVersion,
+    PackageInfo,
+    RoundReport,
+    ServerOptimizerState,
+    Storage,
+    VersionInfo,
+)
 from fleetlora.coordinator.strategy import DeltaAggregator, Drop, MetricAggregator, PrivacySpend
 
 
@@ -133,14 +138,13 @@ class Federation:
         self.grid = grid
         self.settings = settings
         self.observer = observer
-        self.registry = Registry(Database(settings.db_url).initialize())
+        self.storage = Storage.open(settings.db_url)
         self.loaded = cached_model(settings.spec)
         self.lineage = lineage_of(self.loaded)
         self.eval_set: list[Example] = load_examples(settings.eval_data) if settings.eval_data else []
         self.optimizer_state: State = {}
         self.hpke_key = load_hpke_key(Path(settings.keys_dir)) if settings.seal_uploads else None
-        self.packages = PackageStore(self.registry)
-        self.packages.register_lineage(
+        self.storage.versions.register_lineage(
             self.lineage,
             settings.tenant,
             to_config(settings.spec, "model"),
@@ -150,7 +154,7 @@ class Federation:
         self.distributor = (
             Distributor(
                 grid,
-                self.packages,
+                self.storage,
                 load_signing_key(Path(settings.keys_dir)),
                 settings.package_policy,
                 tenant=settings.tenant,
@@ -185,22 +189,24 @@ class Federation:
     # ---- set-up ---------------------------------------------------------------------------
 
     def _resume_or_initialize(self) -> tuple[VersionInfo, State, bool]:
-        latest = self.registry.latest(self.lineage)
+        latest = self.storage.versions.latest(self.lineage)
         if latest is not None:
-            stored = self.registry.load_optimizer(latest.id)
+            stored = self.storage.versions.optimizer_state(latest.id)
             # Another optimizer's moments mean nothing to this one: it starts fresh.
-            if stored is not None and stored[0] == self.settings.server.name:
-                self.optimizer_state = stored[1]
-            return latest, self.registry.load_adapter(latest.id), True
+            if stored is not None and stored.name == self.settings.server.name:
+                self.optimizer_state = stored.state
+            return latest, self.storage.versions.adapter(latest.id), True
         state = self.loaded.initial_adapter  # not the live weights: a cached model may have trained
-        version = self.registry.add_version(
-            lineage=self.lineage,
-            parent_id=None,
-            round_number=0,
-            base_model_sha256=self.loaded.base_sha256,
-            adapter=state,
-            participants={},
-            metrics=self._central_metrics(state),
+        version = self.storage.versions.add(
+            NewVersion(
+                lineage=self.lineage,
+                parent_id=None,
+                round=0,
+                base_model_sha256=self.loaded.base_sha256,
+                adapter=state,
+                participants={},
+                metrics=self._central_metrics(state),
+            )
         )
         return version, state, False
 
@@ -217,7 +223,7 @@ class Federation:
         sampled = sample_devices(
             online,
             self.settings.devices_per_round,
-            self.distributor.wanting_nodes() if self.distributor else set(),
+            self.storage.devices.wanting_nodes() if self.distributor else set(),
             rng,
         )
 
@@ -239,7 +245,7 @@ class Federation:
         ):
             aggregator.add(reply)
         aggregator.mark_missing(sampled)
-        self.registry.record_privacy(self.lineage, number, aggregator.privacy)
+        self.storage.ledgers.record_privacy(self.lineage, number, aggregator.privacy)
         if len(aggregator.participants) < self.settings.min_devices:
             error = f"{len(aggregator.participants)} valid deltas, {self.settings.min_devices} needed"
             return self._failed(number, started, sampled, aggregator, error), state
@@ -254,15 +260,17 @@ class Federation:
         new_state, optimizer_state = server_step(
             self.settings.server, state, mean_delta, self.optimizer_state
         )
-        version = self.registry.add_version(
-            lineage=self.lineage,
-            parent_id=parent.id,
-            round_number=number,
-            base_model_sha256=self.loaded.base_sha256,
-            adapter=new_state,
-            participants={str(n): c for n, c in aggregator.participants.items()},
-            metrics=train_metrics,
-            optimizer=(self.settings.server.name, optimizer_state),
+        version = self.storage.versions.add(
+            NewVersion(
+                lineage=self.lineage,
+                parent_id=parent.id,
+                round=number,
+                base_model_sha256=self.loaded.base_sha256,
+                adapter=new_state,
+                participants={str(n): c for n, c in aggregator.participants.items()},
+                metrics=train_metrics,
+                optimizer=ServerOptimizerState(self.settings.server.name, optimizer_state),
+            )
         )
         self.optimizer_state = optimizer_state
         eval_instructions = dataclasses.replace(instructions, version=version.id)
@@ -279,7 +287,7 @@ class Federation:
             metrics=metrics,
             privacy=list(aggregator.privacy),
         )
-        version = self.registry.finish_round(self._round_record(outcome), metrics)
+        version = self.storage.versions.finish_round(version.id, self._round_report(outcome), metrics)
         outcome = dataclasses.replace(outcome, version=version)
         if self.distributor:
             outcome = self._publish(outcome, parent)
@@ -304,7 +312,7 @@ class Federation:
         central = self.settings.central_dp
         history = [
             (v.metrics[CENTRAL_DP_NOISE], v.metrics[CENTRAL_DP_RATE], 1)
-            for v in self.registry.chain(parent.id)
+            for v in self.storage.versions.chain(parent.id)
             if CENTRAL_DP_RATE in v.metrics
         ]
         history.append((central.noise_multiplier, sample_rate, 1))
@@ -327,10 +335,10 @@ class Federation:
             if arrays is None:
                 raise EnvelopeError("reply holds no sealed upload")
             sealed, claimed = from_records(arrays, reply.content.config_records.get(records.CONFIG, {}))
-            enrolled = self.registry.device_key(claimed.device_id, self.settings.tenant)
+            enrolled = self.storage.devices.key(claimed.device_id, self.settings.tenant)
             if enrolled is None:
                 raise EnvelopeError(f"unknown device {claimed.device_id!r}: enroll it first")
-            public, node_id = enrolled
+            public, node_id = enrolled.public_key, enrolled.node_id
             if node_id is not None and node_id != str(reply.metadata.src_node_id):
                 # The SuperLink authenticated the sending node: it must be the one enrolled under this id.
                 raise EnvelopeError(
@@ -412,15 +420,11 @@ class Federation:
             error=error,
             privacy=list(aggregator.privacy) if aggregator else [],
         )
-        self.registry.record_round(self._round_record(outcome))
+        self.storage.ledgers.record_failed_round(self.lineage, number, self._round_report(outcome))
         return outcome
 
-    def _round_record(self, outcome: RoundOutcome) -> RoundRecord:
-        return RoundRecord(
-            lineage=self.lineage,
-            round=outcome.round,
-            status="completed" if outcome.version else "failed",
-            version_id=outcome.version.id if outcome.version else None,
+    def _round_report(self, outcome: RoundOutcome) -> RoundReport:
+        return RoundReport(
             sampled=outcome.sampled,
             received=len(outcome.participants),
             dropped=[d.as_dict() for d in outcome.drops],

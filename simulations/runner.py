@@ -23,12 +23,11 @@ from fleetlora.common.errors import ConfigError
 from fleetlora.common.keys import COORDINATOR_HPKE_KEY
 from fleetlora.common.model import cached_model
 from fleetlora.common.run_config import DEFAULTS, RunConfig, RunValue
-from fleetlora.coordinator.db import Database
 from fleetlora.coordinator.keys import init_keys
-from fleetlora.coordinator.registry import Registry
 from fleetlora.coordinator.rounds import FederationObserver, FederationStart, RoundOutcome, summarize
 from fleetlora.coordinator.server_app import build_server_app
 from fleetlora.coordinator.settings import CoordinatorSettings
+from fleetlora.coordinator.storage import Storage
 
 
 @dataclass(frozen=True)
@@ -177,7 +176,7 @@ def provision_keys(config: SimulationConfig, settings: CoordinatorSettings) -> N
     keys = Path(settings.keys_dir)
     if not (keys / COORDINATOR_HPKE_KEY).exists():
         init_keys(keys)
-    registry = Registry(Database(settings.db_url).initialize())
+    devices = Storage.open(settings.db_url).devices
     for partition in range(config.devices):
         device = DeviceState.locate({"partition-id": partition}, config.run_config())
-        registry.enroll_device(f"partition-{partition}", settings.tenant, ensure_device_key(device))
+        devices.enroll(f"partition-{partition}", settings.tenant, ensure_device_key(device))

@@ -23,7 +23,7 @@ from fleetlora.client.device_state import DeviceState
 from fleetlora.client.updates import UPDATES_DIR, UpdateSlots, apply_package
 from fleetlora.common.config import ModelSpec
 from fleetlora.common.package import PackageError
-from fleetlora.coordinator.packages import PackagePolicy
+from fleetlora.coordinator.packages import PackagePolicy, build_package
 from tests.client import update_harness
 from tests.client.update_harness import KILL_AT, TENANT, Fleet, make_fleet, states_equal
 
@@ -56,10 +56,14 @@ def test_killed_apply_recovers_to_the_old_or_the_new_adapter(
     expected = {v1.id: fleet.adapters[1], v2.id: fleet.adapters[2]}
 
     template = DeviceState(tmp_path / "template")
-    full = fleet.store.bytes_of(fleet.store.build(v1.id, None, fleet.key, PackagePolicy()).id)
+    full = fleet.storage.packages.blob(
+        build_package(fleet.storage, v1.id, None, fleet.key, PackagePolicy()).id
+    )
     apply_package(io.BytesIO(full), template, fleet.public, tenant=TENANT)
     package = tmp_path / "v1-v2.pkg"
-    package.write_bytes(fleet.store.bytes_of(fleet.store.build(v2.id, v1.id, fleet.key, PackagePolicy()).id))
+    package.write_bytes(
+        fleet.storage.packages.blob(build_package(fleet.storage, v2.id, v1.id, fleet.key, PackagePolicy()).id)
+    )
 
     recovered: dict[int, int] = {}  # kill point → version the restarted device came back with
     completed_at = None

@@ -16,7 +16,7 @@ from fleetlora.common.codec import Codec, encode
 from fleetlora.common.config import ModelSpec
 from fleetlora.common.delta import sha256_hex
 from fleetlora.common.package import Package, PackageError, read_package, sign
-from fleetlora.coordinator.packages import PackagePolicy
+from fleetlora.coordinator.packages import PackagePolicy, build_package
 from tests.client.update_harness import TENANT, Fleet, make_fleet, snapshot, states_equal
 
 
@@ -33,8 +33,10 @@ def device(tmp_path: Path) -> DeviceState:
 def _package(fleet: Fleet, to: int, source: int | None, *, built: datetime | None = None) -> bytes:
     """The stored package from version index ``source`` (None: full adapter) to version index ``to``."""
     source_id = None if source is None else fleet.versions[source].id
-    info = fleet.store.build(fleet.versions[to].id, source_id, fleet.key, PackagePolicy(), now=built)
-    return fleet.store.bytes_of(info.id)
+    info = build_package(
+        fleet.storage, fleet.versions[to].id, source_id, fleet.key, PackagePolicy(), now=built
+    )
+    return fleet.storage.packages.blob(info.id)
 
 
 def _parse(fleet: Fleet, blob: bytes) -> Package:

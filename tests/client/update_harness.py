@@ -1,6 +1,6 @@
 """Shared set-up for the update-package tests, and the child process of the crash harness.
 
-:func:`make_fleet` stores three versions of the tiny model's adapter in a SQLite registry (v0 the
+:func:`make_fleet` stores three versions of the tiny model's adapter in SQLite storage (v0 the
 initial adapter, v1 and v2 seeded perturbations of it) with the lineage record packages need, and
 creates the coordinator's keys. Run as a script, this file is the process the crash test kills:
 
@@ -38,8 +38,7 @@ from fleetlora.common.model import LoadedModel, cached_model
 from fleetlora.common.package import read_manifest
 
 if TYPE_CHECKING:  # the coordinator is imported only where a fleet is made: the child processes start faster
-    from fleetlora.coordinator.packages import PackageStore
-    from fleetlora.coordinator.registry import Registry, VersionInfo
+    from fleetlora.coordinator.storage import Storage, VersionInfo
 
 LINEAGE = "lineage-L"
 TENANT = "acme"
@@ -50,25 +49,23 @@ KILL_AT = "FLEETLORA_TEST_KILL_AT"
 class Fleet:
     spec: ModelSpec
     loaded: LoadedModel
-    registry: Registry
-    store: PackageStore
+    storage: Storage
     key: Ed25519PrivateKey
     public: Ed25519PublicKey
     public_path: Path
     versions: list[VersionInfo]  # v0 (initial adapter), v1, v2
-    adapters: list[State]  # as the registry returns them
+    adapters: list[State]  # as storage returns them
 
 
 def make_fleet(folder: Path, spec: ModelSpec, db_url: str) -> Fleet:
-    from fleetlora.coordinator.db import Database
     from fleetlora.coordinator.keys import init_keys
-    from fleetlora.coordinator.packages import PackageStore
-    from fleetlora.coordinator.registry import Registry
+    from fleetlora.coordinator.storage import NewVersion, Storage
 
     loaded = cached_model(spec)
-    registry = Registry(Database(db_url).initialize())
-    store = PackageStore(registry)
-    store.register_lineage(LINEAGE, TENANT, to_config(spec, "model"), loaded.base_sha256, loaded.base_bytes)
+    storage = Storage.open(db_url)
+    storage.versions.register_lineage(
+        LINEAGE, TENANT, to_config(spec, "model"), loaded.base_sha256, loaded.base_bytes
+    )
     generator = torch.Generator().manual_seed(7)
     states = [dict(loaded.initial_adapter)]
     for _ in range(2):
@@ -78,14 +75,16 @@ def make_fleet(folder: Path, spec: ModelSpec, db_url: str) -> Fleet:
     versions: list[VersionInfo] = []
     for round_number, state in enumerate(states):
         versions.append(
-            registry.add_version(
-                lineage=LINEAGE,
-                parent_id=versions[-1].id if versions else None,
-                round_number=round_number,
-                base_model_sha256=loaded.base_sha256,
-                adapter=state,
-                participants={},
-                metrics={},
+            storage.versions.add(
+                NewVersion(
+                    lineage=LINEAGE,
+                    parent_id=versions[-1].id if versions else None,
+                    round=round_number,
+                    base_model_sha256=loaded.base_sha256,
+                    adapter=state,
+                    participants={},
+                    metrics={},
+                )
             )
         )
     keys = folder / "keys"
@@ -93,13 +92,12 @@ def make_fleet(folder: Path, spec: ModelSpec, db_url: str) -> Fleet:
     return Fleet(
         spec=spec,
         loaded=loaded,
-        registry=registry,
-        store=store,
+        storage=storage,
         key=read_private_key(keys / COORDINATOR_SIGNING_KEY, Ed25519PrivateKey),
         public=read_public_key(keys / COORDINATOR_SIGNING_PUB, Ed25519PublicKey),
         public_path=keys / COORDINATOR_SIGNING_PUB,
         versions=versions,
-        adapters=[registry.load_adapter(v.id) for v in versions],
+        adapters=[storage.versions.adapter(v.id) for v in versions],
     )
 
 

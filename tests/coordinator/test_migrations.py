@@ -14,7 +14,7 @@ from sqlalchemy import create_engine, inspect, text
 
 from fleetlora.coordinator.db import MIGRATIONS, Database, upgrade
 from fleetlora.coordinator.models import Base
-from fleetlora.coordinator.registry import Registry
+from fleetlora.coordinator.storage import NewVersion, Storage
 
 
 def test_migrations_build_exactly_the_models_schema_and_are_idempotent(db_url: str):
@@ -31,20 +31,22 @@ def test_a_database_made_before_migrations_is_adopted_with_its_data(db_url: str)
     Base.metadata.tables["model_versions"].create(legacy)  # an old create_all, missing newer tables
     legacy.dispose()
 
-    registry = Registry(Database(db_url).initialize())
-    version = registry.add_version(
-        lineage="L",
-        parent_id=None,
-        round_number=0,
-        base_model_sha256="b" * 64,
-        adapter={"w": torch.ones(2)},
-        participants={},
-        metrics={},
+    storage = Storage.open(db_url)
+    version = storage.versions.add(
+        NewVersion(
+            lineage="L",
+            parent_id=None,
+            round=0,
+            base_model_sha256="b" * 64,
+            adapter={"w": torch.ones(2)},
+            participants={},
+            metrics={},
+        )
     )
-    assert registry.latest("L") == version
-    tables = set(inspect(registry.db.engine).get_table_names())
+    assert storage.versions.latest("L") == version
+    tables = set(inspect(storage.db.engine).get_table_names())
     assert {"alembic_version", "update_packages", "device_updates", "privacy_ledger"} <= tables
-    registry.db.close()
+    storage.close()
 
 
 def test_an_older_schema_is_upgraded_in_place(db_url: str):

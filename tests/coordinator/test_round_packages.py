@@ -6,11 +6,8 @@ from pathlib import Path
 
 from flwr.app import MessageType
 
-from fleetlora.coordinator.db import Database
-from fleetlora.coordinator.models import DeviceUpdate
-from fleetlora.coordinator.packages import PackageStore
-from fleetlora.coordinator.registry import Registry
 from fleetlora.coordinator.rounds import summarize
+from fleetlora.coordinator.storage import Storage
 from tests.coordinator.test_sealed_rounds import _run, _sealed_fleet
 
 
@@ -23,11 +20,10 @@ def test_two_rounds_bring_every_device_to_the_newest_version_with_delta_packages
     assert second.distribution is not None and set(second.distribution.packages) == {first.version.id}
     assert second.distribution.statuses == {"applied": 3}
     assert all(0 < summarize(o)["package_ratio"] <= 0.10 for o in outcomes)
-    with Database(db_url).initialize().session() as session:
-        rows = session.query(DeviceUpdate).all()
-        assert sorted((r.device_id, r.version_id, r.status) for r in rows) == [
-            (f"partition-{i}", second.version.id, "applied") for i in range(3)
-        ]
+    rows = Storage.open(db_url).devices.updates()
+    assert sorted((r.device_id, r.version_id, r.status) for r in rows) == [
+        (f"partition-{i}", second.version.id, "applied") for i in range(3)
+    ]
 
 
 def test_a_package_over_the_cap_is_never_built_and_the_round_still_stands(tmp_path: Path, db_url: str):
@@ -39,6 +35,6 @@ def test_a_package_over_the_cap_is_never_built_and_the_round_still_stands(tmp_pa
     assert outcome.package is None and outcome.distribution is None
     assert "No codec fits" in (outcome.package_error or "")
     assert "package_error" in summarize(outcome)
-    assert PackageStore(Registry(Database(db_url).initialize())).list() == []
+    assert Storage.open(db_url).packages.all() == []
     sent = {m.metadata.message_type for m in grid.received}
     assert sent == {MessageType.TRAIN, MessageType.EVALUATE}  # no device was offered anything

@@ -77,14 +77,14 @@ def test_rounds_store_the_weighted_mean_of_deltas_and_loss_falls(sqlite_url: str
     first = outcomes[0]
     assert len(first.participants) == 3 and not first.drops
     # The stored round-1 adapter is v0 + sum(n_i * delta_i) / sum(n_i), recomputed here by hand.
-    v0 = federation.registry.chain(first.version.id)[1]
+    v0 = federation.storage.versions.chain(first.version.id)[1]
     assert v0.round == 0
     train_replies = [m for m in captured if records.ARRAYS in m.content.array_records][:3]
     weights = [m.content[records.METRICS][records.NUM_EXAMPLES] for m in train_replies]
     assert sorted(weights) == sorted(first.participants.values())
-    base = federation.registry.load_adapter(v0.id)
+    base = federation.storage.versions.adapter(v0.id)
     deltas = [from_array_record(m.content[records.ARRAYS]) for m in train_replies]
-    stored = federation.registry.load_adapter(first.version.id)
+    stored = federation.storage.versions.adapter(first.version.id)
     total = sum(weights)
     for name in base:
         weighted = sum(w * d[name].double() for w, d in zip(weights, deltas, strict=True))
@@ -113,7 +113,7 @@ def test_crashed_and_silent_devices_are_dropped_and_the_round_completes(sqlite_u
     assert reasons[103] == "delta holds NaN or inf"
     assert reasons[104] == "no reply before the deadline"
     assert reasons[105] == "evaluation: device error: RuntimeError: out of memory"
-    (record,) = federation.registry.rounds(federation.lineage)
+    (record,) = federation.storage.ledgers.rounds(federation.lineage)
     assert record.status == "completed" and len(record.dropped) == 4
     # The silent device costs one deadline for training and one for evaluation, not forever.
     assert time.monotonic() - started < 2 * settings.round_deadline + 30
@@ -127,8 +127,8 @@ def test_round_without_quorum_fails_and_keeps_the_version(sqlite_url: str):
     (outcome,) = federation.run()
 
     assert outcome.version is None and "2 valid deltas, 3 needed" in outcome.error
-    assert [v.round for v in federation.registry.versions(federation.lineage)] == [0]
-    (record,) = federation.registry.rounds(federation.lineage)
+    assert [v.round for v in federation.storage.versions.all(federation.lineage)] == [0]
+    (record,) = federation.storage.ledgers.rounds(federation.lineage)
     assert record.status == "failed" and record.received == 2
 
 
@@ -151,7 +151,7 @@ def test_a_restarted_coordinator_resumes_from_the_latest_version(db_url: str):
     (outcome,) = again.run()
 
     assert outcome.round == 3 and outcome.version.parent_id == last.id
-    rounds = [v.round for v in again.registry.versions(again.lineage)]
+    rounds = [v.round for v in again.storage.versions.all(again.lineage)]
     assert rounds == [0, 1, 2, 3]  # nothing lost, nothing repeated
 
 
@@ -165,7 +165,7 @@ def test_another_lora_alpha_starts_a_new_lineage(sqlite_url: str):
     )
     assert other.lineage != first.lineage
     (outcome,) = other.run()
-    assert outcome.round == 1 and outcome.version.parent_id != first.registry.latest(first.lineage).id
+    assert outcome.round == 1 and outcome.version.parent_id != first.storage.versions.latest(first.lineage).id
 
 
 def test_devices_refuse_a_different_base_model(sqlite_url: str):
@@ -206,7 +206,7 @@ def _final_adapter(url: str, rounds_before_restart: int, *, forget_optimizer: bo
     first = Federation(LocalGrid(build_client_app(), 3, config), settings)
     first.run()
     if forget_optimizer:
-        with first.registry.db.engine.begin() as connection:
+        with first.storage.db.engine.begin() as connection:
             connection.exec_driver_sql("DELETE FROM optimizer_states")
     remaining = 3 - rounds_before_restart
     if remaining:
@@ -216,7 +216,7 @@ def _final_adapter(url: str, rounds_before_restart: int, *, forget_optimizer: bo
         )
         again.run()
         first = again
-    return first.registry.load_adapter(first.registry.latest(first.lineage).id)
+    return first.storage.versions.adapter(first.storage.versions.latest(first.lineage).id)
 
 
 def test_server_optimizer_state_survives_a_restart(tmp_path):
@@ -272,7 +272,7 @@ def test_dp_devices_report_their_spend_to_the_ledger_and_decline_past_their_budg
     assert len(second.drops) == 3 and all(
         d.reason.startswith("declined: privacy budget") for d in second.drops
     )
-    ledger = federation.registry.privacy_ledger(federation.lineage)
+    ledger = federation.storage.ledgers.privacy_ledger(federation.lineage)
     stored = sorted((row.round, row.device_id, row.epsilon) for row in ledger)
     assert stored == sorted((1, spend.device_id, spend.epsilon) for spend in first.privacy)
 

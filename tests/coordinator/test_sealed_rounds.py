@@ -16,11 +16,10 @@ from fleetlora.client.local_data import local_examples
 from fleetlora.common import records
 from fleetlora.common.envelope import SEALED
 from fleetlora.common.errors import FleetloraError
-from fleetlora.coordinator.db import Database
 from fleetlora.coordinator.keys import init_keys
-from fleetlora.coordinator.registry import Registry
 from fleetlora.coordinator.rounds import Federation
 from fleetlora.coordinator.settings import CoordinatorSettings
+from fleetlora.coordinator.storage import Storage
 from tests.coordinator.local_grid import LocalGrid
 from tests.coordinator.test_rounds import _run_config
 
@@ -38,11 +37,11 @@ def _sealed_fleet(tmp_path: Path, sqlite_url: str, enrolled: int = 3, rounds: in
         },
     )
     init_keys(tmp_path / "keys")
-    registry = Registry(Database(sqlite_url).initialize())
+    devices = Storage.open(sqlite_url).devices
     for partition in range(3):
         key = ensure_device_key(DeviceState.locate({"partition-id": partition}, config))
         if partition < enrolled:
-            registry.enroll_device(f"partition-{partition}", "default", key)
+            devices.enroll(f"partition-{partition}", "default", key)
     return config
 
 
@@ -159,8 +158,8 @@ def test_an_unknown_device_is_refused(tmp_path: Path, sqlite_url: str):
 
 def test_a_device_signing_with_another_key_is_refused(tmp_path: Path, sqlite_url: str):
     config = _sealed_fleet(tmp_path, sqlite_url)
-    registry = Registry(Database(sqlite_url).initialize())
-    registry.enroll_device("partition-0", "default", ensure_device_key(DeviceState(tmp_path / "impostor")))
+    devices = Storage.open(sqlite_url).devices
+    devices.enroll("partition-0", "default", ensure_device_key(DeviceState(tmp_path / "impostor")))
     (outcome,), _ = _run(config)
     assert [d.reason for d in outcome.drops] == [
         "sealed upload refused: signature does not match (ciphertext truncated or altered, or wrong key)"
@@ -208,11 +207,11 @@ def test_an_unknown_upload_codec_is_a_clear_error(tmp_path: Path, sqlite_url: st
 
 def test_an_upload_must_come_from_the_node_its_device_was_enrolled_with(tmp_path: Path, sqlite_url: str):
     config = _sealed_fleet(tmp_path, sqlite_url)
-    registry = Registry(Database(sqlite_url).initialize())
+    devices = Storage.open(sqlite_url).devices
     # LocalGrid's node ids are 101, 102, 103 for partitions 0, 1, 2.
     for partition, node in ((0, 102), (1, 102)):  # partition-0 enrolled under partition-1's node
         key = ensure_device_key(DeviceState.locate({"partition-id": partition}, config))
-        registry.enroll_device(f"partition-{partition}", "default", key, node_id=node)
+        devices.enroll(f"partition-{partition}", "default", key, node_id=node)
     (outcome,), _ = _run(config)
     assert sorted(outcome.participants) == [102, 103]
     assert [d.reason for d in outcome.drops] == [

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fleetlora.coordinator.db import Database
-from fleetlora.coordinator.registry import Registry
+from fleetlora.coordinator.storage import Storage
 
 
 def fleetlora(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -46,8 +45,8 @@ def test_tiny_fleet_end_to_end(tmp_path: Path):
     assert all(0 < r["package_ratio"] <= 0.10 and r["package_bytes"] > 0 for r in rounds)
     assert all(r["updates"]["devices"] == {"applied": 3} for r in rounds)
 
-    registry = Registry(Database(f"sqlite:///{out / 'fleetlora.db'}").initialize())
-    stored = {v.label: v for v in registry.versions()}
+    storage = Storage.open(f"sqlite:///{out / 'fleetlora.db'}")
+    stored = {v.label: v for v in storage.versions.all()}
     assert set(versions) <= set(stored)
     assert stored[versions[2]].parent_id == stored[versions[1]].id
 

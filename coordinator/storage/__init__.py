@@ -1,0 +1,66 @@
+"""The coordinator's storage: every SQL query it runs, behind one small store per concern.
+
+- :class:`VersionStore` (``versions``): global adapter versions, their optimizer states, lineages;
+- :class:`PackageStore` (``packages``): the signed update packages built from them;
+- :class:`DeviceStore` (``devices``): enrolled devices, their keys and their update reports;
+- :class:`LedgerStore` (``ledgers``): the privacy ledger and the round records.
+
+Each method runs in one transaction (:meth:`Database.session` commits on success and rolls back on
+any error) and returns frozen dataclasses, never ORM rows. :meth:`Storage.open` brings the schema to
+the newest migration and hands out the four stores over one database.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fleetlora.coordinator.db import Database
+from fleetlora.coordinator.storage.devices import DeviceInfo, DeviceKey, DeviceStore, DeviceUpdateInfo
+from fleetlora.coordinator.storage.ledgers import LedgerStore, PrivacyEntryInfo, RoundInfo, RoundReport
+from fleetlora.coordinator.storage.packages import PackageInfo, PackageStore
+from fleetlora.coordinator.storage.versions import (
+    LineageInfo,
+    NewVersion,
+    ServerOptimizerState,
+    VersionInfo,
+    VersionStore,
+)
+
+__all__ = [
+    "DeviceInfo",
+    "DeviceKey",
+    "DeviceStore",
+    "DeviceUpdateInfo",
+    "LedgerStore",
+    "LineageInfo",
+    "NewVersion",
+    "PackageInfo",
+    "PackageStore",
+    "PrivacyEntryInfo",
+    "RoundInfo",
+    "RoundReport",
+    "ServerOptimizerState",
+    "Storage",
+    "VersionInfo",
+    "VersionStore",
+]
+
+
+@dataclass(frozen=True)
+class Storage:
+    """The four stores over one coordinator database."""
+
+    db: Database
+    versions: VersionStore
+    packages: PackageStore
+    devices: DeviceStore
+    ledgers: LedgerStore
+
+    @classmethod
+    def open(cls, url: str) -> Storage:
+        """The stores over the database at ``url``, its schema migrated to the newest revision."""
+        db = Database(url).initialize()
+        return cls(db, VersionStore(db), PackageStore(db), DeviceStore(db), LedgerStore(db))
+
+    def close(self) -> None:
+        self.db.close()

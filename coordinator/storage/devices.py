@@ -1,0 +1,145 @@
+"""Devices: who is enrolled with which key, and what each last reported about its version.
+
+An enrolled device's Ed25519 public key is what every sealed upload from it must verify against;
+its SuperNode's Flower node id, once registered, is the only node its uploads may come from. The
+update reports (``device_updates``) hold the version each device last said it holds, how its last
+package offer went, and whether its new records drifted so that it wants to train.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from sqlalchemy import select
+
+from fleetlora.common.keys import load_public_key, public_pem
+from fleetlora.coordinator.db import Database
+from fleetlora.coordinator.models import DeviceUpdate, EnrolledDevice, utcnow
+from fleetlora.coordinator.storage.rows import info_of
+
+REASON_CHARS = 500  # the column's width: longer reasons are cut
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """An enrolled device (without its key: see :meth:`DeviceStore.key`)."""
+
+    device_id: str
+    tenant: str
+    node_id: str | None  # its SuperNode's Flower node id; None until registered (simulated devices)
+    enrolled_at: datetime
+
+
+@dataclass(frozen=True)
+class DeviceKey:
+    """What an upload from an enrolled device is checked against."""
+
+    public_key: Ed25519PublicKey
+    node_id: str | None  # the only node its uploads may come from; None: any
+
+
+@dataclass(frozen=True)
+class DeviceUpdateInfo:
+    """What a device last reported: the version it holds and how its last package offer went."""
+
+    device_id: str
+    tenant: str
+    node_id: str
+    version_id: int | None
+    sequence: int
+    status: str  # "applied" | "current" | "rejected" | "failed"
+    wants_train: bool  # its new records drifted (client/corpus/drift.py)
+    reason: str | None
+    reported_at: datetime
+
+
+class DeviceStore:
+    """Enrolled devices and their update reports in the coordinator's database."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # ---- enrolment ------------------------------------------------------------------------
+
+    def enroll(
+        self, device_id: str, tenant: str, public_key: Ed25519PublicKey, node_id: int | None = None
+    ) -> None:
+        """Register (or re-key) a device; its uploads verify against this key from now on.
+
+        ``node_id`` is its SuperNode's Flower node id when the device was registered with the SuperLink;
+        re-enrolling without one keeps the node id it had.
+        """
+        pem = public_pem(public_key).decode()
+        node = str(node_id) if node_id is not None else None
+        with self.db.session() as session:
+            row = session.get(EnrolledDevice, device_id)
+            if row is None:
+                session.add(
+                    EnrolledDevice(device_id=device_id, tenant=tenant, public_key_pem=pem, node_id=node)
+                )
+            else:
+                row.tenant, row.public_key_pem, row.enrolled_at = tenant, pem, utcnow()
+                row.node_id = node or row.node_id
+
+    def enrolled(self) -> list[DeviceInfo]:
+        """Every enrolled device, by id."""
+        with self.db.session() as session:
+            rows = session.scalars(select(EnrolledDevice).order_by(EnrolledDevice.device_id))
+            return [info_of(DeviceInfo, row) for row in rows]
+
+    def key(self, device_id: str, tenant: str) -> DeviceKey | None:
+        """The enrolled key of ``device_id`` in ``tenant``; None if it is not enrolled there."""
+        with self.db.session() as session:
+            row = session.get(EnrolledDevice, device_id)
+            if row is None or row.tenant != tenant:
+                return None
+            pem, node_id = row.public_key_pem, row.node_id
+        what = f"device {device_id}'s enrolled key"
+        return DeviceKey(load_public_key(pem.encode(), Ed25519PublicKey, what), node_id)
+
+    # ---- update reports -------------------------------------------------------------------
+
+    def record_update(
+        self,
+        device_id: str,
+        *,
+        tenant: str,
+        node_id: int,
+        status: str,
+        reason: str | None,
+        version_id: int | None = None,
+        sequence: int = 0,
+    ) -> None:
+        """Upsert the device's report; ``version_id`` and ``sequence`` (what it holds) when it said,
+        else the last ones it said are kept."""
+        with self.db.session() as session:
+            row = session.get(DeviceUpdate, device_id) or DeviceUpdate(device_id=device_id)
+            row.tenant, row.node_id, row.status = tenant, str(node_id), status
+            row.reason = reason[:REASON_CHARS] if reason else None
+            row.reported_at = utcnow()
+            if version_id is not None:
+                row.version_id, row.sequence = version_id, sequence
+            session.add(row)
+
+    def record_wants_train(self, wants: Mapping[str, bool]) -> None:
+        """Store whether each reporting device wants to train; devices never reported on are skipped."""
+        with self.db.session() as session:
+            for device_id, flag in wants.items():
+                row = session.get(DeviceUpdate, device_id)
+                if row is not None:
+                    row.wants_train = flag
+
+    def wanting_nodes(self) -> set[int]:
+        """Nodes whose device last said its new records drifted: sampled first in the next round."""
+        query = select(DeviceUpdate.node_id).where(DeviceUpdate.wants_train.is_(True))
+        with self.db.session() as session:
+            return {int(node) for node in session.scalars(query)}
+
+    def updates(self) -> list[DeviceUpdateInfo]:
+        """Every device's last report, by device id."""
+        with self.db.session() as session:
+            rows = session.scalars(select(DeviceUpdate).order_by(DeviceUpdate.device_id))
+            return [info_of(DeviceUpdateInfo, row) for row in rows]

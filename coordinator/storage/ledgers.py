@@ -1,0 +1,126 @@
+"""What happened, append-only: the privacy ledger and the round records.
+
+The privacy ledger holds each DP device's cumulative ε after every round it trained in (written
+whether or not its delta was used, because the device spent its budget either way); the round
+records say what each round did, failed rounds included. A completed round's record is written
+with its version, in one transaction (``VersionStore.commit_round``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+
+from fleetlora.coordinator.db import Database
+from fleetlora.coordinator.models import PrivacyEntry, RoundRecord
+from fleetlora.coordinator.storage.rows import info_of, oldest_first
+from fleetlora.coordinator.strategy import PrivacySpend
+
+COMPLETED = "completed"
+FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """What one round did, as the round loop reports it: a round record before it is stored."""
+
+    sampled: int
+    received: int
+    dropped: list[dict[str, Any]]  # each dropped device's node id and reason
+    upload_bytes: int
+    seconds: float
+    error: str | None = None  # why a failed round failed
+
+
+@dataclass(frozen=True)
+class RoundInfo:
+    """A stored round record: completed (with its version) or failed (with the reason)."""
+
+    id: int
+    lineage: str
+    round: int
+    status: str  # COMPLETED | FAILED
+    version_id: int | None
+    sampled: int
+    received: int
+    dropped: list[dict[str, Any]]
+    upload_bytes: int
+    seconds: float
+    error: str | None
+    finished_at: datetime
+
+
+@dataclass(frozen=True)
+class PrivacyEntryInfo(PrivacySpend):
+    """A DP device's cumulative spend after a round of a lineage, as it reported it."""
+
+    id: int
+    lineage: str
+    round: int
+    recorded_at: datetime
+
+
+def round_row(lineage: str, round_number: int, report: RoundReport, version_id: int | None) -> RoundRecord:
+    """The row of ``report``: completed when the round made ``version_id``, failed otherwise."""
+    return RoundRecord(
+        lineage=lineage,
+        round=round_number,
+        status=COMPLETED if version_id is not None else FAILED,
+        version_id=version_id,
+        **dataclasses.asdict(report),
+    )
+
+
+def round_info(row: RoundRecord) -> RoundInfo:
+    return info_of(RoundInfo, row, dropped=list(row.dropped or []))
+
+
+class LedgerStore:
+    """Privacy-ledger entries and round records in the coordinator's database."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def record_privacy(self, lineage: str, round_number: int, spends: Iterable[PrivacySpend]) -> None:
+        """Append ledger rows for the devices that trained in a round."""
+        with self.db.session() as session:
+            session.add_all(
+                PrivacyEntry(lineage=lineage, round=round_number, **dataclasses.asdict(spend))
+                for spend in spends
+            )
+
+    def privacy_ledger(self, lineage: str | None = None) -> list[PrivacyEntryInfo]:
+        """Every ledger entry (of one lineage if given), oldest first."""
+        with self.db.session() as session:
+            return [
+                info_of(PrivacyEntryInfo, row) for row in session.scalars(oldest_first(PrivacyEntry, lineage))
+            ]
+
+    def epsilon_spent(self) -> dict[str, float]:
+        """Each DP device's largest reported ε (its spend so far, the spend being cumulative)."""
+        query = select(PrivacyEntry.device_id, func.max(PrivacyEntry.epsilon)).group_by(
+            PrivacyEntry.device_id
+        )
+        with self.db.session() as session:
+            return {device: float(epsilon) for device, epsilon in session.execute(query).all()}
+
+    def record_failed_round(self, lineage: str, round_number: int, report: RoundReport) -> RoundInfo:
+        """Store the record of a round that made no version."""
+        with self.db.session() as session:
+            row = round_row(lineage, round_number, report, version_id=None)
+            session.add(row)
+            session.flush()
+            return round_info(row)
+
+    def rounds(self, lineage: str | None = None, *, last: int | None = None) -> list[RoundInfo]:
+        """Round records (of one lineage if given; only the ``last`` ones if given), oldest first."""
+        query = select(RoundRecord).order_by(RoundRecord.id.desc()).limit(last)
+        if lineage is not None:
+            query = query.where(RoundRecord.lineage == lineage)
+        with self.db.session() as session:
+            return [round_info(row) for row in reversed(session.scalars(query).all())]

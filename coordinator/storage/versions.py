@@ -1,0 +1,250 @@
+"""Versions of the global adapter: store, find the latest, walk the lineage, load verified.
+
+A *lineage* is every version that can follow from one another: same base model, same adapter
+layout, same labels. A restarted coordinator resumes from the latest version of its lineage. Each
+lineage's model record (what a package manifest names, and the base size the package cap is
+taken of) is kept here too, as is the server optimizer's state after each version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from fleetlora.common.delta import State, deserialize, nbytes, serialize, sha256_hex
+from fleetlora.common.errors import CorruptVersionError, FleetloraError
+from fleetlora.coordinator.db import Database
+from fleetlora.coordinator.models import Lineage, ModelVersion, OptimizerState, Participant
+from fleetlora.coordinator.storage.ledgers import RoundReport, round_row
+from fleetlora.coordinator.storage.rows import checked_blob, info_of
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """A stored version without its adapter bytes (load those with :meth:`VersionStore.adapter`)."""
+
+    id: int
+    parent_id: int | None
+    lineage: str
+    round: int
+    base_model_sha256: str
+    adapter_sha256: str
+    adapter_bytes: int
+    metrics: dict[str, Any]
+    participants: dict[str, int]  # node id → examples it trained on
+    created_at: datetime
+
+    @property
+    def label(self) -> str:
+        return f"v{self.id}"
+
+
+@dataclass(frozen=True)
+class ServerOptimizerState:
+    """The server optimizer's name and its moments after a version, so a restart continues them."""
+
+    name: str  # fedavgm, fedadam, ...
+    state: State
+
+
+@dataclass(frozen=True)
+class NewVersion:
+    """A version to store: where it comes from, its adapter, who trained it and how it scored."""
+
+    lineage: str
+    round: int  # 0: the seeded initial adapter, with no parent
+    parent_id: int | None
+    base_model_sha256: str
+    adapter: State
+    participants: Mapping[str, int]  # node id → examples it trained on
+    metrics: Mapping[str, Any]
+    optimizer: ServerOptimizerState | None = None  # None, or an empty state: nothing to continue
+
+
+@dataclass(frozen=True)
+class LineageInfo:
+    """A lineage's model: what its packages' manifests name."""
+
+    lineage: str
+    tenant: str
+    model: dict[str, Any]  # the ModelSpec as config entries
+    base_model_sha256: str
+    base_model_bytes: int
+    created_at: datetime
+
+
+def _version_info(row: ModelVersion) -> VersionInfo:
+    return info_of(
+        VersionInfo,
+        row,
+        metrics=dict(row.metrics or {}),
+        participants={p.node_id: p.num_examples for p in row.participants},
+    )
+
+
+class VersionStore:
+    """Versions, their optimizer states and lineage records in the coordinator's database."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # ---- write ----------------------------------------------------------------------------
+
+    def add(self, version: NewVersion) -> VersionInfo:
+        """Store a version, its participants and the server optimizer's state in one transaction."""
+        with self.db.session() as session:
+            return _version_info(self._insert(session, version))
+
+    def commit_round(self, version: NewVersion, report: RoundReport) -> VersionInfo:
+        """Store a completed round whole, in one transaction: its new version, the participants, the
+        metrics, the server optimizer's state and the round record.
+
+        A crash leaves either all of it or none: never a version without its round, or the reverse.
+        """
+        with self.db.session() as session:
+            row = self._insert(session, version)
+            session.add(round_row(version.lineage, version.round, report, version_id=row.id))
+            session.flush()
+            return _version_info(row)
+
+    def finish_round(self, version_id: int, report: RoundReport, metrics: Mapping[str, Any]) -> VersionInfo:
+        """Merge a completed round's evaluation into the version it made (stored with :meth:`add`) and
+        store its round record, together."""
+        with self.db.session() as session:
+            row = self._row(session, version_id)
+            row.metrics = {**(row.metrics or {}), **metrics}
+            session.add(round_row(row.lineage, row.round, report, version_id=version_id))
+            session.flush()
+            return _version_info(row)
+
+    def register_lineage(
+        self, lineage: str, tenant: str, model: dict[str, Any], base_sha256: str, base_bytes: int
+    ) -> None:
+        """Record what a lineage's packages name (idempotent)."""
+        with self.db.session() as session:
+            if session.get(Lineage, lineage) is None:
+                session.add(
+                    Lineage(
+                        lineage=lineage,
+                        tenant=tenant,
+                        model=model,
+                        base_model_sha256=base_sha256,
+                        base_model_bytes=base_bytes,
+                    )
+                )
+
+    # ---- read -----------------------------------------------------------------------------
+
+    def get(self, version_id: int) -> VersionInfo:
+        with self.db.session() as session:
+            return _version_info(self._row(session, version_id))
+
+    def latest(self, lineage: str) -> VersionInfo | None:
+        """The version of ``lineage`` with the highest round, or None for a new lineage."""
+        query = (
+            select(ModelVersion)
+            .where(ModelVersion.lineage == lineage)
+            .order_by(ModelVersion.round.desc())
+            .limit(1)
+        )
+        with self.db.session() as session:
+            row = session.scalars(query).first()
+            return _version_info(row) if row else None
+
+    def all(self, lineage: str | None = None) -> list[VersionInfo]:
+        """All versions (of one lineage if given), oldest first."""
+        query = select(ModelVersion).order_by(ModelVersion.id)
+        if lineage is not None:
+            query = query.where(ModelVersion.lineage == lineage)
+        with self.db.session() as session:
+            return [_version_info(row) for row in session.scalars(query)]
+
+    def chain(self, version_id: int) -> list[VersionInfo]:
+        """The version and its ancestors, newest first, back to round 0."""
+        chain: list[VersionInfo] = []
+        next_id: int | None = version_id
+        while next_id is not None:
+            info = self.get(next_id)
+            chain.append(info)
+            next_id = info.parent_id
+        return chain
+
+    def adapter(self, version_id: int) -> State:
+        """The stored adapter, after checking its bytes against the recorded sha256."""
+        with self.db.session() as session:
+            row = self._row(session, version_id)
+            blob, expected = row.adapter, row.adapter_sha256
+        return deserialize(
+            checked_blob(
+                blob,
+                expected,
+                lambda: CorruptVersionError(
+                    f"Version v{version_id}: stored adapter bytes do not match their sha256; "
+                    "restore the database from a backup."
+                ),
+            )
+        )
+
+    def optimizer_state(self, version_id: int) -> ServerOptimizerState | None:
+        """The server optimizer state stored with a version (checked against its sha256), if any."""
+        with self.db.session() as session:
+            row = session.get(OptimizerState, version_id)
+            if row is None:
+                return None
+            name, blob, expected = row.optimizer, row.state, row.state_sha256
+        corrupt = f"Version v{version_id}: optimizer state does not match its sha256."
+        return ServerOptimizerState(
+            name, deserialize(checked_blob(blob, expected, lambda: CorruptVersionError(corrupt)))
+        )
+
+    def lineage(self, lineage: str) -> LineageInfo:
+        """The model record of ``lineage``; a lineage without one cannot be packaged."""
+        with self.db.session() as session:
+            row = session.get(Lineage, lineage)
+            if row is None:
+                raise FleetloraError(
+                    f"Lineage {lineage[:12]} has no model record: run a round with this fleetlora first."
+                )
+            return info_of(LineageInfo, row)
+
+    # ---- rows -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _insert(session: Session, version: NewVersion) -> ModelVersion:
+        blob = serialize(version.adapter)
+        row = ModelVersion(
+            **{
+                name: getattr(version, name)
+                for name in ("lineage", "round", "parent_id", "base_model_sha256")
+            },
+            adapter=blob,
+            adapter_sha256=sha256_hex(blob),
+            adapter_bytes=nbytes(version.adapter),
+            metrics=dict(version.metrics),
+            participants=[
+                Participant(node_id=str(n), num_examples=c) for n, c in version.participants.items()
+            ],
+        )
+        session.add(row)
+        session.flush()  # assigns row.id
+        optimizer = version.optimizer
+        if optimizer is not None and optimizer.state:
+            state = serialize(optimizer.state)
+            session.add(
+                OptimizerState(
+                    version_id=row.id, optimizer=optimizer.name, state=state, state_sha256=sha256_hex(state)
+                )
+            )
+        return row
+
+    @staticmethod
+    def _row(session: Session, version_id: int) -> ModelVersion:
+        row = session.get(ModelVersion, version_id)
+        if row is None:
+            raise FleetloraError(f"No version v{version_id} in the database.")
+        return row
