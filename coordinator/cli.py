@@ -16,7 +16,7 @@ from rich.table import Table
 
 from fleetlora.common.host_config import load_host_config
 from fleetlora.common.keys import COORDINATOR_HPKE_PUB, COORDINATOR_SIGNING_PUB, read_public_key
-from fleetlora.common.package import read_package
+from fleetlora.common.package import MAX_CAP, read_package
 from fleetlora.coordinator import deploy_cli
 from fleetlora.coordinator.db import Database, upgrade
 from fleetlora.coordinator.flower_control import register_node
@@ -24,7 +24,6 @@ from fleetlora.coordinator.keys import init_keys, load_signing_key
 from fleetlora.coordinator.packages import (
     DEFAULT_MAX_ERROR,
     DEFAULT_TTL,
-    MAX_CAP,
     PackagePolicy,
     build_package,
 )
