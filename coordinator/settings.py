@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from fleetlora.common.codec import Codec
 from fleetlora.common.config import (
@@ -96,69 +96,60 @@ class CoordinatorSettings:
             if not labels and run.data:
                 labels = labels_of(load_examples(run.data))
             task = "classify" if labels else "causal-lm"
-        spec = ModelSpec(
+        spec = fill_from_run(
+            ModelSpec,
+            run,
             name=run.model,
-            task=task,  # type: ignore[arg-type]  # one of RunConfig.task's choices
+            task=task,
             labels=labels,
-            max_length=run.max_length,
-            pooling=run.pooling,  # type: ignore[arg-type]  # one of RunConfig.pooling's choices
-            seed=run.seed,
-            lora=LoraSettings(
-                rank=run.lora_rank,
-                alpha=run.lora_alpha,
+            lora=fill_from_run(
+                LoraSettings,
+                run,
+                prefix="lora_",
                 target_modules=split_names(run.lora_targets),
                 unfreeze=split_names(run.unfreeze),
                 ffa=run.ffa_lora,
             ),
         )
-        train = TrainSettings(
-            local_steps=run.local_steps,
-            batch_size=run.batch_size,
-            learning_rate=run.learning_rate,
-            local_epochs=run.local_epochs,
-            personal_head=run.personal_head,
-            # Classes only exist in classification: a causal LM trains on the plain loss whatever is set.
-            restricted_softmax=task == "classify" and run.restricted_softmax,
-            privacy=PrivacySettings(
-                epsilon=run.dp_epsilon,
-                delta=run.dp_delta,
-                max_grad_norm=run.dp_max_grad_norm,
-                accountant=run.dp_accountant,  # type: ignore[arg-type]  # one of RunConfig's choices
-                planned_rounds=run.dp_rounds or run.rounds,  # 0: the budget must last this run's rounds
-            ),
+        # 0 dp-rounds: the budget must last this run's rounds.
+        privacy = fill_from_run(
+            PrivacySettings, run, prefix="dp_", planned_rounds=run.dp_rounds or run.rounds
         )
-        server = ServerOptimizerSettings(
-            name=run.server_optimizer,  # type: ignore[arg-type]  # one of RunConfig's choices
-            lr=run.server_lr,
-            momentum=run.server_momentum,
-            beta2=run.server_beta2,
-            tau=run.server_tau,
-        )
-        return cls(
+        # Classes only exist in classification: a causal LM trains on the plain loss whatever is set.
+        restricted = task == "classify" and run.restricted_softmax
+        train = fill_from_run(TrainSettings, run, privacy=privacy, restricted_softmax=restricted)
+        return fill_from_run(
+            cls,
+            run,
             spec=spec,
             train=train,
-            rounds=run.rounds,
-            devices_per_round=run.devices_per_round,
-            min_devices=run.min_devices,
-            round_deadline=run.round_deadline,
+            server=fill_from_run(ServerOptimizerSettings, run, prefix="server_", name=run.server_optimizer),
             db_url=run.db,
-            eval_data=run.eval_data,
-            seed=run.seed,
-            server=server,
-            lr_decay=run.lr_decay,
-            seal_uploads=run.seal_uploads,
             upload_codec=Codec.parse(run.upload_codec).name,  # validated here
-            tenant=run.tenant,
             keys_dir=run.keys,
-            package_policy=PackagePolicy(
-                cap=run.package_cap,
-                ttl=timedelta(hours=run.package_ttl_hours),
-                max_error=run.package_max_error,
+            package_policy=fill_from_run(
+                PackagePolicy, run, prefix="package_", ttl=timedelta(hours=run.package_ttl_hours)
             ),
-            distribute_updates=run.distribute_updates,
             central_dp=CentralDPSettings(
                 noise_multiplier=run.central_dp_noise,
                 clip_norm=run.central_dp_clip,
                 delta=run.central_dp_delta,
             ),
         )
+
+
+_T = TypeVar("_T")
+
+
+def fill_from_run(target: type[_T], run: RunConfig, *, prefix: str = "", **explicit: Any) -> _T:
+    """``target`` built from the run-config keys named like its fields (after ``prefix``), then ``explicit``.
+
+    A setting whose key matches its field (``local-steps`` → ``TrainSettings.local_steps``) needs no
+    line here; the caller passes what is renamed, converted or derived. The target validates.
+    """
+    named = {
+        f.name: getattr(run, prefix + f.name)
+        for f in dataclasses.fields(target)  # type: ignore[arg-type]  # every target is a dataclass
+        if hasattr(run, prefix + f.name)
+    }
+    return target(**{**named, **explicit})

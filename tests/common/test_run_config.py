@@ -96,3 +96,32 @@ def test_a_mistyped_federation_key_in_a_host_config_is_named_with_the_file(tmp_p
 
     with pytest.raises(ConfigError, match=r"fleetlora.toml \[federation\].*'devices-per-rond'"):
         load_host_config(config)
+
+
+# Keys only devices read: they shape what a device trains on, not the coordinator's settings.
+DEVICE_ONLY = {"data", "partition", "stream-records", "simulated-consent", "device-state"}
+OTHER_TEXT = {
+    "model": "tiny", "task": "causal-lm", "labels": "a,b", "lora-targets": "query", "unfreeze": "layer.0",
+    "pooling": "transformers", "eval-data": "", "tenant": "other", "db": "sqlite://", "keys": "elsewhere",
+    "upload-codec": "int8+zstd", "server-optimizer": "fedadam", "dp-accountant": "prv",
+}  # fmt: skip
+
+
+def _other_value(setting):
+    if setting.type is bool:
+        return not setting.default
+    if setting.type is int:
+        return setting.default + 1
+    if setting.type is float:
+        return setting.default / 2 if setting.default else 0.5
+    return OTHER_TEXT[setting.key]
+
+
+@pytest.mark.parametrize("setting", [s for s in SETTINGS if s.key not in DEVICE_ONLY], ids=lambda s: s.key)
+def test_every_coordinator_key_reaches_the_coordinators_settings(setting):
+    from fleetlora.coordinator.settings import CoordinatorSettings
+
+    base = {"keys": "keys", "min-devices": 1}  # seal-uploads needs keys; min-devices may move either way
+    changed = {**base, setting.key: _other_value(setting)}
+
+    assert CoordinatorSettings.from_run_config(changed) != CoordinatorSettings.from_run_config(base)
