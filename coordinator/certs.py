@@ -23,17 +23,12 @@ from fleetlora.common.keys import write_private_key_bytes
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
 SERVER_CERT, SERVER_KEY = "server.crt", "server.key"
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
-CA_KEY_USAGE = x509.KeyUsage(
-    digital_signature=False,
-    content_commitment=False,
-    key_encipherment=False,
-    data_encipherment=False,
-    key_agreement=False,
-    key_cert_sign=True,
-    crl_sign=True,
-    encipher_only=False,
-    decipher_only=False,
-)
+KEY_USAGES = (
+    "digital_signature", "content_commitment", "key_encipherment", "data_encipherment", "key_agreement",
+    "key_cert_sign", "crl_sign", "encipher_only", "decipher_only",
+)  # fmt: skip
+# The CA signs certificates and revocation lists, nothing else.
+CA_KEY_USAGE = x509.KeyUsage(**{usage: usage in ("key_cert_sign", "crl_sign") for usage in KEY_USAGES})
 
 
 def init_certs(folder: Path, hosts: tuple[str, ...] = DEFAULT_HOSTS, days: int = 825) -> list[Path]:
