@@ -24,6 +24,7 @@ from fleetlora.common.model import cached_model
 StateDir = Annotated[
     Path, typer.Option(help=f"The device's state folder; the corpus is {CORPUS_FILE} in it.")
 ]
+QuarantinedId = Annotated[str, typer.Argument(help="The record's id (see `quarantine list`).")]
 quarantine_app = typer.Typer(help="Records held back from the corpus, with the reason.", no_args_is_help=True)
 
 
@@ -119,7 +120,7 @@ def quarantine_list(state_dir: StateDir) -> None:
 
 @quarantine_app.command("release")
 def quarantine_release(
-    record_id: Annotated[str, typer.Argument(help="The record's id (see `quarantine list`).")],
+    record_id: QuarantinedId,
     state_dir: StateDir,
 ) -> None:
     """Accept a quarantined record as it is (a person overrides the rule); exact duplicates still count."""
@@ -130,7 +131,7 @@ def quarantine_release(
 
 @quarantine_app.command("drop")
 def quarantine_drop(
-    record_id: Annotated[str, typer.Argument(help="The record's id (see `quarantine list`).")],
+    record_id: QuarantinedId,
     state_dir: StateDir,
 ) -> None:
     """Delete a quarantined record for good."""
