@@ -41,8 +41,7 @@ from fleetlora.common.delta import (
 )
 from fleetlora.common.envelope import SEALED, UploadContext, seal, to_records
 from fleetlora.common.errors import ConfigError, ConsentError, DataError, IncompatibleStateError
-from fleetlora.common.keys import COORDINATOR_HPKE_PUB, COORDINATOR_SIGNING_PUB, read_public_key
-from fleetlora.common.keys import PublicKeyType as _Public
+from fleetlora.common.keys import COORDINATOR_HPKE_PUB, COORDINATOR_SIGNING_PUB, PublicKeyT, read_public_key
 from fleetlora.common.messages import Instructions
 from fleetlora.common.model import LoadedModel, cached_model
 from fleetlora.common.package import MAX_CAP, PACKAGE, PackageError
@@ -79,14 +78,14 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
                 "This device has no upload consent: nothing leaves it. Its owner grants it with "
                 "--node-config 'upload-consent=true'."
             )
-        instructions = Instructions.from_record(message.content[records.CONFIG])
+        instructions = Instructions.from_record(message.content.config_records[records.CONFIG])
         loaded = cached_model(instructions.spec)
         if loaded.base_sha256 != instructions.base_sha256:
             raise IncompatibleStateError(
                 f"Base model sha256 {loaded.base_sha256[:12]} differs from the coordinator's "
                 f"{instructions.base_sha256[:12]}: install the same model package version."
             )
-        load_trainable_state(loaded.model, from_array_record(message.content[records.ARRAYS]))
+        load_trainable_state(loaded.model, from_array_record(message.content.array_records[records.ARRAYS]))
         read_at = datetime.now(UTC)
         examples = local_examples(context.node_config, run_config)
         if streams(context.node_config, run_config):  # the partition arrives round by round
@@ -253,7 +252,7 @@ def upload_consent(node_config: UserConfig, run_config: UserConfig) -> bool:
     return "partition-id" in node_config and bool(run_config.get("simulated-consent", True))
 
 
-def coordinator_key(node_config: UserConfig, run_config: UserConfig, kind: type[_Public]) -> _Public:
+def coordinator_key(node_config: UserConfig, run_config: UserConfig, kind: type[PublicKeyT]) -> PublicKeyT:
     """A coordinator public key: X25519 to seal uploads to, Ed25519 to verify update packages with.
 
     From the node config (``coordinator-key``, ``coordinator-signing-key``), else the run's ``keys``

@@ -36,10 +36,10 @@ def encode(loaded: LoadedModel, examples: Sequence[Example]) -> Batch:
         batch.pop("token_type_ids", None)  # decoders take none
     if spec.task == "classify":
         index = {label: i for i, label in enumerate(spec.labels)}
-        unknown = sorted({e.label for e in examples if e.label not in index})
+        unknown = sorted({str(e.label) for e in examples if e.label not in index})
         if unknown:
             raise DataError(f"Labels {unknown[:3]} are not among the federation's {len(index)} labels.")
-        batch["labels"] = torch.tensor([index[e.label] for e in examples])
+        batch["labels"] = torch.tensor([index[str(e.label)] for e in examples])
     else:
         batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     return batch

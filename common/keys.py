@@ -28,9 +28,8 @@ DEVICE_SIGNING_PUB = "device-signing.pub"
 
 PrivateKey = Ed25519PrivateKey | X25519PrivateKey
 PublicKey = Ed25519PublicKey | X25519PublicKey
-_Private = TypeVar("_Private", Ed25519PrivateKey, X25519PrivateKey)
-_Public = TypeVar("_Public", Ed25519PublicKey, X25519PublicKey)
-PublicKeyType = _Public  # for callers that take the kind of key as an argument
+PrivateKeyT = TypeVar("PrivateKeyT", Ed25519PrivateKey, X25519PrivateKey)
+PublicKeyT = TypeVar("PublicKeyT", Ed25519PublicKey, X25519PublicKey)  # callers name the kind they expect
 
 
 def write_private_key(path: Path, key: PrivateKey) -> None:
@@ -58,7 +57,7 @@ def write_private_key_bytes(path: Path, blob: bytes) -> None:
         os.fsync(handle.fileno())
 
 
-def read_public_key(path: Path, kind: type[_Public]) -> _Public:
+def read_public_key(path: Path, kind: type[PublicKeyT]) -> PublicKeyT:
     if not path.is_file():
         raise ConfigError(f"No public key at {path}: copy it from the machine that made it.")
     return load_public_key(path.read_bytes(), kind, str(path))
@@ -73,7 +72,7 @@ def public_pem(key: PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def read_private_key(path: Path, kind: type[_Private]) -> _Private:
+def read_private_key(path: Path, kind: type[PrivateKeyT]) -> PrivateKeyT:
     """Load a private key of ``kind``; refuse a file that others can read."""
     if not path.is_file():
         raise ConfigError(
@@ -87,7 +86,7 @@ def read_private_key(path: Path, kind: type[_Private]) -> _Private:
     return key
 
 
-def load_public_key(pem: bytes, kind: type[_Public], source: str) -> _Public:
+def load_public_key(pem: bytes, kind: type[PublicKeyT], source: str) -> PublicKeyT:
     """Parse a PEM public key of ``kind``; ``source`` names where it came from in errors."""
     try:
         key = serialization.load_pem_public_key(pem)

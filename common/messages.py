@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 from flwr.app import ConfigRecord
 
@@ -44,16 +45,27 @@ class Instructions:
         contract = config.get(records.CONTRACT_VERSION)
         if contract != records.CONTRACT:
             raise ConfigError(
-                f"Coordinator speaks contract {contract}, this device {records.CONTRACT}: "
+                f"Coordinator speaks contract {contract!r}, this device {records.CONTRACT}: "
                 "upgrade whichever side is older."
             )
         return cls(
             spec=from_config(ModelSpec, config, "model"),
             train=from_config(TrainSettings, config, "train"),
-            round=int(config[records.ROUND]),
-            version=int(config[records.VERSION]),
-            base_sha256=str(config[records.BASE_MODEL_SHA256]),
-            tenant=str(config.get(records.TENANT, "default")),
-            seal_uploads=bool(config.get(records.SEAL_UPLOADS, False)),
-            upload_codec=str(config.get(records.UPLOAD_CODEC, "fp32+zstd")),
+            round=_field(config, records.ROUND, int),
+            version=_field(config, records.VERSION, int),
+            base_sha256=_field(config, records.BASE_MODEL_SHA256, str),
+            tenant=_field(config, records.TENANT, str, "default"),
+            seal_uploads=_field(config, records.SEAL_UPLOADS, bool, False),
+            upload_codec=_field(config, records.UPLOAD_CODEC, str, "fp32+zstd"),
         )
+
+
+_V = TypeVar("_V", int, str, bool)
+
+
+def _field(config: ConfigRecord, key: str, kind: type[_V], default: _V | None = None) -> _V:
+    """``config[key]`` if it has exactly type ``kind``; ``default`` when absent and one is given."""
+    value = config.get(key, default)
+    if type(value) is not kind:
+        raise ConfigError(f"Message field {key!r} must be {kind.__name__}, got {value!r}.")
+    return value  # type: ignore[return-value]  # checked just above: exactly kind

@@ -9,6 +9,7 @@ or rejected with the reason) is recorded in ``device_updates``.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,6 +24,10 @@ from fleetlora.common.package import PACKAGE
 from fleetlora.coordinator.exchange import exchange
 from fleetlora.coordinator.packages import PackagePolicy, build_package
 from fleetlora.coordinator.storage import PackageInfo, Storage, VersionInfo
+
+APPLY_STATUSES = ("applied", "current", "rejected", "failed")  # what a device may answer to a package
+MAX_DEVICE_ID = 200  # characters; enrolment ids are far shorter
+MAX_REASON = 500  # characters of a device's reason kept
 
 
 @dataclass
@@ -78,47 +83,60 @@ class Distributor:
         started = time.monotonic()
         outcome = DistributionOutcome(target=target.id)
         config = ConfigRecord({records.TENANT: self.tenant, records.CONTRACT_VERSION: records.CONTRACT})
-        holding: dict[int, tuple[str, int | None, int]] = {}  # node → (device id, active version, sequence)
+        holding: dict[int, Holding] = {}  # node → what its device reports holding
         wants: dict[str, bool] = {}  # device id → its new records drifted (corpus devices only)
         status_messages = [self._message(node, records.QUERY_UPDATE_STATUS, config, None) for node in nodes]
         for reply in exchange(self.grid, status_messages, started + self.timeout):
             if reply.has_error():
                 outcome.statuses["unreachable"] += 1
                 continue
-            answer = reply.content[records.CONFIG]
-            holding[reply.metadata.src_node_id] = (
-                str(answer[records.DEVICE_ID]),
-                _active_version(answer),
-                int(answer[records.ACTIVE_SEQUENCE]),
-            )
-            wants[str(answer[records.DEVICE_ID])] = bool(answer.get(records.WANTS_TRAIN, False))
-        offers = []
-        for node, (device, active, sequence) in holding.items():
-            if active == target.id:
-                outcome.statuses["current"] += 1
-                self._record(device, node, (active, sequence), "current", None)
+            answer = reply.content.config_records.get(records.CONFIG, ConfigRecord())
+            held = Holding.read(answer)
+            if held is None:
+                outcome.statuses["malformed"] += 1
                 continue
-            start = active if self._same_lineage(active, target) else None
+            holding[reply.metadata.src_node_id] = held
+            wants[held.device_id] = answer.get(records.WANTS_TRAIN) is True
+        offers = []
+        for node, held in holding.items():
+            if held.version == target.id:
+                outcome.statuses["current"] += 1
+                self._record(node, held, "current", None)
+                continue
+            start = held.version if self._same_lineage(held.version, target) else None
             if start not in outcome.packages:
                 outcome.packages[start] = self.package(target, start)
             blob = self.storage.packages.blob(outcome.packages[start].id)
             offers.append(self._message(node, records.QUERY_UPDATE_APPLY, config, blob))
         for reply in exchange(self.grid, offers, started + self.timeout):
             node = reply.metadata.src_node_id
-            device = holding[node][0]
+            device = holding[node].device_id
             if reply.has_error():
                 outcome.statuses["failed"] += 1
                 outcome.reasons[device] = reply.error.reason
-                self._record(device, node, None, "failed", reply.error.reason)
+                self._record(
+                    node, dataclasses.replace(holding[node], version=None), "failed", reply.error.reason
+                )
                 continue
-            answer = reply.content[records.CONFIG]
-            status = str(answer[records.UPDATE_STATUS])
-            reason = str(answer[records.UPDATE_REASON]) if records.UPDATE_REASON in answer else None
+            answer = reply.content.config_records.get(records.CONFIG, ConfigRecord())
+            status, reason, after = (
+                answer.get(records.UPDATE_STATUS),
+                answer.get(records.UPDATE_REASON),
+                Holding.read(answer),
+            )
+            if (
+                not isinstance(status, str)
+                or status not in APPLY_STATUSES
+                or after is None
+                or after.device_id != device
+            ):
+                outcome.statuses["malformed"] += 1
+                continue
+            reason = reason[:MAX_REASON] if isinstance(reason, str) and reason else None
             outcome.statuses[status] += 1
             if reason:
                 outcome.reasons[device] = reason
-            held = (_active_version(answer), int(answer[records.ACTIVE_SEQUENCE]))
-            self._record(device, node, held, status, reason)
+            self._record(node, after, status, reason)
         self.storage.devices.record_wants_train(wants)
         outcome.statuses["no-answer"] += len(nodes) - sum(outcome.statuses.values())
         outcome.statuses = +outcome.statuses  # drop zero counts
@@ -139,22 +157,37 @@ class Distributor:
             content[PACKAGE] = chunks.bytes_to_array_record(blob)
         return Message(content, dst_node_id=node, message_type=kind, ttl=self.timeout)
 
-    def _record(
-        self, device: str, node: int, held: tuple[int | None, int] | None, status: str, reason: str | None
-    ) -> None:
-        """Store the device's report; ``held`` is (active version, sequence) as it reported them."""
-        version, sequence = held if held is not None and held[0] is not None else (None, 0)
+    def _record(self, node: int, held: Holding, status: str, reason: str | None) -> None:
+        """Store the device's report; a version of None leaves the one last recorded in place."""
         self.storage.devices.record_update(
-            device,
+            held.device_id,
             tenant=self.tenant,
             node_id=node,
             status=status,
             reason=reason,
-            version_id=version,
-            sequence=sequence,
+            version_id=held.version,
+            sequence=held.sequence if held.version is not None else 0,
         )
 
 
-def _active_version(answer: ConfigRecord) -> int | None:
-    """The version a device reports holding; the key is absent while it holds no packaged adapter."""
-    return int(answer[records.ACTIVE_VERSION]) if records.ACTIVE_VERSION in answer else None
+@dataclass(frozen=True)
+class Holding:
+    """What a device reports holding, read field by field: a reply is untrusted input."""
+
+    device_id: str
+    version: int | None  # None: no packaged adapter yet (the device leaves the key out)
+    sequence: int
+
+    @classmethod
+    def read(cls, answer: ConfigRecord) -> Holding | None:
+        """The report, or None when any field has the wrong type or range."""
+        device = answer.get(records.DEVICE_ID)
+        version = answer.get(records.ACTIVE_VERSION)
+        sequence = answer.get(records.ACTIVE_SEQUENCE, 0)
+        if not isinstance(device, str) or not 0 < len(device) <= MAX_DEVICE_ID:
+            return None
+        if version is not None and (type(version) is not int or version < 1):
+            return None
+        if type(sequence) is not int or sequence < 0:
+            return None
+        return cls(device, version, sequence)

@@ -75,7 +75,7 @@ def receive(device: DeviceState, device_id: str, records: Sequence[Record]) -> C
     now = datetime.now(UTC)
     with CorpusStore(device.root / CORPUS_FILE) as store:
         pipeline = Pipeline(store)
-        outcomes = Counter(
+        outcomes: Counter[str] = Counter(
             pipeline.ingest(Record(r.text, r.source, device_id, label=r.label, arrived_at=now)).status
             for r in records
         )

@@ -141,7 +141,8 @@ def split_holdout(examples: Sequence[Example], fraction: float = 0.2) -> tuple[l
     """
     if not 0.0 <= fraction < 1.0:
         raise DataError(f"Held-out fraction must be in [0, 1), got {fraction}.")
-    train, held_out = [], []
+    train: list[Example] = []
+    held_out: list[Example] = []
     for example in examples:
         bucket = int.from_bytes(hashlib.sha256(example.text.encode()).digest()[:4], "big") % 10_000
         (held_out if bucket < fraction * 10_000 else train).append(example)
