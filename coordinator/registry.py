@@ -28,7 +28,7 @@ from fleetlora.coordinator.models import (
     RoundRecord,
     utcnow,
 )
-from fleetlora.coordinator.strategy import PrivacySpend
+from fleetlora.coordinator.uploads import PrivacySpend
 
 
 @dataclass(frozen=True)

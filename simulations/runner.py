@@ -25,9 +25,10 @@ from fleetlora.coordinator.db import Database
 from fleetlora.coordinator.keys import init_keys
 from fleetlora.coordinator.packages import MAX_CAP
 from fleetlora.coordinator.registry import Registry
-from fleetlora.coordinator.rounds import FederationObserver, FederationStart, RoundOutcome, summarize
+from fleetlora.coordinator.rounds import FederationObserver, FederationStart, RoundOutcome
 from fleetlora.coordinator.server_app import build_server_app
 from fleetlora.coordinator.settings import CoordinatorSettings
+from fleetlora.simulations.results import summarize
 
 
 @dataclass(frozen=True)

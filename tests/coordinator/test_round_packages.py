@@ -10,7 +10,7 @@ from fleetlora.coordinator.db import Database
 from fleetlora.coordinator.models import DeviceUpdate
 from fleetlora.coordinator.packages import PackageStore
 from fleetlora.coordinator.registry import Registry
-from fleetlora.coordinator.rounds import summarize
+from fleetlora.simulations.results import summarize
 from tests.coordinator.test_sealed_rounds import _run, _sealed_fleet
 
 
