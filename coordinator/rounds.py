@@ -34,15 +34,14 @@ from functools import partial
 from pathlib import Path
 from typing import Protocol
 
-from flwr.app import Message, MessageType, RecordDict
+from flwr.app import MessageType
 from flwr.serverapp import Grid
 
-from fleetlora.common import records
 from fleetlora.common.batches import evaluate
 from fleetlora.common.codec import inflated_bound
 from fleetlora.common.config import to_config
 from fleetlora.common.data import Example, load_examples
-from fleetlora.common.delta import State, layout_fingerprint, load_trainable_state, to_array_record
+from fleetlora.common.delta import State, layout_fingerprint, load_trainable_state
 from fleetlora.common.errors import QuorumError
 from fleetlora.common.messages import Instructions
 from fleetlora.common.model import LoadedModel, cached_model
@@ -57,7 +56,7 @@ from fleetlora.coordinator.aggregation import (
 from fleetlora.coordinator.central_dp import CentralDPAccountant, CentralDPMean
 from fleetlora.coordinator.db import Database
 from fleetlora.coordinator.distribution import DistributionOutcome, Distributor
-from fleetlora.coordinator.exchange import exchange, wait_for_nodes
+from fleetlora.coordinator.exchange import exchange, round_messages, wait_for_nodes
 from fleetlora.coordinator.keys import load_hpke_key, load_signing_key
 from fleetlora.coordinator.models import RoundRecord
 from fleetlora.coordinator.packages import PackageInfo, PackageStore, PackageTooLarge
@@ -237,24 +236,29 @@ class Federation:
 
     def _round(self, number: int, parent: VersionInfo, state: State) -> tuple[RoundOutcome, State]:
         started = time.monotonic()
-        deadline = started + self.settings.round_deadline
+        deadline = started + self.settings.round_deadline  # for connecting, then for training
+        # sample
         try:
             online = wait_for_nodes(self.grid, self.settings.min_devices, deadline)
         except QuorumError as exc:
             return self._failed(number, started, [], None, str(exc)), state
         sampled = self._sample(number, online)
+        # configure
         instructions = self._configure(number, parent)
+        # exchange: each reply is checked and folded in as it arrives
         train = self._exchange(sampled, state, instructions, deadline)
         if len(train.participants) < self.settings.min_devices:
             error = f"{len(train.participants)} valid deltas, {self.settings.min_devices} needed"
             return self._failed(number, started, sampled, train, error), state
-
+        # aggregate
         update = train.release(sampled=len(sampled), online=len(online))
         new_state, optimizer_state = server_step(
             self.settings.server, state, update.delta, self.optimizer_state
         )
+        # commit
         version = self._commit(number, parent, (new_state, optimizer_state), train, update.metrics)
         self.optimizer_state = optimizer_state
+        # evaluate, then store the metrics and the round record together
         evaluation = self._evaluate(train, new_state, dataclasses.replace(instructions, version=version.id))
         metrics = {**update.metrics, **evaluation.metrics}
         drops = [*train.drops, *evaluation.drops]
@@ -262,6 +266,7 @@ class Federation:
         version = self.registry.finish_round(
             self._round_record(number, version, len(sampled), train, drops, seconds), metrics
         )
+        # publish
         publication = self._publish(version, parent)
         outcome = RoundOutcome(
             round=number,
@@ -313,7 +318,9 @@ class Federation:
         """Train on the sampled devices; each reply is checked and folded in as it arrives."""
         aggregator = DeltaAggregator(state, self.delta_mean(state), self._upload_opener(instructions))
         for reply in exchange(
-            self.grid, self._messages(sampled, state, instructions, MessageType.TRAIN), deadline
+            self.grid,
+            round_messages(sampled, state, instructions, MessageType.TRAIN, ttl=self.settings.round_deadline),
+            deadline,
         ):
             aggregator.add(reply)
         aggregator.mark_missing(sampled)
@@ -347,7 +354,9 @@ class Federation:
         deadline = time.monotonic() + self.settings.round_deadline
         participants = sorted(train.participants)
         federated = MetricAggregator(prefix="federated_")
-        messages = self._messages(participants, state, instructions, MessageType.EVALUATE)
+        messages = round_messages(
+            participants, state, instructions, MessageType.EVALUATE, ttl=self.settings.round_deadline
+        )
         for reply in exchange(self.grid, messages, deadline):
             federated.add(reply)
         federated.mark_missing(participants)
@@ -373,22 +382,6 @@ class Federation:
         if self.settings.distribute_updates:
             distribution = self.distributor.distribute(sorted(self.grid.get_node_ids()), version)
         return _Publication(package, distribution)
-
-    def _messages(
-        self, nodes: list[int], state: State, instructions: Instructions, kind: str
-    ) -> list[Message]:
-        # The TTL equals the deadline: a device that comes back late does not train a stale round.
-        ttl = self.settings.round_deadline
-        arrays, config = to_array_record(state), instructions.to_record()  # encoded once per round
-        return [
-            Message(
-                RecordDict({records.ARRAYS: arrays, records.CONFIG: config}),
-                dst_node_id=node,
-                message_type=kind,
-                ttl=ttl,
-            )
-            for node in nodes
-        ]
 
     # ---- records --------------------------------------------------------------------------
 

@@ -70,14 +70,14 @@ class ReplyMetrics:
     values: dict[str, float]
 
 
-def reply_config(reply: Message) -> Mapping[str, object]:
+def _reply_config(reply: Message) -> Mapping[str, object]:
     """The reply's ``config`` record (the device id, a decline, a sealed upload's claim); {} if none."""
     configs = reply.content.config_records if not reply.has_error() else {}
     return configs.get(records.CONFIG, {})
 
 
 def check_not_declined(reply: Message) -> None:
-    declined = reply_config(reply).get(records.DECLINED)
+    declined = _reply_config(reply).get(records.DECLINED)
     if declined:
         raise DeclinedReply(f"declined: {declined}")
 
@@ -122,7 +122,7 @@ def take_privacy_spend(reply: Message, metrics: ReplyMetrics) -> PrivacySpend | 
     values = {key: metrics.values.pop(key) for key in _DP_KEYS if key in metrics.values}
     if records.DP_EPSILON not in values:
         return None
-    device = str(reply_config(reply).get(records.DEVICE_ID, f"node-{reply.metadata.src_node_id}"))
+    device = str(_reply_config(reply).get(records.DEVICE_ID, f"node-{reply.metadata.src_node_id}"))
     return PrivacySpend(
         device_id=device,
         epsilon=values[records.DP_EPSILON],
