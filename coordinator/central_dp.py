@@ -11,20 +11,34 @@ all its examples, over the rounds run. It is accounted with Opacus' RDP accounta
 round as one step at sample rate q = sampled / online devices. The accountant assumes Poisson
 sampling while rounds sample a fixed number of devices without replacement; the usual
 approximation in the literature, written down here rather than hidden.
+
+:class:`CentralDPMean` applies all of it by wrapping the round's plain mean (as Flower's
+``DifferentialPrivacyServerSideFixedClipping`` wraps a strategy), so neither the aggregator nor the
+round branches on whether central DP is on. :class:`CentralDPAccountant` holds the lineage's noised
+rounds as :class:`CentralDPRound` values; each version's metrics record its round under the
+``central_dp_*`` keys, which is how a restarted coordinator reads the history back.
 """
 
 from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from opacus.accountants import RDPAccountant
 
 from fleetlora.common.delta import State
 from fleetlora.common.errors import ConfigError
+from fleetlora.coordinator.aggregation import DeltaMean, Release
+
+# A version's metrics under central DP (results.json and the operator docs read these keys).
+CENTRAL_DP_EPSILON = "central_dp_epsilon"
+CENTRAL_DP_NOISE = "central_dp_noise_multiplier"
+CENTRAL_DP_SAMPLE_RATE = "central_dp_sample_rate"
+CENTRAL_DP_CLIPPED = "central_dp_clipped"
 
 
 @dataclass(frozen=True)
@@ -80,3 +94,88 @@ def epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
     accountant = RDPAccountant()
     accountant.history = list(history)
     return float(accountant.get_epsilon(delta))
+
+
+# ---- accounting over a lineage's rounds ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CentralDPRound:
+    """One noised release: one step of the accountant's history, and what its version records."""
+
+    noise_multiplier: float
+    sample_rate: float  # devices sampled / devices online
+    epsilon: float  # at the settings' δ, composed with every earlier noised round of the lineage
+    clipped: int  # deltas scaled down to the clip norm
+
+    def as_metrics(self) -> dict[str, float]:
+        return {
+            CENTRAL_DP_EPSILON: self.epsilon,
+            CENTRAL_DP_NOISE: self.noise_multiplier,
+            CENTRAL_DP_SAMPLE_RATE: self.sample_rate,
+            CENTRAL_DP_CLIPPED: float(self.clipped),
+        }
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, Any]) -> CentralDPRound | None:
+        """The round a version's metrics record, or None for a version released without central DP."""
+        if CENTRAL_DP_SAMPLE_RATE not in metrics:
+            return None
+        return cls(
+            noise_multiplier=float(metrics[CENTRAL_DP_NOISE]),
+            sample_rate=float(metrics[CENTRAL_DP_SAMPLE_RATE]),
+            epsilon=float(metrics[CENTRAL_DP_EPSILON]),
+            clipped=int(metrics[CENTRAL_DP_CLIPPED]),
+        )
+
+
+class CentralDPAccountant:
+    """The lineage's noised rounds so far (oldest first), and the ε each new one brings it to."""
+
+    def __init__(self, settings: CentralDPSettings, history: Iterable[CentralDPRound] = ()) -> None:
+        self.settings = settings
+        self.history = list(history)
+
+    @classmethod
+    def from_version_metrics(
+        cls, settings: CentralDPSettings, chain: Iterable[Mapping[str, Any]]
+    ) -> CentralDPAccountant:
+        """From the metrics of a version and its ancestors, newest first (``Registry.chain``)."""
+        noised = (CentralDPRound.from_metrics(metrics) for metrics in chain)
+        return cls(settings, reversed([r for r in noised if r is not None]))
+
+    def spend(self, *, sample_rate: float, clipped: int) -> CentralDPRound:
+        """Record one more noised round at ``sample_rate``; it composes with the history (one step each)."""
+        steps = [(r.noise_multiplier, r.sample_rate, 1) for r in self.history]
+        steps.append((self.settings.noise_multiplier, sample_rate, 1))
+        spent = CentralDPRound(
+            noise_multiplier=self.settings.noise_multiplier,
+            sample_rate=sample_rate,
+            epsilon=epsilon(steps, self.settings.delta),
+            clipped=clipped,
+        )
+        self.history.append(spent)
+        return spent
+
+
+class CentralDPMean:
+    """Wraps a round's :class:`DeltaMean`: clip each delta, weigh devices equally, noise the release."""
+
+    def __init__(self, inner: DeltaMean, accountant: CentralDPAccountant) -> None:
+        self._inner = inner
+        self._accountant = accountant
+        self._contributors = 0
+        self._clipped = 0
+
+    def add(self, delta: State, *, examples: int) -> None:
+        clipped, was_clipped = clip(delta, self._accountant.settings.clip_norm)
+        # Weight 1, not the example count: an unbounded weight would be an unbounded sensitivity.
+        self._inner.add(clipped, examples=1)
+        self._contributors += 1
+        self._clipped += was_clipped
+
+    def release(self, *, sampled: int, online: int) -> Release:
+        mean = self._inner.release(sampled=sampled, online=online)
+        noised = privatize(mean.delta, self._contributors, sampled, self._accountant.settings)
+        spent = self._accountant.spend(sample_rate=sampled / online, clipped=self._clipped)
+        return Release(noised, {**mean.metrics, **spent.as_metrics()})

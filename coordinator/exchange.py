@@ -10,10 +10,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
+from fleetlora.common import records
+from fleetlora.common.delta import State, to_array_record
 from fleetlora.common.errors import QuorumError
+from fleetlora.common.messages import Instructions
 
 Clock = Callable[[], float]
 POLL_SECONDS = 0.2
@@ -43,3 +46,22 @@ def exchange(
             return
         if pending:
             time.sleep(POLL_SECONDS)
+
+
+def round_messages(
+    nodes: list[int], state: State, instructions: Instructions, kind: str, *, ttl: float
+) -> list[Message]:
+    """One ``kind`` message per node carrying the global adapter and the round's instructions.
+
+    ``ttl`` is the round deadline: a device that comes back late does not train a stale round.
+    """
+    arrays, config = to_array_record(state), instructions.to_record()  # encoded once per round
+    return [
+        Message(
+            RecordDict({records.ARRAYS: arrays, records.CONFIG: config}),
+            dst_node_id=node,
+            message_type=kind,
+            ttl=ttl,
+        )
+        for node in nodes
+    ]

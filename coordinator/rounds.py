@@ -1,17 +1,23 @@
-"""The federation loop: resume from SQL, then per round sample → train → aggregate → store → evaluate.
+"""The federation loop: resume from SQL, then run rounds that read top to bottom.
 
-Each round:
+Each round (:meth:`Federation._round`):
 
-1. wait (until the deadline) for at least ``min-devices`` connected devices, sample up to
-   ``devices-per-round`` of them;
-2. send each the global adapter and the round's instructions; fold replies into the weighted mean
-   as they arrive, until all are in or the deadline passes;
-3. with at least ``min-devices`` valid deltas, take a server-optimizer step with the mean delta
-   (plain FedAvg adds it) and store the new version with its participants and the optimizer's
-   state; otherwise record a failed round and keep the current version;
-4. evaluate the new version on the participants' held-out text (federated; its own deadline, so a
-   round lasts at most two deadlines) and, when an evaluation set is configured, on the coordinator;
-5. store the metrics and the round record together, in one transaction.
+1. **sample**: wait (until the deadline) for at least ``min-devices`` connected devices and draw up
+   to ``devices-per-round`` of them, devices that want to train first;
+2. **configure**: the round's instructions, how its uploads are opened (plain arrays, or sealed) and
+   how accepted deltas are averaged (FedAvg, wrapped in central DP when it is on);
+3. **exchange**: send each sampled device the global adapter and fold replies into the aggregator
+   (:mod:`.aggregation`, every check of a reply) as they arrive, until all are in or the deadline
+   passes; the devices' privacy spend goes to the ledger whatever happens next;
+4. **aggregate**: with at least ``min-devices`` valid deltas, release the mean delta and take a
+   server-optimizer step (plain FedAvg adds it); otherwise record a failed round and keep the version;
+5. **evaluate** the candidate adapter: on the participants' held-out text (federated; its own
+   deadline) and, when an evaluation set is configured, on the coordinator;
+6. **commit**: store the new version, its participants, the optimizer's state, the metrics and the
+   round record in one transaction, so a crash leaves the round whole or not at all (a round that
+   was not committed is trained again after a restart);
+7. **publish**: when the coordinator has keys, build the signed package parent → new version and
+   bring connected devices up to it.
 
 A restarted coordinator continues from the latest stored version of its lineage, so no completed
 round is lost or repeated.
@@ -19,38 +25,37 @@ round is lost or repeated.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from flwr.app import Message, MessageType, RecordDict
+from flwr.app import MessageType
 from flwr.serverapp import Grid
 
-from fleetlora.common import records
 from fleetlora.common.batches import evaluate
-from fleetlora.common.codec import Codec, CodecError, decode, inflated_bound
+from fleetlora.common.codec import inflated_bound
 from fleetlora.common.config import to_config
 from fleetlora.common.data import Example, load_examples
-from fleetlora.common.delta import (
-    State,
-    layout_fingerprint,
-    load_trainable_state,
-    to_array_record,
-)
-from fleetlora.common.envelope import SEALED, EnvelopeError, UploadContext, from_records, open_sealed
+from fleetlora.common.delta import State, layout_fingerprint, load_trainable_state
 from fleetlora.common.errors import QuorumError
 from fleetlora.common.messages import Instructions
 from fleetlora.common.model import LoadedModel, cached_model
 from fleetlora.common.server_optim import server_step
-from fleetlora.coordinator.central_dp import epsilon as central_epsilon
-from fleetlora.coordinator.central_dp import privatize
+from fleetlora.coordinator.aggregation import (
+    DeltaAggregator,
+    DeltaMean,
+    Drop,
+    ExampleWeightedMean,
+    MetricAggregator,
+)
+from fleetlora.coordinator.central_dp import CentralDPAccountant, CentralDPMean
 from fleetlora.coordinator.distribution import DistributionOutcome, Distributor
-from fleetlora.coordinator.exchange import exchange, wait_for_nodes
+from fleetlora.coordinator.exchange import exchange, round_messages, wait_for_nodes
 from fleetlora.coordinator.keys import load_hpke_key, load_signing_key
 from fleetlora.coordinator.packages import PackageTooLarge
 from fleetlora.coordinator.settings import CoordinatorSettings
@@ -62,7 +67,7 @@ from fleetlora.coordinator.storage import (
     Storage,
     VersionInfo,
 )
-from fleetlora.coordinator.strategy import DeltaAggregator, Drop, MetricAggregator, PrivacySpend
+from fleetlora.coordinator.uploads import PrivacySpend, SealedUploads, UploadOpener, open_plain
 
 
 @dataclass(frozen=True)
@@ -100,10 +105,21 @@ class RoundOutcome:
         return sum(self.participants.values())
 
 
-# Version metrics of a round under central DP: the accountant's history is rebuilt from them.
-CENTRAL_DP_EPSILON = "central_dp_epsilon"
-CENTRAL_DP_NOISE = "central_dp_noise_multiplier"
-CENTRAL_DP_RATE = "central_dp_sample_rate"
+@dataclass(frozen=True)
+class _Evaluation:
+    """The new version's scores: federated (``federated_*``) and on the coordinator (``central_*``)."""
+
+    metrics: dict[str, float]
+    drops: list[Drop]  # devices whose evaluation failed or never came
+
+
+@dataclass(frozen=True)
+class _Publication:
+    """The round's package and its distribution, or why no package was built."""
+
+    package: PackageInfo | None = None
+    distribution: DistributionOutcome | None = None
+    error: str | None = None
 
 
 class FederationObserver(Protocol):
@@ -144,6 +160,8 @@ class Federation:
         self.eval_set: list[Example] = load_examples(settings.eval_data) if settings.eval_data else []
         self.optimizer_state: State = {}
         self.hpke_key = load_hpke_key(Path(settings.keys_dir)) if settings.seal_uploads else None
+        self.upload_bound = inflated_bound(self.loaded.initial_adapter)  # bytes a decoded upload may reach
+        self.delta_mean: Callable[[State], DeltaMean] = ExampleWeightedMean  # set again on resume
         self.storage.versions.register_lineage(
             self.lineage,
             settings.tenant,
@@ -167,6 +185,7 @@ class Federation:
     def run(self) -> list[RoundOutcome]:
         """Run ``settings.rounds`` rounds after the latest stored version."""
         version, state, resumed = self._resume_or_initialize()
+        self.delta_mean = self._averaging(version)
         start = FederationStart(
             lineage=self.lineage,
             version=version,
@@ -200,34 +219,91 @@ class Federation:
         version = self.storage.versions.add(
             NewVersion(
                 lineage=self.lineage,
-                parent_id=None,
                 round=0,
+                parent_id=None,
                 base_model_sha256=self.loaded.base_sha256,
                 adapter=state,
                 participants={},
-                metrics=self._central_metrics(state),
+                metrics=self._evaluate_on_coordinator(state),
             )
         )
         return version, state, False
+
+    def _averaging(self, latest: VersionInfo) -> Callable[[State], DeltaMean]:
+        """FedAvg's example-weighted mean, wrapped in central DP (ε composing the lineage's history) if on."""
+        central = self.settings.central_dp
+        if not central.enabled:
+            return ExampleWeightedMean
+        chain = [v.metrics for v in self.storage.versions.chain(latest.id)]
+        accountant = CentralDPAccountant.from_version_metrics(central, chain)
+        return lambda reference: CentralDPMean(ExampleWeightedMean(reference), accountant)
 
     # ---- one round ------------------------------------------------------------------------
 
     def _round(self, number: int, parent: VersionInfo, state: State) -> tuple[RoundOutcome, State]:
         started = time.monotonic()
-        deadline = started + self.settings.round_deadline
+        deadline = started + self.settings.round_deadline  # for connecting, then for training
+        # sample
         try:
             online = wait_for_nodes(self.grid, self.settings.min_devices, deadline)
         except QuorumError as exc:
-            return self._failed(number, started, sampled=[], aggregator=None, error=str(exc)), state
-        rng = random.Random(f"{self.settings.seed}:{number}")
-        sampled = sample_devices(
-            online,
-            self.settings.devices_per_round,
-            self.storage.devices.wanting_nodes() if self.distributor else set(),
-            rng,
+            return self._failed(number, started, [], None, str(exc)), state
+        sampled = self._sample(number, online)
+        # configure
+        instructions = self._configure(number, parent)
+        # exchange: each reply is checked and folded in as it arrives
+        train = self._exchange(sampled, state, instructions, deadline)
+        if len(train.participants) < self.settings.min_devices:
+            error = f"{len(train.participants)} valid deltas, {self.settings.min_devices} needed"
+            return self._failed(number, started, sampled, train, error), state
+        # aggregate
+        update = train.release(sampled=len(sampled), online=len(online))
+        new_state, optimizer_state = server_step(
+            self.settings.server, state, update.delta, self.optimizer_state
         )
+        # evaluate the candidate (the messages carry the round's instructions, the arrays are new)
+        evaluation = self._evaluate(train, new_state, instructions)
+        metrics = {**update.metrics, **evaluation.metrics}
+        drops = [*train.drops, *evaluation.drops]
+        seconds = time.monotonic() - started
+        # commit: the version and its round, in one transaction
+        candidate = NewVersion(
+            lineage=self.lineage,
+            round=number,
+            parent_id=parent.id,
+            base_model_sha256=self.loaded.base_sha256,
+            adapter=new_state,
+            participants={str(n): c for n, c in train.participants.items()},
+            metrics=metrics,
+            optimizer=ServerOptimizerState(self.settings.server.name, optimizer_state),
+        )
+        version = self.storage.versions.commit_round(candidate, _report(len(sampled), train, drops, seconds))
+        self.optimizer_state = optimizer_state
+        # publish
+        publication = self._publish(version, parent)
+        outcome = RoundOutcome(
+            round=number,
+            version=version,
+            sampled=len(sampled),
+            participants=dict(train.participants),
+            drops=drops,
+            upload_bytes=train.upload_bytes,
+            seconds=seconds,
+            metrics=metrics,
+            privacy=list(train.privacy),
+            package=publication.package,
+            distribution=publication.distribution,
+            package_error=publication.error,
+        )
+        return outcome, new_state
 
-        instructions = Instructions(
+    def _sample(self, number: int, online: list[int]) -> list[int]:
+        wanting = self.storage.devices.wanting_nodes() if self.distributor else set()
+        rng = random.Random(f"{self.settings.seed}:{number}")
+        return sample_devices(online, self.settings.devices_per_round, wanting, rng)
+
+    def _configure(self, number: int, parent: VersionInfo) -> Instructions:
+        return Instructions(
             spec=self.settings.spec,
             train=self.settings.train_for_round(number),
             round=number,
@@ -237,167 +313,67 @@ class Federation:
             seal_uploads=self.settings.seal_uploads,
             upload_codec=self.settings.upload_codec,
         )
-        unseal = self._unsealer(instructions) if self.settings.seal_uploads else None
-        central = self.settings.central_dp
-        aggregator = DeltaAggregator(state, unseal, central.clip_norm if central.enabled else None)
+
+    def _upload_opener(self, instructions: Instructions) -> UploadOpener:
+        """Sealed uploads are opened against this round's context and the devices' enrolled keys."""
+        if self.hpke_key is None:
+            return open_plain
+        return SealedUploads(
+            instructions,
+            coordinator_key=self.hpke_key,
+            enrolled_key=partial(self.storage.devices.key, tenant=self.settings.tenant),
+            max_bytes=self.upload_bound,
+        )
+
+    def _exchange(
+        self, sampled: list[int], state: State, instructions: Instructions, deadline: float
+    ) -> DeltaAggregator:
+        """Train on the sampled devices; each reply is checked and folded in as it arrives."""
+        aggregator = DeltaAggregator(state, self.delta_mean(state), self._upload_opener(instructions))
         for reply in exchange(
-            self.grid, self._messages(sampled, state, instructions, MessageType.TRAIN), deadline
+            self.grid,
+            round_messages(sampled, state, instructions, MessageType.TRAIN, ttl=self.settings.round_deadline),
+            deadline,
         ):
             aggregator.add(reply)
         aggregator.mark_missing(sampled)
-        self.storage.ledgers.record_privacy(self.lineage, number, aggregator.privacy)
-        if len(aggregator.participants) < self.settings.min_devices:
-            error = f"{len(aggregator.participants)} valid deltas, {self.settings.min_devices} needed"
-            return self._failed(number, started, sampled, aggregator, error), state
-
-        mean_delta = aggregator.mean_delta()
-        train_metrics = aggregator.metrics()  # train_loss, train_steps, train_seconds
-        if central.enabled:
-            mean_delta = privatize(mean_delta, len(aggregator.participants), len(sampled), central)
-            train_metrics.update(
-                self._central_dp_spend(parent, len(sampled) / len(online), aggregator.clipped)
-            )
-        new_state, optimizer_state = server_step(
-            self.settings.server, state, mean_delta, self.optimizer_state
-        )
-        version = self.storage.versions.add(
-            NewVersion(
-                lineage=self.lineage,
-                parent_id=parent.id,
-                round=number,
-                base_model_sha256=self.loaded.base_sha256,
-                adapter=new_state,
-                participants={str(n): c for n, c in aggregator.participants.items()},
-                metrics=train_metrics,
-                optimizer=ServerOptimizerState(self.settings.server.name, optimizer_state),
-            )
-        )
-        self.optimizer_state = optimizer_state
-        eval_instructions = dataclasses.replace(instructions, version=version.id)
-        federated = self._federated_evaluation(sorted(aggregator.participants), new_state, eval_instructions)
-        metrics = {**train_metrics, **federated.metrics(), **self._central_metrics(new_state)}
-        outcome = RoundOutcome(
-            round=number,
-            version=version,
-            sampled=len(sampled),
-            participants=dict(aggregator.participants),
-            drops=[*aggregator.drops, *federated.drops],
-            upload_bytes=aggregator.upload_bytes,
-            seconds=time.monotonic() - started,
-            metrics=metrics,
-            privacy=list(aggregator.privacy),
-        )
-        version = self.storage.versions.finish_round(version.id, self._round_report(outcome), metrics)
-        outcome = dataclasses.replace(outcome, version=version)
-        if self.distributor:
-            outcome = self._publish(outcome, parent)
-        return outcome, new_state
-
-    def _publish(self, outcome: RoundOutcome, parent: VersionInfo) -> RoundOutcome:
-        """Build the round's package (parent → new version) and, if asked, bring connected devices up."""
-        assert self.distributor is not None and outcome.version is not None
-        try:
-            package = self.distributor.package(outcome.version, parent.id)
-        except PackageTooLarge as exc:
-            # The version stands; no device is offered a package over the cap.
-            return dataclasses.replace(outcome, package_error=str(exc))
-        distribution = None
-        if self.settings.distribute_updates:
-            nodes = sorted(self.grid.get_node_ids())
-            distribution = self.distributor.distribute(nodes, outcome.version)
-        return dataclasses.replace(outcome, package=package, distribution=distribution)
-
-    def _central_dp_spend(self, parent: VersionInfo, sample_rate: float, clipped: int) -> dict[str, float]:
-        """This round's user-level DP metrics; ε composes every earlier noised round of the lineage."""
-        central = self.settings.central_dp
-        history = [
-            (v.metrics[CENTRAL_DP_NOISE], v.metrics[CENTRAL_DP_RATE], 1)
-            for v in self.storage.versions.chain(parent.id)
-            if CENTRAL_DP_RATE in v.metrics
-        ]
-        history.append((central.noise_multiplier, sample_rate, 1))
-        return {
-            CENTRAL_DP_EPSILON: central_epsilon(history, central.delta),
-            CENTRAL_DP_NOISE: central.noise_multiplier,
-            CENTRAL_DP_RATE: sample_rate,
-            "central_dp_clipped": float(clipped),
-        }
-
-    def _unsealer(self, instructions: Instructions) -> Callable[[Message], State]:
-        """Opens one round's sealed uploads against the context this coordinator expects."""
-        assert self.hpke_key is not None  # loaded in __init__ whenever seal_uploads is on
-
-        codec = Codec.parse(instructions.upload_codec)
-        bound = inflated_bound(self.loaded.initial_adapter)
-
-        def unseal(reply: Message) -> State:
-            arrays = reply.content.array_records.get(SEALED)
-            if arrays is None:
-                raise EnvelopeError("reply holds no sealed upload")
-            sealed, claimed = from_records(arrays, reply.content.config_records.get(records.CONFIG, {}))
-            enrolled = self.storage.devices.key(claimed.device_id, self.settings.tenant)
-            if enrolled is None:
-                raise EnvelopeError(f"unknown device {claimed.device_id!r}: enroll it first")
-            public, node_id = enrolled.public_key, enrolled.node_id
-            if node_id is not None and node_id != str(reply.metadata.src_node_id):
-                # The SuperLink authenticated the sending node: it must be the one enrolled under this id.
-                raise EnvelopeError(
-                    f"device {claimed.device_id!r} is enrolled as node {node_id}, but this reply came from "
-                    f"node {reply.metadata.src_node_id}"
-                )
-            expected = UploadContext(
-                tenant=self.settings.tenant,
-                device_id=claimed.device_id,  # proven by the signature against its enrolled key
-                round=instructions.round,
-                base_sha256=instructions.base_sha256,
-                from_version=instructions.version,
-            )
-            plaintext = open_sealed(
-                sealed,
-                claimed=claimed,
-                expected=expected,
-                coordinator_key=self.hpke_key,
-                device_public=public,
-            )
-            try:
-                return decode(plaintext, codec, max_bytes=bound)
-            except CodecError as exc:
-                raise EnvelopeError(f"decrypted upload is not a delta ({exc})") from None
-
-        return unseal
-
-    def _messages(
-        self, nodes: list[int], state: State, instructions: Instructions, kind: str
-    ) -> list[Message]:
-        # The TTL equals the deadline: a device that comes back late does not train a stale round.
-        ttl = self.settings.round_deadline
-        arrays, config = to_array_record(state), instructions.to_record()  # encoded once per round
-        return [
-            Message(
-                RecordDict({records.ARRAYS: arrays, records.CONFIG: config}),
-                dst_node_id=node,
-                message_type=kind,
-                ttl=ttl,
-            )
-            for node in nodes
-        ]
-
-    def _federated_evaluation(
-        self, nodes: list[int], state: State, instructions: Instructions
-    ) -> MetricAggregator:
-        deadline = time.monotonic() + self.settings.round_deadline
-        aggregator = MetricAggregator(prefix="federated_")
-        messages = self._messages(nodes, state, instructions, MessageType.EVALUATE)
-        for reply in exchange(self.grid, messages, deadline):
-            aggregator.add(reply)
-        aggregator.mark_missing(nodes)
+        # Spent whether or not the round reaches its quorum, so recorded before the check.
+        self.storage.ledgers.record_privacy(self.lineage, instructions.round, aggregator.privacy)
         return aggregator
 
-    def _central_metrics(self, state: State) -> dict[str, float]:
+    def _evaluate(self, train: DeltaAggregator, state: State, instructions: Instructions) -> _Evaluation:
+        """Score the new version on the participants' held-out text, then on the coordinator's set."""
+        deadline = time.monotonic() + self.settings.round_deadline
+        participants = sorted(train.participants)
+        federated = MetricAggregator(prefix="federated_")
+        messages = round_messages(
+            participants, state, instructions, MessageType.EVALUATE, ttl=self.settings.round_deadline
+        )
+        for reply in exchange(self.grid, messages, deadline):
+            federated.add(reply)
+        federated.mark_missing(participants)
+        metrics = {**federated.metrics(), **self._evaluate_on_coordinator(state)}
+        return _Evaluation(metrics, list(federated.drops))
+
+    def _evaluate_on_coordinator(self, state: State) -> dict[str, float]:
         if not self.eval_set:
             return {}
         load_trainable_state(self.loaded.model, state)
         return {f"central_{k}": v for k, v in evaluate(self.loaded, self.eval_set).items()}
+
+    def _publish(self, version: VersionInfo, parent: VersionInfo) -> _Publication:
+        """Build the round's package (parent → new version) and, if asked, bring connected devices up."""
+        if self.distributor is None:
+            return _Publication()
+        try:
+            package = self.distributor.package(version, parent.id)
+        except PackageTooLarge as exc:
+            # The version stands; no device is offered a package over the cap.
+            return _Publication(error=str(exc))
+        distribution = None
+        if self.settings.distribute_updates:
+            distribution = self.distributor.distribute(sorted(self.grid.get_node_ids()), version)
+        return _Publication(package, distribution)
 
     # ---- records --------------------------------------------------------------------------
 
@@ -406,32 +382,40 @@ class Federation:
         number: int,
         started: float,
         sampled: list[int],
-        aggregator: DeltaAggregator | None,
+        train: DeltaAggregator | None,
         error: str,
     ) -> RoundOutcome:
-        outcome = RoundOutcome(
+        """Record a round that produced no version; the next one trains from the same parent."""
+        drops = list(train.drops) if train else []
+        seconds = time.monotonic() - started
+        self.storage.ledgers.record_failed_round(
+            self.lineage, number, _report(len(sampled), train, drops, seconds, error)
+        )
+        return RoundOutcome(
             round=number,
             version=None,
             sampled=len(sampled),
-            participants=dict(aggregator.participants) if aggregator else {},
-            drops=list(aggregator.drops) if aggregator else [],
-            upload_bytes=aggregator.upload_bytes if aggregator else 0,
-            seconds=time.monotonic() - started,
+            participants=dict(train.participants) if train else {},
+            drops=drops,
+            upload_bytes=train.upload_bytes if train else 0,
+            seconds=seconds,
             error=error,
-            privacy=list(aggregator.privacy) if aggregator else [],
+            privacy=list(train.privacy) if train else [],
         )
-        self.storage.ledgers.record_failed_round(self.lineage, number, self._round_report(outcome))
-        return outcome
 
-    def _round_report(self, outcome: RoundOutcome) -> RoundReport:
-        return RoundReport(
-            sampled=outcome.sampled,
-            received=len(outcome.participants),
-            dropped=[d.as_dict() for d in outcome.drops],
-            upload_bytes=outcome.upload_bytes,
-            seconds=outcome.seconds,
-            error=outcome.error,
-        )
+
+def _report(
+    sampled: int, train: DeltaAggregator | None, drops: list[Drop], seconds: float, error: str | None = None
+) -> RoundReport:
+    """The round record's figures (its lineage, round and version come with it from the caller)."""
+    return RoundReport(
+        sampled=sampled,
+        received=len(train.participants) if train else 0,
+        dropped=[d.as_dict() for d in drops],
+        upload_bytes=train.upload_bytes if train else 0,
+        seconds=seconds,
+        error=error,
+    )
 
 
 def sample_devices(online: list[int], count: int, wanting: set[int], rng: random.Random) -> list[int]:
@@ -441,30 +425,3 @@ def sample_devices(online: list[int], count: int, wanting: set[int], rng: random
     rng.shuffle(first)
     rng.shuffle(rest)
     return (first + rest)[: min(count, len(online))]
-
-
-def summarize(outcome: RoundOutcome) -> dict[str, Any]:
-    """The round as a plain dict: one entry of results.json's ``rounds``."""
-    return {
-        "round": outcome.round,
-        "version": outcome.version.label if outcome.version else None,
-        "participants": len(outcome.participants),
-        "examples": outcome.examples,
-        "dropped": [d.as_dict() for d in outcome.drops],
-        "metrics": outcome.metrics,
-        "upload_bytes": outcome.upload_bytes,
-        "seconds": round(outcome.seconds, 3),
-        **({"error": outcome.error} if outcome.error else {}),
-        **({"privacy": {s.device_id: s.epsilon for s in outcome.privacy}} if outcome.privacy else {}),
-        **(
-            {
-                "package_bytes": outcome.package.package_bytes,
-                "package_ratio": round(outcome.package.ratio, 6),
-                "package_codec": outcome.package.codec,
-            }
-            if outcome.package
-            else {}
-        ),
-        **({"updates": outcome.distribution.as_dict()} if outcome.distribution else {}),
-        **({"package_error": outcome.package_error} if outcome.package_error else {}),
-    }

@@ -24,10 +24,11 @@ from fleetlora.common.keys import COORDINATOR_HPKE_KEY
 from fleetlora.common.model import cached_model
 from fleetlora.common.run_config import DEFAULTS, RunConfig, RunValue
 from fleetlora.coordinator.keys import init_keys
-from fleetlora.coordinator.rounds import FederationObserver, FederationStart, RoundOutcome, summarize
+from fleetlora.coordinator.rounds import FederationObserver, FederationStart, RoundOutcome
 from fleetlora.coordinator.server_app import build_server_app
 from fleetlora.coordinator.settings import CoordinatorSettings
 from fleetlora.coordinator.storage import Storage
+from fleetlora.simulations.results import summarize
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 from fleetlora.coordinator.db import Database
 from fleetlora.coordinator.models import PrivacyEntry, RoundRecord
 from fleetlora.coordinator.storage.rows import info_of, oldest_first
-from fleetlora.coordinator.strategy import PrivacySpend
+from fleetlora.coordinator.uploads import PrivacySpend
 
 COMPLETED = "completed"
 FAILED = "failed"

@@ -7,8 +7,15 @@ import torch
 
 from fleetlora.client.client_app import build_client_app
 from fleetlora.common.errors import ConfigError
-from fleetlora.coordinator.central_dp import CentralDPSettings, clip, epsilon, l2_norm, privatize
-from fleetlora.coordinator.rounds import CENTRAL_DP_EPSILON, Federation
+from fleetlora.coordinator.central_dp import (
+    CENTRAL_DP_EPSILON,
+    CentralDPSettings,
+    clip,
+    epsilon,
+    l2_norm,
+    privatize,
+)
+from fleetlora.coordinator.rounds import Federation
 from fleetlora.coordinator.settings import CoordinatorSettings
 from tests.coordinator.local_grid import LocalGrid
 from tests.coordinator.test_rounds import _run_config

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from flwr.app import MessageType
 
-from fleetlora.coordinator.rounds import summarize
 from fleetlora.coordinator.storage import Storage
+from fleetlora.simulations.results import summarize
 from tests.coordinator.test_sealed_rounds import _run, _sealed_fleet
 
 

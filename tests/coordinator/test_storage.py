@@ -10,7 +10,7 @@ from fleetlora.common.delta import serialize, sha256_hex
 from fleetlora.common.errors import ConfigError, CorruptVersionError, FleetloraError
 from fleetlora.coordinator.db import Database
 from fleetlora.coordinator.storage import NewVersion, RoundReport, ServerOptimizerState, Storage, VersionStore
-from fleetlora.coordinator.strategy import PrivacySpend
+from fleetlora.coordinator.uploads import PrivacySpend
 
 
 def _versions(url: str) -> VersionStore:

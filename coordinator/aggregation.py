@@ -1,0 +1,201 @@
+"""One round's replies → the update it releases, every check of a train reply in one place.
+
+:class:`DeltaAggregator` has no I/O of its own. It takes each train reply through these checks, in
+this order, and records the first failure as a :class:`Drop` with the reason shown (the checks are in
+:mod:`fleetlora.coordinator.uploads`, one exception class each):
+
+1. not a second reply from the same node: ``duplicate reply``;
+2. the device did not decline: ``declined: <its reason>``;
+3. not a Flower error reply: ``device error: <reason>``;
+4. metrics present (``reply has no metrics``), ``num-examples`` a positive ``int`` (``invalid
+   num-examples: <value>``), every other metric a number (``metric '<key>' is a <type>, not a number``);
+5. the ``dp_*`` metrics are taken out as a :class:`PrivacySpend`, kept whatever happens next because
+   the device spent that budget either way;
+6. open the upload: plain ``arrays`` (``reply has no arrays``), or a sealed upload, whose claim,
+   enrolled device and node, signature and decryption are checked (``sealed upload refused: <reason>``);
+7. a sealed upload decodes within the size bound (``sealed upload refused: decrypted upload is not a
+   delta (<reason>)``);
+8. layout: the names, shapes and dtypes of the global adapter (``layout mismatch: <difference>``);
+9. finite: ``delta holds NaN or inf``;
+10. fold into the round's :class:`DeltaMean` with the example count as weight; the node becomes a
+    participant, and its bytes and example-weighted metrics are counted.
+
+A wrapper around the :class:`DeltaMean` (central DP, :class:`~fleetlora.coordinator.central_dp.CentralDPMean`)
+changes how accepted deltas are folded and released, never which replies are accepted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from flwr.app import Message
+
+from fleetlora.common.aggregate import WeightedMean
+from fleetlora.common.delta import State
+from fleetlora.coordinator.uploads import (
+    DuplicateReply,
+    PrivacySpend,
+    RejectedReply,
+    UploadOpener,
+    check_finite,
+    check_layout_of,
+    check_not_declined,
+    read_metrics,
+    take_privacy_spend,
+)
+
+
+@dataclass(frozen=True)
+class Drop:
+    """A device left out of a round, and why."""
+
+    node_id: int
+    reason: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"node_id": str(self.node_id), "reason": self.reason}
+
+
+# ---- folding accepted deltas ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Release:
+    """The round's update, and what producing it adds to the new version's metrics."""
+
+    delta: State
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class DeltaMean(Protocol):
+    """Folds one round's accepted deltas into the update the round releases."""
+
+    def add(self, delta: State, *, examples: int) -> None:
+        """Fold in a delta already checked for layout and finiteness."""
+
+    def release(self, *, sampled: int, online: int) -> Release:
+        """The update, once the round has its quorum (``sampled`` of ``online`` devices were asked)."""
+
+
+class ExampleWeightedMean:
+    """FedAvg on deltas: ``Σ n_i·Δ_i / Σ n_i`` over the accepted devices (McMahan et al. 2017)."""
+
+    def __init__(self, reference: State) -> None:
+        self._mean = WeightedMean(reference)
+
+    def add(self, delta: State, *, examples: int) -> None:
+        self._mean.add(delta, weight=examples)
+
+    def release(self, *, sampled: int, online: int) -> Release:
+        return Release(self._mean.result())
+
+
+# ---- the replies ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Tally:
+    """Weighted sums of scalar metrics, for a weighted mean over the accepted replies."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    weight: float = 0.0
+
+    def add(self, metrics: Mapping[str, float], weight: float) -> None:
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + weight * value
+        self.weight += weight
+
+    def means(self) -> dict[str, float]:
+        return {key: total / self.weight for key, total in self.sums.items()} if self.weight else {}
+
+
+def _timeouts(sampled: Iterable[int], answered: set[int], drops: list[Drop], reason: str) -> list[Drop]:
+    """Drops for the sampled devices that neither answered nor were already dropped."""
+    seen = answered | {d.node_id for d in drops}
+    return [Drop(n, reason) for n in sampled if n not in seen]
+
+
+class DeltaAggregator:
+    """Streams one round's train replies, in the order of checks above, into a :class:`DeltaMean`."""
+
+    def __init__(self, reference: State, mean: DeltaMean, open_upload: UploadOpener) -> None:
+        self._reference = reference  # the global adapter the round sent: the layout every delta must have
+        self._mean = mean
+        self._open_upload = open_upload
+        self._tally = _Tally()
+        self.participants: dict[int, int] = {}  # node id → example count
+        self.drops: list[Drop] = []
+        self.upload_bytes = 0
+        self.privacy: list[PrivacySpend] = []
+
+    def add(self, reply: Message) -> None:
+        try:
+            self._accept(reply)
+        except RejectedReply as exc:
+            self.drops.append(Drop(reply.metadata.src_node_id, str(exc)))
+
+    def _accept(self, reply: Message) -> None:
+        node = reply.metadata.src_node_id
+        if node in self.participants:
+            raise DuplicateReply("duplicate reply")
+        check_not_declined(reply)
+        metrics = read_metrics(reply)
+        spend = take_privacy_spend(reply, metrics)
+        if spend:
+            self.privacy.append(spend)
+        delta = self._open_upload(reply)
+        check_layout_of(delta, self._reference)
+        check_finite(delta)
+        self._mean.add(delta, examples=metrics.examples)
+        self.participants[node] = metrics.examples
+        self.upload_bytes += wire_bytes(reply)
+        self._tally.add(metrics.values, metrics.examples)
+
+    def mark_missing(self, sampled: Iterable[int]) -> None:
+        """Record every sampled device that neither contributed nor was dropped as timed out."""
+        self.drops.extend(
+            _timeouts(sampled, set(self.participants), self.drops, "no reply before the deadline")
+        )
+
+    def release(self, *, sampled: int, online: int) -> Release:
+        """The round's update; its metrics gain the example-weighted means of the devices' train metrics."""
+        update = self._mean.release(sampled=sampled, online=online)
+        return Release(update.delta, {**self._tally.means(), **update.metrics})
+
+
+class MetricAggregator:
+    """Streams evaluate replies into example-weighted mean metrics, named ``prefix + key``."""
+
+    def __init__(self, prefix: str = "") -> None:
+        self._tally = _Tally()
+        self._prefix = prefix
+        self.evaluated: set[int] = set()
+        self.drops: list[Drop] = []
+        self.examples = 0
+
+    def add(self, reply: Message) -> None:
+        try:
+            metrics = read_metrics(reply)
+        except RejectedReply as exc:
+            self.drops.append(Drop(reply.metadata.src_node_id, f"evaluation: {exc}"))
+            return
+        self._tally.add(metrics.values, metrics.examples)
+        self.evaluated.add(reply.metadata.src_node_id)
+        self.examples += metrics.examples
+
+    def mark_missing(self, sampled: Iterable[int]) -> None:
+        self.drops.extend(
+            _timeouts(sampled, self.evaluated, self.drops, "evaluation: no reply before the deadline")
+        )
+
+    def metrics(self) -> dict[str, float]:
+        return {self._prefix + key: value for key, value in self._tally.means().items()}
+
+
+def wire_bytes(reply: Message) -> int:
+    """Bytes of array data a reply carried (a sealed upload's ciphertext, or the plain delta's arrays)."""
+    return sum(
+        len(array.data) for record in reply.content.array_records.values() for array in record.values()
+    )

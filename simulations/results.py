@@ -1,0 +1,34 @@
+"""results.json: how a simulation writes down each round it ran."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fleetlora.coordinator.rounds import RoundOutcome
+
+
+def summarize(outcome: RoundOutcome) -> dict[str, Any]:
+    """The round as a plain dict: one entry of results.json's ``rounds``."""
+    return {
+        "round": outcome.round,
+        "version": outcome.version.label if outcome.version else None,
+        "participants": len(outcome.participants),
+        "examples": outcome.examples,
+        "dropped": [d.as_dict() for d in outcome.drops],
+        "metrics": outcome.metrics,
+        "upload_bytes": outcome.upload_bytes,
+        "seconds": round(outcome.seconds, 3),
+        **({"error": outcome.error} if outcome.error else {}),
+        **({"privacy": {s.device_id: s.epsilon for s in outcome.privacy}} if outcome.privacy else {}),
+        **(
+            {
+                "package_bytes": outcome.package.package_bytes,
+                "package_ratio": round(outcome.package.ratio, 6),
+                "package_codec": outcome.package.codec,
+            }
+            if outcome.package
+            else {}
+        ),
+        **({"updates": outcome.distribution.as_dict()} if outcome.distribution else {}),
+        **({"package_error": outcome.package_error} if outcome.package_error else {}),
+    }
