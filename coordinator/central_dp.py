@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from opacus.accountants import RDPAccountant
 
 from fleetlora.common.delta import State
+from fleetlora.common.dp_accounting import epsilon_from_history
 from fleetlora.common.errors import ConfigError
 from fleetlora.coordinator.aggregation import DeltaMean, Release
 
@@ -85,15 +85,6 @@ def privatize(
         noise = torch.normal(0.0, std, size=mean.shape, generator=generator, dtype=torch.float64)
         out[name] = ((total + noise) / sampled).to(mean.dtype)
     return out
-
-
-def epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
-    """ε at ``delta`` after the rounds in ``history`` (noise multiplier, sample rate, steps)."""
-    if not history:
-        return 0.0
-    accountant = RDPAccountant()
-    accountant.history = list(history)
-    return float(accountant.get_epsilon(delta))
 
 
 # ---- accounting over a lineage's rounds ------------------------------------------------------
@@ -151,7 +142,7 @@ class CentralDPAccountant:
         spent = CentralDPRound(
             noise_multiplier=self.settings.noise_multiplier,
             sample_rate=sample_rate,
-            epsilon=epsilon(steps, self.settings.delta),
+            epsilon=epsilon_from_history(steps, delta=self.settings.delta),
             clipped=clipped,
         )
         self.history.append(spent)

@@ -112,16 +112,6 @@ class VersionStore:
             session.flush()
             return _version_info(row)
 
-    def finish_round(self, version_id: int, report: RoundReport, metrics: Mapping[str, Any]) -> VersionInfo:
-        """Merge a completed round's evaluation into the version it made (stored with :meth:`add`) and
-        store its round record, together."""
-        with self.db.session() as session:
-            row = self._row(session, version_id)
-            row.metrics = {**(row.metrics or {}), **metrics}
-            session.add(round_row(row.lineage, row.round, report, version_id=version_id))
-            session.flush()
-            return _version_info(row)
-
     def register_lineage(
         self, lineage: str, tenant: str, model: dict[str, Any], base_sha256: str, base_bytes: int
     ) -> None:

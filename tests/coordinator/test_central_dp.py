@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from fleetlora.client.client_app import build_client_app
+from fleetlora.common.dp_accounting import epsilon_from_history
 from fleetlora.common.errors import ConfigError
 from fleetlora.coordinator.central_dp import (
     CENTRAL_DP_EPSILON,
     CentralDPSettings,
     clip,
-    epsilon,
     l2_norm,
     privatize,
 )
@@ -62,7 +62,9 @@ def test_central_epsilon_composes_over_rounds_and_survives_a_restart(tmp_path):
 
     one, two = (o.metrics[CENTRAL_DP_EPSILON] for o in continuous)
     assert 0 < one < two
-    assert two == pytest.approx(epsilon([(1.0, 1.0, 1), (1.0, 1.0, 1)], 1e-5))  # 3 of 3 sampled: q = 1
+    assert two == pytest.approx(
+        epsilon_from_history([(1.0, 1.0, 1), (1.0, 1.0, 1)], delta=1e-5)
+    )  # 3 of 3 sampled: q = 1
     assert first[0].metrics[CENTRAL_DP_EPSILON] == pytest.approx(one)
     assert resumed.metrics[CENTRAL_DP_EPSILON] == pytest.approx(two)  # history rebuilt from SQL
     assert all(o.metrics["central_dp_clipped"] == 3 for o in continuous)  # a 0.001 bound clips every delta
