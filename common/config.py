@@ -183,7 +183,7 @@ def to_config(obj: Any, prefix: str) -> dict[str, ConfigValue]:
 def from_config(cls: type[_D], config: Mapping[str, Any], prefix: str) -> _D:
     """Rebuild a settings dataclass from :func:`to_config` entries; validation re-runs."""
     kwargs: dict[str, Any] = {}
-    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]  # cls is one of the settings dataclasses
         key = f"{prefix}.{field.name}"
         default = field.default
         if isinstance(field.type, str) and field.type in {c.__name__ for c in _NESTED}:

@@ -18,7 +18,7 @@ import dataclasses
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hpke
@@ -109,6 +109,7 @@ def open_sealed(
 
 SEALED: Final = "sealed"  # the reply's ArrayRecord of ciphertext chunks (common.chunks)
 _CLAIM = "upload."
+MAX_CLAIM_CHARS = 256  # tenant, device id and sha256 hex are far shorter
 
 
 def to_records(
@@ -123,8 +124,13 @@ def to_records(
 def from_records(arrays: ArrayRecord, config: Mapping[str, object]) -> tuple[SealedUpload, UploadContext]:
     """Reassemble what :func:`to_records` made; a malformed reply raises :class:`EnvelopeError`."""
     try:
-        fields = {f.name: config[f"{_CLAIM}{f.name}"] for f in dataclasses.fields(UploadContext)}
-        claimed = UploadContext(**fields)  # type: ignore[arg-type]
+        claimed = UploadContext(
+            tenant=_claimed(config, "tenant", str),
+            device_id=_claimed(config, "device_id", str),
+            round=_claimed(config, "round", int),
+            base_sha256=_claimed(config, "base_sha256", str),
+            from_version=_claimed(config, "from_version", int),
+        )
         signature = config[f"{_CLAIM}signature"]
         ciphertext = chunks.array_record_to_bytes(arrays)
     except (KeyError, TypeError, ValueError) as exc:
@@ -132,3 +138,17 @@ def from_records(arrays: ArrayRecord, config: Mapping[str, object]) -> tuple[Sea
     if not isinstance(signature, bytes):
         raise EnvelopeError("malformed sealed upload (signature is not bytes)")
     return SealedUpload(ciphertext, signature), claimed
+
+
+_Claimed = TypeVar("_Claimed", str, int)
+
+
+def _claimed(config: Mapping[str, object], name: str, kind: type[_Claimed]) -> _Claimed:
+    """One field of a device's claim, of exactly the type the context has (a device id is looked up
+    in SQL before the signature is checked, so a list or a float must never get that far)."""
+    value = config[f"{_CLAIM}{name}"]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise TypeError(f"claim {name!r} is not a {kind.__name__}")
+    if isinstance(value, str) and len(value) > MAX_CLAIM_CHARS:
+        raise TypeError(f"claim {name!r} is longer than {MAX_CLAIM_CHARS} characters")
+    return value

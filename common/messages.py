@@ -68,4 +68,4 @@ def _field(config: ConfigRecord, key: str, kind: type[_V], default: _V | None = 
     value = config.get(key, default)
     if type(value) is not kind:
         raise ConfigError(f"Message field {key!r} must be {kind.__name__}, got {value!r}.")
-    return value  # type: ignore[return-value]  # checked just above: exactly kind
+    return value

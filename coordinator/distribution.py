@@ -112,11 +112,10 @@ class Distributor:
             node = reply.metadata.src_node_id
             device = holding[node].device_id
             if reply.has_error():
+                failure = reply.error.reason or "the device reported an error without a reason"
                 outcome.statuses["failed"] += 1
-                outcome.reasons[device] = reply.error.reason
-                self._record(
-                    node, dataclasses.replace(holding[node], version=None), "failed", reply.error.reason
-                )
+                outcome.reasons[device] = failure
+                self._record(node, dataclasses.replace(holding[node], version=None), "failed", failure)
                 continue
             answer = reply.content.config_records.get(records.CONFIG, ConfigRecord())
             status, reason, after = (

@@ -198,7 +198,7 @@ class Deduplicator:
         **kwargs: int | None,
     ) -> Deduplicator:
         """A deduplicator that has indexed ``records`` (a device's store, after a restart)."""
-        dedup = cls(threshold=threshold, **kwargs)  # type: ignore[arg-type]
+        dedup = cls(threshold=threshold, **kwargs)  # type: ignore[arg-type]  # __init__ checks each value
         for record in records:
             dedup.add(record)
         return dedup
@@ -416,7 +416,7 @@ def score(injected: InjectedSet, threshold: float = DEFAULT_THRESHOLD, **kwargs:
     """Stream the originals (each checked, then indexed when new), then the duplicates (checked):
     a duplicate flagged as a match of its own original is a true positive, any other flag (an
     original flagged, a duplicate matched to another original) a false positive."""
-    dedup = Deduplicator(threshold=threshold, **kwargs)  # type: ignore[arg-type]
+    dedup = Deduplicator(threshold=threshold, **kwargs)  # type: ignore[arg-type]  # __init__ checks each value
     ids: list[str] = []
     fp = 0
     for n, text in enumerate(injected.originals):

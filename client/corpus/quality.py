@@ -150,11 +150,13 @@ class QualityRules:
             return value
 
         def share(name: str, value: object, low_open: bool) -> float:
-            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-            if not ok or not (0 < value <= 1 if low_open else 0 <= value <= 1):  # type: ignore[operator]
-                bounds = "(0, 1]" if low_open else "[0, 1]"
-                raise ConfigError(f"quality rule {name} must be a share in {bounds}; got {value!r}")
-            return float(value)  # type: ignore[arg-type]
+            bounds = "(0, 1]" if low_open else "[0, 1]"
+            problem = ConfigError(f"quality rule {name} must be a share in {bounds}; got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise problem
+            if not (0 < value <= 1 if low_open else 0 <= value <= 1):
+                raise problem
+            return float(value)
 
         whole("min_chars", self.min_chars, 1)
         whole("max_chars", self.max_chars, 1)

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import fields
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Select, select
-from sqlalchemy.orm import Mapped
 
 from fleetlora.common.delta import sha256_hex
 from fleetlora.common.errors import FleetloraError
@@ -30,16 +29,9 @@ def info_of(cls: type[Info], row: object, **overrides: Any) -> Info:
     return cls(**values, **overrides)
 
 
-class _LineageTable(Protocol):
-    id: Mapped[int]
-    lineage: Mapped[str]
-
-
-Table = TypeVar("Table", bound=_LineageTable)
-
-
-def oldest_first(table: type[Table], lineage: str | None) -> Select[tuple[Table]]:
-    """Every row of ``table`` (of one lineage if given), in the order they were written."""
+def oldest_first(table: Any, lineage: str | None) -> Select[Any]:
+    """Every row of ``table`` (a mapped class with ``id`` and ``lineage``; of one lineage if given), in
+    the order they were written."""
     query = select(table).order_by(table.id)
     return query if lineage is None else query.where(table.lineage == lineage)
 

@@ -4,7 +4,15 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from fleetlora.common.envelope import EnvelopeError, SealedUpload, UploadContext, open_sealed, seal
+from fleetlora.common.envelope import (
+    EnvelopeError,
+    SealedUpload,
+    UploadContext,
+    from_records,
+    open_sealed,
+    seal,
+    to_records,
+)
 
 COORDINATOR = X25519PrivateKey.generate()
 DEVICE = Ed25519PrivateKey.generate()
@@ -83,3 +91,27 @@ def test_the_info_binds_every_field_canonically():
         b'fleetlora/upload/v1:{"base_sha256":"' + b"ab" * 32 + b'","device_id":"kiosk-7",'
         b'"from_version":12,"round":3,"tenant":"acme"}'
     )
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("device_id", ["kiosk-7"]),
+        ("device_id", "x" * 257),
+        ("round", "3"),
+        ("round", True),
+        ("from_version", 1.5),
+    ],
+)
+def test_a_claim_of_the_wrong_type_or_size_is_malformed_before_anything_uses_it(field: str, value):
+    arrays, config = to_records(seal(DELTA, CONTEXT, COORDINATOR.public_key(), DEVICE), CONTEXT)
+    config[f"upload.{field}"] = value
+
+    with pytest.raises(EnvelopeError, match="malformed sealed upload"):
+        from_records(arrays, config)
+
+
+def test_a_well_formed_claim_comes_back_as_it_was_sent():
+    sealed = seal(DELTA, CONTEXT, COORDINATOR.public_key(), DEVICE)
+
+    assert from_records(*to_records(sealed, CONTEXT)) == (sealed, CONTEXT)
