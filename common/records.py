@@ -52,4 +52,6 @@ DRIFT: Final = "drift"  # that drift, as distance ÷ chance; absent when infinit
 # 2: model.pooling, train.personal_head, train.restricted_softmax, train.privacy.*; replies carry
 #    device-id (and declined) in a ConfigRecord, and dp_* metrics.
 # 3: update packages (query.update_status, query.update_apply); sealed deltas encoded with upload-codec.
-CONTRACT: Final = 3
+# 4: no -1 sentinels: a device with no packaged adapter leaves active-version out, one that never
+#    trained leaves drift out.
+CONTRACT: Final = 4
