@@ -57,12 +57,12 @@ def fleet(tmp_path: Path) -> Iterator[LocalFleet]:
 
 
 def test_a_deployed_fleet_trains_refuses_strangers_and_survives_kills(fleet: LocalFleet):
-    versions = Storage.open(fleet.coordinator.database_url).versions
+    store = Storage.open(fleet.coordinator.database_url).versions
 
     # 1. One round on two devices over TLS with authenticated SuperNodes stores a new version.
     run = fleet.start_run()
     assert fleet.wait_finished(run, 240) == "finished:completed"
-    versions = versions.all()
+    versions = store.all()
     assert [v.round for v in versions] == [0, 1] and len(versions[1].participants) == 2
     status = json.loads(
         fleetlora("coordinator", "status", "--config", str(fleet.config), "--json", cwd=fleet.folder)
@@ -81,7 +81,7 @@ def test_a_deployed_fleet_trains_refuses_strangers_and_survives_kills(fleet: Loc
 
     # 3. SIGKILL the coordinator host in the middle of a two-round run, then start it again.
     fleet.start_run("--rounds", "2")
-    wait_for(lambda: len(versions.all()) == 3, 240, "the interrupted run's first round")
+    wait_for(lambda: len(store.all()) == 3, 240, "the interrupted run's first round")
     fleet.hosts["coordinator"].kill()
     restarted = time.monotonic()
     fleet.start_coordinator()
@@ -89,10 +89,10 @@ def test_a_deployed_fleet_trains_refuses_strangers_and_survives_kills(fleet: Loc
     assert time.monotonic() - restarted < 30  # SuperLink up and both devices reconnected
     run = fleet.start_run()
     assert fleet.wait_finished(run, 240) == "finished:completed"
-    rounds = [v.round for v in versions.all()]
+    rounds = [v.round for v in store.all()]
     assert rounds == sorted(set(rounds)) and rounds[:3] == [0, 1, 2]  # nothing lost, nothing repeated
-    last = versions.all()[-1]
-    assert last.parent_id == versions.all()[-2].id
+    last = store.all()[-1]
+    assert last.parent_id == store.all()[-2].id
 
     # 4. Kill one device during a round: the survivor completes it before the deadlines.
     run = fleet.start_run("--min-devices", "1")
@@ -101,7 +101,7 @@ def test_a_deployed_fleet_trains_refuses_strangers_and_survives_kills(fleet: Loc
     fleet.hosts["device-2"].kill()
     started = time.monotonic()
     assert fleet.wait_finished(run, 240) == "finished:completed"
-    newest = versions.all()[-1]
+    newest = store.all()[-1]
     assert newest.round == last.round + 1 and len(newest.participants) == 1
     # Training, evaluation and the update offer each wait at most one deadline for the dead device.
     assert time.monotonic() - started < 3 * DEADLINE + 30
@@ -111,4 +111,4 @@ def test_a_deployed_fleet_trains_refuses_strangers_and_survives_kills(fleet: Loc
     wait_for(lambda: fleet.status(run) == "running", 60, "the run to start")
     fleetlora("coordinator", "round", "stop", "--config", str(fleet.config), cwd=fleet.folder)
     assert fleet.wait_finished(run, 60) == "finished:stopped"
-    assert [v.round for v in versions.all()][: len(rounds) + 1] == [*rounds, newest.round]
+    assert [v.round for v in store.all()][: len(rounds) + 1] == [*rounds, newest.round]
