@@ -167,6 +167,12 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
         metrics = MetricRecord({records.NUM_EXAMPLES: len(job.held_out), **scores})
         return Message(RecordDict({records.METRICS: metrics}), reply_to=message)
 
+    @app.query(records.QUERY_IDENTITY.removeprefix("query."))
+    def identity(message: Message, context: Context) -> Message:
+        """Who this device is: the coordinator samples by it (node ids change from run to run)."""
+        reply = ConfigRecord({records.DEVICE_ID: device_id(context)})
+        return Message(RecordDict({records.CONFIG: reply}), reply_to=message)
+
     @app.query(records.QUERY_UPDATE_STATUS.removeprefix("query."))
     def update_status(message: Message, context: Context) -> Message:
         run_config = run_config_of(context)

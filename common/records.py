@@ -38,6 +38,10 @@ DP_SAMPLE_RATE: Final = "dp_sample_rate"
 DEVICE_ID: Final = "device-id"
 DECLINED: Final = "declined"
 
+# Sampling: "who are you?" (ClientApp query action); the reply's ConfigRecord holds DEVICE_ID. Sent once
+# per node and run, so rounds sample by device id rather than by Flower's node id.
+QUERY_IDENTITY: Final = "query.identity"
+
 # Update distribution: message types (ClientApp query actions) and the config keys of their replies.
 QUERY_UPDATE_STATUS: Final = "query.update_status"  # "which version do you hold?"
 QUERY_UPDATE_APPLY: Final = "query.update_apply"  # carries a package (common.package.PACKAGE)

@@ -114,6 +114,13 @@ class RunConfig:
 
     # ---- fleet
     seed: int = setting(0, "Seed for partitions, sampling and initial weights.", Group.FLEET)
+    sampling: str = setting(
+        "seeded",
+        "How each round's devices are drawn: seeded (from seed and round, by device id: one seed, one "
+        "schedule) or random (OS entropy; a deployed fleet's default).",
+        Group.FLEET,
+        choices=("seeded", "random"),
+    )
     rounds: int = setting(3, "Federated rounds to run (after any stored ones).", Group.FLEET)
     devices_per_round: int = setting(4, "Devices sampled each round.", Group.FLEET)
     min_devices: int = setting(2, "Valid replies needed for a round to count.", Group.FLEET)

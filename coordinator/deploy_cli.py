@@ -72,7 +72,7 @@ def round_start(
     """Launch a run of federated rounds on the SuperLink; it continues from the latest stored version."""
     settings = load_host_config(config)
     host = settings.coordinator
-    run_config = {**settings.federation, **deployment_run_config(host)}
+    run_config = {**DEPLOYED_DEFAULTS, **settings.federation, **deployment_run_config(host)}
     overrides = {"rounds": rounds, "min-devices": min_devices, "round-deadline": deadline}
     run_config.update({key: value for key, value in overrides.items() if value is not None})
     if fraction is not None:
@@ -123,6 +123,11 @@ def status(
         for row in rows:
             table.add_row(*(_cell(row[c]) for c in columns))
         console.print(table)
+
+
+# Where a deployed run differs from the table unless [federation] says otherwise: who trains when is
+# drawn from the OS's entropy, not from a seed anyone with the run config knows.
+DEPLOYED_DEFAULTS: dict[str, Any] = {"sampling": "random"}
 
 
 def deployment_run_config(host: CoordinatorHost) -> dict[str, Any]:

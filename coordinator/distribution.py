@@ -22,11 +22,11 @@ from fleetlora.common import chunks, records
 from fleetlora.common.errors import FleetloraError
 from fleetlora.common.package import PACKAGE
 from fleetlora.coordinator.exchange import exchange
+from fleetlora.coordinator.identities import read_device_id
 from fleetlora.coordinator.packages import PackagePolicy, build_package
 from fleetlora.coordinator.storage import PackageInfo, Storage, VersionInfo
 
 APPLY_STATUSES = ("applied", "current", "rejected", "failed")  # what a device may answer to a package
-MAX_DEVICE_ID = 200  # characters; enrolment ids are far shorter
 MAX_REASON = 500  # characters of a device's reason kept
 
 
@@ -180,10 +180,10 @@ class Holding:
     @classmethod
     def read(cls, answer: ConfigRecord) -> Holding | None:
         """The report, or None when any field has the wrong type or range."""
-        device = answer.get(records.DEVICE_ID)
+        device = read_device_id(answer)
         version = answer.get(records.ACTIVE_VERSION)
         sequence = answer.get(records.ACTIVE_SEQUENCE, 0)
-        if not isinstance(device, str) or not 0 < len(device) <= MAX_DEVICE_ID:
+        if device is None:
             return None
         if version is not None and (type(version) is not int or version < 1):
             return None

@@ -3,7 +3,8 @@
 Each round (:meth:`Federation._round`):
 
 1. **sample**: wait (until the deadline) for at least ``min-devices`` connected devices and draw up
-   to ``devices-per-round`` of them, devices that want to train first;
+   to ``devices-per-round`` of them by device id, devices that want to train first (:mod:`.sampling`:
+   seeded, one seed trains one schedule; or from the OS's entropy);
 2. **configure**: the round's instructions, how its uploads are opened (plain arrays, or sealed) and
    how accepted deltas are averaged (FedAvg, wrapped in central DP when it is on);
 3. **exchange**: send each sampled device the global adapter and fold replies into the aggregator
@@ -26,7 +27,6 @@ round is lost or repeated.
 from __future__ import annotations
 
 import hashlib
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,6 +58,7 @@ from fleetlora.coordinator.distribution import DistributionOutcome, Distributor
 from fleetlora.coordinator.exchange import exchange, round_messages, wait_for_nodes
 from fleetlora.coordinator.keys import load_hpke_key, load_signing_key
 from fleetlora.coordinator.packages import PackageTooLarge
+from fleetlora.coordinator.sampling import Sampler
 from fleetlora.coordinator.settings import CoordinatorSettings
 from fleetlora.coordinator.storage import (
     NewVersion,
@@ -88,7 +89,7 @@ class RoundOutcome:
 
     round: int
     version: VersionInfo | None
-    sampled: int
+    sampled_devices: list[str]  # the sampled devices' ids, in the order drawn
     participants: dict[int, int]
     drops: list[Drop]
     upload_bytes: int
@@ -99,6 +100,10 @@ class RoundOutcome:
     package: PackageInfo | None = None  # the signed package from the parent version to this one
     distribution: DistributionOutcome | None = None
     package_error: str | None = None  # why no package was built (none fits under the cap)
+
+    @property
+    def sampled(self) -> int:
+        return len(self.sampled_devices)
 
     @property
     def examples(self) -> int:
@@ -162,6 +167,9 @@ class Federation:
         self.hpke_key = load_hpke_key(Path(settings.keys_dir)) if settings.seal_uploads else None
         self.upload_bound = inflated_bound(self.loaded.initial_adapter)  # bytes a decoded upload may reach
         self.delta_mean: Callable[[State], DeltaMean] = ExampleWeightedMean  # set again on resume
+        self.sampler = Sampler(
+            grid, count=settings.devices_per_round, seed=settings.sampling_seed, ttl=settings.round_deadline
+        )
         self.storage.versions.register_lineage(
             self.lineage,
             settings.tenant,
@@ -248,14 +256,15 @@ class Federation:
             online = wait_for_nodes(self.grid, self.settings.min_devices, deadline)
         except QuorumError as exc:
             return self._failed(number, started, [], None, str(exc)), state
-        sampled = self._sample(number, online)
+        sampled = self._sample(number, online, deadline)
         # configure
         instructions = self._configure(number, parent)
         # exchange: each reply is checked and folded in as it arrives
         train = self._exchange(sampled, state, instructions, deadline)
+        sampled_devices = self.sampler.named(sampled, online)  # as known now that the replies named them
         if len(train.participants) < self.settings.min_devices:
             error = f"{len(train.participants)} valid deltas, {self.settings.min_devices} needed"
-            return self._failed(number, started, sampled, train, error), state
+            return self._failed(number, started, sampled_devices, train, error), state
         # aggregate
         update = train.release(sampled=len(sampled), online=len(online))
         new_state, optimizer_state = server_step(
@@ -284,7 +293,7 @@ class Federation:
         outcome = RoundOutcome(
             round=number,
             version=version,
-            sampled=len(sampled),
+            sampled_devices=sampled_devices,
             participants=dict(train.participants),
             drops=drops,
             upload_bytes=train.upload_bytes,
@@ -297,10 +306,9 @@ class Federation:
         )
         return outcome, new_state
 
-    def _sample(self, number: int, online: list[int]) -> list[int]:
+    def _sample(self, number: int, online: list[int], deadline: float) -> list[int]:
         wanting = self.storage.devices.wanting_nodes() if self.distributor else set()
-        rng = random.Random(f"{self.settings.seed}:{number}")
-        return sample_devices(online, self.settings.devices_per_round, wanting, rng)
+        return self.sampler.draw(number, online, wanting, deadline)
 
     def _configure(self, number: int, parent: VersionInfo) -> Instructions:
         return Instructions(
@@ -335,6 +343,7 @@ class Federation:
             round_messages(sampled, state, instructions, MessageType.TRAIN, ttl=self.settings.round_deadline),
             deadline,
         ):
+            self.sampler.learn(reply)  # its device id: the round's record, and no need to ask it later
             aggregator.add(reply)
         aggregator.mark_missing(sampled)
         # Spent whether or not the round reaches its quorum, so recorded before the check.
@@ -381,7 +390,7 @@ class Federation:
         self,
         number: int,
         started: float,
-        sampled: list[int],
+        sampled_devices: list[str],
         train: DeltaAggregator | None,
         error: str,
     ) -> RoundOutcome:
@@ -389,12 +398,12 @@ class Federation:
         drops = list(train.drops) if train else []
         seconds = time.monotonic() - started
         self.storage.ledgers.record_failed_round(
-            self.lineage, number, _report(len(sampled), train, drops, seconds, error)
+            self.lineage, number, _report(len(sampled_devices), train, drops, seconds, error)
         )
         return RoundOutcome(
             round=number,
             version=None,
-            sampled=len(sampled),
+            sampled_devices=sampled_devices,
             participants=dict(train.participants) if train else {},
             drops=drops,
             upload_bytes=train.upload_bytes if train else 0,
@@ -416,12 +425,3 @@ def _report(
         seconds=seconds,
         error=error,
     )
-
-
-def sample_devices(online: list[int], count: int, wanting: set[int], rng: random.Random) -> list[int]:
-    """``count`` of the ``online`` nodes, at random, those whose device wants to train (drift) first."""
-    first = [n for n in online if n in wanting]
-    rest = [n for n in online if n not in wanting]
-    rng.shuffle(first)
-    rng.shuffle(rest)
-    return (first + rest)[: min(count, len(online))]

@@ -45,6 +45,7 @@ class CoordinatorSettings:
     db_url: str
     eval_data: str  # coordinator-side evaluation set; "" for none
     seed: int
+    sampling: str  # "seeded": each round's devices follow seed and round; "random": OS entropy
     server: ServerOptimizerSettings
     lr_decay: float  # round r trains at learning_rate × lr_decay^(r-1)
     seal_uploads: bool  # devices encrypt their deltas to this coordinator and sign them
@@ -54,6 +55,11 @@ class CoordinatorSettings:
     central_dp: CentralDPSettings
     package_policy: PackagePolicy
     distribute_updates: bool  # after each round, send connected devices the newest package
+
+    @property
+    def sampling_seed(self) -> int | None:
+        """The seed rounds sample devices with; None draws from the OS's entropy."""
+        return self.seed if self.sampling == "seeded" else None
 
     @property
     def builds_packages(self) -> bool:

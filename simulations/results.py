@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fleetlora.coordinator.rounds import RoundOutcome
 
+SIMULATED_DEVICE = re.compile(r"partition-(\d+)")  # a simulated device's id (client_app.device_id)
+
 
 def summarize(outcome: RoundOutcome) -> dict[str, Any]:
-    """The round as a plain dict: one entry of results.json's ``rounds``."""
+    """The round as a plain dict: one entry of results.json's ``rounds``.
+
+    ``partitions`` lists the sampled devices in the order drawn, so two runs (or two arms) can be
+    checked to have trained the same schedule.
+    """
     return {
         "round": outcome.round,
         "version": outcome.version.label if outcome.version else None,
+        "partitions": [partition_of(device) for device in outcome.sampled_devices],
         "participants": len(outcome.participants),
         "examples": outcome.examples,
         "dropped": [d.as_dict() for d in outcome.drops],
@@ -32,3 +40,9 @@ def summarize(outcome: RoundOutcome) -> dict[str, Any]:
         **({"updates": outcome.distribution.as_dict()} if outcome.distribution else {}),
         **({"package_error": outcome.package_error} if outcome.package_error else {}),
     }
+
+
+def partition_of(device_id: str) -> int | str:
+    """A simulated device's partition number; any other device by its id."""
+    match = SIMULATED_DEVICE.fullmatch(device_id)
+    return int(match[1]) if match else device_id

@@ -103,7 +103,7 @@ DEVICE_ONLY = {"data", "partition", "stream-records", "simulated-consent", "devi
 OTHER_TEXT = {
     "model": "tiny", "task": "causal-lm", "labels": "a,b", "lora-targets": "query", "unfreeze": "layer.0",
     "pooling": "transformers", "eval-data": "", "tenant": "other", "db": "sqlite://", "keys": "elsewhere",
-    "upload-codec": "int8+zstd", "server-optimizer": "fedadam", "dp-accountant": "prv",
+    "upload-codec": "int8+zstd", "server-optimizer": "fedadam", "dp-accountant": "prv", "sampling": "random",
 }  # fmt: skip
 
 

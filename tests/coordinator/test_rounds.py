@@ -139,6 +139,24 @@ def test_too_few_devices_online_fails_at_the_deadline(sqlite_url: str):
     assert outcome.version is None and "Only 2 of the 3 devices" in outcome.error
 
 
+def test_two_runs_with_one_seed_train_the_same_devices_whatever_node_ids_flower_drew(tmp_path):
+    node_ids = {"first": [901, 17, 455, 62], "second": [3, 777, 48, 1200]}  # partition i at node_ids[i]
+    outcomes = {}
+    for run, nodes in node_ids.items():
+        config = _run_config(f"sqlite:///{tmp_path / run}.db", **{"devices-per-round": 2, "seed": 1})
+        grid = LocalGrid(build_client_app(), 4, config)
+        grid.node_ids = nodes
+        outcomes[run] = Federation(grid, CoordinatorSettings.from_run_config(config)).run()
+
+    schedules = {run: [o.sampled_devices for o in outcomes[run]] for run in node_ids}
+    assert schedules["first"] == schedules["second"]
+    assert all(len(devices) == 2 for devices in schedules["first"])
+    for run, nodes in node_ids.items():  # the devices drawn are the devices that trained
+        for outcome in outcomes[run]:
+            trained = sorted(f"partition-{nodes.index(n)}" for n in outcome.participants)
+            assert trained == sorted(outcome.sampled_devices)
+
+
 def test_a_restarted_coordinator_resumes_from_the_latest_version(db_url: str):
     config = _run_config(db_url)
     first = Federation(LocalGrid(build_client_app(), 3, config), CoordinatorSettings.from_run_config(config))

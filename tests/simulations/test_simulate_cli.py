@@ -72,6 +72,23 @@ def test_tiny_fleet_end_to_end(tmp_path: Path):
     assert "(rollback)" in _error_line(refused)  # an older version than the device holds
 
 
+@pytest.mark.slow
+def test_two_runs_with_one_seed_sample_the_same_partitions(tmp_path: Path):
+    schedules = []
+    for run in ("first", "second"):
+        out = tmp_path / run
+        done = fleetlora(
+            "simulate", "--model", "tiny", "--devices", "6", "--devices-per-round", "3", "--rounds", "3",
+            "--seed", "1", "--out", str(out),
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        schedules.append([r["partitions"] for r in json.loads((out / "results.json").read_text())["rounds"]])
+
+    assert schedules[0] == schedules[1]
+    assert len(schedules[0]) == 3
+    assert all(len(set(partitions)) == 3 and set(partitions) <= set(range(6)) for partitions in schedules[0])
+
+
 def _error_line(done: subprocess.CompletedProcess[str]) -> str:
     assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
     assert "Traceback" not in done.stderr

@@ -14,7 +14,7 @@ from fleetlora.client.corpus.store import CorpusStore
 from fleetlora.client.device_state import DeviceState
 from fleetlora.common.data import load_examples
 from fleetlora.common.errors import ConfigError
-from fleetlora.coordinator.rounds import sample_devices
+from fleetlora.coordinator.sampling import sample_devices
 
 SHARED = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 

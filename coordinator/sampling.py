@@ -1,0 +1,76 @@
+"""Which devices train in a round: drawn over device ids, so one seed trains one schedule.
+
+When more devices are online than a round takes, the draw orders the online nodes by device id
+(:mod:`.identities`; nodes not known yet are asked), puts the devices whose new records drifted
+first, and shuffles each group with the round's generator:
+
+- ``sampling = "seeded"`` (the table's default, so every simulation): ``random.Random(f"{seed}:{round}")``.
+  The round's devices are then a pure function of (seed, round, the eligible device ids, those that
+  want to train), whatever node ids Flower drew: two runs, or two arms of a benchmark, with one seed
+  train the same partitions in the same rounds.
+- ``sampling = "random"`` (what ``fleetlora coordinator round start`` sends unless the host's
+  ``[federation]`` asks for ``seeded``): ``random.SystemRandom()``, the OS's entropy. Nobody who knows
+  the run config can predict who trains when, which the central-DP accountant's amplification by
+  sampling assumes.
+
+When every online device trains there is nothing to draw and no one is asked; their train replies
+name them.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from fleetlora.coordinator.identities import DeviceNames
+
+
+class Sampler:
+    """Draws each round's devices from the online nodes (see the module docstring)."""
+
+    def __init__(self, grid: Grid, *, count: int, seed: int | None, ttl: float) -> None:
+        """``seed`` None: every draw comes from the OS's entropy; ``ttl``: seconds a query may wait."""
+        self.count, self.seed = count, seed
+        self.names = DeviceNames(grid, ttl=ttl)
+
+    def draw(self, round_number: int, online: list[int], wanting: set[int], deadline: float) -> list[int]:
+        """Up to ``count`` of ``online``, ``wanting`` first; unknown ids are asked until ``deadline``."""
+        if len(online) <= self.count:
+            return list(online)
+        names = self.names.of(online, deadline)
+        rng = random.SystemRandom() if self.seed is None else random.Random(f"{self.seed}:{round_number}")
+        return sample_devices(online, self.count, wanting, rng, name=names.__getitem__)
+
+    def learn(self, reply: Message) -> None:
+        """A reply that names its device (a train reply) saves asking it."""
+        self.names.learn(reply)
+
+    def named(self, sampled: list[int], online: list[int]) -> list[str]:
+        """The sampled devices' ids: in the order drawn, or by id when all of ``online`` trained (no draw)."""
+        names = [self.names.name(node) for node in sampled]
+        return sorted(names) if len(sampled) == len(online) else names
+
+
+def sample_devices(
+    online: list[int],
+    count: int,
+    wanting: set[int],
+    rng: random.Random,
+    *,
+    name: Callable[[int], str] | None = None,
+) -> list[int]:
+    """``count`` of the ``online`` nodes, at random, those whose device wants to train (drift) first.
+
+    The nodes are sorted by ``name`` (ties, two nodes claiming one name, by node id; without
+    ``name``, by node id) before ``rng`` shuffles them, so the draw depends on the set of names and
+    not on the order the nodes came in or on their ids.
+    """
+    ordered = sorted(online, key=(lambda node: (name(node), node)) if name else None)
+    first = [node for node in ordered if node in wanting]
+    rest = [node for node in ordered if node not in wanting]
+    rng.shuffle(first)
+    rng.shuffle(rest)
+    return (first + rest)[: min(count, len(online))]
