@@ -92,7 +92,8 @@ def plan_round(
     if not examples:
         raise DataError("No local training examples: this device has nothing to learn from.")
     privacy = settings.privacy
-    account = account or _open_account(privacy, settings, len(examples))
+    if account is None:
+        account = _open_account(privacy, settings, len(examples))
     keys = [record_key(e.text) for e in examples]
     known = account.cohort_of()
     arrivals = Cohort(joined=round_number, records=sorted({k for k in keys if k not in known}))
