@@ -25,6 +25,7 @@ from fleetlora.client.corpus.store import CORPUS_FILE, CorpusStore
 from fleetlora.client.device_state import DeviceState, UserConfig
 from fleetlora.client.enroll import signing_key
 from fleetlora.client.local_data import CORPUS, corpus_examples, local_examples
+from fleetlora.client.privacy_floor import Declined
 from fleetlora.client.train import train_locally
 from fleetlora.client.updates import ActiveAdapter, UpdateSlots, apply_package
 from fleetlora.common import chunks, records
@@ -115,21 +116,19 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
                 coordinator_key(context.node_config, job.run_config, X25519PublicKey),
                 signing_key(job.state),
             )
-        account, noise = None, None
-        if settings.privacy.enabled:
-            assert job.state is not None  # prepare locates it whenever DP is on
-            try:
-                account, noise = privacy.plan_round(job.state, settings, len(job.train_set))
-            except privacy.BudgetSpent as exc:
-                identity[records.DECLINED] = str(exc)
-                return Message(RecordDict({records.CONFIG: identity}), reply_to=message)
+        try:
+            plan = privacy_plan(job, context)
+        except Declined as exc:
+            identity[records.DECLINED] = str(exc)
+            return Message(RecordDict({records.CONFIG: identity}), reply_to=message)
+        train_set = list(plan.examples) if plan else job.train_set  # under DP, the records not yet retired
         before = trainable_state(loaded.model)
         if settings.personal_head and job.state:
             personal_head.restore(loaded, job.state)
         # A simulated device's identity is its partition (Flower draws node ids at random per run).
         node_number = int(context.node_config.get("partition-id", context.node_id))
         seed = training_seed(job.instructions.spec.seed, job.instructions.round, node_number)
-        result = train_locally(loaded, job.train_set, settings, seed=seed, noise=noise)
+        result = train_locally(loaded, train_set, settings, seed=seed, noise=plan.noise if plan else None)
         metrics = MetricRecord(
             {
                 records.NUM_EXAMPLES: result.examples,
@@ -138,14 +137,14 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
                 records.TRAIN_SECONDS: result.seconds,
             }
         )
-        if account and noise and job.state:
+        if plan and job.state:
             # Spent as soon as trained: recorded before anything leaves the device.
-            metrics.update(privacy.spend(job.state, account, settings.privacy, noise, result.steps))
+            metrics.update(privacy.spend(job.state, plan, settings.privacy, result.steps))
         if settings.personal_head and job.state:
             personal_head.keep(loaded, job.state)
         if uses_corpus(context.node_config, job.run_config):  # what it trained on is the drift reference
             corpus_device = DeviceState.locate(context.node_config, job.run_config)
-            drift.save_reference(corpus_device, [e.text for e in job.train_set], job.read_at)
+            drift.save_reference(corpus_device, [e.text for e in train_set], job.read_at)
         delta = diff(trainable_state(loaded.model), before)  # the head's change is against the global head
         content = upload(delta, identity, job.instructions, keys)
         content[records.METRICS] = metrics
@@ -210,6 +209,21 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
         return Message(RecordDict({records.CONFIG: reply}), reply_to=message)
 
     return app
+
+
+def privacy_plan(job: MessageJob, context: Context) -> privacy.RoundPlan | None:
+    """This round's DP plan (None: the round is not DP and the device allows that).
+
+    Raises :class:`Declined` when the request is below the device's floor or no record can afford it.
+    """
+    device = job.state or DeviceState.find(context.node_config, job.run_config)
+    account = privacy.load_account(device) if device else None
+    privacy.floor_of(context.node_config, account).admit(job.instructions.train.privacy)
+    if not job.instructions.train.privacy.enabled:
+        return None
+    return privacy.plan_round(
+        account, job.instructions.train, job.train_set, round_number=job.instructions.round
+    )
 
 
 def upload(

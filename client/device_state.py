@@ -33,14 +33,22 @@ class DeviceState:
     @classmethod
     def locate(cls, node_config: UserConfig, run_config: UserConfig) -> DeviceState:
         """The device's folder from its node config, or the simulated device's under the run's."""
-        if "state-dir" in node_config:
-            return cls(Path(str(node_config["state-dir"])))
-        if "partition-id" in node_config and run_config.get("device-state"):
-            return cls(Path(str(run_config["device-state"])) / f"partition-{node_config['partition-id']}")
+        found = cls.find(node_config, run_config)
+        if found is not None:
+            return found
         raise ConfigError(
             "This device has no state folder for what it keeps between rounds: start the SuperNode "
             "with --node-config 'state-dir=\"DIR\"'."
         )
+
+    @classmethod
+    def find(cls, node_config: UserConfig, run_config: UserConfig) -> DeviceState | None:
+        """Like :meth:`locate`, but None for a device configured without a state folder."""
+        if "state-dir" in node_config:
+            return cls(Path(str(node_config["state-dir"])))
+        if "partition-id" in node_config and run_config.get("device-state"):
+            return cls(Path(str(run_config["device-state"])) / f"partition-{node_config['partition-id']}")
+        return None
 
     def path(self, name: str, suffix: str = ".safetensors") -> Path:
         return self.root / f"{name}{suffix}"
@@ -60,10 +68,16 @@ class DeviceState:
         self._replace(self.path(name), serialize(state))
 
     def load_json(self, name: str) -> dict[str, Any] | None:
-        """A stored JSON document, or None if never saved; a damaged file raises IncompatibleStateError."""
+        """A stored JSON document, or None if never saved; a damaged file raises IncompatibleStateError.
+
+        Something other than a plain file under the name (a folder, a symlink) is damage too: reading
+        it as "never saved" would let whatever it guards start over.
+        """
         path = self.path(name, ".json")
-        if not path.is_file():
+        if not path.exists() and not path.is_symlink():
             return None
+        if path.is_symlink() or not path.is_file():
+            raise IncompatibleStateError(f"{path} is damaged (not a plain file).")
         try:
             document = json.loads(path.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -16,10 +16,17 @@ batches, per-example gradients from Opacus' hooks-based ``GradSampleModule`` (ho
 leaf layers only, here LoRA's ``nn.Linear`` pairs and the head; Opacus' ``grad_sample/README.md``),
 each clipped to ``max_grad_norm``, Gaussian noise of ``noise_multiplier × max_grad_norm`` added to
 their sum. An empty Poisson batch is still a step (noise only) and still counted by the accountant.
+
+Batch membership is the one thing that differs in kind between the two. Without DP the shuffles
+come from the run seed, so a paused or repeated run trains the same batches. Under DP they come
+from the OS's entropy: amplification by subsampling, which the accountant assumes, holds only
+while the sample is secret from whoever sees the output, and the coordinator knows the run seed.
+With it (and the n, q and steps a device reports) it could rebuild every batch.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import secrets
 import time
@@ -27,6 +34,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
@@ -79,11 +87,10 @@ def train_locally(
     optimizer: torch.optim.Optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate)
     restricted = settings.restricted_softmax and loaded.spec.task == "classify"
     absent = _absent_label_mask(loaded, examples) if restricted else None
-    rng = random.Random(seed)
     steps = settings.steps_for(len(examples))
+    batches = draw_batches(len(examples), settings.batch_size, steps, seed=seed, noise=noise)
     if noise is None:
         forward: torch.nn.Module = model
-        batches = _shuffled_batches(len(examples), settings.batch_size, steps, rng)
     else:
         forward = GradSampleModule(model, batch_first=True, loss_reduction="mean")
         optimizer = DPOptimizer(
@@ -96,7 +103,6 @@ def train_locally(
             # the seed subtract the noise again.
             generator=torch.Generator().manual_seed(secrets.randbits(63)),
         )
-        batches = _poisson_batches(len(examples), noise.sample_rate, steps, rng)
     losses: list[float] = []
     started = time.perf_counter()
 
@@ -134,6 +140,16 @@ def _loss(forward: torch.nn.Module, batch: Batch, absent: torch.Tensor | None) -
     return torch.nn.functional.cross_entropy(logits, labels)
 
 
+def draw_batches(
+    num_examples: int, batch_size: int, steps: int, *, seed: int, noise: NoisePlan | None
+) -> Iterator[list[int]]:
+    """The round's batches, as indices into the examples: seeded shuffles without DP (reproducible from
+    ``seed``), secret Poisson draws at ``noise.sample_rate`` under DP (``seed`` is not used)."""
+    if noise is None:
+        return _shuffled_batches(num_examples, batch_size, steps, random.Random(seed))
+    return _secret_poisson_batches(num_examples, noise.sample_rate, steps)
+
+
 def _shuffled_batches(n: int, batch_size: int, steps: int, rng: random.Random) -> Iterator[list[int]]:
     """``steps`` batches from consecutive shuffled passes over ``n`` examples."""
     queue: list[int] = []
@@ -146,10 +162,13 @@ def _shuffled_batches(n: int, batch_size: int, steps: int, rng: random.Random) -
         yield take
 
 
-def _poisson_batches(n: int, sample_rate: float, steps: int, rng: random.Random) -> Iterator[list[int]]:
-    """Each example joins each batch independently with probability ``sample_rate`` (DP-SGD's sampling)."""
+def _secret_poisson_batches(n: int, sample_rate: float, steps: int) -> Iterator[list[int]]:
+    """Each example joins each batch independently with probability ``sample_rate`` (DP-SGD's sampling),
+    drawn from ``os.urandom``: no seed, so nobody outside this process can replay the draws."""
+    threshold = sample_rate * 2.0**53
     for _ in range(steps):
-        yield [i for i in range(n) if rng.random() < sample_rate]
+        draws = np.frombuffer(os.urandom(8 * n), dtype=np.uint64) >> np.uint64(11)  # uniform on [0, 2**53)
+        yield np.flatnonzero(draws < threshold).tolist()
 
 
 def _absent_label_mask(loaded: LoadedModel, examples: Sequence[Example]) -> torch.Tensor:

@@ -29,10 +29,12 @@ TRAIN_LOSS: Final = "train_loss"
 TRAIN_STEPS: Final = "train_steps"
 TRAIN_SECONDS: Final = "train_seconds"
 # A DP device's cumulative spend after the round (the coordinator's privacy ledger keeps them).
+# Budgets are per record (client/privacy.py): dp_epsilon is the largest ε any of its records has spent.
 DP_EPSILON: Final = "dp_epsilon"
 DP_DELTA: Final = "dp_delta"
 DP_NOISE_MULTIPLIER: Final = "dp_noise_multiplier"
 DP_SAMPLE_RATE: Final = "dp_sample_rate"
+DP_RECORDS_RETIRED: Final = "dp_records_retired"  # records whose ε is spent: they never train with DP again
 
 # Config keys in a device's train reply: who it is, and why it declined to train (if it did).
 DEVICE_ID: Final = "device-id"

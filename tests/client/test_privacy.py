@@ -1,4 +1,7 @@
-"""DP-SGD on the device: the noise plan, the budget, and ε that adds up across processes."""
+"""DP-SGD on the device: the noise plan, the budget, and ε that adds up across processes.
+
+A fixed data set is one arrival cohort, so per-record budgets behave here as a lifetime budget did.
+"""
 
 from __future__ import annotations
 
@@ -16,12 +19,14 @@ from fleetlora.client.train import NoisePlan, train_locally
 from fleetlora.common.config import ModelSpec, PrivacySettings, TrainSettings
 from fleetlora.common.data import load_examples
 from fleetlora.common.delta import trainable_state
+from fleetlora.common.dp_accounting import epsilon_from_history
 from fleetlora.common.errors import IncompatibleStateError
 from fleetlora.common.model import build_model
 
 SETTINGS = TrainSettings(
     local_steps=4, batch_size=8, learning_rate=3e-3, privacy=PrivacySettings(epsilon=4.0, planned_rounds=3)
 )
+EXAMPLES = load_examples("builtin")[:64]
 
 # One DP round of a device, as its own process would run it: open the account on disk, train, spend.
 ONE_ROUND = """
@@ -39,9 +44,9 @@ examples = load_examples("builtin")[:64]
 spec = ModelSpec("tiny", "classify", labels_of(load_examples("builtin")), max_length=32)
 settings = TrainSettings(local_steps=4, batch_size=8, privacy=PrivacySettings(epsilon=4.0, planned_rounds=3))
 device = DeviceState(Path(sys.argv[1]))
-account, noise = privacy.plan_round(device, settings, len(examples))
-result = train_locally(build_model(spec), examples, settings, seed=int(sys.argv[2]), noise=noise)
-print(json.dumps(privacy.spend(device, account, settings.privacy, noise, result.steps)))
+plan = privacy.plan_round(privacy.load_account(device), settings, examples, round_number=int(sys.argv[2]) + 1)
+result = train_locally(build_model(spec), plan.examples, settings, seed=int(sys.argv[2]), noise=plan.noise)
+print(json.dumps(privacy.spend(device, plan, settings.privacy, result.steps)))
 """
 
 
@@ -58,7 +63,7 @@ def test_epsilon_over_three_rounds_in_three_processes_equals_one_run_of_the_same
         reports.append(json.loads(done.stdout.strip().splitlines()[-1]))
     sigma, rate = reports[0]["dp_noise_multiplier"], reports[0]["dp_sample_rate"]
     assert all(r["dp_noise_multiplier"] == sigma for r in reports)  # chosen once, kept
-    one_run = privacy.PrivacyAccount(sigma, "rdp", [(sigma, rate, 3 * 4)]).epsilon(1e-5)
+    one_run = epsilon_from_history([(sigma, rate, 3 * 4)], delta=1e-5)
     assert reports[2]["dp_epsilon"] == pytest.approx(one_run, rel=1e-9)
     assert reports[0]["dp_epsilon"] < reports[1]["dp_epsilon"] < reports[2]["dp_epsilon"]
     # σ was calibrated so the planned 3 rounds spend the whole budget, and no more.
@@ -68,22 +73,22 @@ def test_epsilon_over_three_rounds_in_three_processes_equals_one_run_of_the_same
 
 def test_a_device_declines_once_the_next_round_would_pass_its_budget(tmp_path: Path):
     device = DeviceState(tmp_path)
-    for _ in range(3):  # the planned rounds fit
-        account, noise = privacy.plan_round(device, SETTINGS, 64)
-        privacy.spend(device, account, SETTINGS.privacy, noise, 4)
+    for round_number in range(1, 4):  # the planned rounds fit
+        plan = privacy.plan_round(privacy.load_account(device), SETTINGS, EXAMPLES, round_number=round_number)
+        privacy.spend(device, plan, SETTINGS.privacy, 4)
     stored = device.load_json(privacy.ACCOUNT_FILE)
     with pytest.raises(privacy.BudgetSpent, match=r"after this round > target 4"):
-        privacy.plan_round(device, SETTINGS, 64)
+        privacy.plan_round(privacy.load_account(device), SETTINGS, EXAMPLES, round_number=4)
     assert device.load_json(privacy.ACCOUNT_FILE) == stored  # declining spends nothing
 
 
 def test_a_damaged_account_stops_training_instead_of_starting_over(tmp_path: Path):
     device = DeviceState(tmp_path)
-    account, noise = privacy.plan_round(device, SETTINGS, 64)
-    privacy.spend(device, account, SETTINGS.privacy, noise, 4)
+    plan = privacy.plan_round(privacy.load_account(device), SETTINGS, EXAMPLES, round_number=1)
+    privacy.spend(device, plan, SETTINGS.privacy, 4)
     device.save_json(privacy.ACCOUNT_FILE, {"noise_multiplier": 1.0})  # history lost
     with pytest.raises(IncompatibleStateError, match="privacy spend is unknown"):
-        privacy.plan_round(device, SETTINGS, 64)
+        privacy.load_account(device)
 
 
 def test_empty_poisson_batches_are_noise_only_steps(tiny_spec: ModelSpec):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fleetlora.client.local_data import local_examples
-from fleetlora.client.train import train_locally
+from fleetlora.client.train import NoisePlan, draw_batches, train_locally
 from fleetlora.common.batches import evaluate
 from fleetlora.common.config import ModelSpec, TrainSettings
 from fleetlora.common.data import load_examples
@@ -63,3 +63,14 @@ def test_restricted_softmax_leaves_absent_classes_alone(tiny_spec: ModelSpec, re
         assert torch.count_nonzero(absent) == 0
     else:
         assert bool((absent < 0).all())
+
+
+def test_dp_batches_are_secret_while_plain_batches_follow_the_seed():
+    noise = NoisePlan(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1)
+    plain = [list(draw_batches(500, 16, 20, seed=7, noise=None)) for _ in range(2)]
+    secret = [list(draw_batches(500, 16, 20, seed=7, noise=noise)) for _ in range(2)]
+    assert plain[0] == plain[1]  # reproducible: pause/resume and repeated runs train the same batches
+    assert secret[0] != secret[1]  # the run seed (which the coordinator knows) does not fix them
+    sizes = [len(batch) for batch in secret[0] + secret[1]]
+    assert 35 < sum(sizes) / len(sizes) < 65  # Poisson at q = 0.1 of 500: 50 expected
+    assert all(0 <= i < 500 for batch in secret[0] for i in batch)
