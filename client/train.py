@@ -9,7 +9,9 @@ With ``restricted_softmax`` a classifier's loss ignores the classes the device h
 of: their logits are masked out, so local training never pushes down classes it cannot see. Under
 label skew that push is what makes averaged heads forget rare classes (FedRS, Li & Zhan, KDD
 2021, scales those logits by alpha; masking is its alpha = 0). A causal LM has no classes and
-trains on the plain loss.
+trains on the plain loss. Under DP the mask is not used: it is computed from the device's other
+records, so one record's presence would change every other record's gradient, which the
+per-example sensitivity bound of DP-SGD does not allow.
 
 With a :class:`NoisePlan` the round is DP-SGD (Abadi et al. 2016) through Opacus: Poisson-sampled
 batches, per-example gradients from Opacus' hooks-based ``GradSampleModule`` (hooks on the trainable
@@ -85,7 +87,8 @@ def train_locally(
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer: torch.optim.Optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate)
-    restricted = settings.restricted_softmax and loaded.spec.task == "classify"
+    # The mask depends on which classes the other records hold: not a per-example function under DP.
+    restricted = settings.restricted_softmax and loaded.spec.task == "classify" and noise is None
     absent = _absent_label_mask(loaded, examples) if restricted else None
     steps = settings.steps_for(len(examples))
     batches = draw_batches(len(examples), settings.batch_size, steps, seed=seed, noise=noise)

@@ -140,6 +140,7 @@ class PrivacyEntry(SchemaStamped, Base):
     noise_multiplier: Mapped[float]
     sample_rate: Mapped[float]
     steps: Mapped[int]
+    records_retired: Mapped[int] = mapped_column(default=0, server_default="0")
     recorded_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

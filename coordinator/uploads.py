@@ -112,9 +112,16 @@ class PrivacySpend:
     noise_multiplier: float
     sample_rate: float
     steps: int
+    records_retired: int  # records whose per-record budget is spent (they no longer train with DP)
 
 
-_DP_KEYS = (records.DP_EPSILON, records.DP_DELTA, records.DP_NOISE_MULTIPLIER, records.DP_SAMPLE_RATE)
+_DP_KEYS = (
+    records.DP_EPSILON,
+    records.DP_DELTA,
+    records.DP_NOISE_MULTIPLIER,
+    records.DP_SAMPLE_RATE,
+    records.DP_RECORDS_RETIRED,
+)
 
 
 def take_privacy_spend(reply: Message, metrics: ReplyMetrics) -> PrivacySpend | None:
@@ -130,6 +137,7 @@ def take_privacy_spend(reply: Message, metrics: ReplyMetrics) -> PrivacySpend | 
         noise_multiplier=values.get(records.DP_NOISE_MULTIPLIER, 0.0),
         sample_rate=values.get(records.DP_SAMPLE_RATE, 0.0),
         steps=int(metrics.values.get(records.TRAIN_STEPS, 0)),
+        records_retired=int(values.get(records.DP_RECORDS_RETIRED, 0)),
     )
 
 

@@ -167,7 +167,12 @@ def device_privacy(outcomes: list[RoundOutcome]) -> dict[str, dict[str, float]]:
     latest: dict[str, dict[str, float]] = {}
     for outcome in outcomes:
         for spend in outcome.privacy:
-            latest[spend.device_id] = {"epsilon": spend.epsilon, "delta": spend.delta, "round": outcome.round}
+            latest[spend.device_id] = {
+                "epsilon": spend.epsilon,  # the largest ε any of the device's records has spent
+                "delta": spend.delta,
+                "records_retired": spend.records_retired,
+                "round": outcome.round,
+            }
     return dict(sorted(latest.items()))
 
 

@@ -127,9 +127,9 @@ def test_failed_rounds_and_the_privacy_ledger_are_kept_in_order(db_url: str):
     ledgers = Storage.open(db_url).ledgers
     for number in (1, 2, 3):
         ledgers.record_failed_round("L", number, _report(received=0, error=f"round {number} failed"))
-    spends = [PrivacySpend("d1", 1.0, 1e-5, 1.1, 0.5, 10), PrivacySpend("d2", 2.0, 1e-5, 1.1, 0.5, 10)]
+    spends = [PrivacySpend("d1", 1.0, 1e-5, 1.1, 0.5, 10, 0), PrivacySpend("d2", 2.0, 1e-5, 1.1, 0.5, 10, 3)]
     ledgers.record_privacy("L", 1, spends)
-    ledgers.record_privacy("L", 2, [PrivacySpend("d1", 1.5, 1e-5, 1.1, 0.5, 20)])
+    ledgers.record_privacy("L", 2, [PrivacySpend("d1", 1.5, 1e-5, 1.1, 0.5, 20, 1)])
 
     assert [(r.round, r.status, r.error) for r in ledgers.rounds(last=2)] == [
         (2, "failed", "round 2 failed"),
