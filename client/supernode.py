@@ -8,6 +8,7 @@ state folder, data, consent and the coordinator keys' paths; the ClientApp reads
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import time
 from types import FrameType
 
 from fleetlora.client.enroll import SUPERNODE_AUTH_KEY
+from fleetlora.client.privacy_floor import DP_MAX_DELTA, DP_MAX_EPSILON
 from fleetlora.common.errors import ConfigError
 from fleetlora.common.flower_env import flower_command, flower_env
 from fleetlora.common.host_config import DeviceHost
@@ -23,7 +25,7 @@ from fleetlora.common.keys import COORDINATOR_HPKE_PUB, COORDINATOR_SIGNING_PUB,
 
 def node_config(device: DeviceHost) -> str:
     """The ``--node-config`` string: TOML values, space separated."""
-    values: dict[str, str | bool] = {
+    values: dict[str, str | bool | float] = {
         "device-id": device.device_id,
         "state-dir": str(device.state_dir.resolve()),
         "data-path": device.data,
@@ -31,6 +33,9 @@ def node_config(device: DeviceHost) -> str:
         "coordinator-key": str((device.coordinator_keys / COORDINATOR_HPKE_PUB).resolve()),
         "coordinator-signing-key": str((device.coordinator_keys / COORDINATOR_SIGNING_PUB).resolve()),
     }
+    if math.isfinite(device.dp_max_epsilon):  # the owner's privacy floor (client/privacy_floor.py)
+        values[DP_MAX_EPSILON] = device.dp_max_epsilon
+        values[DP_MAX_DELTA] = device.dp_max_delta
     return " ".join(
         f"{key}={'true' if value is True else 'false' if value is False else json.dumps(value)}"
         for key, value in values.items()

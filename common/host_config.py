@@ -10,6 +10,7 @@ Relative paths are taken from the folder of the file.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,9 @@ class DeviceHost:
     coordinator_keys: Path = Path("coordinator-keys")  # coordinator-hpke.pub, coordinator-signing.pub
     data: str = "builtin"  # the device's local text (CSV/JSONL/TXT, or `builtin`)
     upload_consent: bool = False  # nothing leaves the device until its owner says so
+    # The owner's privacy floor: the largest ε per record it ever spends (finite: DP required) and δ.
+    dp_max_epsilon: float = math.inf
+    dp_max_delta: float = 1e-5
     runtime_port: int = 9094  # the SuperNode's local port for its ClientApp (one per device on a host)
     warm_clientapp: bool = True  # import the ClientApp once and fork per message (client/warm_clientapp.py)
 

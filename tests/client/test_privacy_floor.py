@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -12,11 +13,13 @@ from fleetlora.client import privacy
 from fleetlora.client.client_app import build_client_app
 from fleetlora.client.device_state import DeviceState
 from fleetlora.client.privacy_floor import FloorRefused, PrivacyFloor, configured_floor
+from fleetlora.client.supernode import node_config
 from fleetlora.common import records
 from fleetlora.common.config import ModelSpec, PrivacySettings, TrainSettings
 from fleetlora.common.data import load_examples
 from fleetlora.common.delta import to_array_record, trainable_state
 from fleetlora.common.errors import ConfigError
+from fleetlora.common.host_config import load_host_config
 from fleetlora.common.messages import Instructions
 from fleetlora.common.model import cached_model
 from tests.coordinator.local_grid import LocalGrid
@@ -98,3 +101,16 @@ def test_the_device_declines_such_a_round_in_its_reply_and_spends_nothing(
     assert reason in str(config[records.DECLINED]) and "privacy floor" in str(config[records.DECLINED])
     assert not reply.content.array_records and not reply.content.metric_records  # no delta, no metrics
     assert not list(tmp_path.rglob("privacy-account*"))  # nothing spent
+
+
+def test_a_floor_in_fleetlora_toml_reaches_the_supernodes_node_config(tmp_path: Path):
+    config = tmp_path / "fleetlora.toml"
+    config.write_text("[device]\ndp-max-epsilon = 8.0\ndp-max-delta = 1e-6\n")
+    plain = tmp_path / "plain.toml"
+    plain.write_text("[device]\nupload-consent = true\n")
+
+    floored = tomllib.loads(node_config(load_host_config(config).device).replace(" ", "\n"))
+    unfloored = tomllib.loads(node_config(load_host_config(plain).device).replace(" ", "\n"))
+
+    assert configured_floor(floored) == PrivacyFloor(8.0, 1e-6, configured_floor(floored).source)
+    assert configured_floor(unfloored) is None
