@@ -8,7 +8,8 @@ this order, and records the first failure as a :class:`Drop` with the reason sho
 2. the device did not decline: ``declined: <its reason>``;
 3. not a Flower error reply: ``device error: <reason>``;
 4. metrics present (``reply has no metrics``), ``num-examples`` a positive ``int`` (``invalid
-   num-examples: <value>``), every other metric a number (``metric '<key>' is a <type>, not a number``);
+   num-examples: <value>``), every other metric a finite number (``metric '<key>' is a <type>, not a
+   number``, ``metric '<key>' is nan, not a finite number``);
 5. the ``dp_*`` metrics are taken out as a :class:`PrivacySpend`, kept whatever happens next because
    the device spent that budget either way;
 6. open the upload: plain ``arrays`` (``reply has no arrays``), or a sealed upload, whose claim,

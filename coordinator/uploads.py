@@ -9,6 +9,7 @@ through a callable.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -98,6 +99,8 @@ def read_metrics(reply: Message) -> ReplyMetrics:
         # A MetricRecord may also hold lists; only scalars can be averaged.
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise InvalidMetrics(f"metric {key!r} is a {type(value).__name__}, not a number")
+        if not math.isfinite(value):  # PostgreSQL refuses NaN in JSON, and a mean of it means nothing
+            raise InvalidMetrics(f"metric {key!r} is {value}, not a finite number")
         numbers[key] = float(value)
     return ReplyMetrics(count, numbers)
 

@@ -91,6 +91,14 @@ def test_good_replies_fold_into_the_example_weighted_mean():
             lambda: _train_reply(1, _delta(1.0), train_loss=[1.0, 2.0]),
             "metric 'train_loss' is a list, not a number",
         ),
+        (
+            lambda: _train_reply(1, _delta(1.0), train_loss=float("nan")),
+            "metric 'train_loss' is nan, not a finite",
+        ),
+        (
+            lambda: _train_reply(1, _delta(1.0), dp_epsilon=float("inf")),
+            "metric 'dp_epsilon' is inf, not a finite",
+        ),
         (lambda: _train_reply(1, None), "reply has no arrays"),
         (lambda: _train_reply(1, {"w": torch.zeros(4)}), "layout mismatch: "),
         (lambda: _train_reply(1, {**_delta(1.0), "w": torch.zeros(5)}), "layout mismatch: "),
@@ -103,6 +111,8 @@ def test_good_replies_fold_into_the_example_weighted_mean():
         "zero-count",
         "float-count",
         "list-metric",
+        "nan-metric",
+        "inf-dp-epsilon",
         "no-arrays",
         "missing-tensor",
         "wrong-shape",
