@@ -12,16 +12,18 @@ asked once.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fleetlora.common import records
 from fleetlora.coordinator.exchange import exchange
 
-MAX_DEVICE_ID = 200  # characters; enrolment ids are far shorter
+MAX_DEVICE_ID = 128  # characters: the width of every device_id column (coordinator/models.py)
 
 
-def read_device_id(answer: ConfigRecord) -> str | None:
+def read_device_id(answer: Mapping[str, object]) -> str | None:
     """The device id a reply claims, or None when it is missing, not a string, empty or too long."""
     device = answer.get(records.DEVICE_ID)
     if not isinstance(device, str) or not 0 < len(device) <= MAX_DEVICE_ID:

@@ -24,6 +24,7 @@ from fleetlora.common.delta import State, check_layout, from_array_record, is_fi
 from fleetlora.common.envelope import SEALED, EnvelopeError, UploadContext, from_records, open_sealed
 from fleetlora.common.errors import FleetloraError, IncompatibleStateError
 from fleetlora.common.messages import Instructions
+from fleetlora.coordinator.identities import read_device_id, unnamed
 
 # ---- failures: the message is the drop reason, word for word -------------------------------------
 
@@ -132,7 +133,8 @@ def take_privacy_spend(reply: Message, metrics: ReplyMetrics) -> PrivacySpend | 
     values = {key: metrics.values.pop(key) for key in _DP_KEYS if key in metrics.values}
     if records.DP_EPSILON not in values:
         return None
-    device = str(_reply_config(reply).get(records.DEVICE_ID, f"node-{reply.metadata.src_node_id}"))
+    # A malformed or overlong id is not written to the ledger as given: the node speaks for itself.
+    device = read_device_id(_reply_config(reply)) or unnamed(reply.metadata.src_node_id)
     return PrivacySpend(
         device_id=device,
         epsilon=values[records.DP_EPSILON],

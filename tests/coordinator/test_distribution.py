@@ -24,7 +24,7 @@ def test_a_well_formed_answer_is_read_and_an_absent_version_means_none():
     [
         {},  # no device id
         {records.DEVICE_ID: ""},
-        {records.DEVICE_ID: "x" * 201},
+        {records.DEVICE_ID: "x" * 129},
         {records.DEVICE_ID: "d", records.ACTIVE_VERSION: "7"},  # a string where a version goes
         {records.DEVICE_ID: "d", records.ACTIVE_VERSION: 1.5},
         {records.DEVICE_ID: "d", records.ACTIVE_VERSION: -1},  # the old "none" sentinel
