@@ -38,13 +38,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fleetlora.client.client_app import HOLDOUT_FRACTION, training_seed
+from fleetlora.client.client_app import training_seed
 from fleetlora.client.train import train_locally
 from fleetlora.common.batches import evaluate
 from fleetlora.common.config import ModelSpec, TrainSettings
 from fleetlora.common.data import Example, load_examples, split_holdout
 from fleetlora.common.data.partition import PartitionScheme, partition_indices
 from fleetlora.common.model import LoadedModel, build_model, cached_model
+from fleetlora.common.run_config import DEFAULTS
 from fleetlora.coordinator.settings import CoordinatorSettings
 from fleetlora.simulations.runner import SimulationConfig, simulate
 
@@ -300,7 +301,7 @@ def run_local_only(data: Path, rounds: int) -> dict[str, Any]:
     started = time.perf_counter()
     accuracies, sizes, steps = [], [], 0
     for device in range(LOCAL_ONLY_DEVICES):
-        train, _ = split_holdout([examples[i] for i in parts[device]], HOLDOUT_FRACTION)
+        train, _ = split_holdout([examples[i] for i in parts[device]], DEFAULTS.holdout)
         loaded = build_model(spec)  # seeded: the same initial adapter and head as the federation's
         for round_number in range(1, rounds + 1):
             seed = training_seed(spec.seed, round_number, device)  # as that device would in round r

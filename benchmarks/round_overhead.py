@@ -42,7 +42,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.simulation import run_simulation  # imports Ray here, so neither arm's timing pays for it
 
-from fleetlora.client.client_app import HOLDOUT_FRACTION, training_seed
+from fleetlora.client.client_app import training_seed
 from fleetlora.client.local_data import local_examples
 from fleetlora.client.train import train_locally
 from fleetlora.common.config import ModelSpec, PrivacySettings, TrainSettings
@@ -50,6 +50,7 @@ from fleetlora.common.data import load_examples, split_holdout
 from fleetlora.common.data.examples import labels_of
 from fleetlora.common.delta import load_trainable_state, trainable_state
 from fleetlora.common.model import cached_model
+from fleetlora.common.run_config import DEFAULTS
 from fleetlora.coordinator.settings import CoordinatorSettings
 from fleetlora.simulations.runner import SimulationConfig, simulate
 
@@ -215,7 +216,7 @@ def bare_client_app(spec: ModelSpec, train: TrainSettings) -> ClientApp:
     def train_round(message: Message, context: Context) -> Message:
         loaded = cached_model(spec)
         load_trainable_state(loaded.model, message.content["arrays"].to_torch_state_dict())
-        train_set, _ = split_holdout(local_examples(context.node_config, DATA_CONFIG), HOLDOUT_FRACTION)
+        train_set, _ = split_holdout(local_examples(context.node_config, DATA_CONFIG), DEFAULTS.holdout)
         server_round = int(message.content["config"]["server-round"])
         device = int(context.node_config.get("partition-id", context.node_id))  # as fleetlora's client
         result = train_locally(loaded, train_set, train, seed=training_seed(spec.seed, server_round, device))

@@ -46,8 +46,7 @@ from fleetlora.common.keys import COORDINATOR_HPKE_PUB, COORDINATOR_SIGNING_PUB,
 from fleetlora.common.messages import Instructions
 from fleetlora.common.model import LoadedModel, cached_model
 from fleetlora.common.package import MAX_CAP, PACKAGE, PackageError
-
-HOLDOUT_FRACTION = 0.2
+from fleetlora.common.run_config import DEFAULTS
 
 
 @dataclass(frozen=True)
@@ -97,7 +96,7 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
             examples = corpus_examples(device.root / CORPUS_FILE)
         if instructions.spec.task == "classify":  # unlabelled corpus records wait for their labels
             examples = [e for e in examples if e.label is not None]
-        train_set, held_out = split_holdout(examples, HOLDOUT_FRACTION)
+        train_set, held_out = split_holdout(examples, float(run_config.get("holdout", DEFAULTS.holdout)))
         settings = instructions.train
         keeps_state = settings.personal_head or settings.privacy.enabled or instructions.seal_uploads
         state = DeviceState.locate(context.node_config, run_config) if keeps_state else None

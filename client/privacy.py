@@ -96,7 +96,12 @@ def plan_round(
         account = _open_account(privacy, settings, len(examples))
     keys = [record_key(e.text) for e in examples]
     known = account.cohort_of()
-    arrivals = Cohort(joined=round_number, records=sorted({k for k in keys if k not in known}))
+    new = sorted({k for k in keys if k not in known})
+    if privacy.budget == "device" and account.cohorts:
+        # One lifetime budget: later records share the first cohort's spend (and its retirement).
+        account = replace(account, cohorts=_joined_first(account.cohorts, new))
+        known, new = account.cohort_of(), []
+    arrivals = Cohort(joined=round_number, records=new)
     cohorts = [*account.cohorts, arrivals]  # the last one is this round's arrivals
     known.update(dict.fromkeys(arrivals.records, len(cohorts) - 1))
     eligible = {known[k] for k in keys if not cohorts[known[k]].retired}
@@ -146,6 +151,12 @@ def spend(device: DeviceState, plan: RoundPlan, privacy: PrivacySettings, steps:
         records.DP_SAMPLE_RATE: noise.sample_rate,
         records.DP_RECORDS_RETIRED: account.retired_records(),
     }
+
+
+def _joined_first(cohorts: Sequence[Cohort], records: list[str]) -> list[Cohort]:
+    """The cohorts with ``records`` added to the first (copies: the stored account is left as it was)."""
+    first = replace(cohorts[0], records=sorted({*cohorts[0].records, *records}))
+    return [first, *cohorts[1:]]
 
 
 def _open_account(privacy: PrivacySettings, settings: TrainSettings, num_examples: int) -> PrivacyAccount:

@@ -1,5 +1,9 @@
 """One device's local training for one round: LoRA steps with AdamW, or DP-SGD through Opacus.
 
+In the ``head`` regime (:class:`~fleetlora.common.config.ModelSpec`) the encoder is frozen: the
+features of the round's examples are computed once, under ``no_grad``, and the steps train the
+classification head alone on them with plain SGD (the same loop, the same DP-SGD).
+
 Reads top to bottom: set up, loop over steps, report. The optimizer starts fresh every round, on
 purpose: with a fraction of the fleet sampled per round a device trains every few rounds, and Adam
 moments from an older global adapter point the wrong way for the one it was just sent; resetting
@@ -41,10 +45,10 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from fleetlora.common.batches import Batch, encode
+from fleetlora.common.batches import Batch, encode, pooled_features
 from fleetlora.common.config import TrainSettings
 from fleetlora.common.data import Example
-from fleetlora.common.errors import DataError
+from fleetlora.common.errors import ConfigError, DataError
 from fleetlora.common.model import LoadedModel
 
 # Opacus' per-example hooks fire on LoRA layers whose inputs need no gradient (the base is frozen);
@@ -83,19 +87,24 @@ def train_locally(
     if not examples:
         raise DataError("No local training examples: this device has nothing to learn from.")
     # ---- set up
-    model = loaded.model
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer: torch.optim.Optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate)
+    loaded.model.train()
     # The mask depends on which classes the other records hold: not a per-example function under DP.
     restricted = settings.restricted_softmax and loaded.spec.task == "classify" and noise is None
     absent = _absent_label_mask(loaded, examples) if restricted else None
+    learner = _HeadLearner(loaded, examples, absent) if loaded.spec.regime == "head" else None
+    module = learner.head if learner else loaded.model
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    optimizer: torch.optim.Optimizer = (
+        torch.optim.SGD(trainable, lr=settings.learning_rate)
+        if learner
+        else torch.optim.AdamW(trainable, lr=settings.learning_rate)
+    )
     steps = settings.steps_for(len(examples))
     batches = draw_batches(len(examples), settings.batch_size, steps, seed=seed, noise=noise)
     if noise is None:
-        forward: torch.nn.Module = model
+        forward: torch.nn.Module = module
     else:
-        forward = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+        forward = GradSampleModule(module, batch_first=True, loss_reduction="mean")
         optimizer = DPOptimizer(
             optimizer,
             noise_multiplier=noise.noise_multiplier,
@@ -113,8 +122,10 @@ def train_locally(
     try:
         for take in batches:
             if take:
-                batch = encode(loaded, [examples[i] for i in take])
-                loss = _loss(forward, batch, absent)
+                if learner:
+                    loss = learner.loss(forward, take)
+                else:
+                    loss = _loss(forward, encode(loaded, [examples[i] for i in take]), absent)
                 loss.backward()
                 losses.append(loss.item())
             else:  # an empty Poisson batch is still a DP step: noise only, and it is accounted
@@ -133,6 +144,32 @@ def train_locally(
         seconds=time.perf_counter() - started,
         examples=len(examples),
     )
+
+
+class _HeadLearner:
+    """The head regime: the frozen encoder's features, computed once, and the head trained on them.
+
+    Each step then costs one small matrix product instead of a pass through the encoder, and under
+    DP Opacus clips the head's per-example gradients alone (its ``nn.Linear`` rule, an einsum).
+    """
+
+    def __init__(self, loaded: LoadedModel, examples: Sequence[Example], absent: torch.Tensor | None) -> None:
+        self.features, self.labels = pooled_features(loaded, examples)
+        self.absent = absent
+        heads = [
+            m for m in loaded.model.modules() if isinstance(m, torch.nn.Linear) and m.weight.requires_grad
+        ]
+        if len(heads) != 1:
+            raise ConfigError(
+                f"The head regime trains one linear head; this model has {len(heads)} trainable."
+            )
+        self.head = heads[0]
+
+    def loss(self, forward: torch.nn.Module, take: list[int]) -> torch.Tensor:
+        logits = forward(self.features[take])
+        if self.absent is not None:
+            logits = logits.masked_fill(self.absent, float("-inf"))
+        return torch.nn.functional.cross_entropy(logits, self.labels[take])
 
 
 def _loss(forward: torch.nn.Module, batch: Batch, absent: torch.Tensor | None) -> torch.Tensor:

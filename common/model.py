@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from fleetlora.common.config import ModelSpec
 from fleetlora.common.delta import State, trainable_state
 from fleetlora.common.errors import ConfigError
+from fleetlora.common.heads import MeanPoolingClassifier
 from fleetlora.common.model_zoo import build_base
 
 # PEFT 0.21 still calls a transformers 5 property deprecated for v6; nothing for users to act on.
@@ -37,6 +38,9 @@ class LoadedModel:
     total_params: int
     trainable_params: int
     initial_adapter: State  # the seeded starting adapter, kept apart from the live weights
+    # The head regime's encoder never changes, so a text's features are computed once per process
+    # (common.batches.pooled_features); bounded, emptied when full.
+    feature_cache: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def trainable_share(self) -> float:
@@ -47,7 +51,9 @@ class LoadedModel:
 def build_model(spec: ModelSpec) -> LoadedModel:
     """Build base + LoRA from scratch (seconds for MiniLM, ~2 s for cached SmolLM2)."""
     base, tokenizer = build_base(spec)
-    base_sha256, base_bytes = _hash_weights(base)
+    base_sha256, base_bytes = _hash_weights(base)  # before the zero-shot start: its floats vary by CPU
+    if spec.regime == "head" and isinstance(base, MeanPoolingClassifier):  # ModelSpec ensures the type
+        base.start_from_label_names(tokenizer, spec.labels, spec.max_length)
     lora = LoraConfig(
         task_type=TaskType.SEQ_CLS if spec.task == "classify" else TaskType.CAUSAL_LM,
         r=spec.lora.rank,
@@ -61,9 +67,10 @@ def build_model(spec: ModelSpec) -> LoadedModel:
     except ValueError as exc:
         raise ConfigError(f"LoRA cannot wrap {spec.name!r}: {exc}") from exc
     _unfreeze(model, spec.lora.unfreeze)
-    if spec.lora.ffa:
+    frozen = "lora_" if spec.regime == "head" else "lora_A" if spec.lora.ffa else None
+    if frozen:  # the head regime trains the head alone; FFA-LoRA keeps every A at its shared init
         for name, param in model.named_parameters():
-            if "lora_A" in name:
+            if frozen in name:
                 param.requires_grad_(False)
     params = list(model.parameters())
     initial_adapter = trainable_state(model)

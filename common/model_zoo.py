@@ -141,7 +141,7 @@ def build_base(spec: ModelSpec) -> tuple[PreTrainedModel | MeanPoolingClassifier
         raise ModelError(f"Cannot build {spec.task} model from {spec.name!r}: {exc}") from exc
     if mean_pooling:
         torch.manual_seed(spec.seed)  # the same head however the backbone was built or loaded
-        model = MeanPoolingClassifier(model, len(spec.labels))
+        model = MeanPoolingClassifier(model, len(spec.labels), centred=spec.regime == "head")
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 

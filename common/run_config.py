@@ -93,6 +93,14 @@ class RunConfig:
         Group.MODEL,
         choices=("mean", "transformers"),
     )
+    regime: str = setting(
+        "auto",
+        "What devices train: head (the classifier alone on the frozen encoder, started from the label "
+        "names: the DP default), lora (LoRA and the head), or auto (head for classification with mean "
+        "pooling, lora otherwise).",
+        Group.MODEL,
+        choices=("auto", "head", "lora"),
+    )
 
     # ---- data
     data: str = setting(
@@ -103,6 +111,13 @@ class RunConfig:
     )
     partition: str = setting(
         "dirichlet:1.0", "How data is split over devices: iid or dirichlet:ALPHA (by label).", Group.DATA
+    )
+    holdout: float = setting(
+        0.2,
+        "Share of each device's records kept out of training for its federated evaluation (by a hash of "
+        "the text, so a record stays on its side as the corpus grows).",
+        Group.DATA,
+        check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
     )
     stream_records: int = setting(
         0,
@@ -122,7 +137,12 @@ class RunConfig:
         choices=("seeded", "random"),
     )
     rounds: int = setting(3, "Federated rounds to run (after any stored ones).", Group.FLEET)
-    devices_per_round: int = setting(4, "Devices sampled each round.", Group.FLEET)
+    devices_per_round: int = setting(
+        10,
+        "Devices sampled each round. Each device's DP noise is independent, so averaging more of them "
+        "shrinks it (docs/research.md).",
+        Group.FLEET,
+    )
     min_devices: int = setting(2, "Valid replies needed for a round to count.", Group.FLEET)
     round_deadline: float = setting(
         600.0, "Seconds a round waits for devices to connect and answer.", Group.FLEET
@@ -143,11 +163,29 @@ class RunConfig:
     )
 
     # ---- local training
-    local_steps: int = setting(20, "Optimizer steps per device per round.", Group.TRAINING)
-    batch_size: int = setting(16, "Examples per local step.", Group.TRAINING)
-    learning_rate: float = setting(0.003, "Local AdamW learning rate.", Group.TRAINING)
+    local_steps: int = setting(
+        0,
+        "Optimizer steps per device per round (0: the regime's default).",
+        Group.TRAINING,
+        check=at_least(0),
+    )
+    batch_size: int = setting(
+        0,
+        "Examples per local step; under DP the expected Poisson batch (0: the regime's default).",
+        Group.TRAINING,
+        check=at_least(0),
+    )
+    learning_rate: float = setting(
+        0.0,
+        "Local learning rate: AdamW for lora, plain SGD for head (0: the regime's default).",
+        Group.TRAINING,
+        check=at_least(0),
+    )
     local_epochs: float = setting(
-        0.0, "Passes over the local data per round; > 0 replaces local-steps.", Group.TRAINING
+        0.0,
+        "Passes over the local data per round; > 0 replaces local-steps (both 0: the regime's default).",
+        Group.TRAINING,
+        check=at_least(0),
     )
     lr_decay: float = setting(1.0, "Round r trains at learning-rate × lr-decay^(r-1).", Group.TRAINING)
     personal_head: bool = setting(
@@ -165,18 +203,34 @@ class RunConfig:
 
     # ---- privacy
     dp_epsilon: float = setting(
-        0.0,
-        "DP-SGD on every device with this ε budget per device (0: no DP).",
+        8.0,
+        "DP-SGD on every device: the ε each training record may spend at most (0: no DP, not private).",
         Group.PRIVACY,
         check=at_least(0),
     )
     dp_delta: float = setting(1e-5, "DP δ.", Group.PRIVACY)
-    dp_max_grad_norm: float = setting(1.0, "Per-example gradient clipping bound (L2).", Group.PRIVACY)
+    dp_max_grad_norm: float = setting(
+        0.0,
+        "Per-example gradient clipping bound (L2; 0: the regime's default).",
+        Group.PRIVACY,
+        check=at_least(0),
+    )
     dp_accountant: str = setting(
         "rdp", "Privacy accountant: rdp or prv.", Group.PRIVACY, choices=("rdp", "prv")
     )
     dp_rounds: int = setting(
-        0, "Rounds the ε budget must last (0: rounds); sets the noise.", Group.PRIVACY, check=at_least(0)
+        0,
+        "Participations a device's noise is planned for (0: the rounds this run's schedule gives it). "
+        "A record never passes dp-epsilon either way: it retires first.",
+        Group.PRIVACY,
+        check=at_least(0),
+    )
+    dp_budget: str = setting(
+        "record",
+        "Whose spend dp-epsilon bounds: record (each arrival cohort has its own, so new text brings a fresh "
+        "budget) or device (one lifetime budget; later records share it).",
+        Group.PRIVACY,
+        choices=("record", "device"),
     )
     central_dp_noise: float = setting(
         0.0,

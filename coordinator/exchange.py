@@ -8,9 +8,9 @@ the caller can fold each into the aggregate and drop it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
-from flwr.app import Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fleetlora.common import records
@@ -49,19 +49,31 @@ def exchange(
 
 
 def round_messages(
-    nodes: list[int], state: State, instructions: Instructions, kind: str, *, ttl: float
+    nodes: list[int],
+    state: State,
+    instructions: Instructions | Mapping[int, Instructions],
+    kind: str,
+    *,
+    ttl: float,
 ) -> list[Message]:
     """One ``kind`` message per node carrying the global adapter and the round's instructions.
 
-    ``ttl`` is the round deadline: a device that comes back late does not train a stale round.
+    ``instructions`` is one for all nodes, or one per node (a device's DP plan is its own);
+    each distinct one is encoded once. ``ttl`` is the round deadline: a device that comes back late
+    does not train a stale round.
     """
-    arrays, config = to_array_record(state), instructions.to_record()  # encoded once per round
-    return [
-        Message(
-            RecordDict({records.ARRAYS: arrays, records.CONFIG: config}),
-            dst_node_id=node,
-            message_type=kind,
-            ttl=ttl,
+    arrays = to_array_record(state)  # encoded once per round
+    encoded: dict[Instructions, ConfigRecord] = {}
+    messages = []
+    for node in nodes:
+        its = instructions if isinstance(instructions, Instructions) else instructions[node]
+        config = encoded.setdefault(its, its.to_record())
+        messages.append(
+            Message(
+                RecordDict({records.ARRAYS: arrays, records.CONFIG: config}),
+                dst_node_id=node,
+                message_type=kind,
+                ttl=ttl,
+            )
         )
-        for node in nodes
-    ]
+    return messages

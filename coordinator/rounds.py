@@ -26,6 +26,7 @@ round is lost or repeated.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from collections.abc import Callable
@@ -205,7 +206,8 @@ class Federation:
         if self.observer:
             self.observer.started(start)
         outcomes = []
-        for round_number in range(start.first_round, start.first_round + self.settings.rounds):
+        self.run_rounds = range(start.first_round, start.first_round + self.settings.rounds)
+        for round_number in self.run_rounds:
             outcome, state = self._round(round_number, version, state)
             version = outcome.version or version
             outcomes.append(outcome)
@@ -259,8 +261,9 @@ class Federation:
         sampled = self._sample(number, online, deadline)
         # configure
         instructions = self._configure(number, parent)
+        planned = self._plan_privacy(instructions, sampled, online, deadline)
         # exchange: each reply is checked and folded in as it arrives
-        train = self._exchange(sampled, state, instructions, deadline)
+        train = self._exchange(sampled, state, instructions, planned, deadline)
         sampled_devices = self.sampler.named(sampled, online)  # as known now that the replies named them
         if len(train.participants) < self.settings.min_devices:
             error = f"{len(train.participants)} valid deltas, {self.settings.min_devices} needed"
@@ -271,7 +274,7 @@ class Federation:
             self.settings.server, state, update.delta, self.optimizer_state
         )
         # evaluate the candidate (the messages carry the round's instructions, the arrays are new)
-        evaluation = self._evaluate(train, new_state, instructions)
+        evaluation = self._evaluate(train, new_state, planned)
         metrics = {**update.metrics, **evaluation.metrics}
         drops = [*train.drops, *evaluation.drops]
         seconds = time.monotonic() - started
@@ -322,6 +325,27 @@ class Federation:
             upload_codec=self.settings.upload_codec,
         )
 
+    def _plan_privacy(
+        self, instructions: Instructions, sampled: list[int], online: list[int], deadline: float
+    ) -> dict[int, Instructions]:
+        """Each sampled device's instructions: under DP with ``dp-rounds`` 0, its noise is planned for
+        the rounds of this run the schedule gives it (:meth:`Sampler.participations`), not for all."""
+        privacy = instructions.train.privacy
+        if not privacy.enabled or not self.settings.plan_dp_by_schedule:
+            return dict.fromkeys(sampled, instructions)
+        remaining = range(instructions.round, self.run_rounds.stop)
+        counts = self.sampler.participations(online, remaining, deadline)
+        return {
+            node: dataclasses.replace(
+                instructions,
+                train=dataclasses.replace(
+                    instructions.train,
+                    privacy=dataclasses.replace(privacy, planned_rounds=max(1, counts[node])),
+                ),
+            )
+            for node in sampled
+        }
+
     def _upload_opener(self, instructions: Instructions) -> UploadOpener:
         """Sealed uploads are opened against this round's context and the devices' enrolled keys."""
         if self.hpke_key is None:
@@ -334,13 +358,18 @@ class Federation:
         )
 
     def _exchange(
-        self, sampled: list[int], state: State, instructions: Instructions, deadline: float
+        self,
+        sampled: list[int],
+        state: State,
+        instructions: Instructions,
+        planned: dict[int, Instructions],
+        deadline: float,
     ) -> DeltaAggregator:
         """Train on the sampled devices; each reply is checked and folded in as it arrives."""
         aggregator = DeltaAggregator(state, self.delta_mean(state), self._upload_opener(instructions))
         for reply in exchange(
             self.grid,
-            round_messages(sampled, state, instructions, MessageType.TRAIN, ttl=self.settings.round_deadline),
+            round_messages(sampled, state, planned, MessageType.TRAIN, ttl=self.settings.round_deadline),
             deadline,
         ):
             self.sampler.learn(reply)  # its device id: the round's record, and no need to ask it later
@@ -350,13 +379,15 @@ class Federation:
         self.storage.ledgers.record_privacy(self.lineage, instructions.round, aggregator.privacy)
         return aggregator
 
-    def _evaluate(self, train: DeltaAggregator, state: State, instructions: Instructions) -> _Evaluation:
+    def _evaluate(
+        self, train: DeltaAggregator, state: State, planned: dict[int, Instructions]
+    ) -> _Evaluation:
         """Score the new version on the participants' held-out text, then on the coordinator's set."""
         deadline = time.monotonic() + self.settings.round_deadline
         participants = sorted(train.participants)
         federated = MetricAggregator(prefix="federated_")
         messages = round_messages(
-            participants, state, instructions, MessageType.EVALUATE, ttl=self.settings.round_deadline
+            participants, state, planned, MessageType.EVALUATE, ttl=self.settings.round_deadline
         )
         for reply in exchange(self.grid, messages, deadline):
             federated.add(reply)

@@ -19,6 +19,7 @@ name them.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 
@@ -43,6 +44,25 @@ class Sampler:
         names = self.names.of(online, deadline)
         rng = random.SystemRandom() if self.seed is None else random.Random(f"{self.seed}:{round_number}")
         return sample_devices(online, self.count, wanting, rng, name=names.__getitem__)
+
+    def participations(self, online: list[int], rounds: range, deadline: float) -> dict[int, int]:
+        """How many of ``rounds`` each online device is planned to train in, if the fleet stays as it is.
+
+        Seeded: replayed exactly from the draws (without drift, which nobody can foresee); random: the
+        expected count, rounded up. A device's DP noise is planned for this (docs/security.md): a
+        device that is sampled more often than planned stops when its records are spent, never later.
+        """
+        if len(online) <= self.count:
+            return dict.fromkeys(online, len(rounds))
+        if self.seed is None:
+            return dict.fromkeys(online, max(1, math.ceil(len(rounds) * self.count / len(online))))
+        names = self.names.of(online, deadline)
+        counts = dict.fromkeys(online, 0)
+        for round_number in rounds:
+            rng = random.Random(f"{self.seed}:{round_number}")
+            for node in sample_devices(online, self.count, set(), rng, name=names.__getitem__):
+                counts[node] += 1
+        return counts
 
     def learn(self, reply: Message) -> None:
         """A reply that names its device (a train reply) saves asking it."""

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from fleetlora.common.codec import Codec
 from fleetlora.common.config import (
+    REGIME_DEFAULTS,
     LoraSettings,
     ModelSpec,
     PrivacySettings,
@@ -55,6 +56,8 @@ class CoordinatorSettings:
     central_dp: CentralDPSettings
     package_policy: PackagePolicy
     distribute_updates: bool  # after each round, send connected devices the newest package
+    # dp-rounds 0: each device's DP noise is planned for the rounds the schedule gives it (Sampler)
+    plan_dp_by_schedule: bool
 
     @property
     def sampling_seed(self) -> int | None:
@@ -102,12 +105,18 @@ class CoordinatorSettings:
             if not labels and run.data:
                 labels = labels_of(load_examples(run.data))
             task = "classify" if labels else "causal-lm"
+        regime = run.regime
+        if regime == "auto":
+            head_fits = task == "classify" and run.pooling == "mean" and not run.unfreeze and not run.ffa_lora
+            regime = "head" if head_fits else "lora"
+        defaults = REGIME_DEFAULTS[regime]
         spec = fill_from_run(
             ModelSpec,
             run,
             name=run.model,
             task=task,
             labels=labels,
+            regime=regime,
             lora=fill_from_run(
                 LoraSettings,
                 run,
@@ -119,11 +128,28 @@ class CoordinatorSettings:
         )
         # 0 dp-rounds: the budget must last this run's rounds.
         privacy = fill_from_run(
-            PrivacySettings, run, prefix="dp_", planned_rounds=run.dp_rounds or run.rounds
+            PrivacySettings,
+            run,
+            prefix="dp_",
+            planned_rounds=run.dp_rounds or run.rounds,
+            max_grad_norm=run.dp_max_grad_norm or defaults.max_grad_norm,
         )
         # Classes only exist in classification: a causal LM trains on the plain loss whatever is set.
         restricted = task == "classify" and run.restricted_softmax
-        train = fill_from_run(TrainSettings, run, privacy=privacy, restricted_softmax=restricted)
+        # Steps or passes: whichever is set; neither, the regime's.
+        local_steps, local_epochs = run.local_steps, run.local_epochs
+        if not local_steps and not local_epochs:
+            local_steps, local_epochs = defaults.local_steps, defaults.local_epochs
+        train = fill_from_run(
+            TrainSettings,
+            run,
+            privacy=privacy,
+            restricted_softmax=restricted,
+            local_steps=local_steps or defaults.local_steps,
+            local_epochs=local_epochs,
+            batch_size=run.batch_size or defaults.batch_size,
+            learning_rate=run.learning_rate or defaults.learning_rate,
+        )
         return fill_from_run(
             cls,
             run,
@@ -133,6 +159,7 @@ class CoordinatorSettings:
             db_url=run.db,
             upload_codec=Codec.parse(run.upload_codec).name,  # validated here
             keys_dir=run.keys,
+            plan_dp_by_schedule=run.dp_rounds == 0,
             package_policy=fill_from_run(
                 PackagePolicy, run, prefix="package_", ttl=timedelta(hours=run.package_ttl_hours)
             ),

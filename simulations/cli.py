@@ -117,7 +117,7 @@ def parse_run_config(text: str) -> dict[str, RunValue]:
 
 
 def simulate(**options: Any) -> None:
-    """Simulate a fleet: partition the data over devices, run federated LoRA rounds, report each."""
+    """Simulate a fleet: split the data over devices, run federated rounds (DP by default), report each."""
     from fleetlora.simulations.report import ProgressReporter, results_table
     from fleetlora.simulations.runner import SimulationConfig
     from fleetlora.simulations.runner import simulate as run_fleet
@@ -130,6 +130,10 @@ def simulate(**options: Any) -> None:
         settings={**parse_run_config(options["run_config"]), **explicit},
     )
     console = Console(width=None if sys.stdout.isatty() else 140)  # logs and CI get the whole table
+    if not config.run.dp_epsilon:
+        console.print(
+            "[yellow]dp-epsilon 0: devices train without differential privacy; this run is not private.[/]"
+        )
     reporter = ProgressReporter(config.run.rounds, console)
     try:
         results = run_fleet(config, reporter, verbose=options["verbose"])

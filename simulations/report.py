@@ -36,6 +36,7 @@ class ProgressReporter:
             console=self.console,
         )
         self.task = self.progress.add_task("rounds", total=rounds)
+        self.largest_epsilon = 0.0  # over every device and round so far
 
     def started(self, start: FederationStart) -> None:
         how = "resuming from" if start.resumed else "starting at"
@@ -55,9 +56,11 @@ class ProgressReporter:
                 for key, header in _METRIC_COLUMNS.items()
                 if key in outcome.metrics
             )
+            self.largest_epsilon = max([self.largest_epsilon, *(s.epsilon for s in outcome.privacy)])
+            spent = f", max ε {self.largest_epsilon:.2f}" if self.largest_epsilon else ""
             self.console.print(
                 f"round {outcome.round}: {outcome.version.label} from "
-                f"{len(outcome.participants)}/{outcome.sampled} devices; {shown}{_updates(outcome)}"
+                f"{len(outcome.participants)}/{outcome.sampled} devices; {shown}{spent}{_updates(outcome)}"
             )
 
     def stop(self) -> None:
@@ -83,24 +86,37 @@ def results_table(results: dict[str, Any]) -> Table:
              "participants": "-", "examples": "-", "metrics": results["initial"]["metrics"],
              "upload_bytes": None, "package_bytes": None, "seconds": None}, *results["rounds"]]  # fmt: skip
     shown = [k for k in _METRIC_COLUMNS if any(k in row["metrics"] for row in rows)]
+    spent = _largest_epsilon_so_far(rows)
     table = Table(title="fleetlora simulation", title_justify="left")
     for header in ("round", "version", "devices", "examples", *(_METRIC_COLUMNS[k] for k in shown)):
         table.add_column(header, justify="right")
+    if any(spent):
+        table.add_column("max ε", justify="right")
     table.add_column("upload", justify="right")
     table.add_column("package", justify="right")
     table.add_column("seconds", justify="right")
-    for row in rows:
+    for row, epsilon in zip(rows, spent, strict=True):
         table.add_row(
             str(row["round"]),
             row["version"] or "[red]failed[/]",
             str(row["participants"]),
             str(row["examples"]),
             *(_fmt(row["metrics"].get(k)) for k in shown),
+            *([f"{epsilon:.2f}" if epsilon else "-"] if any(spent) else []),
             "-" if row["upload_bytes"] is None else f"{row['upload_bytes'] / 1024:.0f} KiB",
             "-" if row.get("package_bytes") is None else f"{row['package_bytes'] / 1024:.0f} KiB",
             "-" if row["seconds"] is None else f"{row['seconds']:.1f}",
         )
     return table
+
+
+def _largest_epsilon_so_far(rows: list[dict[str, Any]]) -> list[float]:
+    """After each row, the largest ε any device's records have spent (0 while nothing is private)."""
+    largest, out = 0.0, []
+    for row in rows:
+        largest = max([largest, *row.get("privacy", {}).values()])
+        out.append(largest)
+    return out
 
 
 def _fmt(value: float | None) -> str:

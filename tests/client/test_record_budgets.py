@@ -194,3 +194,31 @@ def test_an_account_that_is_not_a_plain_file_is_refused(tmp_path: Path, kind: st
         os.symlink(elsewhere, path)
     with pytest.raises(IncompatibleStateError, match="privacy spend is unknown"):
         privacy.load_account(device)
+
+
+def test_a_device_budget_stops_for_good_even_while_records_keep_arriving(tmp_path: Path):
+    lifetime = TrainSettings(
+        local_steps=4,
+        batch_size=8,
+        privacy=PrivacySettings(epsilon=TARGET, planned_rounds=3, budget="device"),
+    )
+    device = DeviceState(tmp_path)
+    corpus = _records(0, 32)
+    trained = 0
+    for round_number in range(1, 10):
+        try:
+            window = corpus[-32:]  # as in the first test, it trains on its newest records
+            plan = privacy.plan_round(
+                privacy.load_account(device), lifetime, window, round_number=round_number
+            )
+        except privacy.BudgetSpent:
+            corpus += _records(len(corpus), 8)
+            continue
+        privacy.spend(device, plan, lifetime.privacy, lifetime.steps_for(len(plan.examples)))
+        trained += 1
+        corpus += _records(len(corpus), 8)
+    account = privacy.load_account(device)
+
+    assert trained == 3  # the planned rounds, then never again: arrivals share the first cohort's spend
+    assert account is not None and len(account.cohorts) == 1  # the 32 first records and 8 + 8 arrivals
+    assert len(account.cohorts[0].records) == 48 and account.largest_epsilon(1e-5) <= TARGET

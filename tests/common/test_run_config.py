@@ -99,11 +99,12 @@ def test_a_mistyped_federation_key_in_a_host_config_is_named_with_the_file(tmp_p
 
 
 # Keys only devices read: they shape what a device trains on, not the coordinator's settings.
-DEVICE_ONLY = {"data", "partition", "stream-records", "simulated-consent", "device-state"}
+DEVICE_ONLY = {"data", "partition", "holdout", "stream-records", "simulated-consent", "device-state"}
 OTHER_TEXT = {
     "model": "tiny", "task": "causal-lm", "labels": "a,b", "lora-targets": "query", "unfreeze": "layer.0",
     "pooling": "transformers", "eval-data": "", "tenant": "other", "db": "sqlite://", "keys": "elsewhere",
     "upload-codec": "int8+zstd", "server-optimizer": "fedadam", "dp-accountant": "prv", "sampling": "random",
+    "regime": "lora", "dp-budget": "device",
 }  # fmt: skip
 
 
@@ -125,3 +126,44 @@ def test_every_coordinator_key_reaches_the_coordinators_settings(setting):
     changed = {**base, setting.key: _other_value(setting)}
 
     assert CoordinatorSettings.from_run_config(changed) != CoordinatorSettings.from_run_config(base)
+
+
+def test_auto_regime_trains_the_head_for_mean_pooled_classification_and_lora_otherwise():
+    from fleetlora.coordinator.settings import CoordinatorSettings
+
+    def regime(**config):
+        return CoordinatorSettings.from_run_config({"model": "tiny", **config}).spec.regime
+
+    assert regime(labels="a,b") == "head"
+    assert regime(task="causal-lm") == "lora"
+    assert regime(labels="a,b", pooling="transformers") == "lora"
+    assert regime(labels="a,b", **{"ffa-lora": True}) == "lora"
+    assert regime(labels="a,b", unfreeze="layer.0") == "lora"
+    assert regime(labels="a,b", regime="lora") == "lora"
+
+
+def test_zero_training_keys_take_the_regimes_defaults_and_set_ones_win():
+    from fleetlora.common.config import REGIME_DEFAULTS
+    from fleetlora.coordinator.settings import CoordinatorSettings
+
+    def train(**config):
+        return CoordinatorSettings.from_run_config({"model": "tiny", "labels": "a,b", **config}).train
+
+    head, lora = REGIME_DEFAULTS["head"], REGIME_DEFAULTS["lora"]
+    default = train()
+    assert (default.learning_rate, default.batch_size, default.local_epochs) == (
+        head.learning_rate,
+        head.batch_size,
+        head.local_epochs,
+    )
+    assert default.privacy.max_grad_norm == head.max_grad_norm and default.privacy.epsilon == 8.0
+    as_lora = train(regime="lora")
+    assert (as_lora.learning_rate, as_lora.batch_size, as_lora.local_steps, as_lora.local_epochs) == (
+        lora.learning_rate,
+        lora.batch_size,
+        lora.local_steps,
+        0.0,
+    )
+    steps = train(**{"local-steps": 7, "batch-size": 32, "learning-rate": 2.0, "dp-max-grad-norm": 1.5})
+    assert (steps.local_steps, steps.local_epochs, steps.batch_size, steps.learning_rate) == (7, 0.0, 32, 2.0)
+    assert steps.privacy.max_grad_norm == 1.5

@@ -131,3 +131,25 @@ def test_a_deployed_round_samples_from_the_os_unless_federation_asks_for_a_seed(
 def test_the_run_configs_sampling_key_sets_the_seed_rounds_draw_with(sampling: str, seed: int | None):
     config = {"model": "tiny", "seed": 5, "sampling": sampling}
     assert CoordinatorSettings.from_run_config(config).sampling_seed == seed
+
+
+def test_a_seeded_plan_counts_exactly_the_rounds_each_device_will_be_drawn():
+    grid = _fleet(6, node_seed=3)
+    online = sorted(grid.node_ids)
+    sampler = Sampler(grid, count=3, seed=4, ttl=5.0)
+    planned = sampler.participations(online, ROUNDS, time.monotonic() + 1.0)
+    deadline = time.monotonic() + 1.0
+    drawn = [node for number in ROUNDS for node in sampler.draw(number, online, set(), deadline)]
+
+    assert planned == {node: drawn.count(node) for node in online}
+    assert sum(planned.values()) == 3 * len(ROUNDS)
+
+
+def test_a_random_plan_is_the_expected_count_and_a_small_fleet_trains_every_round():
+    grid = _fleet(6, node_seed=3)
+    online = sorted(grid.node_ids)
+    random_plan = Sampler(grid, count=4, seed=None, ttl=5.0).participations(online, ROUNDS, time.monotonic())
+    everyone = Sampler(grid, count=6, seed=1, ttl=5.0).participations(online, ROUNDS, time.monotonic())
+
+    assert random_plan == dict.fromkeys(online, 7)  # ceil(10 rounds × 4 / 6)
+    assert everyone == dict.fromkeys(online, 10)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from fleetlora.client.client_app import HOLDOUT_FRACTION, build_client_app
+from fleetlora.client.client_app import build_client_app
 from fleetlora.client.corpus import simulated
 from fleetlora.client.corpus.pipeline import Pipeline
 from fleetlora.client.corpus.records import Record
@@ -15,6 +15,7 @@ from fleetlora.client.corpus.store import CORPUS_FILE, CorpusStore
 from fleetlora.client.local_data import local_examples
 from fleetlora.common import records
 from fleetlora.common.data import load_examples, split_holdout
+from fleetlora.common.run_config import DEFAULTS
 from fleetlora.coordinator.rounds import Federation
 from fleetlora.coordinator.settings import CoordinatorSettings
 from tests.coordinator.local_grid import LocalGrid
@@ -56,7 +57,7 @@ def test_devices_train_on_their_corpus_store(tmp_path: Path, sqlite_url: str):
     # Each device trained on the training side of its labelled records; unlabelled ones waited.
     expected = []
     for c in node_configs:
-        train, _ = split_holdout([e for e in local_examples(c, {}) if e.label is not None], HOLDOUT_FRACTION)
+        train, _ = split_holdout([e for e in local_examples(c, {}) if e.label is not None], DEFAULTS.holdout)
         expected.append(len(train))
     assert sorted(outcome.participants.values()) == sorted(expected)
 
