@@ -114,7 +114,7 @@ def _other_value(setting):
     if setting.type is int:
         return setting.default + 1
     if setting.type is float:
-        return setting.default / 2 if setting.default else 0.5
+        return setting.default / 2 if setting.default else 0.25
     return OTHER_TEXT[setting.key]
 
 

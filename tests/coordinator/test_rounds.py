@@ -31,6 +31,9 @@ def _run_config(db: str, **overrides) -> dict:
         "local-steps": 10,
         "learning-rate": 3e-3,
         "max-length": 32,
+        # The round machinery on LoRA without DP; the head regime and DP (the defaults) have their own tests.
+        "regime": "lora",
+        "dp-epsilon": 0.0,
         "db": db,
     }
     return {**config, **overrides}
@@ -293,6 +296,35 @@ def test_dp_devices_report_their_spend_to_the_ledger_and_decline_past_their_budg
     ledger = federation.storage.ledgers.privacy_ledger(federation.lineage)
     stored = sorted((row.round, row.device_id, row.epsilon) for row in ledger)
     assert stored == sorted((1, spend.device_id, spend.epsilon) for spend in first.privacy)
+
+
+def test_by_default_devices_train_the_head_with_dp_noise_planned_for_their_own_rounds(sqlite_url, tmp_path):
+    defaults = {"regime": "auto", "dp-epsilon": 8.0}  # the table's defaults, which _run_config pins off
+    config = _run_config(
+        sqlite_url, **defaults, **{"rounds": 4, "devices-per-round": 2, "device-state": str(tmp_path)}
+    )
+    config = {k: v for k, v in config.items() if k not in {"local-steps", "learning-rate"}}
+    settings = CoordinatorSettings.from_run_config(config)
+    grid = LocalGrid(build_client_app(), 4, config)
+    federation = Federation(grid, settings)
+
+    outcomes = federation.run()
+
+    assert settings.spec.regime == "head" and all(o.version is not None for o in outcomes)
+    last = outcomes[-1].version
+    assert last is not None
+    head = {name for name in federation.loaded.initial_adapter if "classifier" in name}
+    assert set(federation.storage.versions.adapter(last.id)) == head  # the head alone is trained and stored
+    # Each device's noise was planned for the rounds it was then really sampled in, and no record passed ε.
+    trained = [d for o in outcomes for d in o.sampled_devices]
+    planned: dict[str, int] = {}
+    for message in grid.received:
+        if message.metadata.message_type == "train":
+            device = f"partition-{grid.node_ids.index(message.metadata.dst_node_id)}"
+            planned.setdefault(device, message.content["config"]["train.privacy.planned_rounds"])
+    assert planned == {device: trained.count(device) for device in planned}
+    assert len(set(planned.values())) > 1  # a schedule that gives devices different rounds
+    assert all(0 < spend.epsilon <= 8.0 for o in outcomes for spend in o.privacy)
 
 
 def test_without_upload_consent_a_device_sends_nothing_but_its_refusal(sqlite_url: str):

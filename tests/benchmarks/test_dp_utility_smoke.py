@@ -1,0 +1,37 @@
+"""benchmarks/dp_utility.py --smoke: every part of the DP measurement runs (tiny model, built-in corpus)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_the_dp_utility_benchmark_runs_every_part(tmp_path: Path, capsys, monkeypatch):
+    spec = importlib.util.spec_from_file_location("dp_utility", REPO / "benchmarks" / "dp_utility.py")
+    assert spec and spec.loader
+    benchmark = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, benchmark)  # dataclasses look their module up
+    spec.loader.exec_module(benchmark)
+
+    result = benchmark.main(
+        ["--smoke", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")]
+    )
+
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    assert (tmp_path / "r.png").stat().st_size > 0
+    assert set(result["federated"]) == {"3/round, ε=8", "3/round, no DP"}
+    private, plain = result["federated"]["3/round, ε=8"], result["federated"]["3/round, no DP"]
+    assert 0 < private["largest_epsilon"] <= 8 and plain["largest_epsilon"] == 0
+    assert result["same_schedule_in_every_arm"] and private["partitions"] == plain["partitions"]
+    assert all(len(arm["accuracy"]) == 3 for arm in result["federated"].values())  # round 0 and 2 rounds
+    assert set(result["streaming"]) == {"record", "device"}
+    assert all(arm["largest_epsilon"] <= 8 for arm in result["streaming"].values())
+    assert set(result["references"]["pooled"]) == {"ε=8", "no DP"}
+    assert result["cost"]["dp_over_plain"] > 0 and result["cost"]["peak_rss_mib"] > 0
