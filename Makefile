@@ -19,7 +19,9 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# A fresh fleet each time: under DP (the default) a rerun's devices would find their records' ε spent.
 demo: install
+	rm -rf runs/demo
 	$(BIN)/fleetlora simulate --out runs/demo
 
 test: install

@@ -43,9 +43,17 @@ def model_info(
     lora_rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 8,
     lora_targets: Annotated[str, typer.Option(help="Comma-separated modules LoRA wraps.")] = "",
     unfreeze: Annotated[str, typer.Option(help="Comma-separated base modules trained in full.")] = "",
+    regime: Annotated[
+        str,
+        typer.Option(
+            help="head (the classifier alone), lora, or auto (head when there are labels and no unfreeze)."
+        ),
+    ] = "auto",
 ) -> None:
     """Show what training this model costs a device: parameters, trainable share, adapter size."""
     label_names = split_names(labels)
+    if regime == "auto":
+        regime = "head" if label_names and not unfreeze else "lora"
     spec = ModelSpec(
         name=model,
         task="classify" if label_names else "causal-lm",
@@ -53,11 +61,13 @@ def model_info(
         lora=LoraSettings(
             rank=lora_rank, target_modules=split_names(lora_targets), unfreeze=split_names(unfreeze)
         ),
+        regime=regime,  # type: ignore[arg-type]  # ModelSpec checks it
     )
     loaded = build_model(spec)
     info = {
         "model": model,
         "task": spec.task,
+        "regime": spec.regime,
         "total_params": loaded.total_params,
         "trainable_params": loaded.trainable_params,
         "trainable_share": round(loaded.trainable_share, 6),

@@ -130,7 +130,7 @@ def train_locally(
                 losses.append(loss.item())
             else:  # an empty Poisson batch is still a DP step: noise only, and it is accounted
                 for param in trainable:
-                    param.grad_sample = torch.zeros(0, *param.shape)
+                    param.grad_sample = torch.zeros(0, *param.shape)  # type: ignore[union-attr]  # Opacus' own
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     finally:

@@ -46,6 +46,8 @@ class MeanPoolingClassifier(torch.nn.Module):
     saves it as the head.
     """
 
+    centre: torch.Tensor
+
     def __init__(self, backbone: PreTrainedModel, num_labels: int, *, centred: bool = False) -> None:
         super().__init__()
         self.backbone = backbone

@@ -148,7 +148,8 @@ class CoordinatorSettings:
             local_steps=local_steps or defaults.local_steps,
             local_epochs=local_epochs,
             batch_size=run.batch_size or defaults.batch_size,
-            learning_rate=run.learning_rate or defaults.learning_rate,
+            learning_rate=run.learning_rate
+            or (defaults.learning_rate if privacy.enabled else defaults.learning_rate_without_dp),
         )
         return fill_from_run(
             cls,

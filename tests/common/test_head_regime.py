@@ -100,3 +100,20 @@ def test_the_head_regime_is_refused_where_it_cannot_apply(tiny_spec: ModelSpec):
         dataclasses.replace(tiny_spec, regime="head", lora=LoraSettings(unfreeze=("layer.0",)))
     with pytest.raises(ConfigError, match="Regime must be one of"):
         dataclasses.replace(tiny_spec, regime="prompt")
+
+
+def test_model_info_shows_what_each_regime_trains():
+    import json
+
+    from typer.testing import CliRunner
+
+    from fleetlora.client.cli import app
+
+    def info(*options: str) -> dict:
+        result = CliRunner().invoke(app, ["model-info", "--model", "tiny", "--labels", "a,b,c", *options])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output[result.output.index("{") :])
+
+    head, lora = info(), info("--regime", "lora")
+    assert head["regime"] == "head" and head["trainable_params"] == 3 * (32 + 1)
+    assert lora["regime"] == "lora" and lora["trainable_params"] > head["trainable_params"]

@@ -164,6 +164,7 @@ def test_zero_training_keys_take_the_regimes_defaults_and_set_ones_win():
         lora.local_steps,
         0.0,
     )
+    assert train(**{"dp-epsilon": 0.0}).learning_rate == head.learning_rate_without_dp
     steps = train(**{"local-steps": 7, "batch-size": 32, "learning-rate": 2.0, "dp-max-grad-norm": 1.5})
     assert (steps.local_steps, steps.local_epochs, steps.batch_size, steps.learning_rate) == (7, 0.0, 32, 2.0)
     assert steps.privacy.max_grad_norm == 1.5
