@@ -20,7 +20,7 @@ same device schedule; only the privacy setting changes.
 Run from the repository root (about 40 minutes on 2 cores; ``--smoke`` runs every part on the tiny
 model and the built-in corpus in about two minutes, and is what ``make test`` runs)::
 
-    .venv/bin/python benchmarks/dp_utility.py [--rounds 20] [--per-round 10,5] [--smoke]
+    .venv/bin/python benchmarks/dp_utility.py [--rounds 20] [--per-round 20,5] [--smoke]
 
 Progress goes to stderr; the JSON result (also written to ``--json``) is the last line of stdout.
 """
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--smoke", action="store_true", help="every part, tiny model and built-in data")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--epsilons", default="1,2,4,8", help="comma-separated ε per record")
-    parser.add_argument("--per-round", default="10,5", help="comma-separated devices a round")
+    parser.add_argument("--per-round", default="20,5", help="comma-separated devices a round")
     parser.add_argument("--stream-records", type=int, default=20)
     parser.add_argument("--stream-rounds", type=int, default=30)
     parser.add_argument("--stream-plan", type=int, default=5, help="participations the noise is planned for")

@@ -138,7 +138,7 @@ class RunConfig:
     )
     rounds: int = setting(3, "Federated rounds to run (after any stored ones).", Group.FLEET)
     devices_per_round: int = setting(
-        10,
+        20,
         "Devices sampled each round. Each device's DP noise is independent, so averaging more of them "
         "shrinks it (docs/research.md).",
         Group.FLEET,
