@@ -106,6 +106,7 @@ class ModelSpec:
 
 AccountantName = Literal["rdp", "prv"]
 ACCOUNTANTS: tuple[str, ...] = get_args(AccountantName)
+MAX_PLANNED_ROUNDS = 100_000  # a plan only sets σ; beyond this it is a mistake (or a device's DoS)
 BudgetKind = Literal["record", "device"]
 BUDGETS: tuple[str, ...] = get_args(BudgetKind)
 
@@ -143,8 +144,10 @@ class PrivacySettings:
             raise ConfigError(f"DP max-grad-norm must be > 0, got {self.max_grad_norm}.")
         if self.accountant not in ACCOUNTANTS:
             raise ConfigError(f"DP accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}.")
-        if self.planned_rounds < 1:
-            raise ConfigError(f"DP planned rounds must be >= 1, got {self.planned_rounds}.")
+        if not 1 <= self.planned_rounds <= MAX_PLANNED_ROUNDS:
+            raise ConfigError(
+                f"DP planned rounds must be in [1, {MAX_PLANNED_ROUNDS}], got {self.planned_rounds}."
+            )
 
     @property
     def enabled(self) -> bool:

@@ -67,7 +67,9 @@ def round_messages(
     messages = []
     for node in nodes:
         its = instructions if isinstance(instructions, Instructions) else instructions[node]
-        config = encoded.setdefault(its, its.to_record())
+        if its not in encoded:
+            encoded[its] = its.to_record()
+        config = encoded[its]
         messages.append(
             Message(
                 RecordDict({records.ARRAYS: arrays, records.CONFIG: config}),

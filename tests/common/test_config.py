@@ -2,7 +2,14 @@ import pytest
 from flwr.app import ConfigRecord
 
 from fleetlora.common import records
-from fleetlora.common.config import LoraSettings, ModelSpec, TrainSettings, from_config, to_config
+from fleetlora.common.config import (
+    LoraSettings,
+    ModelSpec,
+    PrivacySettings,
+    TrainSettings,
+    from_config,
+    to_config,
+)
 from fleetlora.common.errors import ConfigError
 from fleetlora.common.messages import Instructions
 
@@ -40,6 +47,9 @@ def test_missing_required_key_is_named():
         (lambda: ModelSpec("tiny", "classify", ("a", "b"), pooling="max"), "Pooling must be one of"),  # type: ignore[arg-type]
         (lambda: TrainSettings(learning_rate=0), "learning_rate"),
         (lambda: TrainSettings(local_steps=0), "local_steps"),
+        (lambda: TrainSettings(learning_rate=1e4), "learning_rate"),
+        (lambda: PrivacySettings(planned_rounds=10**9), "planned rounds"),
+        (lambda: PrivacySettings(budget="family"), "DP budget must be one of"),  # type: ignore[arg-type]
     ],
 )
 def test_settings_validate_themselves(build, message):
