@@ -19,6 +19,7 @@ TaskKind = Literal["classify", "causal-lm"]
 TASK_KINDS: tuple[str, ...] = get_args(TaskKind)
 PoolingKind = Literal["mean", "transformers"]  # see fleetlora.common.heads
 POOLING_KINDS: tuple[str, ...] = get_args(PoolingKind)
+MAX_LABELS, MAX_LABEL_CHARS = 10_000, 200
 RegimeKind = Literal["lora", "head"]  # what a device trains (ModelSpec.regime)
 REGIMES: tuple[str, ...] = get_args(RegimeKind)
 
@@ -89,6 +90,12 @@ class ModelSpec:
             raise ConfigError("A causal-lm task takes no labels; drop the labels setting.")
         if len(set(self.labels)) != len(self.labels):
             raise ConfigError("Labels must be unique.")
+        # The head has a row per label and the head regime encodes every name: both sized by the sender.
+        if len(self.labels) > MAX_LABELS or any(len(label) > MAX_LABEL_CHARS for label in self.labels):
+            raise ConfigError(
+                f"At most {MAX_LABELS} labels of at most {MAX_LABEL_CHARS} characters each, "
+                f"got {len(self.labels)} (longest {max(map(len, self.labels))})."
+            )
         if not 8 <= self.max_length <= 4096:
             raise ConfigError(f"max_length must be in [8, 4096] tokens, got {self.max_length}.")
         if self.pooling not in POOLING_KINDS:

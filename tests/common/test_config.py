@@ -44,6 +44,8 @@ def test_missing_required_key_is_named():
         (lambda: ModelSpec("tiny", "causal-lm", ("a", "b")), "takes no labels"),
         (lambda: ModelSpec("tiny", "regression"), "Task must be one of"),  # type: ignore[arg-type]
         (lambda: ModelSpec("tiny", "classify", ("a", "a")), "unique"),
+        (lambda: ModelSpec("tiny", "classify", tuple(map(str, range(10_001)))), "At most 10000 labels"),
+        (lambda: ModelSpec("tiny", "classify", ("a", "b" * 201)), "at most 200 characters"),
         (lambda: ModelSpec("tiny", "classify", ("a", "b"), pooling="max"), "Pooling must be one of"),  # type: ignore[arg-type]
         (lambda: TrainSettings(learning_rate=0), "learning_rate"),
         (lambda: TrainSettings(local_steps=0), "local_steps"),

@@ -40,6 +40,10 @@ def test_tiny_fleet_end_to_end(tmp_path: Path):
     assert all(r["participants"] == 3 and r["examples"] > 0 and r["upload_bytes"] > 0 for r in rounds)
     assert results["base_model_bytes"] > 0
     assert rounds[-1]["metrics"]["central_loss"] < results["initial"]["metrics"]["central_loss"]
+    # Private by default: every device's records stayed within ε 8, and the table shows the largest.
+    assert set(results["devices"]) == {"partition-0", "partition-1", "partition-2"}
+    assert all(0 < d["epsilon"] <= 8.0 for d in results["devices"].values())
+    assert "max ε" in done.stdout and "not private" not in done.stdout
 
     # Every round's update package is under the cap, and every device was brought to the new version.
     assert all(0 < r["package_ratio"] <= 0.10 and r["package_bytes"] > 0 for r in rounds)
@@ -75,13 +79,14 @@ def test_tiny_fleet_end_to_end(tmp_path: Path):
 @pytest.mark.slow
 def test_two_runs_with_one_seed_sample_the_same_partitions(tmp_path: Path):
     schedules = []
-    for run in ("first", "second"):
+    for run, privacy in (("first", "8"), ("second", "0")):  # the schedule does not depend on DP
         out = tmp_path / run
         done = fleetlora(
             "simulate", "--model", "tiny", "--devices", "6", "--devices-per-round", "3", "--rounds", "3",
-            "--seed", "1", "--out", str(out),
+            "--seed", "1", "--out", str(out), "--dp-epsilon", privacy,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
+        assert ("this run is not private" in done.stdout) is (privacy == "0")
         schedules.append([r["partitions"] for r in json.loads((out / "results.json").read_text())["rounds"]])
 
     assert schedules[0] == schedules[1]
