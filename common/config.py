@@ -66,8 +66,8 @@ class ModelSpec:
     ``regime`` is what a device trains: ``lora`` (the LoRA matrices and the head, with AdamW) or
     ``head`` (the classification head alone on the frozen encoder's centred, unit-length features,
     started from the label names, with plain SGD; :mod:`fleetlora.common.heads`). Under DP the head
-    regime noises 30 k coordinates instead of LoRA's 100 k+ and bounds every example's gradient
-    without looking at the data, which is what keeps its accuracy (docs/research.md).
+    regime clips and noises the head alone, on features whose every example's gradient is bounded
+    without looking at the data; docs/research.md measures what each regime keeps.
     """
 
     name: str

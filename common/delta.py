@@ -9,6 +9,7 @@ these bytes cross the device/coordinator boundary.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
 
 import torch
@@ -69,6 +70,11 @@ def apply_delta(state: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Ten
 
 def is_finite(state: Mapping[str, torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in state.values())
+
+
+def l2_norm(state: Mapping[str, torch.Tensor]) -> float:
+    """The L2 norm of all arrays together, in float64."""
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in state.values()))
 
 
 def nbytes(state: Mapping[str, torch.Tensor]) -> int:

@@ -276,6 +276,22 @@ class RunConfig:
     )
 
     # ---- server
+    weight_cap: float = setting(
+        4.0,
+        "A device's weight in the mean is at most this × the last round's median example count (0: off).",
+        Group.SERVER,
+    )
+    norm_cap: float = setting(
+        10.0,
+        "A delta whose L2 norm passes this × the last round's median norm is dropped (0: off).",
+        Group.SERVER,
+    )
+    norm_ratio: float = setting(
+        100.0,
+        "A delta whose L2 norm passes this × the global adapter's norm (at least 1) is dropped, in every "
+        "round (0: off).",
+        Group.SERVER,
+    )
     server_optimizer: str = setting(
         "fedavg",
         "Server update: fedavg, fedavgm (momentum), fedadam or fedyogi.",

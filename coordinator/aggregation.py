@@ -18,8 +18,10 @@ this order, and records the first failure as a :class:`Drop` with the reason sho
    delta (<reason>)``);
 8. layout: the names, shapes and dtypes of the global adapter (``layout mismatch: <difference>``);
 9. finite: ``delta holds NaN or inf``;
-10. fold into the round's :class:`DeltaMean` with the example count as weight; the node becomes a
-    participant, and its bytes and example-weighted metrics are counted.
+10. norm within the round's bound (:mod:`fleetlora.coordinator.influence`): ``delta norm … above the
+    round's bound …``;
+11. fold into the round's :class:`DeltaMean` with the example count, capped by the round's weight bound,
+    as weight; the node becomes a participant, and its bytes and example-weighted metrics are counted.
 
 A wrapper around the :class:`DeltaMean` (central DP, :class:`~fleetlora.coordinator.central_dp.CentralDPMean`)
 changes how accepted deltas are folded and released, never which replies are accepted.
@@ -34,9 +36,11 @@ from typing import Protocol
 from flwr.app import Message
 
 from fleetlora.common.aggregate import WeightedMean
-from fleetlora.common.delta import State
+from fleetlora.common.delta import State, l2_norm
+from fleetlora.coordinator.influence import RoundBounds
 from fleetlora.coordinator.uploads import (
     DuplicateReply,
+    OutsideBounds,
     PrivacySpend,
     RejectedReply,
     UploadOpener,
@@ -46,6 +50,8 @@ from fleetlora.coordinator.uploads import (
     read_metrics,
     take_privacy_spend,
 )
+
+WEIGHTS_CAPPED = "weights_capped"  # version metric: participants whose example count the round's bound cut
 
 
 @dataclass(frozen=True)
@@ -73,8 +79,8 @@ class Release:
 class DeltaMean(Protocol):
     """Folds one round's accepted deltas into the update the round releases."""
 
-    def add(self, delta: State, *, examples: int) -> None:
-        """Fold in a delta already checked for layout and finiteness."""
+    def add(self, delta: State, *, examples: float) -> None:
+        """Fold in a delta already checked for layout, finiteness and norm; ``examples`` is its weight."""
 
     def release(self, *, sampled: int, online: int) -> Release:
         """The update, once the round has its quorum (``sampled`` of ``online`` devices were asked)."""
@@ -86,7 +92,7 @@ class ExampleWeightedMean:
     def __init__(self, reference: State) -> None:
         self._mean = WeightedMean(reference)
 
-    def add(self, delta: State, *, examples: int) -> None:
+    def add(self, delta: State, *, examples: float) -> None:
         self._mean.add(delta, weight=examples)
 
     def release(self, *, sampled: int, online: int) -> Release:
@@ -121,12 +127,17 @@ def _timeouts(sampled: Iterable[int], answered: set[int], drops: list[Drop], rea
 class DeltaAggregator:
     """Streams one round's train replies, in the order of checks above, into a :class:`DeltaMean`."""
 
-    def __init__(self, reference: State, mean: DeltaMean, open_upload: UploadOpener) -> None:
+    def __init__(
+        self, reference: State, mean: DeltaMean, open_upload: UploadOpener, bounds: RoundBounds | None = None
+    ) -> None:
         self._reference = reference  # the global adapter the round sent: the layout every delta must have
         self._mean = mean
         self._open_upload = open_upload
+        self._bounds = bounds or RoundBounds()
         self._tally = _Tally()
-        self.participants: dict[int, int] = {}  # node id → example count
+        self.participants: dict[int, int] = {}  # node id → example count, as reported
+        self.norms: dict[int, float] = {}  # node id → its delta's L2 norm
+        self.weight_capped = 0  # participants whose weight the round's bound cut
         self.drops: list[Drop] = []
         self.upload_bytes = 0
         self.privacy: list[PrivacySpend] = []
@@ -149,10 +160,16 @@ class DeltaAggregator:
         delta = self._open_upload(reply)
         check_layout_of(delta, self._reference)
         check_finite(delta)
-        self._mean.add(delta, examples=metrics.examples)
+        norm = l2_norm(delta)
+        if problem := self._bounds.norm_problem(norm):
+            raise OutsideBounds(problem)
+        weight = self._bounds.weight(metrics.examples)
+        self.weight_capped += weight < metrics.examples
+        self._mean.add(delta, examples=weight)
         self.participants[node] = metrics.examples
+        self.norms[node] = norm
         self.upload_bytes += wire_bytes(reply)
-        self._tally.add(metrics.values, metrics.examples)
+        self._tally.add(metrics.values, weight)
 
     def mark_missing(self, sampled: Iterable[int]) -> None:
         """Record every sampled device that neither contributed nor was dropped as timed out."""
@@ -163,7 +180,8 @@ class DeltaAggregator:
     def release(self, *, sampled: int, online: int) -> Release:
         """The round's update; its metrics gain the example-weighted means of the devices' train metrics."""
         update = self._mean.release(sampled=sampled, online=online)
-        return Release(update.delta, {**self._tally.means(), **update.metrics})
+        capped = {WEIGHTS_CAPPED: float(self.weight_capped)} if self.weight_capped else {}
+        return Release(update.delta, {**self._tally.means(), **update.metrics, **capped})
 
 
 class MetricAggregator:

@@ -21,7 +21,6 @@ rounds as :class:`CentralDPRound` values; each version's metrics record its roun
 
 from __future__ import annotations
 
-import math
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from typing import Any
 
 import torch
 
-from fleetlora.common.delta import State
+from fleetlora.common.delta import State, l2_norm
 from fleetlora.common.dp_accounting import epsilon_from_history
 from fleetlora.common.errors import ConfigError
 from fleetlora.coordinator.aggregation import DeltaMean, Release
@@ -58,10 +57,6 @@ class CentralDPSettings:
     @property
     def enabled(self) -> bool:
         return self.noise_multiplier > 0
-
-
-def l2_norm(state: Mapping[str, torch.Tensor]) -> float:
-    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in state.values()))
 
 
 def clip(delta: Mapping[str, torch.Tensor], bound: float) -> tuple[State, bool]:
@@ -158,7 +153,7 @@ class CentralDPMean:
         self._contributors = 0
         self._clipped = 0
 
-    def add(self, delta: State, *, examples: int) -> None:
+    def add(self, delta: State, *, examples: float) -> None:
         clipped, was_clipped = clip(delta, self._accountant.settings.clip_norm)
         # Weight 1, not the example count: an unbounded weight would be an unbounded sensitivity.
         self._inner.add(clipped, examples=1)

@@ -42,7 +42,7 @@ from fleetlora.common.batches import evaluate
 from fleetlora.common.codec import inflated_bound
 from fleetlora.common.config import to_config
 from fleetlora.common.data import Example, load_examples
-from fleetlora.common.delta import State, layout_fingerprint, load_trainable_state
+from fleetlora.common.delta import State, l2_norm, layout_fingerprint, load_trainable_state
 from fleetlora.common.errors import QuorumError
 from fleetlora.common.messages import Instructions
 from fleetlora.common.model import LoadedModel, cached_model
@@ -57,6 +57,7 @@ from fleetlora.coordinator.aggregation import (
 from fleetlora.coordinator.central_dp import CentralDPAccountant, CentralDPMean
 from fleetlora.coordinator.distribution import DistributionOutcome, Distributor
 from fleetlora.coordinator.exchange import exchange, round_messages, wait_for_nodes
+from fleetlora.coordinator.influence import Accepted, RoundBounds, accepted
 from fleetlora.coordinator.keys import load_hpke_key, load_signing_key
 from fleetlora.coordinator.packages import PackageTooLarge
 from fleetlora.coordinator.sampling import Sampler
@@ -168,6 +169,7 @@ class Federation:
         self.hpke_key = load_hpke_key(Path(settings.keys_dir)) if settings.seal_uploads else None
         self.upload_bound = inflated_bound(self.loaded.initial_adapter)  # bytes a decoded upload may reach
         self.delta_mean: Callable[[State], DeltaMean] = ExampleWeightedMean  # set again on resume
+        self.accepted: Accepted | None = None  # the last round's participants: bounds the next one
         self.sampler = Sampler(
             grid, count=settings.devices_per_round, seed=settings.sampling_seed, ttl=settings.round_deadline
         )
@@ -220,6 +222,8 @@ class Federation:
     def _resume_or_initialize(self) -> tuple[VersionInfo, State, bool]:
         latest = self.storage.versions.latest(self.lineage)
         if latest is not None:
+            # A resumed run's first round is bounded by the stored round's counts (its norms are not kept).
+            self.accepted = Accepted(tuple(latest.participants.values()), ()) if latest.participants else None
             stored = self.storage.versions.optimizer_state(latest.id)
             # Another optimizer's moments mean nothing to this one: it starts fresh.
             if stored is not None and stored.name == self.settings.server.name:
@@ -291,6 +295,7 @@ class Federation:
         )
         version = self.storage.versions.commit_round(candidate, _report(len(sampled), train, drops, seconds))
         self.optimizer_state = optimizer_state
+        self.accepted = accepted(train.participants, train.norms)  # the next round's bounds follow it
         # publish
         publication = self._publish(version, parent)
         outcome = RoundOutcome(
@@ -366,7 +371,8 @@ class Federation:
         deadline: float,
     ) -> DeltaAggregator:
         """Train on the sampled devices; each reply is checked and folded in as it arrives."""
-        aggregator = DeltaAggregator(state, self.delta_mean(state), self._upload_opener(instructions))
+        bounds = RoundBounds.for_round(self.settings.influence, l2_norm(state), self.accepted)
+        aggregator = DeltaAggregator(state, self.delta_mean(state), self._upload_opener(instructions), bounds)
         for reply in exchange(
             self.grid,
             round_messages(sampled, state, planned, MessageType.TRAIN, ttl=self.settings.round_deadline),

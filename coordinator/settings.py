@@ -28,6 +28,7 @@ from fleetlora.common.data.examples import labels_of
 from fleetlora.common.errors import ConfigError
 from fleetlora.common.run_config import RunConfig
 from fleetlora.coordinator.central_dp import CentralDPSettings
+from fleetlora.coordinator.influence import InfluenceSettings
 from fleetlora.coordinator.packages import PackagePolicy
 
 DEFAULT_DB = "sqlite:///fleetlora.db"  # the operator CLI's database when neither --db nor --config is given
@@ -58,6 +59,7 @@ class CoordinatorSettings:
     distribute_updates: bool  # after each round, send connected devices the newest package
     # dp-rounds 0: each device's DP noise is planned for the rounds the schedule gives it (Sampler)
     plan_dp_by_schedule: bool
+    influence: InfluenceSettings  # how far one device can move a round (coordinator/influence.py)
 
     @property
     def sampling_seed(self) -> int | None:
@@ -161,6 +163,7 @@ class CoordinatorSettings:
             upload_codec=Codec.parse(run.upload_codec).name,  # validated here
             keys_dir=run.keys,
             plan_dp_by_schedule=run.dp_rounds == 0,
+            influence=fill_from_run(InfluenceSettings, run),
             package_policy=fill_from_run(
                 PackagePolicy, run, prefix="package_", ttl=timedelta(hours=run.package_ttl_hours)
             ),

@@ -61,6 +61,10 @@ class NonFiniteDelta(RejectedReply):
     """The delta holds NaN or inf, which would poison the mean."""
 
 
+class OutsideBounds(RejectedReply):
+    """The delta's norm is outside the round's bound (coordinator/influence.py)."""
+
+
 # ---- metrics and privacy spend -----------------------------------------------------------------
 
 

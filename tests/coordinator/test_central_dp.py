@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from fleetlora.client.client_app import build_client_app
+from fleetlora.common.delta import l2_norm
 from fleetlora.common.dp_accounting import epsilon_from_history
 from fleetlora.common.errors import ConfigError
 from fleetlora.coordinator.central_dp import (
     CENTRAL_DP_EPSILON,
     CentralDPSettings,
     clip,
-    l2_norm,
     privatize,
 )
 from fleetlora.coordinator.rounds import Federation

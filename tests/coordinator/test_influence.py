@@ -1,0 +1,118 @@
+"""One device's reach over a round is bounded: its weight by the last round's median count, its delta's
+norm by the last round's median norm and by the global adapter's norm (coordinator/influence.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from flwr.app import Message
+from flwr.clientapp import ClientApp
+
+from fleetlora.client.client_app import build_client_app
+from fleetlora.common import records
+from fleetlora.common.delta import from_array_record, l2_norm, to_array_record
+from fleetlora.common.errors import ConfigError
+from fleetlora.coordinator.aggregation import WEIGHTS_CAPPED, DeltaAggregator, ExampleWeightedMean
+from fleetlora.coordinator.influence import Accepted, InfluenceSettings, RoundBounds
+from fleetlora.coordinator.rounds import Federation
+from fleetlora.coordinator.settings import CoordinatorSettings
+from fleetlora.coordinator.uploads import open_plain
+from tests.coordinator.local_grid import LocalGrid
+from tests.coordinator.test_aggregation import GLOBAL, _delta, _reasons, _task_identity, _train_reply
+from tests.coordinator.test_rounds import _run_config
+
+__all__ = ["_task_identity"]  # the autouse fixture, imported so it applies here too
+
+HISTORY = Accepted(examples=(100, 120, 80), norms=(2.0, 1.0, 3.0))
+
+
+def test_a_first_round_bounds_norms_by_the_adapter_and_later_rounds_by_the_last_one_too():
+    first = RoundBounds.for_round(InfluenceSettings(), adapter_norm=0.5, previous=None)
+    assert first.max_weight == math.inf and first.max_norm == 100.0  # 100 × max(1, 0.5)
+
+    later = RoundBounds.for_round(InfluenceSettings(), adapter_norm=50.0, previous=HISTORY)
+    assert later.max_weight == 400.0  # 4 × the median count, 100
+    assert later.max_norm == 20.0 and "median" in later.why  # 10 × 2.0 is below 100 × 50
+
+    off = RoundBounds.for_round(InfluenceSettings(0, 0, 0), adapter_norm=50.0, previous=HISTORY)
+    assert (off.max_weight, off.max_norm) == (math.inf, math.inf)
+
+
+@pytest.mark.parametrize("bad", [0.5, -1.0, math.inf, math.nan])
+def test_a_cap_is_off_or_at_least_one(bad: float):
+    with pytest.raises(ConfigError, match="weight-cap must be 0"):
+        InfluenceSettings(weight_cap=bad)
+
+
+def test_an_inflated_example_count_weighs_no_more_than_the_cap():
+    bounds = RoundBounds.for_round(InfluenceSettings(), adapter_norm=1.0, previous=HISTORY)
+    aggregator = DeltaAggregator(GLOBAL, ExampleWeightedMean(GLOBAL), open_plain, bounds)
+    aggregator.add(_train_reply(1, _delta(1.0), examples=100))
+    aggregator.add(_train_reply(2, _delta(4.0), examples=10**9))  # claims a billion examples
+
+    update = aggregator.release(sampled=2, online=2)
+
+    # (100 × 1 + 400 × 4) / 500, not ≈ 4: the claim counts as 400.
+    assert torch.allclose(update.delta["w"], torch.full((4,), 3.4))
+    assert update.metrics[WEIGHTS_CAPPED] == 1.0
+    assert aggregator.participants == {1: 100, 2: 10**9}  # what each reported stays on record
+
+
+def test_a_scaled_delta_is_dropped_with_its_norm_and_the_bound():
+    bounds = RoundBounds.for_round(InfluenceSettings(), adapter_norm=1.0, previous=HISTORY)
+    aggregator = DeltaAggregator(GLOBAL, ExampleWeightedMean(GLOBAL), open_plain, bounds)
+    aggregator.add(_train_reply(1, _delta(0.5)))
+    aggregator.add(_train_reply(2, _delta(500.0)))  # ×1000
+
+    assert set(aggregator.participants) == {1}
+    (reason,) = _reasons(aggregator)
+    assert reason.startswith("delta norm 1225 above the round's bound 20 (10 × the last round's median)")
+
+
+def _hostile_app(*, blow_up: set[int] = frozenset(), inflate: set[int] = frozenset()) -> ClientApp:
+    """The real ClientApp, except that some devices send 1e30 in one coordinate or claim 10⁹ examples."""
+    real = build_client_app()
+    app = ClientApp()
+
+    @app.train()
+    def train(message: Message, context) -> Message:
+        reply = real(message, context)
+        if context.node_id in blow_up:
+            delta = from_array_record(reply.content[records.ARRAYS])
+            name = next(iter(delta))
+            delta[name].view(-1)[0] = 1e30  # finite, and alone enough to wreck the mean
+            reply.content[records.ARRAYS] = to_array_record(delta)
+        if context.node_id in inflate:
+            reply.content[records.METRICS][records.NUM_EXAMPLES] = 10**9
+        return reply
+
+    @app.evaluate()
+    def evaluate(message: Message, context) -> Message:
+        return real(message, context)
+
+    return app
+
+
+def test_one_hostile_device_can_neither_wreck_nor_take_over_the_fleet(sqlite_url: str):
+    config = _run_config(sqlite_url, **{"rounds": 3, "devices-per-round": 4, "min-devices": 3})
+    grid = LocalGrid(_hostile_app(blow_up={101}, inflate={102}), 4, config)
+    federation = Federation(grid, CoordinatorSettings.from_run_config(config))
+
+    outcomes = federation.run()
+
+    assert all(o.version is not None for o in outcomes)  # no round lost, no wrecked version stored
+    for outcome in outcomes:
+        (blown,) = [d.reason for d in outcome.drops if d.node_id == 101]
+        assert "above the round's bound" in blown
+        assert 101 not in outcome.participants
+    # From round 2 on the inflated claim weighs at most 4 × the last round's median count.
+    assert all(outcome.metrics[WEIGHTS_CAPPED] == 1.0 for outcome in outcomes[1:])
+    assert WEIGHTS_CAPPED not in outcomes[0].metrics  # round 1 has no history: nothing to cap it by
+    final = federation.storage.versions.adapter(outcomes[-1].version.id)
+    assert l2_norm(final) < 1e3
+
+    # A restarted coordinator bounds its first round by the stored round's counts.
+    (resumed,) = Federation(grid, CoordinatorSettings.from_run_config({**config, "rounds": 1})).run()
+    assert resumed.version is not None and resumed.metrics[WEIGHTS_CAPPED] == 1.0
