@@ -94,10 +94,9 @@ def train_locally(
     learner = _HeadLearner(loaded, examples, absent) if loaded.spec.regime == "head" else None
     module = learner.head if learner else loaded.model
     trainable = [p for p in module.parameters() if p.requires_grad]
+    rate = settings.rate_for(noise.noise_multiplier if noise else None)
     optimizer: torch.optim.Optimizer = (
-        torch.optim.SGD(trainable, lr=settings.learning_rate)
-        if learner
-        else torch.optim.AdamW(trainable, lr=settings.learning_rate)
+        torch.optim.SGD(trainable, lr=rate) if learner else torch.optim.AdamW(trainable, lr=rate)
     )
     steps = settings.steps_for(len(examples))
     batches = draw_batches(len(examples), settings.batch_size, steps, seed=seed, noise=noise)

@@ -173,10 +173,14 @@ class RegimeDefaults:
     clipping at 0.5 (every example's gradient norm is at most 2): large batches, many steps at a high rate
     and a small clipping norm, as DP-SGD wants (De et al. 2022, arXiv:2204.13650). Without DP, whose
     gradients are neither clipped nor noised, rate 160. Both measured on BANKING77 (docs/research.md).
+    The noise a DP step adds to the head is rate × σ × clip / batch, so at a small ε (a large σ) the
+    rate that suits ε = 8 drowns the head in noise: a device lowers its rate to keep rate × σ ≤ 160
+    (rate 40 up to σ = 4, which covers ε = 8 with 20 devices a round).
     """
 
     learning_rate: float  # under DP
     learning_rate_without_dp: float
+    max_rate_noise: float  # under DP, a device lowers its rate to keep rate × σ at most this (0: never)
     batch_size: int
     local_steps: int
     local_epochs: float
@@ -187,6 +191,7 @@ REGIME_DEFAULTS: dict[str, RegimeDefaults] = {
     "lora": RegimeDefaults(
         learning_rate=3e-3,
         learning_rate_without_dp=3e-3,
+        max_rate_noise=0.0,
         batch_size=16,
         local_steps=20,
         local_epochs=0.0,
@@ -195,6 +200,7 @@ REGIME_DEFAULTS: dict[str, RegimeDefaults] = {
     "head": RegimeDefaults(
         learning_rate=40.0,
         learning_rate_without_dp=160.0,
+        max_rate_noise=160.0,
         batch_size=256,
         local_steps=20,
         local_epochs=5.0,
@@ -220,6 +226,8 @@ class TrainSettings:
     # 20 Dirichlet(0.5) devices it took test accuracy after 10 rounds from 72.7% to 81.1% (docs/research.md).
     restricted_softmax: bool = True
     privacy: PrivacySettings = dataclasses.field(default_factory=PrivacySettings)
+    # Under DP the device trains at min(learning_rate, max_rate_noise / σ) (0: at learning_rate).
+    max_rate_noise: float = 0.0
 
     def __post_init__(self) -> None:
         if self.local_epochs < 0:
@@ -229,10 +237,18 @@ class TrainSettings:
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}.")
         # The head regime's plain SGD on unit-length features takes rates in the tens (docs/research.md).
+        if not 0.0 <= self.max_rate_noise < math.inf:
+            raise ConfigError(f"max_rate_noise must be >= 0 and finite, got {self.max_rate_noise}.")
         if not 0.0 < self.learning_rate <= MAX_LEARNING_RATE:
             raise ConfigError(
                 f"learning_rate must be in (0, {MAX_LEARNING_RATE:g}], got {self.learning_rate}."
             )
+
+    def rate_for(self, noise_multiplier: float | None) -> float:
+        """The learning rate of a round at this σ (None: without DP): capped so rate × σ ≤ max_rate_noise."""
+        if noise_multiplier and self.max_rate_noise:
+            return min(self.learning_rate, self.max_rate_noise / noise_multiplier)
+        return self.learning_rate
 
     def steps_for(self, num_examples: int) -> int:
         """Optimizer steps this round: ``local_epochs`` passes when set, else ``local_steps``."""

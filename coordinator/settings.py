@@ -152,6 +152,8 @@ class CoordinatorSettings:
             batch_size=run.batch_size or defaults.batch_size,
             learning_rate=run.learning_rate
             or (defaults.learning_rate if privacy.enabled else defaults.learning_rate_without_dp),
+            # Only the regime's own rate adapts to the noise; a rate the operator set is kept.
+            max_rate_noise=0.0 if run.learning_rate else defaults.max_rate_noise,
         )
         return fill_from_run(
             cls,

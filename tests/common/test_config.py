@@ -65,3 +65,11 @@ def test_local_epochs_replace_local_steps():
     assert TrainSettings(local_epochs=0.01, batch_size=16).steps_for(10) == 1
     with pytest.raises(ConfigError, match="local_epochs"):
         TrainSettings(local_epochs=-1)
+
+
+def test_under_dp_the_rate_is_lowered_to_keep_rate_times_sigma_within_the_cap():
+    settings = TrainSettings(learning_rate=40.0, max_rate_noise=160.0)
+    assert settings.rate_for(None) == 40.0  # without DP
+    assert settings.rate_for(3.7) == 40.0  # 40 × 3.7 is within 160
+    assert settings.rate_for(20.0) == 8.0
+    assert TrainSettings(learning_rate=40.0).rate_for(20.0) == 40.0  # no cap sent: the rate as given

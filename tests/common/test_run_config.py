@@ -165,6 +165,8 @@ def test_zero_training_keys_take_the_regimes_defaults_and_set_ones_win():
         0.0,
     )
     assert train(**{"dp-epsilon": 0.0}).learning_rate == head.learning_rate_without_dp
+    assert default.max_rate_noise == head.max_rate_noise  # the regime's own rate adapts to the noise
+    assert train(**{"learning-rate": 2.0}).max_rate_noise == 0.0  # a rate the operator set is kept
     steps = train(**{"local-steps": 7, "batch-size": 32, "learning-rate": 2.0, "dp-max-grad-norm": 1.5})
     assert (steps.local_steps, steps.local_epochs, steps.batch_size, steps.learning_rate) == (7, 0.0, 32, 2.0)
     assert steps.privacy.max_grad_norm == 1.5
