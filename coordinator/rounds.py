@@ -42,7 +42,7 @@ from fleetlora.common.batches import evaluate
 from fleetlora.common.codec import inflated_bound
 from fleetlora.common.config import to_config
 from fleetlora.common.data import Example, load_examples
-from fleetlora.common.delta import State, l2_norm, layout_fingerprint, load_trainable_state
+from fleetlora.common.delta import State, is_finite, l2_norm, layout_fingerprint, load_trainable_state
 from fleetlora.common.errors import QuorumError
 from fleetlora.common.messages import Instructions
 from fleetlora.common.model import LoadedModel, cached_model
@@ -277,6 +277,9 @@ class Federation:
         new_state, optimizer_state = server_step(
             self.settings.server, state, update.delta, self.optimizer_state
         )
+        if not is_finite(new_state):  # never stored, so never sent: no device is left with a broken adapter
+            error = "the new global adapter holds NaN or inf: not stored"
+            return self._failed(number, started, sampled_devices, train, error), state
         # evaluate the candidate (the messages carry the round's instructions, the arrays are new)
         evaluation = self._evaluate(train, new_state, planned)
         metrics = {**update.metrics, **evaluation.metrics}

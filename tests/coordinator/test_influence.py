@@ -116,3 +116,27 @@ def test_one_hostile_device_can_neither_wreck_nor_take_over_the_fleet(sqlite_url
     # A restarted coordinator bounds its first round by the stored round's counts.
     (resumed,) = Federation(grid, CoordinatorSettings.from_run_config({**config, "rounds": 1})).run()
     assert resumed.version is not None and resumed.metrics[WEIGHTS_CAPPED] == 1.0
+
+
+def test_a_new_global_adapter_that_is_not_finite_is_never_stored(sqlite_url: str, monkeypatch):
+    from fleetlora.coordinator import rounds
+
+    config = _run_config(sqlite_url, rounds=2)
+    federation = Federation(
+        LocalGrid(build_client_app(), 3, config), CoordinatorSettings.from_run_config(config)
+    )
+    real_step = rounds.server_step
+    steps = iter([True, False])  # round 1's server step overflows, round 2's is sound
+
+    def overflowing(settings, state, delta, optimizer_state):
+        new_state, moments = real_step(settings, state, delta, optimizer_state)
+        if next(steps):
+            new_state = {name: torch.full_like(t, float("inf")) for name, t in new_state.items()}
+        return new_state, moments
+
+    monkeypatch.setattr(rounds, "server_step", overflowing)
+    first, second = federation.run()
+
+    assert first.version is None and first.error == "the new global adapter holds NaN or inf: not stored"
+    assert second.version is not None and second.version.parent_id == 1  # trained on from the initial version
+    assert [v.round for v in federation.storage.versions.all()] == [0, 2]
