@@ -111,6 +111,22 @@ def list_versions(
     _console().print(table)
 
 
+@versions_app.command("revert")
+def revert_version(
+    version: Annotated[str, typer.Argument(help="The version to go back to, e.g. v7 (see `versions list`).")],
+    reason: Annotated[str, typer.Option(help="Why: stored with the new version.")],
+    db: DbOption = DEFAULT_DB,
+) -> None:
+    """Make an earlier version's adapter the newest again, as a new version that records why.
+
+    Nothing is deleted. The next round trains from the new version and its package brings devices to it.
+    """
+    reverted = Storage.open(db).versions.revert(_version_id(version), reason)
+    typer.echo(
+        f"{reverted.label} (round {reverted.round}) holds {version}'s adapter; the next round trains from it."
+    )
+
+
 @db_app.command("upgrade")
 def upgrade_database(db: DbOption = DEFAULT_DB) -> None:
     """Migrate the database to this fleetlora's schema (creates it if empty; safe to repeat)."""

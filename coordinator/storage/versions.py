@@ -23,6 +23,8 @@ from fleetlora.coordinator.models import Lineage, ModelVersion, OptimizerState, 
 from fleetlora.coordinator.storage.ledgers import RoundReport, round_row
 from fleetlora.coordinator.storage.rows import checked_blob, info_of
 
+REVERTED_TO, REVERT_REASON = "reverted_to", "revert_reason"  # a revert's metrics (VersionStore.revert)
+
 
 @dataclass(frozen=True)
 class VersionInfo:
@@ -153,6 +155,35 @@ class VersionStore:
             query = query.where(ModelVersion.lineage == lineage)
         with self.db.session() as session:
             return [_version_info(row) for row in session.scalars(query)]
+
+    def revert(self, version_id: int, reason: str) -> VersionInfo:
+        """Make version ``version_id``'s adapter the newest of its lineage again, as a new version one
+        round after the latest (parent: the latest), recording the version it reverts to and why.
+
+        Nothing is deleted: the bad versions stay, for the record, and the next round trains from this one.
+        The server optimizer starts fresh (its moments belong to the path that is being left).
+        """
+        if not reason.strip():
+            raise FleetloraError("Give the reason for the revert (--reason): it is stored with the version.")
+        target = self.get(version_id)
+        latest = self.latest(target.lineage)
+        assert latest is not None  # the target itself is in the lineage
+        if latest.id == target.id:
+            raise FleetloraError(
+                f"{target.label} is already the newest version of its lineage: nothing to revert."
+            )
+        metrics = {k: v for k, v in target.metrics.items() if k.startswith("central_")}
+        return self.add(
+            NewVersion(
+                lineage=target.lineage,
+                round=latest.round + 1,
+                parent_id=latest.id,
+                base_model_sha256=target.base_model_sha256,
+                adapter=self.adapter(target.id),
+                participants={},
+                metrics={**metrics, REVERTED_TO: target.id, REVERT_REASON: reason.strip()},
+            )
+        )
 
     def chain(self, version_id: int) -> list[VersionInfo]:
         """The version and its ancestors, newest first, back to round 0."""

@@ -140,3 +140,34 @@ def test_a_new_global_adapter_that_is_not_finite_is_never_stored(sqlite_url: str
     assert first.version is None and first.error == "the new global adapter holds NaN or inf: not stored"
     assert second.version is not None and second.version.parent_id == 1  # trained on from the initial version
     assert [v.round for v in federation.storage.versions.all()] == [0, 2]
+
+
+def test_an_operator_reverts_to_an_earlier_version_and_the_fleet_trains_on_from_it(sqlite_url: str):
+    from typer.testing import CliRunner
+
+    from fleetlora.coordinator.cli import app
+    from fleetlora.coordinator.storage import Storage
+
+    config = _run_config(sqlite_url, rounds=2)
+    grid = LocalGrid(build_client_app(), 3, config)
+    Federation(grid, CoordinatorSettings.from_run_config(config)).run()  # v1 (round 0), v2, v3
+    runner = CliRunner()
+
+    done = runner.invoke(app, ["versions", "revert", "v2", "--reason", "v3 scored badly", "--db", sqlite_url])
+
+    assert done.exit_code == 0, done.output
+    versions = Storage.open(sqlite_url).versions
+    reverted = versions.latest(versions.get(2).lineage)
+    assert reverted is not None and (reverted.id, reverted.round, reverted.parent_id) == (4, 3, 3)
+    assert reverted.metrics["reverted_to"] == 2 and reverted.metrics["revert_reason"] == "v3 scored badly"
+    assert reverted.adapter_sha256 == versions.get(2).adapter_sha256  # the very same adapter bytes
+    (next_round,) = Federation(grid, CoordinatorSettings.from_run_config({**config, "rounds": 1})).run()
+    assert next_round.version is not None and next_round.version.parent_id == 4
+
+    for args, message in [
+        (["versions", "revert", "v5", "--reason", "x"], "v5 is already the newest"),
+        (["versions", "revert", "v99", "--reason", "x"], "No version v99"),
+        (["versions", "revert", "v2", "--reason", " "], "Give the reason"),
+    ]:
+        refused = runner.invoke(app, [*args, "--db", sqlite_url])
+        assert refused.exit_code != 0 and message in str(refused.exception), refused.output
