@@ -11,7 +11,8 @@ this order, and records the first failure as a :class:`Drop` with the reason sho
    num-examples: <value>``), every other metric a finite number (``metric '<key>' is a <type>, not a
    number``, ``metric '<key>' is nan, not a finite number``);
 5. the ``dp_*`` metrics are taken out as a :class:`PrivacySpend`, kept whatever happens next because
-   the device spent that budget either way;
+   the device spent that budget either way (under the node's own name ``node-<id>`` when the upload is
+   refused at step 6, since the device id it claims is then not proven);
 6. open the upload: plain ``arrays`` (``reply has no arrays``), or a sealed upload, whose claim,
    enrolled device and node, signature and decryption are checked (``sealed upload refused: <reason>``);
 7. a sealed upload decodes within the size bound (``sealed upload refused: decrypted upload is not a
@@ -29,6 +30,7 @@ changes how accepted deltas are folded and released, never which replies are acc
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -37,6 +39,7 @@ from flwr.app import Message
 
 from fleetlora.common.aggregate import WeightedMean
 from fleetlora.common.delta import State, l2_norm
+from fleetlora.coordinator.identities import unnamed
 from fleetlora.coordinator.influence import RoundBounds
 from fleetlora.coordinator.uploads import (
     DuplicateReply,
@@ -155,9 +158,14 @@ class DeltaAggregator:
         check_not_declined(reply)
         metrics = read_metrics(reply)
         spend = take_privacy_spend(reply, metrics)
+        try:
+            delta = self._open_upload(reply)
+        except RejectedReply:
+            if spend:  # spent either way, but the id it claims is not proven: the node speaks for itself
+                self.privacy.append(dataclasses.replace(spend, device_id=unnamed(node)))
+            raise
         if spend:
             self.privacy.append(spend)
-        delta = self._open_upload(reply)
         check_layout_of(delta, self._reference)
         check_finite(delta)
         norm = l2_norm(delta)

@@ -10,6 +10,7 @@ through a callable.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -88,6 +89,10 @@ def check_not_declined(reply: Message) -> None:
         raise DeclinedReply(f"declined: {declined}")
 
 
+DEVICE_METRIC = re.compile(r"(train|dp|eval)_[a-z0-9_]{1,58}")  # what a device may report (client_app.py)
+MAX_DEVICE_METRICS = 32
+
+
 def read_metrics(reply: Message) -> ReplyMetrics:
     """The reply's metrics, once it is known to be an answer with a positive count and numbers only."""
     if reply.has_error():
@@ -99,8 +104,13 @@ def read_metrics(reply: Message) -> ReplyMetrics:
     count = values.pop(records.NUM_EXAMPLES, None)
     if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
         raise InvalidMetrics(f"invalid {records.NUM_EXAMPLES}: {count!r}")
+    if len(values) > MAX_DEVICE_METRICS:
+        raise InvalidMetrics(f"{len(values)} metrics, at most {MAX_DEVICE_METRICS}")
     numbers: dict[str, float] = {}
     for key, value in values.items():
+        # The coordinator's own keys (central_*, weights_capped, ...) are never a device's to set.
+        if not DEVICE_METRIC.fullmatch(key):
+            raise InvalidMetrics(f"metric {key[:64]!r} is not a device metric (train_*, dp_* or eval_*)")
         # A MetricRecord may also hold lists; only scalars can be averaged.
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise InvalidMetrics(f"metric {key!r} is a {type(value).__name__}, not a number")

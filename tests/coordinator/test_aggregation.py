@@ -99,6 +99,18 @@ def test_good_replies_fold_into_the_example_weighted_mean():
             lambda: _train_reply(1, _delta(1.0), dp_epsilon=float("inf")),
             "metric 'dp_epsilon' is inf, not a finite",
         ),
+        (
+            lambda: _train_reply(1, _delta(1.0), central_dp_epsilon=0.01),
+            "metric 'central_dp_epsilon' is not a device metric",
+        ),
+        (
+            lambda: _train_reply(1, _delta(1.0), **{"\x1b[2J": 1.0}),
+            "metric '\\x1b[2J' is not a device metric",
+        ),
+        (
+            lambda: _train_reply(1, _delta(1.0), **{f"train_{i}": 1.0 for i in range(40)}),
+            "41 metrics, at most 32",
+        ),
         (lambda: _train_reply(1, None), "reply has no arrays"),
         (lambda: _train_reply(1, {"w": torch.zeros(4)}), "layout mismatch: "),
         (lambda: _train_reply(1, {**_delta(1.0), "w": torch.zeros(5)}), "layout mismatch: "),
@@ -113,6 +125,9 @@ def test_good_replies_fold_into_the_example_weighted_mean():
         "list-metric",
         "nan-metric",
         "inf-dp-epsilon",
+        "coordinator-key",
+        "escape-sequence-key",
+        "too-many-metrics",
         "no-arrays",
         "missing-tensor",
         "wrong-shape",
@@ -251,3 +266,15 @@ def test_a_plain_reply_is_refused_when_uploads_are_sealed():
     aggregator = DeltaAggregator(GLOBAL, ExampleWeightedMean(GLOBAL), fleet.opener())
     aggregator.add(_train_reply(1, _delta(1.0)))
     assert _reasons(aggregator) == ["sealed upload refused: reply holds no sealed upload"]
+
+
+def test_a_refused_upload_cannot_write_its_spend_into_another_devices_ledger_row():
+    fleet = _Fleet()
+    aggregator = DeltaAggregator(GLOBAL, ExampleWeightedMean(GLOBAL), fleet.opener())
+    forged = fleet.reply(2, "device-1", _encoded(_delta(1.0)), signer=Ed25519PrivateKey.generate())
+    forged.content[records.METRICS]["dp_epsilon"] = 7.5  # claims device-1 spent 7.5
+
+    aggregator.add(forged)
+
+    assert not aggregator.participants and "sealed upload refused" in _reasons(aggregator)[0]
+    assert [(s.device_id, s.epsilon) for s in aggregator.privacy] == [("node-2", 7.5)]
