@@ -20,7 +20,7 @@ same device schedule; only the privacy setting changes.
 Run from the repository root (about 40 minutes on 2 cores; ``--smoke`` runs every part on the tiny
 model and the built-in corpus in about two minutes, and is what ``make test`` runs)::
 
-    .venv/bin/python benchmarks/dp_utility.py [--rounds 20] [--per-round 20,5] [--smoke]
+    .venv/bin/python benchmarks/dp_utility.py [--rounds 20] [--per-round 20,5] [--parts ...] [--smoke]
 
 Progress goes to stderr; the JSON result (also written to ``--json``) is the last line of stdout.
 """
@@ -58,6 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 BANKING77 = REPO.parent / "shared" / "data" / "banking77"
 DELTA = 1e-5
 SEED = 0
+PARTS = ("federated", "references", "streaming", "cost")
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,7 @@ def dp_training(
         learning_rate=settings.learning_rate,
         local_epochs=passes,
         restricted_softmax=False,
+        max_rate_noise=settings.max_rate_noise,  # the rate adapts to σ as on a device
     )
     noise = None
     if epsilon:
@@ -298,6 +300,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--stream-rounds", type=int, default=30)
     parser.add_argument("--stream-plan", type=int, default=5, help="participations the noise is planned for")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--parts", default=",".join(PARTS), help="comma-separated parts to run (default: all)"
+    )
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "dp_utility.json")
     parser.add_argument("--plot", type=Path, default=REPO / "benchmarks" / "results" / "dp_utility.png")
     args = parser.parse_args(argv)
@@ -309,18 +314,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"BANKING77 is not at {BANKING77}: this benchmark needs ../shared/data beside the repo.")
     epsilons = [float(e) for e in args.epsilons.split(",")]
     per_round = [int(n) for n in args.per_round.split(",")]
+    parts = args.parts.split(",")
+    if unknown := set(parts) - set(PARTS):
+        parser.error(f"unknown part(s) {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    # Parts not run this time are kept from an earlier result, each with the command that made it.
+    result: dict[str, Any] = (
+        json.loads(args.json.read_text()) if set(parts) != set(PARTS) and args.json.is_file() else {}
+    )
+    if result and "commands" not in result:  # written by a run of every part
+        result["commands"] = dict.fromkeys(PARTS, result.get("command"))
+    command = shlex.join(
+        ["python", "benchmarks/dp_utility.py", *(argv if argv is not None else sys.argv[1:])]
+    )
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dp-utility-") as scratch:
-        result: dict[str, Any] = {
-            "command": shlex.join(["python", "benchmarks/dp_utility.py", *(argv or sys.argv[1:])]),
-            "setup": {**dataclasses.asdict(setup), "seed": SEED, "delta": DELTA},
-            "federated": federated_arms(setup, epsilons, per_round, args.rounds, Path(scratch)),
-            "references": references(setup, epsilons, per_round[0], min(args.rounds, 10)),
-            "stream_records": args.stream_records,
-            "streaming": streaming_arms(setup, args, Path(scratch)),
-            "cost": step_cost(setup, args.repeats),
+        runs = {
+            "federated": lambda: federated_arms(setup, epsilons, per_round, args.rounds, Path(scratch)),
+            "references": lambda: references(setup, epsilons, per_round[0], min(args.rounds, 10)),
+            "streaming": lambda: streaming_arms(setup, args, Path(scratch)),
+            "cost": lambda: step_cost(setup, args.repeats),
         }
-    result["wall_seconds"] = round(time.perf_counter() - started, 1)
+        result.update(command=command, setup={**dataclasses.asdict(setup), "seed": SEED, "delta": DELTA})
+        for part in parts:
+            result[part] = runs[part]()
+            result.setdefault("commands", {})[part] = command
+        if "streaming" in parts:
+            result["stream_records"] = args.stream_records
+    result.setdefault("wall_seconds", {})
+    if not isinstance(result["wall_seconds"], dict):  # a result from before parts could be run alone
+        result["wall_seconds"] = {"all": result["wall_seconds"]}
+    result["wall_seconds"][",".join(parts)] = round(time.perf_counter() - started, 1)
     schedules = {
         json.dumps(arm["partitions"])
         for name, arm in result["federated"].items()

@@ -126,8 +126,11 @@ def status(
 
 
 # Where a deployed run differs from the table unless [federation] says otherwise: who trains when is
-# drawn from the OS's entropy, not from a seed anyone with the run config knows.
-DEPLOYED_DEFAULTS: dict[str, Any] = {"sampling": "random"}
+# drawn from the OS's entropy, not from a seed anyone with the run config knows; and a fleet lives
+# through many short runs, so a device's DP noise is planned for DEPLOYED_DP_ROUNDS participations, not
+# for one run's schedule, after which a device with fixed data would be spent for good.
+DEPLOYED_DP_ROUNDS = 100
+DEPLOYED_DEFAULTS: dict[str, Any] = {"sampling": "random", "dp-rounds": DEPLOYED_DP_ROUNDS}
 
 
 def deployment_run_config(host: CoordinatorHost) -> dict[str, Any]:

@@ -125,6 +125,10 @@ def test_a_deployed_round_samples_from_the_os_unless_federation_asks_for_a_seed(
 
     assert started("").sampling_seed is None
     assert started("sampling = 'seeded'\nseed = 3\n").sampling_seed == 3
+    # A fleet lives through many short runs: its DP noise is planned for its life, not for one run.
+    assert started("").train.privacy.planned_rounds == deploy_cli.DEPLOYED_DP_ROUNDS
+    assert not started("").plan_dp_by_schedule
+    assert started("dp-rounds = 7\n").train.privacy.planned_rounds == 7
 
 
 @pytest.mark.parametrize(("sampling", "seed"), [("seeded", 5), ("random", None)])
