@@ -292,6 +292,19 @@ class RunConfig:
         "round (0: off).",
         Group.SERVER,
     )
+    aggregator: str = setting(
+        "mean",
+        "How a round's deltas are combined: mean (example-weighted, streamed), trimmed-mean or median "
+        "(coordinate-wise, every device counts once; they keep the round's deltas in memory).",
+        Group.SERVER,
+        choices=("mean", "trimmed-mean", "median"),
+    )
+    aggregator_trim: float = setting(
+        0.2,
+        "trimmed-mean: share of each coordinate's values cut from each end.",
+        Group.SERVER,
+        check=lambda v: None if 0 < v < 0.5 else "must be in (0, 0.5)",
+    )
     server_optimizer: str = setting(
         "fedavg",
         "Server update: fedavg, fedavgm (momentum), fedadam or fedyogi.",

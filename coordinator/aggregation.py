@@ -23,6 +23,8 @@ this order, and records the first failure as a :class:`Drop` with the reason sho
     round's bound …``;
 11. fold into the round's :class:`DeltaMean` with the example count, capped by the round's weight bound,
     as weight; the node becomes a participant, and its bytes and example-weighted metrics are counted.
+    In a round without history (a new lineage's first), 10 and 11 wait for every reply: the bounds
+    then come from the round's own medians (:meth:`DeltaAggregator.settle`, run by ``mark_missing``).
 
 A wrapper around the :class:`DeltaMean` (central DP, :class:`~fleetlora.coordinator.central_dp.CentralDPMean`)
 changes how accepted deltas are folded and released, never which replies are accepted.
@@ -46,6 +48,7 @@ from fleetlora.coordinator.uploads import (
     OutsideBounds,
     PrivacySpend,
     RejectedReply,
+    ReplyMetrics,
     UploadOpener,
     check_finite,
     check_layout_of,
@@ -121,6 +124,17 @@ class _Tally:
         return {key: total / self.weight for key, total in self.sums.items()} if self.weight else {}
 
 
+@dataclass(frozen=True)
+class _Opened:
+    """A reply that passed every check but the round's bounds."""
+
+    node: int
+    delta: State
+    norm: float
+    metrics: ReplyMetrics
+    upload_bytes: int
+
+
 def _timeouts(sampled: Iterable[int], answered: set[int], drops: list[Drop], reason: str) -> list[Drop]:
     """Drops for the sampled devices that neither answered nor were already dropped."""
     seen = answered | {d.node_id for d in drops}
@@ -144,6 +158,8 @@ class DeltaAggregator:
         self.drops: list[Drop] = []
         self.upload_bytes = 0
         self.privacy: list[PrivacySpend] = []
+        self._seen: set[int] = set()  # nodes that replied, accepted or not
+        self._held: list[_Opened] = []  # accepted deltas waiting for the round's own bounds
 
     def add(self, reply: Message) -> None:
         try:
@@ -153,8 +169,9 @@ class DeltaAggregator:
 
     def _accept(self, reply: Message) -> None:
         node = reply.metadata.src_node_id
-        if node in self.participants:
+        if node in self._seen:
             raise DuplicateReply("duplicate reply")
+        self._seen.add(node)
         check_not_declined(reply)
         metrics = read_metrics(reply)
         spend = take_privacy_spend(reply, metrics)
@@ -166,21 +183,44 @@ class DeltaAggregator:
             raise
         if spend:
             self.privacy.append(spend)
+        self.add_delta(node, delta, metrics, upload_bytes=wire_bytes(reply))
+
+    def add_delta(self, node: int, delta: State, metrics: ReplyMetrics, *, upload_bytes: int = 0) -> None:
+        """Checks 8–11 on an opened delta: layout, finite, norm, then fold (or hold until :meth:`settle`)."""
         check_layout_of(delta, self._reference)
         check_finite(delta)
         norm = l2_norm(delta)
         if problem := self._bounds.norm_problem(norm):
             raise OutsideBounds(problem)
-        weight = self._bounds.weight(metrics.examples)
-        self.weight_capped += weight < metrics.examples
-        self._mean.add(delta, examples=weight)
-        self.participants[node] = metrics.examples
-        self.norms[node] = norm
-        self.upload_bytes += wire_bytes(reply)
-        self._tally.add(metrics.values, weight)
+        opened = _Opened(node, delta, norm, metrics, upload_bytes)
+        if self._bounds.waits_for_round:
+            self._held.append(opened)
+        else:
+            self._fold(opened, self._bounds)
+
+    def settle(self) -> None:
+        """Fold the deltas a round without history held back, bounded by the round's own medians."""
+        held, self._held = self._held, []
+        bounds = self._bounds.settle([h.metrics.examples for h in held], [h.norm for h in held])
+        for opened in held:
+            if problem := bounds.norm_problem(opened.norm):
+                self.drops.append(Drop(opened.node, problem))
+            else:
+                self._fold(opened, bounds)
+
+    def _fold(self, opened: _Opened, bounds: RoundBounds) -> None:
+        weight = bounds.weight(opened.metrics.examples)
+        self.weight_capped += weight < opened.metrics.examples
+        self._mean.add(opened.delta, examples=weight)
+        self.participants[opened.node] = opened.metrics.examples
+        self.norms[opened.node] = opened.norm
+        self.upload_bytes += opened.upload_bytes
+        self._tally.add(opened.metrics.values, weight)
 
     def mark_missing(self, sampled: Iterable[int]) -> None:
-        """Record every sampled device that neither contributed nor was dropped as timed out."""
+        """Settle the held deltas, then record every sampled device that neither contributed nor was
+        dropped as timed out."""
+        self.settle()
         self.drops.extend(
             _timeouts(sampled, set(self.participants), self.drops, "no reply before the deadline")
         )

@@ -3,15 +3,18 @@
 FedAvg weights each delta by the example count its device reports, and a delta's values are
 otherwise checked only for finiteness, so one enrolled device that claims 10⁹ examples, or sends a
 finite delta scaled ×1000 (or 1e30 in one coordinate), decides the round and can leave a global
-adapter no device will run. The bounds of a round are fixed before its first reply arrives, so the
-streaming mean keeps its O(adapter) memory and one reply is judged alone:
+adapter no device will run. The bounds of a round come from the previous round, so they are fixed
+before its first reply arrives, the streaming mean keeps its O(adapter) memory and one reply is
+judged alone:
 
 - **weight**: a device counts at most ``weight_cap`` × the median example count of the devices
   accepted in the previous round (devices' data volumes change slowly). A resumed run takes the stored
-  round's counts; a new lineage's first round has no history and no weight cap;
+  round's counts; a new lineage's first round, which has no history, takes its own median, and holds
+  its deltas back until all are in (``RoundBounds.settle``);
 - **norm**: a delta is dropped when its L2 norm passes ``norm_cap`` × the previous round's median
-  accepted norm, or, in every round including the first, ``norm_ratio`` × the norm of the global
-  adapter it was trained from (at least 1): ``delta norm N above the round's bound B (…)``.
+  accepted norm (this round's own median when no norms are known: a first or resumed round), or, in
+  every round, ``norm_ratio`` × the norm of the global adapter it was trained from (at least 1):
+  ``delta norm N above the round's bound B (…)``.
 
 A cap of 0 turns that bound off. The defaults are far from an honest fleet: BANKING77's 20 devices
 (Dirichlet 0.5) hold 0.62–1.16× their median count.
@@ -21,10 +24,12 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from fleetlora.common.errors import ConfigError
+
+AGGREGATORS = ("mean", "trimmed-mean", "median")
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,8 @@ class InfluenceSettings:
     weight_cap: float = 4.0  # × the previous round's median example count
     norm_cap: float = 10.0  # × the previous round's median delta norm
     norm_ratio: float = 100.0  # × the norm of the global adapter sent, at least 1
+    aggregator: str = "mean"  # "mean" | "trimmed-mean" | "median" (coordinator/robust.py)
+    aggregator_trim: float = 0.2  # trimmed-mean: share of each coordinate cut from each end
 
     def __post_init__(self) -> None:
         for name in ("weight_cap", "norm_cap", "norm_ratio"):
@@ -42,6 +49,15 @@ class InfluenceSettings:
                 raise ConfigError(
                     f"{name.replace('_', '-')} must be 0 (off) or a finite number >= 1, got {value}."
                 )
+        if self.aggregator not in AGGREGATORS:
+            raise ConfigError(f"aggregator must be one of {', '.join(AGGREGATORS)}, got {self.aggregator!r}.")
+        if not 0 < self.aggregator_trim < 0.5:
+            raise ConfigError(f"aggregator-trim must be in (0, 0.5), got {self.aggregator_trim}.")
+
+    @property
+    def trim(self) -> float | None:
+        """The share cut from each end of a coordinate; None for the example-weighted mean."""
+        return {"mean": None, "median": 0.5}.get(self.aggregator, self.aggregator_trim)
 
 
 @dataclass(frozen=True)
@@ -55,32 +71,62 @@ class Accepted:
 
 @dataclass(frozen=True)
 class RoundBounds:
-    """One round's bounds on a device's weight and its delta's norm (inf: none)."""
+    """One round's bounds on a device's weight and its delta's norm (inf: none).
+
+    A bound whose history is missing (a new lineage's first round; a resumed run has counts but no
+    norms) comes from this round itself: ``weight_cap_here`` / ``norm_cap_here`` × the median over the
+    round's accepted replies, known only once they are all in, so such a round holds its deltas back
+    until :meth:`settle` (O(devices × adapter) for that round) where the others stream.
+    """
 
     max_weight: float = math.inf
     max_norm: float = math.inf
     why: str = ""  # what the norm bound came from, for the drop reason
+    weight_cap_here: float = 0.0  # > 0: the weight bound is this × this round's median example count
+    norm_cap_here: float = 0.0  # > 0: the norm bound is at most this × this round's median norm
 
     @classmethod
     def for_round(
         cls, settings: InfluenceSettings, adapter_norm: float, previous: Accepted | None
     ) -> RoundBounds:
         weight, norms = math.inf, {}
+        weight_here = norm_here = 0.0
         if settings.norm_ratio:
             norms[f"{settings.norm_ratio:g} × the global adapter's norm"] = settings.norm_ratio * max(
                 1.0, adapter_norm
             )
-        if previous is not None and previous.examples:
-            if settings.weight_cap:
-                weight = settings.weight_cap * statistics.median(previous.examples)
-            if settings.norm_cap and previous.norms:
+        examples = previous.examples if previous else ()
+        previous_norms = previous.norms if previous else ()
+        if settings.weight_cap:
+            if examples:
+                weight = settings.weight_cap * statistics.median(examples)
+            else:
+                weight_here = settings.weight_cap
+        if settings.norm_cap:
+            if previous_norms:
                 norms[f"{settings.norm_cap:g} × the last round's median"] = (
-                    settings.norm_cap * statistics.median(previous.norms)
+                    settings.norm_cap * statistics.median(previous_norms)
                 )
-        if not norms:
-            return cls(max_weight=weight)
-        why, bound = min(norms.items(), key=lambda item: item[1])
-        return cls(max_weight=weight, max_norm=bound, why=why)
+            else:
+                norm_here = settings.norm_cap
+        why, bound = min(norms.items(), key=lambda item: item[1]) if norms else ("", math.inf)
+        return cls(weight, bound, why, weight_here, norm_here)
+
+    @property
+    def waits_for_round(self) -> bool:
+        """Whether a bound comes from this round's own replies, so deltas wait for :meth:`settle`."""
+        return bool(self.weight_cap_here or self.norm_cap_here)
+
+    def settle(self, examples: Sequence[int], norms: Sequence[float]) -> RoundBounds:
+        """The bounds once the round's accepted replies (their counts and norms) are all in."""
+        weight, max_norm, why = self.max_weight, self.max_norm, self.why
+        if self.weight_cap_here and examples:
+            weight = self.weight_cap_here * statistics.median(examples)
+        if self.norm_cap_here and norms:
+            own = self.norm_cap_here * statistics.median(norms)
+            if own < max_norm:
+                max_norm, why = own, f"{self.norm_cap_here:g} × this round's median"
+        return RoundBounds(weight, max_norm, why)
 
     def weight(self, examples: int) -> float:
         """The weight a device reporting ``examples`` gets."""

@@ -60,6 +60,7 @@ from fleetlora.coordinator.exchange import exchange, round_messages, wait_for_no
 from fleetlora.coordinator.influence import Accepted, RoundBounds, accepted
 from fleetlora.coordinator.keys import load_hpke_key, load_signing_key
 from fleetlora.coordinator.packages import PackageTooLarge
+from fleetlora.coordinator.robust import CoordinateTrimmedMean
 from fleetlora.coordinator.sampling import Sampler
 from fleetlora.coordinator.settings import CoordinatorSettings
 from fleetlora.coordinator.storage import (
@@ -244,7 +245,11 @@ class Federation:
         return version, state, False
 
     def _averaging(self, latest: VersionInfo) -> Callable[[State], DeltaMean]:
-        """FedAvg's example-weighted mean, wrapped in central DP (ε composing the lineage's history) if on."""
+        """FedAvg's example-weighted mean, wrapped in central DP (ε composing the lineage's history) if on,
+        or the coordinate-wise trimmed mean or median the operator chose (never with central DP)."""
+        trim = self.settings.influence.trim
+        if trim is not None:
+            return lambda reference: CoordinateTrimmedMean(reference, trim)
         central = self.settings.central_dp
         if not central.enabled:
             return ExampleWeightedMean

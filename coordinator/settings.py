@@ -86,6 +86,11 @@ class CoordinatorSettings:
             raise ConfigError(
                 "seal-uploads needs the coordinator's keys: set `keys` to the `keys init` folder."
             )
+        if self.influence.trim is not None and self.central_dp.enabled:
+            raise ConfigError(
+                f"aggregator {self.influence.aggregator!r} cannot be combined with central DP, whose noise "
+                'is calibrated to a clipped sum: use aggregator = "mean" or central-dp-noise = 0.'
+            )
         if self.train.personal_head and self.spec.task != "classify":
             raise ConfigError("personal-head keeps a classification head per device; this task has none.")
 

@@ -31,6 +31,9 @@ HISTORY = Accepted(examples=(100, 120, 80), norms=(2.0, 1.0, 3.0))
 def test_a_first_round_bounds_norms_by_the_adapter_and_later_rounds_by_the_last_one_too():
     first = RoundBounds.for_round(InfluenceSettings(), adapter_norm=0.5, previous=None)
     assert first.max_weight == math.inf and first.max_norm == 100.0  # 100 × max(1, 0.5)
+    assert first.waits_for_round  # and its own medians, once its replies are in
+    settled = first.settle(examples=[10, 30, 20], norms=[1.0, 3.0, 2.0])
+    assert (settled.max_weight, settled.max_norm) == (80.0, 20.0) and "this round's median" in settled.why
 
     later = RoundBounds.for_round(InfluenceSettings(), adapter_norm=50.0, previous=HISTORY)
     assert later.max_weight == 400.0  # 4 × the median count, 100
@@ -71,6 +74,31 @@ def test_a_scaled_delta_is_dropped_with_its_norm_and_the_bound():
     assert reason.startswith("delta norm 1225 above the round's bound 20 (10 × the last round's median)")
 
 
+def test_a_round_without_history_bounds_each_device_by_the_round_itself():
+    """A new lineage's first round: nothing is known, so the replies are held until all are in."""
+    bounds = RoundBounds.for_round(InfluenceSettings(), adapter_norm=1.0, previous=None)
+    aggregator = DeltaAggregator(GLOBAL, ExampleWeightedMean(GLOBAL), open_plain, bounds)
+    for node in (1, 2, 3):
+        aggregator.add(_train_reply(node, _delta(1.0), examples=100))
+    aggregator.add(
+        _train_reply(4, _delta(4.0), examples=10**9)
+    )  # within 100 × the adapter, a billion claimed
+    aggregator.add(_train_reply(5, _delta(30.0)))  # ×30: under 100 × the adapter's norm, over 10 × the median
+
+    assert not aggregator.participants  # held: the bounds are not known yet
+    aggregator.mark_missing([1, 2, 3, 4, 5, 6])
+    update = aggregator.release(sampled=6, online=6)
+
+    assert set(aggregator.participants) == {1, 2, 3, 4}
+    assert [(d.node_id, d.reason.split(" (")[-1]) for d in aggregator.drops] == [
+        (5, "10 × this round's median)"),
+        (6, "no reply before the deadline"),
+    ]
+    # Node 4 weighs 4 × the median count (100): (3 × 100 × 1 + 400 × 4) / 700.
+    assert torch.allclose(update.delta["w"], torch.full((4,), 1900 / 700))
+    assert update.metrics[WEIGHTS_CAPPED] == 1.0
+
+
 def _hostile_app(*, blow_up: set[int] = frozenset(), inflate: set[int] = frozenset()) -> ClientApp:
     """The real ClientApp, except that some devices send 1e30 in one coordinate or claim 10⁹ examples."""
     real = build_client_app()
@@ -107,9 +135,8 @@ def test_one_hostile_device_can_neither_wreck_nor_take_over_the_fleet(sqlite_url
         (blown,) = [d.reason for d in outcome.drops if d.node_id == 101]
         assert "above the round's bound" in blown
         assert 101 not in outcome.participants
-    # From round 2 on the inflated claim weighs at most 4 × the last round's median count.
-    assert all(outcome.metrics[WEIGHTS_CAPPED] == 1.0 for outcome in outcomes[1:])
-    assert WEIGHTS_CAPPED not in outcomes[0].metrics  # round 1 has no history: nothing to cap it by
+    # The inflated claim weighs at most 4 × the median count: round 1's own, then the last round's.
+    assert all(outcome.metrics[WEIGHTS_CAPPED] == 1.0 for outcome in outcomes)
     final = federation.storage.versions.adapter(outcomes[-1].version.id)
     assert l2_norm(final) < 1e3
 
