@@ -205,7 +205,10 @@ def run_arm(
                 sent = attack(sent, hostile.index(partition), influence.norm_cap or 10.0)
             try:
                 aggregator.add_delta(
-                    partition, sent.delta, ReplyMetrics(sent.examples, {"train_loss": result.loss})
+                    partition,
+                    sent.delta,
+                    ReplyMetrics(sent.examples, {"train_loss": result.loss}),
+                    device=f"partition-{partition}",
                 )
             except RejectedReply:
                 drops += 1  # add_delta raises where a reply would be dropped

@@ -292,6 +292,13 @@ class RunConfig:
         "round (0: off).",
         Group.SERVER,
     )
+    quarantine_after: int = setting(
+        3,
+        "A device with this many anomalies (a delta out of bounds or broken, an inflated count) since its "
+        "last release is kept out of rounds until an operator releases it (0: never).",
+        Group.SERVER,
+        check=at_least(0),
+    )
     aggregator: str = setting(
         "mean",
         "How a round's deltas are combined: mean (example-weighted, streamed), trimmed-mean or median "

@@ -16,11 +16,12 @@ this order, and records the first failure as a :class:`Drop` with the reason sho
 6. open the upload: plain ``arrays`` (``reply has no arrays``), or a sealed upload, whose claim,
    enrolled device and node, signature and decryption are checked (``sealed upload refused: <reason>``);
 7. a sealed upload decodes within the size bound (``sealed upload refused: decrypted upload is not a
-   delta (<reason>)``);
+   delta (<reason>)``), and its device is not in quarantine (``device <id> is in quarantine: …``);
 8. layout: the names, shapes and dtypes of the global adapter (``layout mismatch: <difference>``);
 9. finite: ``delta holds NaN or inf``;
 10. norm within the round's bound (:mod:`fleetlora.coordinator.influence`): ``delta norm … above the
-    round's bound …``;
+    round's bound …``; a failure at 8–10 is also an anomaly on the device the upload is proven to
+    come from (:mod:`fleetlora.coordinator.quarantine`);
 11. fold into the round's :class:`DeltaMean` with the example count, capped by the round's weight bound,
     as weight; the node becomes a participant, and its bytes and example-weighted metrics are counted.
     In a round without history (a new lineage's first), 10 and 11 wait for every reply: the bounds
@@ -47,6 +48,7 @@ from fleetlora.coordinator.uploads import (
     DuplicateReply,
     OutsideBounds,
     PrivacySpend,
+    Quarantined,
     RejectedReply,
     ReplyMetrics,
     UploadOpener,
@@ -129,6 +131,7 @@ class _Opened:
     """A reply that passed every check but the round's bounds."""
 
     node: int
+    device: str  # proven, or node-<id>
     delta: State
     norm: float
     metrics: ReplyMetrics
@@ -145,12 +148,19 @@ class DeltaAggregator:
     """Streams one round's train replies, in the order of checks above, into a :class:`DeltaMean`."""
 
     def __init__(
-        self, reference: State, mean: DeltaMean, open_upload: UploadOpener, bounds: RoundBounds | None = None
+        self,
+        reference: State,
+        mean: DeltaMean,
+        open_upload: UploadOpener,
+        bounds: RoundBounds | None = None,
+        held: frozenset[str] = frozenset(),
     ) -> None:
+        """``held``: the devices in quarantine, whose uploads are refused once opened."""
         self._reference = reference  # the global adapter the round sent: the layout every delta must have
         self._mean = mean
         self._open_upload = open_upload
         self._bounds = bounds or RoundBounds()
+        self._held_devices = held
         self._tally = _Tally()
         self.participants: dict[int, int] = {}  # node id → example count, as reported
         self.norms: dict[int, float] = {}  # node id → its delta's L2 norm
@@ -158,6 +168,7 @@ class DeltaAggregator:
         self.drops: list[Drop] = []
         self.upload_bytes = 0
         self.privacy: list[PrivacySpend] = []
+        self.anomalies: list[tuple[str, str]] = []  # (device, what): an opened delta out of bounds or broken
         self._seen: set[int] = set()  # nodes that replied, accepted or not
         self._held: list[_Opened] = []  # accepted deltas waiting for the round's own bounds
 
@@ -176,23 +187,36 @@ class DeltaAggregator:
         metrics = read_metrics(reply)
         spend = take_privacy_spend(reply, metrics)
         try:
-            delta = self._open_upload(reply)
+            upload = self._open_upload(reply)
         except RejectedReply:
             if spend:  # spent either way, but the id it claims is not proven: the node speaks for itself
                 self.privacy.append(dataclasses.replace(spend, device_id=unnamed(node)))
             raise
         if spend:
             self.privacy.append(spend)
-        self.add_delta(node, delta, metrics, upload_bytes=wire_bytes(reply))
+        device = upload.device_id or unnamed(node)
+        if device in self._held_devices:
+            raise Quarantined(f"device {device} is in quarantine: release it to let it train again")
+        self.add_delta(node, upload.delta, metrics, device=device, upload_bytes=wire_bytes(reply))
 
-    def add_delta(self, node: int, delta: State, metrics: ReplyMetrics, *, upload_bytes: int = 0) -> None:
-        """Checks 8–11 on an opened delta: layout, finite, norm, then fold (or hold until :meth:`settle`)."""
-        check_layout_of(delta, self._reference)
-        check_finite(delta)
-        norm = l2_norm(delta)
-        if problem := self._bounds.norm_problem(norm):
-            raise OutsideBounds(problem)
-        opened = _Opened(node, delta, norm, metrics, upload_bytes)
+    def add_delta(
+        self, node: int, delta: State, metrics: ReplyMetrics, *, device: str, upload_bytes: int = 0
+    ) -> None:
+        """Checks 8–11 on an opened delta: layout, finite, norm, then fold (or hold until :meth:`settle`).
+
+        ``device`` is who the delta is proven to come from (``node-<id>`` when nothing proves it): a
+        failed check here is an anomaly flagged on it (coordinator/quarantine.py).
+        """
+        try:
+            check_layout_of(delta, self._reference)
+            check_finite(delta)
+            norm = l2_norm(delta)
+            if problem := self._bounds.norm_problem(norm):
+                raise OutsideBounds(problem)
+        except RejectedReply as exc:
+            self.anomalies.append((device, str(exc)))
+            raise
+        opened = _Opened(node, device, delta, norm, metrics, upload_bytes)
         if self._bounds.waits_for_round:
             self._held.append(opened)
         else:
@@ -205,12 +229,13 @@ class DeltaAggregator:
         for opened in held:
             if problem := bounds.norm_problem(opened.norm):
                 self.drops.append(Drop(opened.node, problem))
+                self.anomalies.append((opened.device, problem))
             else:
                 self._fold(opened, bounds)
 
     def _fold(self, opened: _Opened, bounds: RoundBounds) -> None:
         weight = bounds.weight(opened.metrics.examples)
-        self.weight_capped += weight < opened.metrics.examples
+        self.weight_capped += weight < opened.metrics.examples  # bounded, not flagged: large devices hit it
         self._mean.add(opened.delta, examples=weight)
         self.participants[opened.node] = opened.metrics.examples
         self.norms[opened.node] = opened.norm

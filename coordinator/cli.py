@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fleetlora.common.host_config import load_host_config
@@ -170,6 +171,48 @@ def enroll_device(
         device_id, tenant, key, node_id
     )
     typer.echo(f"enrolled {device_id} in {tenant}" + (f" as SuperNode {node_id}" if node_id else ""))
+
+
+@devices_app.command("quarantined")
+def list_quarantined(
+    every: Annotated[bool, typer.Option("--all", help="Also the released ones, with why.")] = False,
+    db: DbOption = DEFAULT_DB,
+) -> None:
+    """Devices kept out of rounds after repeated anomalies (deltas out of bounds or broken, counts cut)."""
+    store = Storage.open(db).devices
+    entries = store.quarantined(released=every)
+    if not entries:
+        typer.echo("No device is in quarantine." if not every else "No device was ever quarantined.")
+        return
+    table = Table("device", "since", "why", "last flags", *(("released", "release reason") if every else ()))
+    for entry in entries:
+        flags = "; ".join(f"r{r}: {why}" for r, why in store.flags(entry.device_id)[-3:])
+        released = (
+            (f"{entry.released_at:%Y-%m-%d %H:%M}" if entry.released_at else "-", entry.release_reason or "-")
+            if every
+            else ()
+        )
+        table.add_row(
+            escape(entry.device_id),
+            f"{entry.quarantined_at:%Y-%m-%d %H:%M}",
+            escape(entry.reason),
+            escape(flags),
+            *map(escape, released),
+        )
+    _console().print(table)
+
+
+@devices_app.command("release")
+def release_device(
+    device_id: Annotated[
+        str, typer.Argument(help="The device to let train again (see `devices quarantined`).")
+    ],
+    reason: Annotated[str, typer.Option(help="Why: stored with the quarantine.")],
+    db: DbOption = DEFAULT_DB,
+) -> None:
+    """End a device's quarantine; its earlier anomalies no longer count toward the next one."""
+    released = Storage.open(db).devices.release(device_id, reason)
+    typer.echo(f"released {released.device_id} (quarantined {released.quarantined_at:%Y-%m-%d %H:%M})")
 
 
 def _package_cell(version: VersionInfo, packages: list[PackageInfo]) -> str:

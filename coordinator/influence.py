@@ -41,6 +41,7 @@ class InfluenceSettings:
     norm_ratio: float = 100.0  # × the norm of the global adapter sent, at least 1
     aggregator: str = "mean"  # "mean" | "trimmed-mean" | "median" (coordinator/robust.py)
     aggregator_trim: float = 0.2  # trimmed-mean: share of each coordinate cut from each end
+    quarantine_after: int = 3  # anomalies before a device is kept out of rounds (0: never)
 
     def __post_init__(self) -> None:
         for name in ("weight_cap", "norm_cap", "norm_ratio"):
@@ -51,6 +52,8 @@ class InfluenceSettings:
                 )
         if self.aggregator not in AGGREGATORS:
             raise ConfigError(f"aggregator must be one of {', '.join(AGGREGATORS)}, got {self.aggregator!r}.")
+        if self.quarantine_after < 0:
+            raise ConfigError(f"quarantine-after must be >= 0 (0: never), got {self.quarantine_after}.")
         if not 0 < self.aggregator_trim < 0.5:
             raise ConfigError(f"aggregator-trim must be in (0, 0.5), got {self.aggregator_trim}.")
 

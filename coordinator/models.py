@@ -207,3 +207,30 @@ class DeviceUpdate(SchemaStamped, Base):
     )  # its new records drifted (client/corpus/drift.py)
     reason: Mapped[str | None] = mapped_column(String(500))
     reported_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class DeviceFlag(SchemaStamped, Base):
+    """An anomaly in one device's reply (a delta outside the round's bounds, an inflated count, a broken
+    delta): the evidence a quarantine is decided on (coordinator/quarantine.py)."""
+
+    __tablename__ = "device_flags"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(128), index=True)
+    lineage: Mapped[str] = mapped_column(String(64))
+    round: Mapped[int]
+    reason: Mapped[str] = mapped_column(String(500))
+    flagged_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class QuarantineEntry(SchemaStamped, Base):
+    """A device kept out of sampling, from its quarantine until an operator releases it (both kept)."""
+
+    __tablename__ = "quarantine"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(128), index=True)
+    reason: Mapped[str] = mapped_column(String(500))
+    quarantined_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    released_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    release_reason: Mapped[str | None] = mapped_column(String(500))

@@ -60,6 +60,7 @@ from fleetlora.coordinator.exchange import exchange, round_messages, wait_for_no
 from fleetlora.coordinator.influence import Accepted, RoundBounds, accepted
 from fleetlora.coordinator.keys import load_hpke_key, load_signing_key
 from fleetlora.coordinator.packages import PackageTooLarge
+from fleetlora.coordinator.quarantine import admitted, held_out
 from fleetlora.coordinator.robust import CoordinateTrimmedMean
 from fleetlora.coordinator.sampling import Sampler
 from fleetlora.coordinator.settings import CoordinatorSettings
@@ -103,6 +104,7 @@ class RoundOutcome:
     package: PackageInfo | None = None  # the signed package from the parent version to this one
     distribution: DistributionOutcome | None = None
     package_error: str | None = None  # why no package was built (none fits under the cap)
+    quarantined: list[str] = field(default_factory=list)  # devices this round's anomalies put in quarantine
 
     @property
     def sampled(self) -> int:
@@ -267,16 +269,28 @@ class Federation:
             online = wait_for_nodes(self.grid, self.settings.min_devices, deadline)
         except QuorumError as exc:
             return self._failed(number, started, [], None, str(exc)), state
+        held = held_out(self.storage.devices)
+        if held:
+            online = admitted(online, self.sampler.names.of(online, deadline), held, self.storage.devices)
+            if len(online) < self.settings.min_devices:
+                error = (
+                    f"{len(online)} devices online outside quarantine, {self.settings.min_devices} needed: "
+                    "`fleetlora coordinator devices quarantined` lists the others"
+                )
+                return self._failed(number, started, [], None, error), state
         sampled = self._sample(number, online, deadline)
         # configure
         instructions = self._configure(number, parent)
         planned = self._plan_privacy(instructions, sampled, online, deadline)
         # exchange: each reply is checked and folded in as it arrives
-        train = self._exchange(sampled, state, instructions, planned, deadline)
+        train = self._exchange(sampled, state, instructions, planned, deadline, held)
         sampled_devices = self.sampler.named(sampled, online)  # as known now that the replies named them
+        quarantined = self.storage.devices.flag(
+            self.lineage, number, train.anomalies, quarantine_after=self.settings.influence.quarantine_after
+        )
         if len(train.participants) < self.settings.min_devices:
             error = f"{len(train.participants)} valid deltas, {self.settings.min_devices} needed"
-            return self._failed(number, started, sampled_devices, train, error), state
+            return self._failed(number, started, sampled_devices, train, error, quarantined), state
         # aggregate
         update = train.release(sampled=len(sampled), online=len(online))
         new_state, optimizer_state = server_step(
@@ -284,7 +298,7 @@ class Federation:
         )
         if not is_finite(new_state):  # never stored, so never sent: no device is left with a broken adapter
             error = "the new global adapter holds NaN or inf: not stored"
-            return self._failed(number, started, sampled_devices, train, error), state
+            return self._failed(number, started, sampled_devices, train, error, quarantined), state
         # evaluate the candidate (the messages carry the round's instructions, the arrays are new)
         evaluation = self._evaluate(train, new_state, planned)
         metrics = {**update.metrics, **evaluation.metrics}
@@ -319,6 +333,7 @@ class Federation:
             package=publication.package,
             distribution=publication.distribution,
             package_error=publication.error,
+            quarantined=quarantined,
         )
         return outcome, new_state
 
@@ -377,10 +392,12 @@ class Federation:
         instructions: Instructions,
         planned: dict[int, Instructions],
         deadline: float,
+        held: frozenset[str],
     ) -> DeltaAggregator:
         """Train on the sampled devices; each reply is checked and folded in as it arrives."""
         bounds = RoundBounds.for_round(self.settings.influence, l2_norm(state), self.accepted)
-        aggregator = DeltaAggregator(state, self.delta_mean(state), self._upload_opener(instructions), bounds)
+        opener = self._upload_opener(instructions)
+        aggregator = DeltaAggregator(state, self.delta_mean(state), opener, bounds, held)
         for reply in exchange(
             self.grid,
             round_messages(sampled, state, planned, MessageType.TRAIN, ttl=self.settings.round_deadline),
@@ -438,6 +455,7 @@ class Federation:
         sampled_devices: list[str],
         train: DeltaAggregator | None,
         error: str,
+        quarantined: list[str] | None = None,
     ) -> RoundOutcome:
         """Record a round that produced no version; the next one trains from the same parent."""
         drops = list(train.drops) if train else []
@@ -455,6 +473,7 @@ class Federation:
             seconds=seconds,
             error=error,
             privacy=list(train.privacy) if train else [],
+            quarantined=quarantined or [],
         )
 
 

@@ -62,6 +62,10 @@ class NonFiniteDelta(RejectedReply):
     """The delta holds NaN or inf, which would poison the mean."""
 
 
+class Quarantined(RejectedReply):
+    """The upload comes from a device in quarantine (coordinator/quarantine.py)."""
+
+
 class OutsideBounds(RejectedReply):
     """The delta's norm is outside the round's bound (coordinator/influence.py)."""
 
@@ -163,17 +167,25 @@ def take_privacy_spend(reply: Message, metrics: ReplyMetrics) -> PrivacySpend | 
 # ---- the delta: open (and decode), then layout and finiteness ---------------------------------
 
 
+@dataclass(frozen=True)
+class Upload:
+    """An opened upload: its delta, and the device it is proven to come from (None: not proven)."""
+
+    delta: State
+    device_id: str | None = None
+
+
 class UploadOpener(Protocol):
     """Takes a reply's delta out of it, or raises :class:`UploadRefused`."""
 
-    def __call__(self, reply: Message) -> State: ...
+    def __call__(self, reply: Message) -> Upload: ...
 
 
-def open_plain(reply: Message) -> State:
-    """The delta of an unsealed reply: float arrays by name under ``arrays``."""
+def open_plain(reply: Message) -> Upload:
+    """The delta of an unsealed reply: float arrays by name under ``arrays``; who sent it is not proven."""
     if records.ARRAYS not in reply.content.array_records:
         raise UploadRefused("reply has no arrays")
-    return from_array_record(reply.content.array_records[records.ARRAYS])
+    return Upload(from_array_record(reply.content.array_records[records.ARRAYS]))
 
 
 class EnrolledDevice(Protocol):
@@ -206,13 +218,15 @@ class SealedUploads:
     enrolled_key: EnrolledKey
     max_bytes: int  # common.codec.inflated_bound of the global adapter
 
-    def __call__(self, reply: Message) -> State:
+    def __call__(self, reply: Message) -> Upload:
         try:
-            return self._decode(self._open(reply))
+            plaintext, device_id = self._open(reply)
+            return Upload(self._decode(plaintext), device_id)
         except EnvelopeError as exc:
             raise UploadRefused(f"sealed upload refused: {exc}") from None
 
-    def _open(self, reply: Message) -> bytes:
+    def _open(self, reply: Message) -> tuple[bytes, str]:
+        """The plaintext, and the device id its signature proves."""
         arrays = reply.content.array_records.get(SEALED)
         if arrays is None:
             raise EnvelopeError("reply holds no sealed upload")
@@ -233,13 +247,14 @@ class SealedUploads:
             base_sha256=self.instructions.base_sha256,
             from_version=self.instructions.version,
         )
-        return open_sealed(
+        plaintext = open_sealed(
             sealed,
             claimed=claimed,
             expected=expected,
             coordinator_key=self.coordinator_key,
             device_public=public,
         )
+        return plaintext, claimed.device_id
 
     def _decode(self, plaintext: bytes) -> State:
         try:

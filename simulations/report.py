@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -48,8 +49,11 @@ class ProgressReporter:
 
     def round_finished(self, outcome: RoundOutcome) -> None:
         self.progress.advance(self.task)
+        if outcome.quarantined:  # device ids come from devices: never read as markup
+            held = escape(", ".join(outcome.quarantined))
+            self.console.print(f"round {outcome.round}: [yellow]quarantined[/] {held} (repeated anomalies)")
         if outcome.version is None:
-            self.console.print(f"round {outcome.round}: [red]failed[/] ({outcome.error})")
+            self.console.print(f"round {outcome.round}: [red]failed[/] ({escape(outcome.error or '')})")
         else:
             shown = ", ".join(
                 f"{header} {_fmt(outcome.metrics[key])}"

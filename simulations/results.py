@@ -39,6 +39,7 @@ def summarize(outcome: RoundOutcome) -> dict[str, Any]:
         ),
         **({"updates": outcome.distribution.as_dict()} if outcome.distribution else {}),
         **({"package_error": outcome.package_error} if outcome.package_error else {}),
+        **({"quarantined": outcome.quarantined} if outcome.quarantined else {}),
     }
 
 

@@ -2,7 +2,7 @@
 
 - :class:`VersionStore` (``versions``): global adapter versions, their optimizer states, lineages;
 - :class:`PackageStore` (``packages``): the signed update packages built from them;
-- :class:`DeviceStore` (``devices``): enrolled devices, their keys and their update reports;
+- :class:`DeviceStore` (``devices``): enrolled devices, their keys, update reports, flags and quarantine;
 - :class:`LedgerStore` (``ledgers``): the privacy ledger and the round records.
 
 Each method runs in one transaction (:meth:`Database.session` commits on success and rolls back on
@@ -15,7 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fleetlora.coordinator.db import Database
-from fleetlora.coordinator.storage.devices import DeviceInfo, DeviceKey, DeviceStore, DeviceUpdateInfo
+from fleetlora.coordinator.storage.devices import (
+    DeviceInfo,
+    DeviceKey,
+    DeviceStore,
+    DeviceUpdateInfo,
+    QuarantineInfo,
+)
 from fleetlora.coordinator.storage.ledgers import LedgerStore, PrivacyEntryInfo, RoundInfo, RoundReport
 from fleetlora.coordinator.storage.packages import PackageInfo, PackageStore
 from fleetlora.coordinator.storage.versions import (
@@ -37,6 +43,7 @@ __all__ = [
     "PackageInfo",
     "PackageStore",
     "PrivacyEntryInfo",
+    "QuarantineInfo",
     "RoundInfo",
     "RoundReport",
     "ServerOptimizerState",

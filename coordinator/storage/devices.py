@@ -3,21 +3,26 @@
 An enrolled device's Ed25519 public key is what every sealed upload from it must verify against;
 its SuperNode's Flower node id, once registered, is the only node its uploads may come from. The
 update reports (``device_updates``) hold the version each device last said it holds, how its last
-package offer went, and whether its new records drifted so that it wants to train.
+package offer went, and whether its new records drifted so that it wants to train. Anomaly flags
+(``device_flags``) and the quarantine (``quarantine``) keep a repeatedly flagged device out of sampling
+until an operator releases it (coordinator/quarantine.py); both tables are append-only but for the
+release, which is written on the quarantine's own row.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from sqlalchemy import select
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
+from fleetlora.common.errors import FleetloraError
 from fleetlora.common.keys import load_public_key, public_pem
 from fleetlora.coordinator.db import Database
-from fleetlora.coordinator.models import DeviceUpdate, EnrolledDevice, utcnow
+from fleetlora.coordinator.models import DeviceFlag, DeviceUpdate, EnrolledDevice, QuarantineEntry, utcnow
 from fleetlora.coordinator.storage.rows import info_of
 
 REASON_CHARS = 500  # the column's width: longer reasons are cut
@@ -54,6 +59,18 @@ class DeviceUpdateInfo:
     wants_train: bool  # its new records drifted (client/corpus/drift.py)
     reason: str | None
     reported_at: datetime
+
+
+@dataclass(frozen=True)
+class QuarantineInfo:
+    """A device's quarantine: why, since when, and its release once an operator made it."""
+
+    id: int
+    device_id: str
+    reason: str
+    quarantined_at: datetime
+    released_at: datetime | None
+    release_reason: str | None
 
 
 class DeviceStore:
@@ -143,3 +160,71 @@ class DeviceStore:
         with self.db.session() as session:
             rows = session.scalars(select(DeviceUpdate).order_by(DeviceUpdate.device_id))
             return [info_of(DeviceUpdateInfo, row) for row in rows]
+
+    # ---- anomalies and quarantine ---------------------------------------------------------
+
+    def flag(
+        self, lineage: str, round_number: int, flags: Sequence[tuple[str, str]], *, quarantine_after: int
+    ) -> list[str]:
+        """Record ``(device id, reason)`` flags; quarantine each device that now has ``quarantine_after``
+        flags since its last release (0: never). Returns the devices quarantined by this call."""
+        quarantined: list[str] = []
+        with self.db.session() as session:
+            for device_id, reason in flags:
+                session.add(
+                    DeviceFlag(
+                        device_id=device_id, lineage=lineage, round=round_number, reason=reason[:REASON_CHARS]
+                    )
+                )
+            session.flush()
+            for device_id in sorted({device for device, _ in flags}):
+                if not quarantine_after or _current(session, device_id) is not None:
+                    continue
+                released = select(func.max(QuarantineEntry.released_at)).where(
+                    QuarantineEntry.device_id == device_id
+                )
+                since = session.scalar(released)
+                count = select(func.count()).where(DeviceFlag.device_id == device_id)
+                if since is not None:
+                    count = count.where(DeviceFlag.flagged_at > since)
+                flagged = session.scalar(count) or 0
+                if flagged >= quarantine_after:
+                    reason = f"{flagged} anomalies, the last in round {round_number} of {lineage[:8]}"
+                    session.add(QuarantineEntry(device_id=device_id, reason=reason))
+                    quarantined.append(device_id)
+        return quarantined
+
+    def quarantined(self, *, released: bool = False) -> list[QuarantineInfo]:
+        """The devices in quarantine now, oldest first (with ``released``, every entry ever)."""
+        query = select(QuarantineEntry).order_by(QuarantineEntry.id)
+        if not released:
+            query = query.where(QuarantineEntry.released_at.is_(None))
+        with self.db.session() as session:
+            return [info_of(QuarantineInfo, row) for row in session.scalars(query)]
+
+    def release(self, device_id: str, reason: str) -> QuarantineInfo:
+        """End a device's quarantine, recording why; its flags before now no longer count."""
+        if not reason.strip():
+            raise FleetloraError("Say why the device is released (--reason): it is kept with the quarantine.")
+        with self.db.session() as session:
+            row = _current(session, device_id)
+            if row is None:
+                raise FleetloraError(
+                    f"{device_id} is not in quarantine: `coordinator devices quarantined` lists who is."
+                )
+            row.released_at, row.release_reason = utcnow(), reason[:REASON_CHARS]
+            session.flush()
+            return info_of(QuarantineInfo, row)
+
+    def flags(self, device_id: str) -> list[tuple[int, str]]:
+        """A device's flags as (round, reason), oldest first."""
+        query = select(DeviceFlag).where(DeviceFlag.device_id == device_id).order_by(DeviceFlag.id)
+        with self.db.session() as session:
+            return [(row.round, row.reason) for row in session.scalars(query)]
+
+
+def _current(session: Session, device_id: str) -> QuarantineEntry | None:
+    query = select(QuarantineEntry).where(
+        QuarantineEntry.device_id == device_id, QuarantineEntry.released_at.is_(None)
+    )
+    return session.scalars(query).first()
