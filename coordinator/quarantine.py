@@ -4,8 +4,8 @@ A train reply is an anomaly when the delta it carries, once opened, is not what 
 sends: a layout that is not the global adapter's, NaN or inf, or a norm above the round's bound
 (``DeltaAggregator.anomalies``). An example count above the weight cap is not one: the cap already
 bounds it, and an honest device with much more data than the median would hit it every round. Each
-anomaly is a flag on its device in SQL (``device_flags``). A device with ``quarantine-after`` flags (default 3; 0: never) since its last
-release is quarantined: no round samples it, in any lineage, and an upload from it is refused, until
+anomaly is a flag on its device in SQL (``device_flags``). A device with ``quarantine-after`` flags
+(default 3; 0: never) since its last release is quarantined: no round samples it, in any lineage, and an upload from it is refused, until
 an operator releases it (``fleetlora coordinator devices release ID --reason ...``), which is kept
 with the quarantine's row.
 
