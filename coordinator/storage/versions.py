@@ -186,12 +186,21 @@ class VersionStore:
         )
 
     def chain(self, version_id: int) -> list[VersionInfo]:
-        """The version and its ancestors, newest first, back to round 0."""
+        """The version and its ancestors, newest first, back to round 0.
+
+        A damaged database whose parents form a cycle, or point to a newer version, is refused rather
+        than walked forever: a parent is always older (a smaller id) than its child.
+        """
         chain: list[VersionInfo] = []
         next_id: int | None = version_id
         while next_id is not None:
             info = self.get(next_id)
             chain.append(info)
+            if info.parent_id is not None and info.parent_id >= info.id:
+                raise CorruptVersionError(
+                    f"Version v{info.id} names v{info.parent_id} as its parent, which is not older: the "
+                    "database is damaged; restore it from a backup."
+                )
             next_id = info.parent_id
         return chain
 

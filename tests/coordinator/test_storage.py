@@ -48,6 +48,19 @@ def test_lineage_chain_and_hashes(db_url: str):
     assert versions.latest("other") is None
 
 
+def test_a_parent_cycle_in_a_damaged_database_is_refused_not_walked_forever(db_url: str):
+    versions = _versions(db_url)
+    v0 = _add(versions, None, 0, 0.0)
+    v1 = _add(versions, v0.id, 1, 1.0)
+    with versions.db.engine.begin() as connection:  # damage: v0's parent is now v1, a cycle
+        connection.execute(
+            text("UPDATE model_versions SET parent_id = :p WHERE id = :i"), {"p": v1.id, "i": v0.id}
+        )
+
+    with pytest.raises(CorruptVersionError, match=f"v{v0.id} names v{v1.id} as its parent"):
+        versions.chain(v1.id)
+
+
 def test_versions_survive_reopening_the_database(db_url: str):
     v0 = _add(_versions(db_url), None, 0, 0.5)
     reopened = _versions(db_url)
