@@ -12,14 +12,14 @@ from typing import Annotated
 import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from fleetlora.common.host_config import load_host_config
 from fleetlora.common.keys import COORDINATOR_HPKE_PUB, COORDINATOR_SIGNING_PUB, read_public_key
 from fleetlora.common.package import MAX_CAP, read_package
+from fleetlora.common.terminal import shown
 from fleetlora.coordinator import deploy_cli
-from fleetlora.coordinator.db import Database, upgrade
+from fleetlora.coordinator.db import Database, upgrade, without_password
 from fleetlora.coordinator.flower_control import register_node
 from fleetlora.coordinator.keys import init_keys, load_signing_key
 from fleetlora.coordinator.packages import (
@@ -81,7 +81,7 @@ def list_versions(
     packages: dict[int, list[PackageInfo]] = {}
     for package in storage.packages.all():
         packages.setdefault(package.to_version, []).append(package)
-    table = Table(title=f"versions in {db}", title_justify="left")
+    table = Table(title=f"versions in {shown(without_password(db))}", title_justify="left")
     for header in (
         "version",
         "lineage",
@@ -131,7 +131,7 @@ def revert_version(
 @db_app.command("upgrade")
 def upgrade_database(db: DbOption = DEFAULT_DB) -> None:
     """Migrate the database to this fleetlora's schema (creates it if empty; safe to repeat)."""
-    typer.echo(f"{db}: schema at revision {upgrade(Database(db).engine)}")
+    typer.echo(f"{without_password(db)}: schema at revision {upgrade(Database(db).engine)}")
 
 
 @keys_app.command("init")
@@ -193,11 +193,11 @@ def list_quarantined(
             else ()
         )
         table.add_row(
-            escape(entry.device_id),
+            shown(entry.device_id),
             f"{entry.quarantined_at:%Y-%m-%d %H:%M}",
-            escape(entry.reason),
-            escape(flags),
-            *map(escape, released),
+            shown(entry.reason),
+            shown(flags),
+            *map(shown, released),
         )
     _console().print(table)
 

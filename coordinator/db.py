@@ -64,6 +64,14 @@ class Database:
         self.engine.dispose()
 
 
+def without_password(url: str) -> str:
+    """``url`` as it may be shown or written (terminal, results.json): any password replaced by ***."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url if "@" not in url else "<a database URL that does not parse>"
+
+
 def upgrade(engine: Engine) -> str:
     """Run Alembic's migrations up to the newest; return the revision the database is now at.
 

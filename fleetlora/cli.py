@@ -9,6 +9,7 @@ from rich.console import Console
 
 from fleetlora.client.cli import app as device_app
 from fleetlora.common.errors import FleetloraError
+from fleetlora.common.terminal import shown
 from fleetlora.coordinator.cli import app as coordinator_app
 from fleetlora.simulations.cli import simulate
 
@@ -28,5 +29,6 @@ def main() -> None:
     try:
         app()
     except FleetloraError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # The message may quote what a device or a file said: shown as text, never read as markup.
+        Console(stderr=True).print(f"[bold red]error:[/] {shown(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)

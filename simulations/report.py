@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fleetlora.common.terminal import shown as plain
 from fleetlora.coordinator.rounds import FederationStart, RoundOutcome
 
 # Metric columns, in reading order, with their headers; absent metrics are left out.
@@ -50,10 +50,10 @@ class ProgressReporter:
     def round_finished(self, outcome: RoundOutcome) -> None:
         self.progress.advance(self.task)
         if outcome.quarantined:  # device ids come from devices: never read as markup
-            held = escape(", ".join(outcome.quarantined))
+            held = plain(", ".join(outcome.quarantined))
             self.console.print(f"round {outcome.round}: [yellow]quarantined[/] {held} (repeated anomalies)")
         if outcome.version is None:
-            self.console.print(f"round {outcome.round}: [red]failed[/] ({escape(outcome.error or '')})")
+            self.console.print(f"round {outcome.round}: [red]failed[/] ({plain(outcome.error or '')})")
         else:
             shown = ", ".join(
                 f"{header} {_fmt(outcome.metrics[key])}"

@@ -23,6 +23,7 @@ from fleetlora.common.errors import ConfigError
 from fleetlora.common.keys import COORDINATOR_HPKE_KEY
 from fleetlora.common.model import cached_model
 from fleetlora.common.run_config import DEFAULTS, RunConfig, RunValue
+from fleetlora.coordinator.db import without_password
 from fleetlora.coordinator.keys import init_keys
 from fleetlora.coordinator.rounds import FederationObserver, FederationStart, RoundOutcome
 from fleetlora.coordinator.server_app import build_server_app
@@ -143,8 +144,9 @@ def simulate(
             "devices": config.devices,
             "out": str(config.out),
             "client_cpus": config.client_cpus,
-            "settings": dict(config.settings),
-            "run_config": run_config,
+            # A database URL's password never reaches a file that is shared with results.
+            "settings": {k: without_password(str(v)) if k == "db" else v for k, v in config.settings.items()},
+            "run_config": {k: without_password(str(v)) if k == "db" else v for k, v in run_config.items()},
         },
         "base_model_bytes": collector.start.base_model_bytes,
         "trainable_share": collector.start.trainable_share,

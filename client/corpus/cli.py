@@ -9,7 +9,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from fleetlora.client.corpus import labels
@@ -20,6 +19,7 @@ from fleetlora.client.device_state import DeviceState
 from fleetlora.client.updates import UpdateSlots
 from fleetlora.common.delta import load_trainable_state
 from fleetlora.common.model import cached_model
+from fleetlora.common.terminal import shown
 
 StateDir = Annotated[
     Path, typer.Option(help=f"The device's state folder; the corpus is {CORPUS_FILE} in it.")
@@ -114,7 +114,7 @@ def quarantine_list(state_dir: StateDir) -> None:
     for item in held:
         text = item.record.text.replace("\n", " ")[:60]
         cells = (item.record.id, f"{item.at:%Y-%m-%d %H:%M}", item.record.source, item.reason, text)
-        table.add_row(*(_plain(c) for c in cells))
+        table.add_row(*(shown(c) for c in cells))
     Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
@@ -173,7 +173,7 @@ def review_list(state_dir: StateDir) -> None:
             f"{p['label']} {p['confidence']:.2f} ({p['by']})"
             for p in record.metadata[labels.REVIEW]["proposals"]
         )
-        table.add_row(_plain(record.id), _plain(record.text[:60]), _plain(proposals))
+        table.add_row(shown(record.id), shown(record.text[:60]), shown(proposals))
     Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
@@ -187,8 +187,3 @@ def review_accept(
     with open_store(state_dir) as store:
         chosen = labels.settle(store, record_id, label)
     typer.echo(f"{record_id}: {chosen} (by a person)")
-
-
-def _plain(text: str) -> str:
-    """Arrived text shown as it is: no Rich markup, and undecodable characters escaped."""
-    return escape(text.encode("utf-8", "backslashreplace").decode())

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from fleetlora.coordinator.storage import Storage
 
@@ -77,17 +78,25 @@ def test_tiny_fleet_end_to_end(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_two_runs_with_one_seed_sample_the_same_partitions(tmp_path: Path):
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_two_runs_with_one_seed_sample_the_same_partitions(tmp_path: Path, db_url: str):
     schedules = []
-    for run, privacy in (("first", "8"), ("second", "0")):  # the schedule does not depend on DP
-        out = tmp_path / run
+    # The second run keeps its versions in PostgreSQL, with a password (trust auth ignores it) that must
+    # not reach results.json.
+    secret_db = make_url(db_url).set(password="hunter2").render_as_string(hide_password=False)
+    for run, privacy, db in (("first", "8", []), ("second", "0", ["--db", secret_db])):
+        out = tmp_path / run  # the schedule depends neither on DP nor on the database
         done = fleetlora(
             "simulate", "--model", "tiny", "--devices", "6", "--devices-per-round", "3", "--rounds", "3",
-            "--seed", "1", "--out", str(out), "--dp-epsilon", privacy,
+            "--seed", "1", "--out", str(out), "--dp-epsilon", privacy, *db,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
         assert ("this run is not private" in done.stdout) is (privacy == "0")
-        schedules.append([r["partitions"] for r in json.loads((out / "results.json").read_text())["rounds"]])
+        written = (out / "results.json").read_text()
+        schedules.append([r["partitions"] for r in json.loads(written)["rounds"]])
+        assert "hunter2" not in written + done.stdout + done.stderr
+
+    assert ":***@" in written
 
     assert schedules[0] == schedules[1]
     assert len(schedules[0]) == 3
