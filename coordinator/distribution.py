@@ -95,6 +95,9 @@ class Distributor:
             if held is None:
                 outcome.statuses["malformed"] += 1
                 continue
+            if not self._speaks_for(reply.metadata.src_node_id, held.device_id):
+                outcome.statuses["impostor"] += 1  # would repoint another device's row: not recorded
+                continue
             holding[reply.metadata.src_node_id] = held
             wants[held.device_id] = answer.get(records.WANTS_TRAIN) is True
         offers = []
@@ -141,6 +144,12 @@ class Distributor:
         outcome.statuses = +outcome.statuses  # drop zero counts
         outcome.seconds = time.monotonic() - started
         return outcome
+
+    def _speaks_for(self, node: int, device_id: str) -> bool:
+        """Whether ``node`` may report for ``device_id``: not when the device was enrolled from another
+        node (the SuperLink authenticated this one). An unbound device's claim is taken as given."""
+        enrolled = self.storage.devices.key(device_id, self.tenant)
+        return enrolled is None or enrolled.node_id is None or enrolled.node_id == str(node)
 
     def _same_lineage(self, version: int | None, target: VersionInfo) -> bool:
         if version is None:

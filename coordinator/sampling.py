@@ -2,7 +2,8 @@
 
 When more devices are online than a round takes, the draw orders the online nodes by device id
 (:mod:`.identities`; nodes not known yet are asked), puts the devices whose new records drifted
-first, and shuffles each group with the round's generator:
+first (while they are not above their fair share of rounds: :meth:`Sampler.draw`), and shuffles each
+group with the round's generator:
 
 - ``sampling = "seeded"`` (the table's default, so every simulation): ``random.Random(f"{seed}:{round}")``.
   The round's devices are then a pure function of (seed, round, the eligible device ids, those that
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -36,14 +37,29 @@ class Sampler:
         """``seed`` None: every draw comes from the OS's entropy; ``ttl``: seconds a query may wait."""
         self.count, self.seed = count, seed
         self.names = DeviceNames(grid, ttl=ttl)
+        self._drawn: dict[str, int] = {}  # device id → rounds it was drawn in, this run
+        self._fair_share = 0.0  # the rounds an average device was due this run: Σ count / online
 
     def draw(self, round_number: int, online: list[int], wanting: set[int], deadline: float) -> list[int]:
-        """Up to ``count`` of ``online``, ``wanting`` first; unknown ids are asked until ``deadline``."""
+        """Up to ``count`` of ``online``, ``wanting`` first; unknown ids are asked until ``deadline``.
+
+        Wanting to train (a device's unauthenticated report that its records drifted) moves a device
+        earlier, never above its fair share: while it was drawn in fewer rounds than an average
+        device was due it goes first, and once it is at or above that share it goes last, so a device
+        that always says it wants is drawn as often as the rest, give or take one round.
+        """
         if len(online) <= self.count:
             return list(online)
         names = self.names.of(online, deadline)
+        self._fair_share += self.count / len(online)
+        behind = {node for node in wanting if self._drawn.get(names[node], 0) < self._fair_share}
         rng = random.SystemRandom() if self.seed is None else random.Random(f"{self.seed}:{round_number}")
-        return sample_devices(online, self.count, wanting, rng, name=names.__getitem__)
+        drawn = sample_devices(
+            online, self.count, behind, rng, name=names.__getitem__, last=set(wanting) - behind
+        )
+        for node in drawn:
+            self._drawn[names[node]] = self._drawn.get(names[node], 0) + 1
+        return drawn
 
     def participations(self, online: list[int], rounds: range, deadline: float) -> dict[int, int]:
         """How many of ``rounds`` each online device is planned to train in, if the fleet stays as it is.
@@ -81,16 +97,20 @@ def sample_devices(
     rng: random.Random,
     *,
     name: Callable[[int], str] | None = None,
+    last: Collection[int] = (),
 ) -> list[int]:
-    """``count`` of the ``online`` nodes, at random, those whose device wants to train (drift) first.
+    """``count`` of the ``online`` nodes, at random: those in ``wanting`` first, those in ``last`` last.
 
     The nodes are sorted by ``name`` (ties, two nodes claiming one name, by node id; without
-    ``name``, by node id) before ``rng`` shuffles them, so the draw depends on the set of names and
-    not on the order the nodes came in or on their ids.
+    ``name``, by node id) before ``rng`` shuffles each group, so the draw depends on the set of names
+    and not on the order the nodes came in or on their ids.
     """
     ordered = sorted(online, key=(lambda node: (name(node), node)) if name else None)
-    first = [node for node in ordered if node in wanting]
-    rest = [node for node in ordered if node not in wanting]
-    rng.shuffle(first)
-    rng.shuffle(rest)
-    return (first + rest)[: min(count, len(online))]
+    groups = [
+        [node for node in ordered if node in wanting],
+        [node for node in ordered if node not in wanting and node not in last],
+        [node for node in ordered if node in last and node not in wanting],
+    ]
+    for group in groups:
+        rng.shuffle(group)
+    return [node for group in groups for node in group][: min(count, len(online))]

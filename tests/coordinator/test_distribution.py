@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import pytest
-from flwr.app import ConfigRecord
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from fleetlora.common import records
-from fleetlora.coordinator.distribution import Holding
+from fleetlora.coordinator.distribution import Distributor, Holding
+from fleetlora.coordinator.packages import PackagePolicy
+from fleetlora.coordinator.storage import NewVersion, Storage
+from tests.coordinator.local_grid import LocalGrid
+from tests.coordinator.test_aggregation import _task_identity
+
+__all__ = ["_task_identity"]  # the autouse fixture: Flower's runtime identity for building messages
 
 
 def test_a_well_formed_answer_is_read_and_an_absent_version_means_none():
@@ -35,3 +43,29 @@ def test_a_well_formed_answer_is_read_and_an_absent_version_means_none():
 )
 def test_a_malformed_answer_is_refused(answer):
     assert Holding.read(ConfigRecord(answer)) is None
+
+
+def test_a_status_answer_cannot_speak_for_a_device_enrolled_from_another_node(sqlite_url: str):
+    """Node 102 claims to be phone-1, which was enrolled from node 101: nothing of phone-1 is repointed."""
+    storage = Storage.open(sqlite_url)
+    storage.devices.enroll("phone-1", "default", Ed25519PrivateKey.generate().public_key(), node_id=101)
+    storage.devices.enroll("phone-2", "default", Ed25519PrivateKey.generate().public_key(), node_id=102)
+    target = storage.versions.add(
+        NewVersion(
+            lineage="L", round=0, parent_id=None, base_model_sha256="b" * 64,
+            adapter={"w": torch.zeros(2)}, participants={}, metrics={},
+        )
+    )  # fmt: skip
+
+    def claims_phone_1(message: Message, context) -> Message:
+        answer = {records.DEVICE_ID: "phone-1", records.ACTIVE_VERSION: target.id, records.WANTS_TRAIN: True}
+        return Message(RecordDict({records.CONFIG: ConfigRecord(answer)}), reply_to=message)
+
+    grid = LocalGrid(claims_phone_1, 2, {})
+    distributor = Distributor(
+        grid, storage, Ed25519PrivateKey.generate(), PackagePolicy(), tenant="default", timeout=5.0
+    )
+    outcome = distributor.distribute([102], target)
+
+    assert dict(outcome.statuses) == {"impostor": 1}
+    assert storage.devices.updates() == [] and storage.devices.wanting_nodes() == set()

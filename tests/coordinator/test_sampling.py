@@ -71,7 +71,20 @@ def test_devices_that_want_to_train_come_first_under_the_seed():
 
     schedule = _schedule(grid, seed=1, wanting=wanting)
 
-    assert all(set(devices[:2]) == {"partition-4", "partition-5"} for devices in schedule)
+    # First while behind their fair share (half the rounds here), last once they have it.
+    assert set(schedule[0][:2]) == {"partition-4", "partition-5"}
+    assert [sum(d in devices for devices in schedule) for d in ("partition-4", "partition-5")] == [5, 5]
+
+
+def test_a_device_that_always_wants_to_train_gets_no_more_than_its_fair_share():
+    """6 devices, 3 a round, 10 rounds: each is due 5; one that says it wants every round is not drawn 10."""
+    grid = _fleet(6, node_seed=3)
+    greedy = "partition-4"
+
+    for seed in (*range(20), None):
+        schedule = _schedule(grid, seed=seed, wanting={grid.node_ids[4]})
+        drawn = sum(greedy in devices for devices in schedule)
+        assert drawn == 5, (seed, drawn)  # before this bound: 10 of 10
 
 
 def test_each_node_is_asked_who_it_is_once_a_run():
