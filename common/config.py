@@ -306,6 +306,18 @@ def split_names(value: str) -> tuple[str, ...]:
 
 ServerOptimizerName = Literal["fedavg", "fedavgm", "fedadam", "fedyogi"]
 SERVER_OPTIMIZERS: tuple[str, ...] = get_args(ServerOptimizerName)
+# The momentum (FedAvgM) or beta1 (FedAdam, FedYogi) each optimizer gets when none is set. FedAvgM's 0.5
+# is what DP's noisy means were measured best with on BANKING77 (docs/research.md); Adam's is the usual.
+DEFAULT_SERVER_MOMENTUM: dict[str, float] = {"fedavg": 0.0, "fedavgm": 0.5, "fedadam": 0.9, "fedyogi": 0.9}
+
+
+def default_server_optimizer(regime: str, private: bool) -> ServerOptimizerName:
+    """``server-optimizer = "auto"``: FedAvgM for the head regime under device DP, FedAvg otherwise.
+
+    Server momentum averages each round's noisy mean with the ones before it; on BANKING77 at ε 8 it
+    added 1–1.5 points in every pair of runs measured (docs/research.md), and without DP it is not needed.
+    """
+    return "fedavgm" if private and regime == "head" else "fedavg"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,7 +332,7 @@ class ServerOptimizerSettings:
 
     name: ServerOptimizerName = "fedavg"
     lr: float = 1.0
-    momentum: float = 0.9  # beta1 for fedadam/fedyogi; momentum for fedavgm
+    momentum: float = 0.9  # beta1 for fedadam/fedyogi; momentum for fedavgm (default 0.5 there)
     beta2: float = 0.99
     tau: float = 1e-3  # adaptivity: keeps the update finite where the second moment is ~0
 

@@ -313,13 +313,16 @@ class RunConfig:
         check=lambda v: None if 0 < v < 0.5 else "must be in (0, 0.5)",
     )
     server_optimizer: str = setting(
-        "fedavg",
-        "Server update: fedavg, fedavgm (momentum), fedadam or fedyogi.",
+        "auto",
+        "Server update: fedavg, fedavgm (momentum), fedadam, fedyogi, or auto (fedavgm for the head regime "
+        "under DP, fedavg otherwise).",
         Group.SERVER,
-        choices=("fedavg", "fedavgm", "fedadam", "fedyogi"),
+        choices=("auto", "fedavg", "fedavgm", "fedadam", "fedyogi"),
     )
     server_lr: float = setting(1.0, "Server learning rate (1: plain FedAvg).", Group.SERVER)
-    server_momentum: float = setting(0.9, "FedAvgM momentum, or beta1 of FedAdam/FedYogi.", Group.SERVER)
+    server_momentum: float = setting(
+        0.0, "FedAvgM momentum, or beta1 of FedAdam/FedYogi (0: the optimizer's, 0.5 or 0.9).", Group.SERVER
+    )
     server_beta2: float = setting(0.99, "beta2 of FedAdam/FedYogi.", Group.SERVER)
     server_tau: float = setting(0.001, "tau (adaptivity) of FedAdam/FedYogi.", Group.SERVER)
 

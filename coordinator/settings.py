@@ -15,12 +15,14 @@ from typing import Any, TypeVar
 
 from fleetlora.common.codec import Codec
 from fleetlora.common.config import (
+    DEFAULT_SERVER_MOMENTUM,
     REGIME_DEFAULTS,
     LoraSettings,
     ModelSpec,
     PrivacySettings,
     ServerOptimizerSettings,
     TrainSettings,
+    default_server_optimizer,
     split_names,
 )
 from fleetlora.common.data import load_examples
@@ -160,12 +162,18 @@ class CoordinatorSettings:
             # Only the regime's own rate adapts to the noise; a rate the operator set is kept.
             max_rate_noise=0.0 if run.learning_rate else defaults.max_rate_noise,
         )
+        server = run.server_optimizer
+        if server == "auto":
+            server = default_server_optimizer(regime, privacy.enabled)
+        momentum = run.server_momentum or DEFAULT_SERVER_MOMENTUM[server]
         return fill_from_run(
             cls,
             run,
             spec=spec,
             train=train,
-            server=fill_from_run(ServerOptimizerSettings, run, prefix="server_", name=run.server_optimizer),
+            server=fill_from_run(
+                ServerOptimizerSettings, run, prefix="server_", name=server, momentum=momentum
+            ),
             db_url=run.db,
             upload_codec=Codec.parse(run.upload_codec).name,  # validated here
             keys_dir=run.keys,

@@ -104,7 +104,7 @@ OTHER_TEXT = {
     "model": "tiny", "task": "causal-lm", "labels": "a,b", "lora-targets": "query", "unfreeze": "layer.0",
     "pooling": "transformers", "eval-data": "", "tenant": "other", "db": "sqlite://", "keys": "elsewhere",
     "upload-codec": "int8+zstd", "server-optimizer": "fedadam", "dp-accountant": "prv", "sampling": "random",
-    "regime": "lora", "dp-budget": "device",
+    "regime": "lora", "dp-budget": "device", "aggregator": "median",
 }  # fmt: skip
 
 
@@ -170,3 +170,17 @@ def test_zero_training_keys_take_the_regimes_defaults_and_set_ones_win():
     steps = train(**{"local-steps": 7, "batch-size": 32, "learning-rate": 2.0, "dp-max-grad-norm": 1.5})
     assert (steps.local_steps, steps.local_epochs, steps.batch_size, steps.learning_rate) == (7, 0.0, 32, 2.0)
     assert steps.privacy.max_grad_norm == 1.5
+
+
+def test_the_server_optimizer_is_fedavgm_for_the_private_head_regime_and_fedavg_otherwise():
+    from fleetlora.coordinator.settings import CoordinatorSettings
+
+    def server(**config):
+        settings = CoordinatorSettings.from_run_config({"model": "tiny", "labels": "a,b", **config}).server
+        return settings.name, settings.momentum
+
+    assert server() == ("fedavgm", 0.5)  # the default: head regime, ε 8
+    assert server(**{"dp-epsilon": 0.0}) == ("fedavg", 0.0)
+    assert server(regime="lora") == ("fedavg", 0.0)
+    assert server(**{"server-optimizer": "fedadam"}) == ("fedadam", 0.9)  # each optimizer's own default
+    assert server(**{"server-optimizer": "fedavgm", "server-momentum": 0.8}) == ("fedavgm", 0.8)
