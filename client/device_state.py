@@ -3,7 +3,9 @@
 A real device names the folder in its node config (``state-dir``). A simulated device gets
 ``<run config device-state>/partition-<id>``, so every virtual device of a fleet keeps its own
 files the way a phone would. Writes are atomic (temporary file, fsync, rename): a device killed
-mid-write keeps the previous file, never a torn one.
+mid-write keeps the previous file, never a torn one. The folder and every file read from it must be
+this user's alone (``common/trusted_paths.py``): the folder is created 0700, and one another local user
+can write is refused.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from safetensors import SafetensorError
 
 from fleetlora.common.delta import State, deserialize, serialize
 from fleetlora.common.errors import ConfigError, IncompatibleStateError
+from fleetlora.common.trusted_paths import check_trusted, make_trusted_folder
 
 UserConfig = Mapping[str, bool | int | float | str]  # a Flower node or run config
 
@@ -45,10 +48,14 @@ class DeviceState:
     def find(cls, node_config: UserConfig, run_config: UserConfig) -> DeviceState | None:
         """Like :meth:`locate`, but None for a device configured without a state folder."""
         if "state-dir" in node_config:
-            return cls(Path(str(node_config["state-dir"])))
-        if "partition-id" in node_config and run_config.get("device-state"):
-            return cls(Path(str(run_config["device-state"])) / f"partition-{node_config['partition-id']}")
-        return None
+            root = Path(str(node_config["state-dir"]))
+        elif "partition-id" in node_config and run_config.get("device-state"):
+            root = Path(str(run_config["device-state"])) / f"partition-{node_config['partition-id']}"
+        else:
+            return None
+        if root.exists():
+            check_trusted(root)  # its privacy account and trusted keys must be this user's alone
+        return cls(root)
 
     def path(self, name: str, suffix: str = ".safetensors") -> Path:
         return self.root / f"{name}{suffix}"
@@ -58,6 +65,7 @@ class DeviceState:
         path = self.path(name)
         if not path.is_file():
             return None
+        check_trusted(path)
         try:
             return deserialize(path.read_bytes())
         except SafetensorError as exc:
@@ -78,6 +86,7 @@ class DeviceState:
             return None
         if path.is_symlink() or not path.is_file():
             raise IncompatibleStateError(f"{path} is damaged (not a plain file).")
+        check_trusted(path)
         try:
             document = json.loads(path.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -92,7 +101,7 @@ class DeviceState:
 
     def _replace(self, target: Path, blob: bytes) -> None:
         """Write ``blob`` to a scratch file, fsync it, rename it over ``target``, fsync the folder."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_trusted_folder(self.root)
         fd, scratch = tempfile.mkstemp(prefix=f".{target.name}.", dir=self.root)
         try:
             with os.fdopen(fd, "wb") as handle:

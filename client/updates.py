@@ -16,7 +16,9 @@ The pointer is the single commit point, and it is kept as two copies (``active-0
 ``active-1.json``) with a generation number and a sha256 each; a write replaces the older copy.
 At start-up the device takes the newest copy whose checksum holds *and* whose slot file matches the
 adapter hash it records, else the other copy. A device killed at any point of an apply therefore
-comes back with the old adapter or the new one, never a torn one.
+comes back with the old adapter or the new one, never a torn one. The highest sequence ever applied is
+kept in a file of its own (``highest-applied.json``), so a device that falls back to an older slot
+still refuses packages older than the newest it had.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from fleetlora.common.package import (
 UPDATES_DIR = "updates"
 SLOTS = ("slot-a", "slot-b")
 POINTERS = ("active-0", "active-1")
+HIGHEST = "highest-applied"  # the highest package sequence applied, with its checksum
 CANARY_TEXT = "fleetlora canary: is this adapter healthy?"
 
 
@@ -110,8 +113,30 @@ class UpdateSlots:
         self.files.save_arrays(slot, state)
         return sha256_hex(self.files.path(slot).read_bytes())
 
+    def highest_sequence(self) -> int:
+        """The highest package sequence this device ever applied, kept apart from the pointers and slots.
+
+        A damaged slot or pointer makes the device fall back to an older adapter; it must not also
+        forget how far it got, or a replayed older package would be taken (a rollback). A missing
+        record on a device with pointers (one set up before the record existed) is their highest; a
+        damaged record refuses every apply until the state folder is restored.
+        """
+        document = self.files.load_json(HIGHEST)  # IncompatibleStateError when damaged
+        if document is None:
+            return max((p.sequence for p in self._pointers()), default=0)
+        checksum = document.pop("checksum", None)
+        sequence = document.get("sequence")
+        if checksum != _checksum(document) or type(sequence) is not int or sequence < 0:
+            raise IncompatibleStateError(
+                f"{self.files.path(HIGHEST, '.json')} is damaged: the device cannot tell which packages it "
+                "already applied. Restore the state folder from a backup, or enroll it again as new."
+            )
+        return sequence
+
     def switch(self, active: ActiveAdapter) -> None:
-        """Commit: write the pointer over the older copy."""
+        """Commit: raise the highest applied sequence, then write the pointer over the older copy."""
+        highest = {"sequence": max(active.sequence, self.highest_sequence())}
+        self.files.save_json(HIGHEST, {**highest, "checksum": _checksum(highest)})
         valid = {name: p.generation for name, p in self._named_pointers()}
         # A missing or damaged copy is the one to write; otherwise the older of the two.
         target = min(POINTERS, key=lambda name: valid.get(name, -1))
@@ -171,7 +196,9 @@ def apply_package(
             tenant=tenant,
             base_sha256=loaded.base_sha256,
             active_version=current.version if current else None,
-            last_sequence=current.sequence if current else 0,
+            # At or above the highest ever applied: a device that fell back to an older slot may take
+            # the package it lost again, never an older one.
+            last_sequence=max(current.sequence if current else 0, slots.highest_sequence() - 1),
             max_payload_bytes=int(cap * loaded.base_bytes),
         ),
         now or datetime.now(UTC),

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from fleetlora.common.errors import ConfigError
+from fleetlora.common.trusted_paths import check_trusted, make_trusted_folder
 
 # File names, the same on every machine: the coordinator's in its keys folder, the device's in its
 # state folder.
@@ -44,7 +45,7 @@ def write_private_key(path: Path, key: PrivateKey) -> None:
 
 def write_private_key_bytes(path: Path, blob: bytes) -> None:
     """Create ``path`` with mode 0600 holding ``blob`` (a PEM private key); never replace a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_trusted_folder(path.parent)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -58,14 +59,21 @@ def write_private_key_bytes(path: Path, blob: bytes) -> None:
 
 
 def read_public_key(path: Path, kind: type[PublicKeyT]) -> PublicKeyT:
+    """A public key from a file no other local user can change (``common/trusted_paths.py``)."""
     if not path.is_file():
         raise ConfigError(f"No public key at {path}: copy it from the machine that made it.")
+    check_trusted(path.parent)
+    check_trusted(path)
     return load_public_key(path.read_bytes(), kind, str(path))
 
 
 def write_public_key(path: Path, key: PublicKey) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(public_pem(key))
+    """Write (or replace) a public key, mode 0644, in an owner-only folder."""
+    make_trusted_folder(path.parent)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    with os.fdopen(fd, "wb") as handle:
+        os.fchmod(handle.fileno(), 0o644)  # an existing file keeps its mode through open; this sets it
+        handle.write(public_pem(key))
 
 
 def public_pem(key: PublicKey) -> bytes:
@@ -80,6 +88,8 @@ def read_private_key(path: Path, kind: type[PrivateKeyT]) -> PrivateKeyT:
         )
     if path.stat().st_mode & 0o077:
         raise ConfigError(f"{path} is readable by other users: run `chmod 600 {path}`.")
+    check_trusted(path.parent)
+    check_trusted(path)
     key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(key, kind):
         raise ConfigError(f"{path} holds a {type(key).__name__}, not a {kind.__name__}.")

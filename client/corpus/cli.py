@@ -20,6 +20,7 @@ from fleetlora.client.updates import UpdateSlots
 from fleetlora.common.delta import load_trainable_state
 from fleetlora.common.model import cached_model
 from fleetlora.common.terminal import shown
+from fleetlora.common.trusted_paths import make_trusted_folder
 
 StateDir = Annotated[
     Path, typer.Option(help=f"The device's state folder; the corpus is {CORPUS_FILE} in it.")
@@ -29,7 +30,7 @@ quarantine_app = typer.Typer(help="Records held back from the corpus, with the r
 
 
 def open_store(state_dir: Path, capacity_mb: float | None = None, hot_days: float = 7.0) -> CorpusStore:
-    state_dir.mkdir(parents=True, exist_ok=True)
+    make_trusted_folder(state_dir)
     capacity = int(capacity_mb * 2**20) if capacity_mb is not None else None
     return CorpusStore(state_dir / CORPUS_FILE, capacity_bytes=capacity, hot_days=hot_days)
 

@@ -22,6 +22,7 @@ from fleetlora.client.corpus.records import Record
 from fleetlora.client.corpus.store import CORPUS_FILE, CorpusStore
 from fleetlora.client.device_state import DeviceState
 from fleetlora.common.data import Example
+from fleetlora.common.trusted_paths import make_trusted_folder
 
 EXACT_SHARE, NEAR_SHARE, JUNK_SHARE = 0.10, 0.05, 0.05
 JUNK = ("", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "Где моя новая карта? Она не пришла.", "?!?!?!?!?!?!")
@@ -71,7 +72,7 @@ def catch_up(
 
 def receive(device: DeviceState, device_id: str, records: Sequence[Record]) -> Counter[str]:
     """Ingest ``records`` into the device's corpus store; how many were stored, refused, quarantined."""
-    device.root.mkdir(parents=True, exist_ok=True)
+    make_trusted_folder(device.root)
     now = datetime.now(UTC)
     with CorpusStore(device.root / CORPUS_FILE) as store:
         pipeline = Pipeline(store)

@@ -11,10 +11,19 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fleetlora.client.device_state import DeviceState
-from fleetlora.client.updates import POINTERS, SLOTS, UPDATES_DIR, UpdateSlots, apply_package, health_check
+from fleetlora.client.updates import (
+    HIGHEST,
+    POINTERS,
+    SLOTS,
+    UPDATES_DIR,
+    UpdateSlots,
+    apply_package,
+    health_check,
+)
 from fleetlora.common.codec import Codec, encode
 from fleetlora.common.config import ModelSpec
 from fleetlora.common.delta import sha256_hex
+from fleetlora.common.errors import IncompatibleStateError
 from fleetlora.common.package import Package, PackageError, read_package, sign
 from fleetlora.coordinator.packages import PackagePolicy, build_package
 from tests.client.update_harness import TENANT, Fleet, make_fleet, snapshot, states_equal
@@ -290,3 +299,31 @@ def test_health_check_refuses_a_slot_that_does_not_read_back(fleet: Fleet, devic
     with pytest.raises(PackageError) as caught:
         health_check(fleet.loaded, dict(list(state.items())[1:]), active.adapter_sha256, path)
     assert caught.value.reason == "unhealthy"
+
+
+def test_a_device_whose_slots_are_damaged_still_refuses_older_packages(fleet: Fleet, device: DeviceState):
+    """Before the highest sequence was kept apart, damaged slots reset rollback protection to zero."""
+    _device_at(fleet, device, 1, 2)
+    for slot in SLOTS:
+        path = device.root / UPDATES_DIR / f"{slot}.safetensors"
+        blob = path.read_bytes()
+        path.write_bytes(blob[:-1] + bytes([blob[-1] ^ 0x01]))
+    assert UpdateSlots(device).active() is None  # no adapter it can trust
+
+    with pytest.raises(PackageError, match="rollback"):
+        _apply(fleet, _package(fleet, 1, None), device)  # older than the v2 it had
+    _apply(fleet, _package(fleet, 2, None), device)  # the one it lost comes back
+    active, state = _active_state(device)
+    assert active.version == fleet.versions[2].id and states_equal(state, fleet.adapters[2])
+
+
+def test_a_damaged_record_of_the_highest_applied_sequence_refuses_every_apply(
+    fleet: Fleet, device: DeviceState
+):
+    _device_at(fleet, device, 1)
+    record = device.root / UPDATES_DIR / f"{HIGHEST}.json"
+    record.write_text(record.read_text().replace('"sequence": ', '"sequence": 1'))  # checksum fails
+
+    with pytest.raises(IncompatibleStateError, match="cannot tell which packages it already applied"):
+        _apply(fleet, _package(fleet, 2, 1), device)
+    assert _active_state(device)[0].version == fleet.versions[1].id  # nothing changed
