@@ -30,6 +30,7 @@ from fleetlora.coordinator.packages import (
 )
 from fleetlora.coordinator.settings import DEFAULT_DB
 from fleetlora.coordinator.storage import PackageInfo, Storage, VersionInfo
+from fleetlora.coordinator.storage.audit import CHECKPOINTS_FILE, read_checkpoints, verify
 
 app = typer.Typer(
     help="Operate the coordinator: keys, enrolled devices, versions, update packages, the database.",
@@ -51,6 +52,11 @@ app.add_typer(deploy_cli.certs_app, name="certs")
 app.add_typer(deploy_cli.round_app, name="round")
 db_app = typer.Typer(help="The coordinator database's schema (Alembic migrations).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+audit_app = typer.Typer(
+    help="The audit log: every change to parameters or settings, hash-chained and signed.",
+    no_args_is_help=True,
+)
+app.add_typer(audit_app, name="audit")
 
 DbOption = Annotated[str, typer.Option(help="SQLAlchemy URL of the coordinator database.")]
 ConfigOption = deploy_cli.ConfigOption
@@ -126,6 +132,60 @@ def revert_version(
     typer.echo(
         f"{reverted.label} (round {reverted.round}) holds {version}'s adapter; the next round trains from it."
     )
+
+
+@audit_app.command("list")
+def list_audit(
+    last: Annotated[int, typer.Option(help="Show only this many of the newest entries (0: all).")] = 20,
+    db: DbOption = DEFAULT_DB,
+) -> None:
+    """The audit log: every change to parameters or settings, newest last."""
+    entries = Storage.open(db).audit.entries()
+    table = Table("#", "at", "actor", "action", "subject", "details", title="audit log", title_justify="left")
+    for entry in entries[-last:] if last else entries:
+        table.add_row(
+            str(entry.seq),
+            entry.at[:19],
+            shown(entry.actor),
+            entry.action,
+            shown(entry.subject),
+            shown(entry.details),
+        )
+    _console().print(table)
+
+
+@audit_app.command("verify")
+def verify_audit(
+    keys: Annotated[
+        Path | None,
+        typer.Option(
+            "--keys", help="The keys folder: its signing key's .pub checks the signed checkpoints there."
+        ),
+    ] = None,
+    db: DbOption = DEFAULT_DB,
+) -> None:
+    """Check the audit log's hash chain and, with --keys, its signed checkpoints; exit 1 on any problem."""
+    storage = Storage.open(db)
+    entries = storage.audit.entries()
+    key = read_public_key(keys / COORDINATOR_SIGNING_PUB, Ed25519PublicKey) if keys else None
+    checkpoints = read_checkpoints(keys / CHECKPOINTS_FILE) if keys else []
+    problems = verify(entries, storage.audit.head(), checkpoints, key)
+    for problem in problems:
+        typer.echo(f"problem: {problem}", err=True)
+    if problems:
+        raise typer.Exit(1)
+    signed = sum(1 for c in checkpoints if not isinstance(c, str))
+    typer.echo(
+        f"audit log whole: {len(entries)} entries" + (f", {signed} signed checkpoints hold" if keys else "")
+    )
+
+
+@audit_app.command("checkpoint")
+def checkpoint_audit(keys: KeysOption = Path("keys"), db: DbOption = DEFAULT_DB) -> None:
+    """Sign the newest audit entry with the coordinator's key into KEYS/audit-checkpoints.jsonl (a round
+    does this itself after each version)."""
+    checkpoint = Storage.open(db).audit.checkpoint(load_signing_key(keys), keys)
+    typer.echo(f"signed entry {checkpoint.seq} into {keys / CHECKPOINTS_FILE}")
 
 
 @db_app.command("upgrade")

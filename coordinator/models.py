@@ -21,6 +21,7 @@ from sqlalchemy import (
     ForeignKey,
     LargeBinary,
     String,
+    Text,
     TypeDecorator,
     UniqueConstraint,
 )
@@ -234,3 +235,32 @@ class QuarantineEntry(SchemaStamped, Base):
     quarantined_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     released_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     release_reason: Mapped[str | None] = mapped_column(String(500))
+
+
+class AuditEntry(Base):
+    """One change to parameters or settings, chained to the one before by its hash (storage/audit.py).
+
+    ``at`` and ``details`` are stored as the exact text that was hashed, so verification never depends
+    on how a database round-trips a timestamp or a JSON document.
+    """
+
+    __tablename__ = "audit_log"
+
+    seq: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)  # 1, 2, 3, ... no gaps
+    at: Mapped[str] = mapped_column(String(40))  # ISO 8601, UTC
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(64))
+    subject: Mapped[str] = mapped_column(String(200))
+    details: Mapped[str] = mapped_column(Text)  # canonical JSON
+    previous_hash: Mapped[str] = mapped_column(String(64))
+    entry_hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditHead(Base):
+    """The newest audit entry's number and hash, one row: appenders lock it, so entries never collide."""
+
+    __tablename__ = "audit_head"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)  # always 1
+    seq: Mapped[int]
+    entry_hash: Mapped[str] = mapped_column(String(64))

@@ -320,6 +320,8 @@ class Federation:
         self.accepted = accepted(train.participants, train.norms)  # the next round's bounds follow it
         # publish
         publication = self._publish(version, parent)
+        if self.distributor is not None:  # the round's entries, signed outside the database
+            self.storage.audit.checkpoint(self.distributor.key, Path(self.settings.keys_dir))
         outcome = RoundOutcome(
             round=number,
             version=version,

@@ -3,11 +3,12 @@
 - :class:`VersionStore` (``versions``): global adapter versions, their optimizer states, lineages;
 - :class:`PackageStore` (``packages``): the signed update packages built from them;
 - :class:`DeviceStore` (``devices``): enrolled devices, their keys, update reports, flags and quarantine;
-- :class:`LedgerStore` (``ledgers``): the privacy ledger and the round records.
+- :class:`LedgerStore` (``ledgers``): the privacy ledger and the round records;
+- :class:`AuditStore` (``audit``): the hash-chained audit log of every change to parameters or settings.
 
 Each method runs in one transaction (:meth:`Database.session` commits on success and rolls back on
 any error) and returns frozen dataclasses, never ORM rows. :meth:`Storage.open` brings the schema to
-the newest migration and hands out the four stores over one database.
+the newest migration and hands out the five stores over one database.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fleetlora.coordinator.db import Database
+from fleetlora.coordinator.storage.audit import AuditStore
 from fleetlora.coordinator.storage.devices import (
     DeviceInfo,
     DeviceKey,
@@ -33,6 +35,7 @@ from fleetlora.coordinator.storage.versions import (
 )
 
 __all__ = [
+    "AuditStore",
     "DeviceInfo",
     "DeviceKey",
     "DeviceStore",
@@ -55,19 +58,20 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Storage:
-    """The four stores over one coordinator database."""
+    """The five stores over one coordinator database."""
 
     db: Database
     versions: VersionStore
     packages: PackageStore
     devices: DeviceStore
     ledgers: LedgerStore
+    audit: AuditStore
 
     @classmethod
     def open(cls, url: str) -> Storage:
         """The stores over the database at ``url``, its schema migrated to the newest revision."""
         db = Database(url).initialize()
-        return cls(db, VersionStore(db), PackageStore(db), DeviceStore(db), LedgerStore(db))
+        return cls(db, VersionStore(db), PackageStore(db), DeviceStore(db), LedgerStore(db), AuditStore(db))
 
     def close(self) -> None:
         self.db.close()

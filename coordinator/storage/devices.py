@@ -19,10 +19,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from fleetlora.common.delta import sha256_hex
 from fleetlora.common.errors import FleetloraError
 from fleetlora.common.keys import load_public_key, public_pem
 from fleetlora.coordinator.db import Database
 from fleetlora.coordinator.models import DeviceFlag, DeviceUpdate, EnrolledDevice, QuarantineEntry, utcnow
+from fleetlora.coordinator.storage import audit
 from fleetlora.coordinator.storage.rows import info_of
 
 REASON_CHARS = 500  # the column's width: longer reasons are cut
@@ -100,6 +102,13 @@ class DeviceStore:
             else:
                 row.tenant, row.public_key_pem, row.enrolled_at = tenant, pem, utcnow()
                 row.node_id = node or row.node_id
+            details = {
+                "tenant": tenant,
+                "key_sha256": sha256_hex(pem.encode()),
+                "node": node,
+                "again": row is not None,
+            }
+            audit.append(session, "device.enrolled", device_id, details)
 
     def enrolled(self) -> list[DeviceInfo]:
         """Every enrolled device, by id."""
@@ -191,6 +200,7 @@ class DeviceStore:
                 if flagged >= quarantine_after:
                     reason = f"{flagged} anomalies, the last in round {round_number} of {lineage[:8]}"
                     session.add(QuarantineEntry(device_id=device_id, reason=reason))
+                    audit.append(session, "device.quarantined", device_id, {"reason": reason})
                     quarantined.append(device_id)
         return quarantined
 
@@ -213,6 +223,7 @@ class DeviceStore:
                     f"{device_id} is not in quarantine: `coordinator devices quarantined` lists who is."
                 )
             row.released_at, row.release_reason = utcnow(), reason[:REASON_CHARS]
+            audit.append(session, "device.released", device_id, {"reason": row.release_reason})
             session.flush()
             return info_of(QuarantineInfo, row)
 

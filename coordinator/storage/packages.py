@@ -16,6 +16,7 @@ from fleetlora.common.errors import FleetloraError
 from fleetlora.common.package import Manifest
 from fleetlora.coordinator.db import Database
 from fleetlora.coordinator.models import UpdatePackage, utcnow
+from fleetlora.coordinator.storage import audit
 from fleetlora.coordinator.storage.rows import checked_blob, info_of, oldest_first
 
 
@@ -79,6 +80,19 @@ class PackageStore:
             )
             session.add(row)
             session.flush()
+            audit.append(
+                session,
+                "package.built",
+                f"package {row.id}",
+                {
+                    "lineage": manifest.lineage,
+                    "from": manifest.from_version,
+                    "to": manifest.to_version,
+                    "sequence": manifest.sequence,
+                    "codec": manifest.codec,
+                    "sha256": row.package_sha256,
+                },
+            )
             return _package_info(row)
 
     def find(

@@ -20,6 +20,7 @@ from fleetlora.common.delta import State, deserialize, nbytes, serialize, sha256
 from fleetlora.common.errors import CorruptVersionError, FleetloraError
 from fleetlora.coordinator.db import Database
 from fleetlora.coordinator.models import Lineage, ModelVersion, OptimizerState, Participant
+from fleetlora.coordinator.storage import audit
 from fleetlora.coordinator.storage.ledgers import RoundReport, round_row
 from fleetlora.coordinator.storage.rows import checked_blob, info_of
 
@@ -128,6 +129,12 @@ class VersionStore:
                         base_model_sha256=base_sha256,
                         base_model_bytes=base_bytes,
                     )
+                )
+                audit.append(
+                    session,
+                    "lineage.registered",
+                    lineage,
+                    {"tenant": tenant, "model": model, "base_sha256": base_sha256},
                 )
 
     # ---- read -----------------------------------------------------------------------------
@@ -262,6 +269,24 @@ class VersionStore:
         )
         session.add(row)
         session.flush()  # assigns row.id
+        reverted = REVERTED_TO in version.metrics
+        audit.append(
+            session,
+            "version.reverted" if reverted else "version.created",
+            f"v{row.id}",
+            {
+                "lineage": row.lineage,
+                "round": row.round,
+                "parent": row.parent_id,
+                "adapter_sha256": row.adapter_sha256,
+                "participants": len(version.participants),
+                **(
+                    {"reverted_to": version.metrics[REVERTED_TO], "reason": version.metrics[REVERT_REASON]}
+                    if reverted
+                    else {}
+                ),
+            },
+        )
         optimizer = version.optimizer
         if optimizer is not None and optimizer.state:
             state = serialize(optimizer.state)
