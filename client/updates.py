@@ -38,7 +38,7 @@ from fleetlora.common.codec import Codec, CodecError, decode, inflated_bound
 from fleetlora.common.config import ModelSpec, from_config
 from fleetlora.common.delta import State, apply_delta, check_layout, load_trainable_state, sha256_hex
 from fleetlora.common.errors import ConfigError, IncompatibleStateError
-from fleetlora.common.model import LoadedModel, cached_model
+from fleetlora.common.model import LoadedModel, cached_model, canary_is_finite
 from fleetlora.common.package import (
     MAX_CAP,
     Expectations,
@@ -54,7 +54,6 @@ UPDATES_DIR = "updates"
 SLOTS = ("slot-a", "slot-b")
 POINTERS = ("active-0", "active-1")
 HIGHEST = "highest-applied"  # the highest package sequence applied, with its checksum
-CANARY_TEXT = "fleetlora canary: is this adapter healthy?"
 
 
 @dataclass(frozen=True)
@@ -247,11 +246,7 @@ def health_check(loaded: LoadedModel, state: State, expected_sha256: str, path: 
         load_trainable_state(loaded.model, state)
     except IncompatibleStateError as exc:
         raise PackageError(PackageRejection.UNHEALTHY, f"adapter does not load ({exc})") from None
-    batch = loaded.tokenizer([CANARY_TEXT], return_tensors="pt", truncation=True, max_length=32)
-    loaded.model.eval()
-    with torch.no_grad():
-        logits = loaded.model(**batch).logits
-    if not bool(torch.isfinite(logits).all()):
+    if not canary_is_finite(loaded):
         raise PackageError(PackageRejection.UNHEALTHY, "canary inference gave non-finite outputs")
 
 

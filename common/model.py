@@ -95,6 +95,22 @@ def cached_model(spec: ModelSpec) -> LoadedModel:
     return build_model(spec)
 
 
+CANARY_TEXT = "fleetlora canary: is this adapter healthy?"
+
+
+def canary_is_finite(loaded: LoadedModel) -> bool:
+    """Whether the model, with the adapter it holds now, gives finite outputs on a fixed input.
+
+    The last check of an adapter before it is trusted: the coordinator's before it stores a new global
+    version, a device's before it switches to an update.
+    """
+    batch = loaded.tokenizer([CANARY_TEXT], return_tensors="pt", truncation=True, max_length=32)
+    loaded.model.eval()
+    with torch.no_grad():
+        logits = loaded.model(**batch).logits
+    return bool(torch.isfinite(logits).all())
+
+
 def _unfreeze(model: PeftModel, module_names: tuple[str, ...]) -> None:
     """Make every parameter under each named base module trainable."""
     for module_name in module_names:

@@ -42,10 +42,10 @@ from fleetlora.common.batches import evaluate
 from fleetlora.common.codec import inflated_bound
 from fleetlora.common.config import to_config
 from fleetlora.common.data import Example, load_examples
-from fleetlora.common.delta import State, is_finite, l2_norm, layout_fingerprint, load_trainable_state
+from fleetlora.common.delta import State, diff, is_finite, l2_norm, layout_fingerprint, load_trainable_state
 from fleetlora.common.errors import QuorumError
 from fleetlora.common.messages import Instructions
-from fleetlora.common.model import LoadedModel, cached_model
+from fleetlora.common.model import LoadedModel, cached_model, canary_is_finite
 from fleetlora.common.server_optim import server_step
 from fleetlora.coordinator.aggregation import (
     DeltaAggregator,
@@ -296,9 +296,9 @@ class Federation:
         new_state, optimizer_state = server_step(
             self.settings.server, state, update.delta, self.optimizer_state
         )
-        if not is_finite(new_state):  # never stored, so never sent: no device is left with a broken adapter
-            error = "the new global adapter holds NaN or inf: not stored"
-            return self._failed(number, started, sampled_devices, train, error, quarantined), state
+        # never stored, so never sent: no device is left with a broken adapter
+        if unhealthy := self._unhealthy(state, new_state):
+            return self._failed(number, started, sampled_devices, train, unhealthy, quarantined), state
         # evaluate the candidate (the messages carry the round's instructions, the arrays are new)
         evaluation = self._evaluate(train, new_state, planned)
         metrics = {**update.metrics, **evaluation.metrics}
@@ -338,6 +338,21 @@ class Federation:
             quarantined=quarantined,
         )
         return outcome, new_state
+
+    def _unhealthy(self, state: State, new_state: State) -> str | None:
+        """Why the round's new global adapter must not be stored, if it must not: it holds NaN or inf,
+        it moved further than ``norm-ratio`` × the adapter it came from (at least 1) allows, or the
+        model gives NaN or inf on the canary input with it."""
+        if not is_finite(new_state):
+            return "the new global adapter holds NaN or inf: not stored"
+        ratio = self.settings.influence.norm_ratio
+        moved, bound = l2_norm(diff(new_state, state)), ratio * max(1.0, l2_norm(state))
+        if ratio and moved > bound:
+            return f"the new global adapter moved {moved:.4g}, above the bound {bound:.4g}: not stored"
+        load_trainable_state(self.loaded.model, new_state)
+        if not canary_is_finite(self.loaded):
+            return "the new global adapter gives NaN or inf on the canary input: not stored"
+        return None
 
     def _sample(self, number: int, online: list[int], deadline: float) -> list[int]:
         wanting = self.storage.devices.wanting_nodes() if self.distributor else set()

@@ -145,10 +145,22 @@ def test_one_hostile_device_can_neither_wreck_nor_take_over_the_fleet(sqlite_url
     assert resumed.version is not None and resumed.metrics[WEIGHTS_CAPPED] == 1.0
 
 
-def test_a_new_global_adapter_that_is_not_finite_is_never_stored(sqlite_url: str, monkeypatch):
+@pytest.mark.parametrize(
+    ("value", "overrides", "error"),
+    [
+        (float("inf"), {}, "the new global adapter holds NaN or inf: not stored"),
+        (1e6, {}, "the new global adapter moved"),  # finite, far past 100 × the adapter it came from
+        (
+            1e30,
+            {"norm-ratio": 0.0},
+            "the new global adapter gives NaN or inf on the canary input: not stored",
+        ),
+    ],
+)
+def test_a_broken_new_global_adapter_is_never_stored(sqlite_url: str, monkeypatch, value, overrides, error):
     from fleetlora.coordinator import rounds
 
-    config = _run_config(sqlite_url, rounds=2)
+    config = _run_config(sqlite_url, rounds=2, **overrides)
     federation = Federation(
         LocalGrid(build_client_app(), 3, config), CoordinatorSettings.from_run_config(config)
     )
@@ -158,13 +170,13 @@ def test_a_new_global_adapter_that_is_not_finite_is_never_stored(sqlite_url: str
     def overflowing(settings, state, delta, optimizer_state):
         new_state, moments = real_step(settings, state, delta, optimizer_state)
         if next(steps):
-            new_state = {name: torch.full_like(t, float("inf")) for name, t in new_state.items()}
+            new_state = {name: torch.full_like(t, value) for name, t in new_state.items()}
         return new_state, moments
 
     monkeypatch.setattr(rounds, "server_step", overflowing)
     first, second = federation.run()
 
-    assert first.version is None and first.error == "the new global adapter holds NaN or inf: not stored"
+    assert first.version is None and (first.error or "").startswith(error)
     assert second.version is not None and second.version.parent_id == 1  # trained on from the initial version
     assert [v.round for v in federation.storage.versions.all()] == [0, 2]
 
