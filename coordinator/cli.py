@@ -19,6 +19,7 @@ from fleetlora.common.keys import COORDINATOR_HPKE_PUB, COORDINATOR_SIGNING_PUB,
 from fleetlora.common.package import MAX_CAP, read_package
 from fleetlora.common.terminal import shown
 from fleetlora.coordinator import deploy_cli
+from fleetlora.coordinator.at_rest import KEY_FILE_ENV, AtRestKey, BlobCipher
 from fleetlora.coordinator.db import Database, upgrade, without_password
 from fleetlora.coordinator.flower_control import register_node
 from fleetlora.coordinator.keys import init_keys, load_signing_key
@@ -31,6 +32,7 @@ from fleetlora.coordinator.packages import (
 from fleetlora.coordinator.settings import DEFAULT_DB
 from fleetlora.coordinator.storage import PackageInfo, Storage, VersionInfo
 from fleetlora.coordinator.storage.audit import CHECKPOINTS_FILE, read_checkpoints, verify
+from fleetlora.coordinator.storage.reseal import reseal_all
 
 app = typer.Typer(
     help="Operate the coordinator: keys, enrolled devices, versions, update packages, the database.",
@@ -186,6 +188,39 @@ def checkpoint_audit(keys: KeysOption = Path("keys"), db: DbOption = DEFAULT_DB)
     does this itself after each version)."""
     checkpoint = Storage.open(db).audit.checkpoint(load_signing_key(keys), keys)
     typer.echo(f"signed entry {checkpoint.seq} into {keys / CHECKPOINTS_FILE}")
+
+
+@keys_app.command("init-at-rest")
+def init_at_rest_key(
+    out: Annotated[
+        Path, typer.Option("--out", help="The key file to create (0600; never overwritten).")
+    ] = Path("keys/at-rest.key"),
+) -> None:
+    """Make the AES-256 key that seals adapters, optimizer states and packages in the database."""
+    key = AtRestKey.create(out)
+    typer.echo(
+        f"{out} (key {key.key_id.hex()}): export {KEY_FILE_ENV}={out.resolve()} for every coordinator process"
+    )
+
+
+@db_app.command("rotate-key")
+def rotate_at_rest_key(
+    new_key: Annotated[
+        Path, typer.Option("--new-key", help="The key to seal every blob under (`keys init-at-rest`).")
+    ],
+    db: DbOption = DEFAULT_DB,
+) -> None:
+    """Re-encrypt every blob at rest under NEW_KEY, reading with the key(s) in the environment.
+
+    One row per transaction and resumable: run it again after an interruption. With no key in the
+    environment, blobs stored in the clear are encrypted (turning encryption on for existing data).
+    """
+    cipher = BlobCipher([AtRestKey.read(new_key), *BlobCipher.from_environment().keys])
+    database = Database(db, cipher).initialize()
+    counts = reseal_all(database, cipher, progress=typer.echo)
+    typer.echo(
+        f"{sum(counts.values())} blobs rewritten under {new_key}; now set {KEY_FILE_ENV}={new_key.resolve()}"
+    )
 
 
 @db_app.command("upgrade")

@@ -16,6 +16,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
 from fleetlora.common.errors import ConfigError
+from fleetlora.coordinator.at_rest import BlobCipher
 from fleetlora.coordinator.models import Base
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -25,7 +26,9 @@ BASELINE = "0001"  # the schema create_all made before migrations existed
 class Database:
     """A SQLAlchemy engine for ``url`` (``sqlite:///FILE`` by default, PostgreSQL by URL)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, cipher: BlobCipher | None = None) -> None:
+        """``cipher``: how blobs are sealed at rest; by default from this process's environment."""
+        self.cipher = cipher if cipher is not None else BlobCipher.from_environment()
         try:
             parsed = make_url(url)
             if parsed.drivername.startswith("sqlite") and parsed.database not in (None, "", ":memory:"):
@@ -33,7 +36,7 @@ class Database:
             self.engine: Engine = create_engine(parsed)
         except (ArgumentError, NoSuchModuleError, ImportError) as exc:
             raise ConfigError(
-                f"Cannot use database URL {url!r}: {exc}. Use sqlite:///FILE or "
+                f"Cannot use database URL {without_password(url)!r}: {exc}. Use sqlite:///FILE or "
                 "postgresql+psycopg://USER@HOST/DB."
             ) from exc
         if self.engine.dialect.name == "sqlite":

@@ -79,7 +79,8 @@ class PackageStore:
                 created_at=datetime.fromisoformat(manifest.created),
             )
             session.add(row)
-            session.flush()
+            session.flush()  # assigns row.id, which the sealed blob is bound to
+            row.package = self.db.cipher.seal(blob, package_binding(row))
             audit.append(
                 session,
                 "package.built",
@@ -121,7 +122,7 @@ class PackageStore:
             row = session.get(UpdatePackage, package_id)
             if row is None:
                 raise FleetloraError(f"No package {package_id} in the database.")
-            blob, expected = row.package, row.package_sha256
+            blob, expected = self.db.cipher.open(row.package, package_binding(row)), row.package_sha256
         corrupt = f"Stored package {package_id} does not match its sha256: rebuild it."
         return checked_blob(blob, expected, lambda: FleetloraError(corrupt))
 
@@ -129,3 +130,8 @@ class PackageStore:
         """Every stored package (of one lineage if given), oldest first."""
         with self.db.session() as session:
             return [_package_info(row) for row in session.scalars(oldest_first(UpdatePackage, lineage))]
+
+
+def package_binding(row: UpdatePackage) -> dict[str, object]:
+    """What a sealed package is bound to (coordinator/at_rest.py): it opens in this row only."""
+    return {"kind": "package", "id": row.id, "lineage": row.lineage, "to_version": row.to_version_id}

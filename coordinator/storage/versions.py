@@ -215,7 +215,7 @@ class VersionStore:
         """The stored adapter, after checking its bytes against the recorded sha256."""
         with self.db.session() as session:
             row = self._row(session, version_id)
-            blob, expected = row.adapter, row.adapter_sha256
+            blob, expected = self.db.cipher.open(row.adapter, adapter_binding(row)), row.adapter_sha256
         return deserialize(
             checked_blob(
                 blob,
@@ -233,7 +233,8 @@ class VersionStore:
             row = session.get(OptimizerState, version_id)
             if row is None:
                 return None
-            name, blob, expected = row.optimizer, row.state, row.state_sha256
+            name, expected = row.optimizer, row.state_sha256
+            blob = self.db.cipher.open(row.state, optimizer_binding(row.version_id, row.optimizer))
         corrupt = f"Version v{version_id}: optimizer state does not match its sha256."
         return ServerOptimizerState(
             name, deserialize(checked_blob(blob, expected, lambda: CorruptVersionError(corrupt)))
@@ -251,8 +252,7 @@ class VersionStore:
 
     # ---- rows -----------------------------------------------------------------------------
 
-    @staticmethod
-    def _insert(session: Session, version: NewVersion) -> ModelVersion:
+    def _insert(self, session: Session, version: NewVersion) -> ModelVersion:
         blob = serialize(version.adapter)
         row = ModelVersion(
             **{
@@ -268,7 +268,8 @@ class VersionStore:
             ],
         )
         session.add(row)
-        session.flush()  # assigns row.id
+        session.flush()  # assigns row.id, which the sealed blob is bound to
+        row.adapter = self.db.cipher.seal(blob, adapter_binding(row))
         reverted = REVERTED_TO in version.metrics
         audit.append(
             session,
@@ -290,9 +291,10 @@ class VersionStore:
         optimizer = version.optimizer
         if optimizer is not None and optimizer.state:
             state = serialize(optimizer.state)
+            sealed = self.db.cipher.seal(state, optimizer_binding(row.id, optimizer.name))
             session.add(
                 OptimizerState(
-                    version_id=row.id, optimizer=optimizer.name, state=state, state_sha256=sha256_hex(state)
+                    version_id=row.id, optimizer=optimizer.name, state=sealed, state_sha256=sha256_hex(state)
                 )
             )
         return row
@@ -303,3 +305,12 @@ class VersionStore:
         if row is None:
             raise FleetloraError(f"No version v{version_id} in the database.")
         return row
+
+
+def adapter_binding(row: ModelVersion) -> dict[str, object]:
+    """What a sealed adapter is bound to (coordinator/at_rest.py): it opens in this row only."""
+    return {"kind": "adapter", "version": row.id, "lineage": row.lineage, "round": row.round}
+
+
+def optimizer_binding(version_id: int, optimizer: str) -> dict[str, object]:
+    return {"kind": "optimizer-state", "version": version_id, "optimizer": optimizer}
