@@ -205,7 +205,7 @@ class DeltaAggregator:
         """Checks 8–11 on an opened delta: layout, finite, norm, then fold (or hold until :meth:`settle`).
 
         ``device`` is who the delta is proven to come from (``node-<id>`` when nothing proves it): a
-        failed check here is an anomaly flagged on it (coordinator/quarantine.py).
+        failed check here drops the reply and is an anomaly flagged on it (coordinator/quarantine.py).
         """
         try:
             check_layout_of(delta, self._reference)
@@ -214,8 +214,9 @@ class DeltaAggregator:
             if problem := self._bounds.norm_problem(norm):
                 raise OutsideBounds(problem)
         except RejectedReply as exc:
+            self.drops.append(Drop(node, str(exc)))
             self.anomalies.append((device, str(exc)))
-            raise
+            return
         opened = _Opened(node, device, delta, norm, metrics, upload_bytes)
         if self._bounds.waits_for_round:
             self._held.append(opened)
