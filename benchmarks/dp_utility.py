@@ -124,11 +124,11 @@ def simulate(setup: Setup, out: Path, extra: Sequence[str]) -> dict[str, Any]:
 
 
 def federated_arms(
-    setup: Setup, epsilons: Sequence[float], per_round: Sequence[int], rounds: int, scratch: Path
+    setup: Setup, epsilons: Sequence[float], per_round: Sequence[int], rounds: int, scratch: Path, plain: bool
 ) -> dict[str, dict[str, Any]]:
     arms = {}
     for count in per_round:
-        for epsilon in [*epsilons, 0.0]:
+        for epsilon in [*epsilons, 0.0] if plain else epsilons:
             name = f"{count}/round, " + (f"ε={epsilon:g}" if epsilon else "no DP")
             progress(f"federated {name}: {rounds} rounds")
             arms[name] = simulate(
@@ -303,6 +303,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--parts", default=",".join(PARTS), help="comma-separated parts to run (default: all)"
     )
+    parser.add_argument(
+        "--plain",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also the no-DP arm of each devices-a-round (--no-plain keeps an earlier one)",
+    )
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "dp_utility.json")
     parser.add_argument("--plot", type=Path, default=REPO / "benchmarks" / "results" / "dp_utility.png")
     args = parser.parse_args(argv)
@@ -329,7 +335,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="dp-utility-") as scratch:
         runs = {
-            "federated": lambda: federated_arms(setup, epsilons, per_round, args.rounds, Path(scratch)),
+            # Arms run now replace the same arms of an earlier result; the others are kept.
+            "federated": lambda: {
+                **result.get("federated", {}),
+                **federated_arms(setup, epsilons, per_round, args.rounds, Path(scratch), args.plain),
+            },
             "references": lambda: references(setup, epsilons, per_round[0], min(args.rounds, 10)),
             "streaming": lambda: streaming_arms(setup, args, Path(scratch)),
             "cost": lambda: step_cost(setup, args.repeats),
