@@ -24,6 +24,7 @@ from fleetlora.common.package import MAX_CAP
 
 app = typer.Typer(help="Set up and inspect the device agent.", no_args_is_help=True)
 app.command("ingest")(corpus_cli.ingest)
+app.add_typer(corpus_cli.corpus_app, name="corpus")
 app.add_typer(corpus_cli.quarantine_app, name="quarantine")
 app.command("label")(corpus_cli.label)
 app.add_typer(corpus_cli.review_app, name="review")

@@ -94,8 +94,11 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
             per_round = int(run_config["stream-records"])
             simulated.catch_up(device, device_id(context), examples, per_round, instructions.round, seed)
             examples = corpus_examples(device.root / CORPUS_FILE)
-        if instructions.spec.task == "classify":  # unlabelled corpus records wait for their labels
-            examples = [e for e in examples if e.label is not None]
+        if instructions.spec.task == "classify":
+            # Unlabelled corpus records wait for their labels; a label outside the fleet's is skipped, so
+            # one bad record cannot make the device fail every round (`device corpus delete` removes it).
+            known = set(instructions.spec.labels)
+            examples = [e for e in examples if e.label in known]
         train_set, held_out = split_holdout(examples, float(run_config.get("holdout", DEFAULTS.holdout)))
         settings = instructions.train
         keeps_state = settings.personal_head or settings.privacy.enabled or instructions.seal_uploads

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -26,6 +27,8 @@ StateDir = Annotated[
     Path, typer.Option(help=f"The device's state folder; the corpus is {CORPUS_FILE} in it.")
 ]
 QuarantinedId = Annotated[str, typer.Argument(help="The record's id (see `quarantine list`).")]
+MAINTAIN_SECONDS = 30.0  # while serving: archive old records and evict past the capacity this often
+
 quarantine_app = typer.Typer(help="Records held back from the corpus, with the reason.", no_args_is_help=True)
 
 
@@ -91,9 +94,13 @@ def _serve(pipeline: Pipeline, inbox: Path | None, port: int | None, device: str
         )
     for thread in threads:
         thread.start()
+    maintained = time.monotonic()
     try:
         while any(t.is_alive() for t in threads):
             threads[0].join(timeout=0.5)
+            if time.monotonic() - maintained >= MAINTAIN_SECONDS:  # the capacity holds while serving
+                pipeline.maintain()
+                maintained = time.monotonic()
     except KeyboardInterrupt:
         pass
     finally:
@@ -102,6 +109,40 @@ def _serve(pipeline: Pipeline, inbox: Path | None, port: int | None, device: str
             server.shutdown()
         for thread in threads:
             thread.join(timeout=5)
+
+
+corpus_app = typer.Typer(help="The records stored in the device's corpus.", no_args_is_help=True)
+
+
+@corpus_app.command("list")
+def corpus_list(
+    state_dir: StateDir,
+    last: Annotated[int, typer.Option(help="The newest this many records (0: all).")] = 20,
+    label: Annotated[str | None, typer.Option(help="Only records with this label.")] = None,
+) -> None:
+    """Show stored records, newest first: id, when, label, source and the start of the text."""
+    with open_store(state_dir) as store:
+        records = [r for r in store.window() if label is None or r.label == label]
+    shown_records = records[:last] if last else records
+    table = Table(title=f"{len(shown_records)} of {len(records)} stored", title_justify="left")
+    for column in ("id", "arrived", "label", "source", "text"):
+        table.add_column(column)
+    for record in shown_records:
+        text = record.text.replace("\n", " ")[:60]
+        cells = (record.id, f"{record.arrived_at:%Y-%m-%d %H:%M}", record.label or "-", record.source, text)
+        table.add_row(*(shown(c) for c in cells))
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
+@corpus_app.command("delete")
+def corpus_delete(
+    record_ids: Annotated[list[str], typer.Argument(help="The records' ids (see `corpus list`).")],
+    state_dir: StateDir,
+) -> None:
+    """Delete stored records for good (a wrong label, text that should never have been taken in)."""
+    with open_store(state_dir) as store:
+        deleted = store.delete(record_ids)
+    typer.echo(f"deleted {deleted} record{'s' if deleted != 1 else ''}")
 
 
 @quarantine_app.command("list")

@@ -27,18 +27,40 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from fleetlora.client.corpus.pipeline import Outcome, Pipeline
-from fleetlora.client.corpus.records import Record
+from fleetlora.client.corpus.records import Record, short_repr
 from fleetlora.common.errors import ConfigError
 
 FORMATS = ("jsonl", "csv", "txt")
 MAX_HTTP_BODY = 1 << 20  # one request holds at most 1 MiB of records
+MAX_METADATA_DEPTH = 16  # deeper metadata is quarantined: nothing downstream recurses into a hostile depth
 DRAIN_SECONDS = 2.0
+CONNECTION_SECONDS = 10.0  # a connection that sends nothing for this long is closed
+MAX_CONNECTIONS = 32  # connections served at once; more are closed at once
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 class _Server(ThreadingHTTPServer):
+    """One thread a connection, at most :data:`MAX_CONNECTIONS` at once: a client that opens more is
+    closed at once, so idle or half-sent connections cannot hold every thread and file descriptor."""
+
     daemon_threads = True
     request_queue_size = 128  # socketserver's 5 drops SYNs under bursts (a 1 s retry each)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # over the limit: refused, not queued
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class _Server6(_Server):
@@ -84,6 +106,8 @@ def _from_json(document: Any, *, source: str, device: str) -> Record:
     metadata = document.get("metadata", {})
     if not isinstance(metadata, dict):
         raise ValueError("`metadata` must be an object")
+    if _depth(metadata) > MAX_METADATA_DEPTH:
+        raise ValueError(f"`metadata` nests deeper than {MAX_METADATA_DEPTH} levels")
     label = document.get("label")
     return Record(
         text=document["text"],
@@ -95,10 +119,32 @@ def _from_json(document: Any, *, source: str, device: str) -> Record:
     )
 
 
+def _depth(value: Any) -> int:
+    """How deeply ``value`` (parsed JSON) nests, counted without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        if isinstance(item, dict):
+            stack.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, level + 1) for v in item)
+    return deepest
+
+
 def ingest_stream(pipeline: Pipeline, stream: TextIO, fmt: str, *, source: str, device: str) -> list[Outcome]:
     """Every record of ``stream`` through the pipeline; unparseable lines are quarantined."""
+    return ingest_items(
+        pipeline, parse(stream, fmt, source=source, device=device), source=source, device=device
+    )
+
+
+def ingest_items(
+    pipeline: Pipeline, items: Iterable[Record | tuple[str, str]], *, source: str, device: str
+) -> list[Outcome]:
+    """Parsed records through the pipeline; ``(raw, reason)`` items are quarantined as they came."""
     outcomes = []
-    for item in parse(stream, fmt, source=source, device=device):
+    for item in items:
         if isinstance(item, tuple):
             raw, reason = item
             outcomes.append(pipeline.quarantine(Record(text=raw, source=source, device=device), reason))
@@ -160,6 +206,8 @@ def http_server(
         raise ConfigError(f"The ingest endpoint listens on loopback only; {host!r} is not (use 127.0.0.1).")
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = CONNECTION_SECONDS  # every read and write on the socket; a stalled client is dropped
+
         def do_POST(self) -> None:
             if self.path != "/records":
                 self._answer(404, {"error": "POST records to /records"})
@@ -178,8 +226,8 @@ def http_server(
                 self._answer(413, {"error": f"at most {MAX_HTTP_BODY} bytes per request"})
                 return
             body = self.rfile.read(length).decode("utf-8", errors="replace")
-            lines = _json_lines(body)
-            outcomes = ingest_stream(pipeline, io.StringIO(lines), "jsonl", source="http", device=device)
+            items = _body_items(body, device=device)
+            outcomes = ingest_items(pipeline, items, source="http", device=device)
             self._answer(201, {"outcomes": [o.__dict__ for o in outcomes]})
 
         def _drain(self, length: int) -> None:
@@ -210,14 +258,20 @@ def http_server(
     return (_Server6 if ":" in host else _Server)((host, port), Handler)
 
 
-def _json_lines(body: str) -> str:
-    """A request body (one object, a list of objects, or JSON lines) as JSON lines."""
+def _body_items(body: str, *, device: str) -> Iterator[Record | tuple[str, str]]:
+    """A request body (one object, a list of objects, or JSON lines) as parsed records; what does not
+    parse comes out as ``(raw, reason)``, a list item by item."""
     try:
         document = json.loads(body)
-    except (ValueError, RecursionError):
-        return body  # JSON lines, or garbage the parser will quarantine line by line
-    items: Iterable[Any] = document if isinstance(document, list) else [document]
-    return "\n".join(json.dumps(item) for item in items)
+    except (ValueError, RecursionError):  # JSON lines, or garbage the parser quarantines line by line
+        yield from parse(io.StringIO(body), "jsonl", source="http", device=device)
+        return
+    items = document if isinstance(document, list) else [document]
+    for number, item in enumerate(items, start=1):
+        try:
+            yield _from_json(item, source="http", device=device)
+        except (ValueError, TypeError) as exc:
+            yield (short_repr(item), f"malformed-json: item {number}: {exc}"[:500])
 
 
 def _mtime(path: Path) -> float:

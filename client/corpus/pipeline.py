@@ -76,6 +76,11 @@ class Pipeline:
             )
         return self._keep(record)
 
+    def maintain(self) -> tuple[int, int]:
+        """The store's archive and eviction, between ingests: (records moved cold, records evicted)."""
+        with self._lock:
+            return self.store.maintain()
+
     def release(self, record_id: str) -> Outcome:
         """Store a quarantined record as it is (a person overrode the rule); exact duplicates still count."""
         with self._lock:

@@ -8,6 +8,7 @@ labels) works on this one shape.
 from __future__ import annotations
 
 import hashlib
+import reprlib
 import uuid
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -39,3 +40,17 @@ def content_hash(text: str) -> str:
 def stamped(record: Record, digest: str | None = None) -> Record:
     """The record with its content hash set (the text's, unless ``digest`` of a file is given)."""
     return replace(record, sha256=digest or content_hash(record.text))
+
+
+def _short_repr() -> reprlib.Repr:
+    limited = reprlib.Repr()  # keyword arguments need Python 3.12
+    limited.maxlevel, limited.maxstring, limited.maxother = 4, 400, 400
+    return limited
+
+
+_SHORT = _short_repr()
+
+
+def short_repr(value: object) -> str:
+    """``repr(value)``, cut at 4 levels and 400 characters a string: safe on a hostile, deep value."""
+    return _SHORT.repr(value)

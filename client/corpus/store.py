@@ -49,7 +49,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, get_args
 
-from fleetlora.client.corpus.records import Modality, Record
+from fleetlora.client.corpus.records import Modality, Record, short_repr
 from fleetlora.common.compression import DecompressionError, compress, decompress
 from fleetlora.common.errors import ConfigError, DataError, FleetloraError
 
@@ -318,6 +318,50 @@ class CorpusStore:
             return False
         found = self._db.execute("SELECT 1 FROM hashes WHERE sha256 = ?", (bytes.fromhex(sha256),))
         return found.fetchone() is not None
+
+    def delete(self, record_ids: Iterable[str]) -> int:
+        """Delete stored records, hot or cold, by id, in one transaction; how many went.
+
+        For a record that must not be trained on (a wrong label, text that should never have been
+        taken in). A cold block holding one is rewritten without it. Every id must be stored: an
+        unknown one raises :class:`UnknownIdError` and nothing is deleted. Its content may arrive again.
+        """
+        wanted = set(record_ids)
+        with self._write() as db:
+            found: set[str] = set()
+            for record_id in wanted:
+                row = db.execute("DELETE FROM hot WHERE id = ? RETURNING sha256", (record_id,)).fetchone()
+                if row is not None:
+                    db.execute("DELETE FROM hashes WHERE sha256 = ?", row)
+                    found.add(record_id)
+            for (block,) in db.execute("SELECT id FROM blocks ORDER BY id").fetchall():
+                if found == wanted:
+                    break
+                lines = self._block_lines(db, block)
+                records = [_decode(line, block) for line in lines]
+                gone = [r for r in records if r.id in wanted]
+                if not gone:
+                    continue
+                db.executemany(
+                    "DELETE FROM hashes WHERE sha256 = ?", [(bytes.fromhex(r.sha256),) for r in gone]
+                )
+                found.update(r.id for r in gone)
+                kept = [line for line, r in zip(lines, records, strict=True) if r.id not in wanted]
+                if kept:
+                    db.execute(
+                        "UPDATE blocks SET data = ?, sha256 = ?, count = ?, raw_bytes = ?, oldest = ?, "
+                        "newest = ?, created_at = ? WHERE id = ?",
+                        (*_pack(kept), block),
+                    )
+                else:
+                    db.execute("DELETE FROM blocks WHERE id = ?", (block,))
+            if missing := sorted(wanted - found):
+                raise UnknownIdError(
+                    f"No stored record has id {missing[0]!r} in {self.path} (nothing was deleted): "
+                    "`fleetlora device corpus list` shows the ids."
+                )
+        self._reclaim()
+        return len(found)
 
     # ---- quarantine
 
@@ -686,6 +730,8 @@ def _row(record: Record) -> tuple[Any, ...]:
         raise refuse(f"it holds text that is not valid Unicode ({exc.reason})") from None
     except (TypeError, ValueError) as exc:
         raise refuse(f"its metadata is not JSON ({exc})") from None
+    except RecursionError:
+        raise refuse("its metadata nests too deep") from None
     return (
         record.id,
         bytes.fromhex(record.sha256),
@@ -735,7 +781,7 @@ def _lenient(record: Any) -> dict[str, Any]:
         try:
             json.dumps(value, default=repr)  # ASCII output escapes even unpaired surrogates
         except (TypeError, ValueError, RecursionError):
-            value = repr(value)
+            value = short_repr(value)  # depth- and length-limited: a hostile value cannot blow it up
         document[field.name] = value
     return document
 
