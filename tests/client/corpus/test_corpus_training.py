@@ -27,6 +27,9 @@ def _fill(state_dir: Path, examples, unlabelled: int) -> None:
         pipeline = Pipeline(store)
         for e in examples:
             pipeline.ingest(Record(text=e.text, source="test", device=state_dir.name, label=e.label))
+        # A label the fleet does not have: skipped in training, where it once failed the device every round.
+        pipeline.ingest(Record(text="Can I pay my rent with this card?", source="test", device=state_dir.name,
+                               label="not_a_fleet_label"))  # fmt: skip
         for i in range(unlabelled):
             pipeline.ingest(Record(text=f"a new request number {i} about my {i * 7} account", source="test",
                                    device=state_dir.name))  # fmt: skip
@@ -54,10 +57,13 @@ def test_devices_train_on_their_corpus_store(tmp_path: Path, sqlite_url: str):
     (outcome,) = Federation(grid, CoordinatorSettings.from_run_config(config)).run()
 
     assert outcome.version is not None and not outcome.drops
-    # Each device trained on the training side of its labelled records; unlabelled ones waited.
+    # Each device trained on the training side of its records with a fleet label; unlabelled ones waited.
+    fleet_labels = {e.label for e in examples}
     expected = []
     for c in node_configs:
-        train, _ = split_holdout([e for e in local_examples(c, {}) if e.label is not None], DEFAULTS.holdout)
+        train, _ = split_holdout(
+            [e for e in local_examples(c, {}) if e.label in fleet_labels], DEFAULTS.holdout
+        )
         expected.append(len(train))
     assert sorted(outcome.participants.values()) == sorted(expected)
 

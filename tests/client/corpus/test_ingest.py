@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import sqlite3
 import string
 import subprocess
@@ -25,13 +26,14 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
-from fleetlora.client.corpus.cli import CORPUS_FILE, open_store, quarantine_app
+from fleetlora.client.corpus.cli import CORPUS_FILE, corpus_app, open_store, quarantine_app
 from fleetlora.client.corpus.ingest import (
     MAX_HTTP_BODY,
     http_server,
@@ -710,3 +712,110 @@ def test_quarantine_list_shows_any_text_as_it_is(pipeline: Pipeline, state_dir: 
     assert listing.exit_code == 0, repr(listing.exception)
     for part in text.split("\ud800"):
         assert part.strip() in listing.output
+
+
+# ---- hostile input that used to stop the agent (issue 14) ------------------------------------------
+
+
+def _nested(depth: int) -> str:
+    """JSON text of an object nested ``depth`` deep (written by hand: json.dumps itself gives up)."""
+    return '{"k":' * depth + "{}" + "}" * depth
+
+
+def test_metadata_nested_980_deep_is_quarantined_and_the_records_after_it_are_stored(state_dir: Path):
+    """Before the depth limit, this line crashed `--stdin` and the 30 records after it were lost."""
+    deep = '{"text": "Why was my transfer declined?", "metadata": ' + _nested(980) + "}"
+    deeper_than_allowed = '{"text": "Why was my top-up declined?", "metadata": ' + _nested(100) + "}"
+    rng = random.Random(0)
+    words = [" ".join("".join(rng.choices(string.ascii_lowercase, k=6)) for _ in range(6)) for _ in range(30)]
+    lines = [deep, deeper_than_allowed, *(json.dumps({"text": text}) for text in words)]  # then 30 distinct
+    with open_store(state_dir) as store:
+        outcomes = ingest_stream(
+            Pipeline(store), io.StringIO("\n".join(lines)), "jsonl", source="stdin", device=DEVICE
+        )
+
+    assert statuses(outcomes) == ["quarantined", "quarantined"] + ["stored"] * 30
+    assert "nests deeper than 16 levels" in outcomes[1].reason
+
+
+def test_metadata_nested_deep_over_http_is_answered_and_the_good_record_kept(url: str, state_dir: Path):
+    deep = '{"text": "Why was my transfer declined?", "metadata": ' + _nested(980) + "}"
+    body = "[" + json.dumps({"text": "My card has not arrived yet"}) + "," + deep + "]"
+
+    status, answer = post(f"{url}/records", body, raw=True)
+
+    assert status == 201 and statuses(answer["outcomes"]) == ["stored", "quarantined"]
+    assert "nests deeper" in answer["outcomes"][1]["reason"]
+    assert post(f"{url}/records", {"text": "And the server still answers"})[0] == 201
+
+
+def test_idle_connections_cannot_hold_the_endpoint(pipeline: Pipeline, state_dir: Path, monkeypatch):
+    """300 half-sent connections used to hold a thread each, forever."""
+    import fleetlora.client.corpus.ingest as ingest
+
+    monkeypatch.setattr(ingest, "CONNECTION_SECONDS", 1.0)
+    monkeypatch.setattr(ingest, "MAX_CONNECTIONS", 8)
+    server = http_server(pipeline, port=0, device=DEVICE)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    port = server.server_address[1]
+    idle = []
+    try:
+        before = threading.active_count()
+        for _ in range(40):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.sendall(b"POST /records HTTP/1.1\r\nContent-Length: 100\r\n")  # and never the rest
+            idle.append(sock)
+        time.sleep(0.5)
+        assert threading.active_count() - before <= 8  # one thread per served connection, no more
+        time.sleep(1.5)  # their time is up: the slots are free again
+        status, answer = post(f"http://127.0.0.1:{port}/records", {"text": "Is my card on its way?"})
+        assert status == 201 and statuses(answer["outcomes"]) == ["stored"]
+    finally:
+        for sock in idle:
+            sock.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_stored_records_are_listed_and_deleted_hot_or_cold(state_dir: Path):
+    with open_store(state_dir) as store:
+        pipeline = Pipeline(store)
+        old = pipeline.ingest(Record(text="A record from long ago about fees", source="t", device=DEVICE))
+        store.archive(now=datetime.now(UTC) + timedelta(days=30))  # now in a cold block
+        new = pipeline.ingest(
+            Record(text="A new record with a wrong label", source="t", device=DEVICE, label="x")
+        )
+        kept = pipeline.ingest(Record(text="A record that stays where it is", source="t", device=DEVICE))
+        with pytest.raises(UnknownIdError, match="nothing was deleted"):
+            store.delete([new.record_id, "no-such-id"])
+        assert len(store.window()) == 3
+
+    runner = CliRunner()
+    listed = runner.invoke(corpus_app, ["list", "--state-dir", str(state_dir)])
+    assert listed.exit_code == 0 and "3 of 3 stored" in listed.output
+    done = runner.invoke(corpus_app, ["delete", old.record_id, new.record_id, "--state-dir", str(state_dir)])
+
+    assert done.exit_code == 0 and "deleted 2 records" in done.output
+    assert set(stored(state_dir)) == {"A record that stays where it is"}
+    assert kept.record_id == stored(state_dir)["A record that stays where it is"].id
+    with open_store(state_dir) as store:  # deleted content may come again
+        assert (
+            Pipeline(store)
+            .ingest(Record(text="A record from long ago about fees", source="t", device=DEVICE))
+            .status
+            == "stored"
+        )
+
+
+def test_the_capacity_holds_while_the_agent_serves(state_dir: Path):
+    with open_store(state_dir, capacity_mb=0.002) as store:  # about 2 KB
+        pipeline = Pipeline(store)
+        for i in range(60):
+            pipeline.ingest(
+                Record(text=f"Record number {i} about a card that never came", source="t", device=DEVICE)
+            )
+        assert store.stats().stored_bytes > store.capacity_bytes
+        pipeline.maintain()  # what the serving loop runs every MAINTAIN_SECONDS
+        assert store.stats().stored_bytes <= store.capacity_bytes
