@@ -44,7 +44,8 @@ def write_private_key(path: Path, key: PrivateKey) -> None:
 
 
 def write_private_key_bytes(path: Path, blob: bytes) -> None:
-    """Create ``path`` with mode 0600 holding ``blob`` (a PEM private key); never replace a file."""
+    """Create ``path`` with mode 0600 holding ``blob`` (a PEM private key, or a raw secret key); never
+    replace a file."""
     make_trusted_folder(path.parent)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

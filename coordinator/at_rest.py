@@ -29,7 +29,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from fleetlora.common.canonical import canonical_json
 from fleetlora.common.errors import ConfigError, FleetloraError
-from fleetlora.common.trusted_paths import check_trusted, make_trusted_folder
+from fleetlora.common.keys import write_private_key_bytes
+from fleetlora.common.trusted_paths import check_trusted
 
 MAGIC = b"FLAR1"
 KEY_BYTES = 32
@@ -69,18 +70,8 @@ class AtRestKey:
     @classmethod
     def create(cls, path: Path) -> AtRestKey:
         """A new random key written to ``path`` (0600); an existing file is never replaced."""
-        make_trusted_folder(path.parent)
         key = cls(secrets.token_bytes(KEY_BYTES))
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            raise ConfigError(
-                f"{path} already exists: move it away first if you mean to replace it."
-            ) from None
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(key.secret)
-            handle.flush()
-            os.fsync(handle.fileno())
+        write_private_key_bytes(path, key.secret)
         return key
 
 
