@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
@@ -23,6 +25,7 @@ from fleetlora.coordinator.at_rest import KEY_FILE_ENV, AtRestKey, BlobCipher
 from fleetlora.coordinator.db import Database, upgrade, without_password
 from fleetlora.coordinator.flower_control import register_node
 from fleetlora.coordinator.keys import init_keys, load_signing_key
+from fleetlora.coordinator.operators import Credentials, Operators
 from fleetlora.coordinator.packages import (
     DEFAULT_MAX_ERROR,
     DEFAULT_TTL,
@@ -31,7 +34,7 @@ from fleetlora.coordinator.packages import (
 )
 from fleetlora.coordinator.settings import DEFAULT_DB
 from fleetlora.coordinator.storage import PackageInfo, Storage, VersionInfo
-from fleetlora.coordinator.storage.audit import CHECKPOINTS_FILE, read_checkpoints, verify
+from fleetlora.coordinator.storage.audit import CHECKPOINTS_FILE, acting_as, read_checkpoints, verify
 from fleetlora.coordinator.storage.reseal import reseal_all
 
 app = typer.Typer(
@@ -54,6 +57,11 @@ app.add_typer(deploy_cli.certs_app, name="certs")
 app.add_typer(deploy_cli.round_app, name="round")
 db_app = typer.Typer(help="The coordinator database's schema (Alembic migrations).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+operator_app = typer.Typer(
+    help="Operators: a key and a one-time code each, needed by every command that changes the fleet.",
+    no_args_is_help=True,
+)
+app.add_typer(operator_app, name="operator")
 audit_app = typer.Typer(
     help="The audit log: every change to parameters or settings, hash-chained and signed.",
     no_args_is_help=True,
@@ -63,6 +71,25 @@ app.add_typer(audit_app, name="audit")
 DbOption = Annotated[str, typer.Option(help="SQLAlchemy URL of the coordinator database.")]
 ConfigOption = deploy_cli.ConfigOption
 KeysOption = Annotated[Path, typer.Option("--keys", help="The coordinator's keys folder (`keys init`).")]
+
+
+OperatorName = Annotated[
+    str | None, typer.Option("--operator", help="Your operator name, once the coordinator has operators.")
+]
+OperatorKey = Annotated[
+    Path | None, typer.Option("--operator-key", help="Your operator key file (`operator add` wrote it).")
+]
+OtpCode = Annotated[str | None, typer.Option("--otp", help="The one-time code your authenticator app shows.")]
+
+
+@contextmanager
+def _as_operator(
+    db: Database, action: str, operator: str | None, key: Path | None, otp: str | None
+) -> Iterator[None]:
+    """Run a change as the operator its credentials prove (every change, once operators exist)."""
+    name = Operators(db).authorize(Credentials(operator, key, otp), action)
+    with acting_as(name):
+        yield
 
 
 def _version_id(label: str) -> int:
@@ -125,12 +152,17 @@ def revert_version(
     version: Annotated[str, typer.Argument(help="The version to go back to, e.g. v7 (see `versions list`).")],
     reason: Annotated[str, typer.Option(help="Why: stored with the new version.")],
     db: DbOption = DEFAULT_DB,
+    operator: OperatorName = None,
+    operator_key: OperatorKey = None,
+    otp: OtpCode = None,
 ) -> None:
     """Make an earlier version's adapter the newest again, as a new version that records why.
 
     Nothing is deleted. The next round trains from the new version and its package brings devices to it.
     """
-    reverted = Storage.open(db).versions.revert(_version_id(version), reason)
+    storage = Storage.open(db)
+    with _as_operator(storage.db, "versions revert", operator, operator_key, otp):
+        reverted = storage.versions.revert(_version_id(version), reason)
     typer.echo(
         f"{reverted.label} (round {reverted.round}) holds {version}'s adapter; the next round trains from it."
     )
@@ -209,6 +241,9 @@ def rotate_at_rest_key(
         Path, typer.Option("--new-key", help="The key to seal every blob under (`keys init-at-rest`).")
     ],
     db: DbOption = DEFAULT_DB,
+    operator: OperatorName = None,
+    operator_key: OperatorKey = None,
+    otp: OtpCode = None,
 ) -> None:
     """Re-encrypt every blob at rest under NEW_KEY, reading with the key(s) in the environment.
 
@@ -217,10 +252,33 @@ def rotate_at_rest_key(
     """
     cipher = BlobCipher([AtRestKey.read(new_key), *BlobCipher.from_environment().keys])
     database = Database(db, cipher).initialize()
-    counts = reseal_all(database, cipher, progress=typer.echo)
+    with _as_operator(database, "db rotate-key", operator, operator_key, otp):
+        counts = reseal_all(database, cipher, progress=typer.echo)
     typer.echo(
         f"{sum(counts.values())} blobs rewritten under {new_key}; now set {KEY_FILE_ENV}={new_key.resolve()}"
     )
+
+
+@operator_app.command("add")
+def add_operator(
+    name: Annotated[str, typer.Argument(help="The new operator's name (a-z, 0-9, '-', '_', '.').")],
+    key_out: Annotated[
+        Path, typer.Option("--key-out", help="Where to write the new operator's private key (0600).")
+    ],
+    db: DbOption = DEFAULT_DB,
+    operator: OperatorName = None,
+    operator_key: OperatorKey = None,
+    otp: OtpCode = None,
+) -> None:
+    """Add an operator: a key pair and a one-time-code secret. The first needs nothing; every later one
+    is added by an existing operator's key and code."""
+    storage = Storage.open(db)
+    with _as_operator(storage.db, "operator add", operator, operator_key, otp):
+        added = Operators(storage.db).add(name, key_out)
+    typer.echo(f"operator {added.name}: private key in {added.key_file} (keep it to yourself)")
+    typer.echo(f"add this to an authenticator app (a QR code of it, or the secret): {added.provisioning_uri}")
+    typer.echo(f"secret: {added.secret}  (shown once)")
+    typer.echo("From now on, commands that change the fleet need --operator, --operator-key and --otp.")
 
 
 @db_app.command("upgrade")
@@ -255,16 +313,19 @@ def enroll_device(
     ] = None,
     db: Annotated[str | None, typer.Option(help="Database URL [default: the config's, else sqlite].")] = None,
     config: ConfigOption = None,
+    operator: OperatorName = None,
+    operator_key: OperatorKey = None,
+    otp: OtpCode = None,
 ) -> None:
     """Register a device: its upload-signing key in fleetlora's registry and, with --auth-key, its
     SuperNode with the running SuperLink (`fleetlora coordinator up`)."""
     host = load_host_config(config).coordinator
     key = read_public_key(public_key, Ed25519PublicKey)
-    node_id = register_node(host, auth_key, device_id) if auth_key is not None else None
     tenant = tenant or host.tenant
-    Storage.open(db or (host.database_url if config else DEFAULT_DB)).devices.enroll(
-        device_id, tenant, key, node_id
-    )
+    storage = Storage.open(db or (host.database_url if config else DEFAULT_DB))
+    with _as_operator(storage.db, "devices enroll", operator, operator_key, otp):
+        node_id = register_node(host, auth_key, device_id) if auth_key is not None else None
+        storage.devices.enroll(device_id, tenant, key, node_id)
     typer.echo(f"enrolled {device_id} in {tenant}" + (f" as SuperNode {node_id}" if node_id else ""))
 
 
@@ -304,9 +365,14 @@ def release_device(
     ],
     reason: Annotated[str, typer.Option(help="Why: stored with the quarantine.")],
     db: DbOption = DEFAULT_DB,
+    operator: OperatorName = None,
+    operator_key: OperatorKey = None,
+    otp: OtpCode = None,
 ) -> None:
     """End a device's quarantine; its earlier anomalies no longer count toward the next one."""
-    released = Storage.open(db).devices.release(device_id, reason)
+    storage = Storage.open(db)
+    with _as_operator(storage.db, "devices release", operator, operator_key, otp):
+        released = storage.devices.release(device_id, reason)
     typer.echo(f"released {released.device_id} (quarantined {released.quarantined_at:%Y-%m-%d %H:%M})")
 
 

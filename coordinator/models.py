@@ -264,3 +264,18 @@ class AuditHead(Base):
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)  # always 1
     seq: Mapped[int]
     entry_hash: Mapped[str] = mapped_column(String(64))
+
+
+class OperatorRow(SchemaStamped, Base):
+    """Someone allowed to change parameters or settings: their public key and TOTP secret (operators.py)."""
+
+    __tablename__ = "operators"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    public_key_pem: Mapped[str] = mapped_column(String(400))
+    totp_secret: Mapped[bytes] = mapped_column(LargeBinary)  # base32 text, sealed at rest when a key is set
+    last_counter: Mapped[int] = mapped_column(default=0)  # the newest TOTP time step accepted: no replays
+    failures: Mapped[int] = mapped_column(default=0)  # since failed_since
+    failed_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    added_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

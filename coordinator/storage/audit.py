@@ -24,7 +24,9 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,8 +47,23 @@ CHECKPOINT_ACTION = "audit.checkpoint"
 _SIGNED_PREFIX = b"fleetlora audit checkpoint v1\0"
 
 
+_OPERATOR: ContextVar[str | None] = ContextVar("fleetlora_audit_operator", default=None)
+
+
+@contextmanager
+def acting_as(operator: str | None) -> Iterator[None]:
+    """Entries written inside name ``operator`` (proven by coordinator/operators.py) as their actor."""
+    token = _OPERATOR.set(operator)
+    try:
+        yield
+    finally:
+        _OPERATOR.reset(token)
+
+
 def default_actor() -> str:
-    """Who is acting, as far as this process can tell: the OS user and the command it runs."""
+    """Who is acting: the operator a command proved, else the OS user and the command it runs."""
+    if (operator := _OPERATOR.get()) is not None:
+        return f"operator {operator}"
     try:
         user = getpass.getuser()
     except (KeyError, OSError):
