@@ -234,7 +234,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--repeats", type=int, default=3, help="runs of each arm (DP noise differs run to run): mean and sd"
     )
-    parser.add_argument("--per-round", type=int, default=5, help="devices a round (the fleet's default is 20)")
+    parser.add_argument(
+        "--per-round", type=int, default=5, help="devices a round (the fleet's default is 20)"
+    )
     parser.add_argument(
         "--json", type=Path, default=REPO / "benchmarks" / "results" / "aggregation_attacks.json"
     )
