@@ -20,8 +20,8 @@ this order, and records the first failure as a :class:`Drop` with the reason sho
 8. layout: the names, shapes and dtypes of the global adapter (``layout mismatch: <difference>``);
 9. finite: ``delta holds NaN or inf``;
 10. norm within the round's bound (:mod:`fleetlora.coordinator.influence`): ``delta norm … above the
-    round's bound …``; a failure at 8–10 is also an anomaly on the device the upload is proven to
-    come from (:mod:`fleetlora.coordinator.quarantine`);
+    round's bound …``; a failure at 8 or 9, or a norm beyond the absolute bound, is also an anomaly
+    on the device the upload is proven to come from (:mod:`fleetlora.coordinator.quarantine`);
 11. fold into the round's :class:`DeltaMean` with the example count, capped by the round's weight bound,
     as weight; the node becomes a participant, and its bytes and example-weighted metrics are counted.
     In a round without history (a new lineage's first), 10 and 11 wait for every reply: the bounds
@@ -46,7 +46,6 @@ from fleetlora.coordinator.identities import unnamed
 from fleetlora.coordinator.influence import RoundBounds
 from fleetlora.coordinator.uploads import (
     DuplicateReply,
-    OutsideBounds,
     PrivacySpend,
     Quarantined,
     RejectedReply,
@@ -210,12 +209,12 @@ class DeltaAggregator:
         try:
             check_layout_of(delta, self._reference)
             check_finite(delta)
-            norm = l2_norm(delta)
-            if problem := self._bounds.norm_problem(norm):
-                raise OutsideBounds(problem)
         except RejectedReply as exc:
-            self.drops.append(Drop(node, str(exc)))
-            self.anomalies.append((device, str(exc)))
+            self._drop(node, device, str(exc), anomaly=True)
+            return
+        norm = l2_norm(delta)
+        if problem := self._bounds.norm_problem(norm):
+            self._drop(node, device, problem, anomaly=self._bounds.anomalous(norm))
             return
         opened = _Opened(node, device, delta, norm, metrics, upload_bytes)
         if self._bounds.waits_for_round:
@@ -228,11 +227,15 @@ class DeltaAggregator:
         held, self._held = self._held, []
         bounds = self._bounds.settle([h.metrics.examples for h in held], [h.norm for h in held])
         for opened in held:
-            if problem := bounds.norm_problem(opened.norm):
-                self.drops.append(Drop(opened.node, problem))
-                self.anomalies.append((opened.device, problem))
+            if problem := bounds.norm_problem(opened.norm):  # the round's own median: not an anomaly
+                self._drop(opened.node, opened.device, problem, anomaly=False)
             else:
                 self._fold(opened, bounds)
+
+    def _drop(self, node: int, device: str, reason: str, *, anomaly: bool) -> None:
+        self.drops.append(Drop(node, reason))
+        if anomaly:
+            self.anomalies.append((device, reason))
 
     def _fold(self, opened: _Opened, bounds: RoundBounds) -> None:
         weight = bounds.weight(opened.metrics.examples)

@@ -12,9 +12,9 @@ judged alone:
   round's counts; a new lineage's first round, which has no history, takes its own median, and holds
   its deltas back until all are in (``RoundBounds.settle``);
 - **norm**: a delta is dropped when its L2 norm passes ``norm_cap`` × the previous round's median
-  accepted norm (this round's own median when no norms are known: a first or resumed round), or, in
-  every round, ``norm_ratio`` × the norm of the global adapter it was trained from (at least 1):
-  ``delta norm N above the round's bound B (…)``.
+  accepted norm (this round's own median when no norms are known: a first or resumed round; never
+  below the global adapter's norm, at least 1), or, in every round, ``norm_ratio`` × the norm of the
+  global adapter it was trained from (at least 1): ``delta norm N above the round's bound B (…)``.
 
 A cap of 0 turns that bound off. The defaults are far from an honest fleet: BANKING77's 20 devices
 (Dirichlet 0.5) hold 0.62–1.16× their median count.
@@ -22,6 +22,7 @@ A cap of 0 turns that bound off. The defaults are far from an honest fleet: BANK
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections.abc import Mapping, Sequence
@@ -76,6 +77,12 @@ class Accepted:
 class RoundBounds:
     """One round's bounds on a device's weight and its delta's norm (inf: none).
 
+    The norm bound is the smaller of an **absolute** one, ``norm_ratio`` × the global adapter's norm
+    (at least 1), and a **relative** one, ``norm_cap`` × a median of devices' norms, which never goes
+    below the adapter's own norm (at least 1): a majority sending tiny deltas cannot push the bound
+    under honest ones. Only a delta beyond the absolute bound is an anomaly (coordinator/quarantine.py);
+    the relative bound depends on what other devices sent, so failing it proves nothing about a device.
+
     A bound whose history is missing (a new lineage's first round; a resumed run has counts but no
     norms) comes from this round itself: ``weight_cap_here`` / ``norm_cap_here`` × the median over the
     round's accepted replies, known only once they are all in, so such a round holds its deltas back
@@ -83,21 +90,22 @@ class RoundBounds:
     """
 
     max_weight: float = math.inf
-    max_norm: float = math.inf
-    why: str = ""  # what the norm bound came from, for the drop reason
+    absolute: float = math.inf
+    absolute_why: str = ""
+    relative: float = math.inf
+    relative_why: str = ""
+    floor: float = 0.0  # the relative bound is never below this
     weight_cap_here: float = 0.0  # > 0: the weight bound is this × this round's median example count
-    norm_cap_here: float = 0.0  # > 0: the norm bound is at most this × this round's median norm
+    norm_cap_here: float = 0.0  # > 0: the relative bound is this × this round's median norm
 
     @classmethod
     def for_round(
         cls, settings: InfluenceSettings, adapter_norm: float, previous: Accepted | None
     ) -> RoundBounds:
-        weight, norms = math.inf, {}
+        weight, absolute, relative = math.inf, math.inf, math.inf
         weight_here = norm_here = 0.0
         if settings.norm_ratio:
-            norms[f"{settings.norm_ratio:g} × the global adapter's norm"] = settings.norm_ratio * max(
-                1.0, adapter_norm
-            )
+            absolute = settings.norm_ratio * max(1.0, adapter_norm)
         examples = previous.examples if previous else ()
         previous_norms = previous.norms if previous else ()
         if settings.weight_cap:
@@ -107,13 +115,23 @@ class RoundBounds:
                 weight_here = settings.weight_cap
         if settings.norm_cap:
             if previous_norms:
-                norms[f"{settings.norm_cap:g} × the last round's median"] = (
-                    settings.norm_cap * statistics.median(previous_norms)
-                )
+                relative = settings.norm_cap * statistics.median(previous_norms)
             else:
                 norm_here = settings.norm_cap
-        why, bound = min(norms.items(), key=lambda item: item[1]) if norms else ("", math.inf)
-        return cls(weight, bound, why, weight_here, norm_here)
+        return cls(
+            max_weight=weight,
+            absolute=absolute,
+            absolute_why=f"{settings.norm_ratio:g} × the global adapter's norm",
+            relative=relative,
+            relative_why=f"{settings.norm_cap:g} × the last round's median",
+            floor=max(1.0, adapter_norm),
+            weight_cap_here=weight_here,
+            norm_cap_here=norm_here,
+        )
+
+    @property
+    def max_norm(self) -> float:
+        return min(self.absolute, max(self.relative, self.floor))
 
     @property
     def waits_for_round(self) -> bool:
@@ -122,14 +140,20 @@ class RoundBounds:
 
     def settle(self, examples: Sequence[int], norms: Sequence[float]) -> RoundBounds:
         """The bounds once the round's accepted replies (their counts and norms) are all in."""
-        weight, max_norm, why = self.max_weight, self.max_norm, self.why
+        weight, relative, why = self.max_weight, self.relative, self.relative_why
         if self.weight_cap_here and examples:
             weight = self.weight_cap_here * statistics.median(examples)
         if self.norm_cap_here and norms:
-            own = self.norm_cap_here * statistics.median(norms)
-            if own < max_norm:
-                max_norm, why = own, f"{self.norm_cap_here:g} × this round's median"
-        return RoundBounds(weight, max_norm, why)
+            relative = self.norm_cap_here * statistics.median(norms)
+            why = f"{self.norm_cap_here:g} × this round's median"
+        return dataclasses.replace(
+            self,
+            max_weight=weight,
+            relative=relative,
+            relative_why=why,
+            weight_cap_here=0.0,
+            norm_cap_here=0.0,
+        )
 
     def weight(self, examples: int) -> float:
         """The weight a device reporting ``examples`` gets."""
@@ -138,7 +162,12 @@ class RoundBounds:
     def norm_problem(self, norm: float) -> str | None:
         if norm <= self.max_norm:
             return None
-        return f"delta norm {norm:.4g} above the round's bound {self.max_norm:.4g} ({self.why})"
+        why = self.absolute_why if self.absolute <= max(self.relative, self.floor) else self.relative_why
+        return f"delta norm {norm:.4g} above the round's bound {self.max_norm:.4g} ({why})"
+
+    def anomalous(self, norm: float) -> bool:
+        """Whether a norm is beyond the absolute bound: no honest device sends that."""
+        return norm > self.absolute
 
 
 def accepted(examples: Mapping[int, int], norms: Mapping[int, float]) -> Accepted:

@@ -37,7 +37,7 @@ class Sampler:
         """``seed`` None: every draw comes from the OS's entropy; ``ttl``: seconds a query may wait."""
         self.count, self.seed = count, seed
         self.names = DeviceNames(grid, ttl=ttl)
-        self._drawn: dict[str, int] = {}  # device id → rounds it was drawn in, this run
+        self._drawn: dict[int, int] = {}  # node → rounds it was drawn in, this run
         self._fair_share = 0.0  # the rounds an average device was due this run: Σ count / online
 
     def draw(self, round_number: int, online: list[int], wanting: set[int], deadline: float) -> list[int]:
@@ -51,14 +51,13 @@ class Sampler:
         if len(online) <= self.count:
             return list(online)
         names = self.names.of(online, deadline)
+        wanting = wanting & set(online)  # a stored wish of a node that is gone counts for nothing
         self._fair_share += self.count / len(online)
-        behind = {node for node in wanting if self._drawn.get(names[node], 0) < self._fair_share}
+        behind = {node for node in wanting if self._drawn.get(node, 0) < self._fair_share}
         rng = random.SystemRandom() if self.seed is None else random.Random(f"{self.seed}:{round_number}")
-        drawn = sample_devices(
-            online, self.count, behind, rng, name=names.__getitem__, last=set(wanting) - behind
-        )
-        for node in drawn:
-            self._drawn[names[node]] = self._drawn.get(names[node], 0) + 1
+        drawn = sample_devices(online, self.count, behind, rng, name=names.__getitem__, last=wanting - behind)
+        for node in drawn:  # by node: the SuperLink proves it; a name is only what the device says
+            self._drawn[node] = self._drawn.get(node, 0) + 1
         return drawn
 
     def participations(self, online: list[int], rounds: range, deadline: float) -> dict[int, int]:

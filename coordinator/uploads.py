@@ -66,10 +66,6 @@ class Quarantined(RejectedReply):
     """The upload comes from a device in quarantine (coordinator/quarantine.py)."""
 
 
-class OutsideBounds(RejectedReply):
-    """The delta's norm is outside the round's bound (coordinator/influence.py)."""
-
-
 # ---- metrics and privacy spend -----------------------------------------------------------------
 
 

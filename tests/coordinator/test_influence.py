@@ -33,11 +33,17 @@ def test_a_first_round_bounds_norms_by_the_adapter_and_later_rounds_by_the_last_
     assert first.max_weight == math.inf and first.max_norm == 100.0  # 100 × max(1, 0.5)
     assert first.waits_for_round  # and its own medians, once its replies are in
     settled = first.settle(examples=[10, 30, 20], norms=[1.0, 3.0, 2.0])
-    assert (settled.max_weight, settled.max_norm) == (80.0, 20.0) and "this round's median" in settled.why
+    assert (settled.max_weight, settled.max_norm) == (80.0, 20.0)
+    assert "this round's median" in (settled.norm_problem(21.0) or "")
 
-    later = RoundBounds.for_round(InfluenceSettings(), adapter_norm=50.0, previous=HISTORY)
+    later = RoundBounds.for_round(InfluenceSettings(), adapter_norm=5.0, previous=HISTORY)
     assert later.max_weight == 400.0  # 4 × the median count, 100
-    assert later.max_norm == 20.0 and "median" in later.why  # 10 × 2.0 is below 100 × 50
+    assert later.max_norm == 20.0 and "median" in (later.norm_problem(21.0) or "")  # 10 × 2.0 < 100 × 5
+    # The median-based bound never goes below the adapter's own norm: tiny deltas from colluders
+    # cannot drag it under honest ones.
+    floored = RoundBounds.for_round(InfluenceSettings(), adapter_norm=50.0, previous=HISTORY)
+    assert floored.max_norm == 50.0
+    assert not later.anomalous(21.0) and later.anomalous(501.0)  # only the absolute bound flags
 
     off = RoundBounds.for_round(InfluenceSettings(0, 0, 0), adapter_norm=50.0, previous=HISTORY)
     assert (off.max_weight, off.max_norm) == (math.inf, math.inf)

@@ -99,3 +99,17 @@ def test_too_few_devices_outside_quarantine_fails_the_round_and_says_where_to_lo
 
     assert outcome.version is None and "outside quarantine" in (outcome.error or "")
     assert "devices quarantined" in (outcome.error or "")
+
+
+def test_colluders_sending_tiny_deltas_cannot_get_honest_devices_dropped_or_flagged():
+    """A majority of near-zero deltas drags the round's median down; the bound stays at the adapter's norm."""
+    bounds = RoundBounds.for_round(InfluenceSettings(), adapter_norm=1.0, previous=None)
+    aggregator = DeltaAggregator(GLOBAL, ExampleWeightedMean(GLOBAL), open_plain, bounds)
+    for node in (1, 2, 3):
+        aggregator.add(_train_reply(node, _delta(1e-9)))
+    for node in (4, 5):
+        aggregator.add(_train_reply(node, _delta(0.3)))  # honest: norm 0.73
+
+    aggregator.mark_missing([1, 2, 3, 4, 5])
+
+    assert set(aggregator.participants) == {1, 2, 3, 4, 5} and not aggregator.anomalies

@@ -170,3 +170,14 @@ def test_a_random_plan_is_the_expected_count_and_a_small_fleet_trains_every_roun
 
     assert random_plan == dict.fromkeys(online, 7)  # ceil(10 rounds × 4 / 6)
     assert everyone == dict.fromkeys(online, 10)
+
+
+def test_a_wish_to_train_from_a_node_that_is_not_online_is_ignored():
+    """A stored wants-train row of a node that left (or never was) used to crash every round's draw."""
+    grid = _fleet(6, node_seed=3)
+    sampler = Sampler(grid, count=3, seed=1, ttl=5.0)
+    online = sorted(grid.node_ids)
+
+    drawn = sampler.draw(1, online, {online[0], 424242}, time.monotonic() + 1.0)
+
+    assert len(drawn) == 3 and drawn[0] == online[0]
