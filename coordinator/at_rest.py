@@ -110,9 +110,21 @@ class BlobCipher:
         sealed = AESGCM(self.keys[0].secret).encrypt(nonce, blob, canonical_json(dict(binding)))
         return MAGIC + self.keys[0].key_id + nonce + sealed
 
-    def open(self, stored: bytes, binding: Mapping[str, object]) -> bytes:
-        """The plaintext of a stored blob (one stored in the clear is returned as it is)."""
+    def open(self, stored: bytes, binding: Mapping[str, object], *, allow_clear: bool = False) -> bytes:
+        """The plaintext of a stored blob.
+
+        A blob stored in the clear is returned as it is only while this process has no key (or with
+        ``allow_clear``, for the rotation that seals it): with a key, a clear blob is one that someone
+        wrote around the coordinator, and is refused.
+        """
         if not is_sealed(stored):
+            if self.keys and not allow_clear:
+                what = ", ".join(f"{k} {v}" for k, v in binding.items())
+                raise SealedBlobError(
+                    f"The {what} blob is stored in the clear although this coordinator seals blobs at rest: "
+                    "run `fleetlora coordinator db rotate-key` to seal what was stored before, or restore "
+                    "the database if nobody should have written it."
+                )
             return stored
         what = ", ".join(f"{k} {v}" for k, v in binding.items())
         head = len(MAGIC)

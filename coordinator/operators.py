@@ -68,7 +68,8 @@ class Credentials:
     code: str | None
 
 
-def _binding(name: str) -> dict[str, object]:
+def secret_binding(name: str) -> dict[str, object]:
+    """What an operator's sealed TOTP secret is bound to (coordinator/at_rest.py)."""
     return {"kind": "totp-secret", "operator": name}
 
 
@@ -98,7 +99,7 @@ class Operators:
                 OperatorRow(
                     name=name,
                     public_key_pem=public_pem(key.public_key()).decode(),
-                    totp_secret=self.db.cipher.seal(secret.encode(), _binding(name)),
+                    totp_secret=self.db.cipher.seal(secret.encode(), secret_binding(name)),
                 )
             )
             audit.append(session, "operator.added", name, {"key_sha256": _fingerprint(key.public_key())})
@@ -127,7 +128,7 @@ class Operators:
             self._refuse(name, action, why, count=False)
         if not _holds_key(key_file, load_public_key(pem.encode(), Ed25519PublicKey, name)):
             self._refuse(name, action, "the key file does not hold this operator's key")
-        totp = pyotp.TOTP(self.db.cipher.open(sealed, _binding(name)).decode())
+        totp = pyotp.TOTP(self.db.cipher.open(sealed, secret_binding(name)).decode())
         step = totp.timecode(now)
         candidates = (step - 1, step, step + 1)  # a clock a step off either way
         matched = next((c for c in candidates if hmac.compare_digest(totp.generate_otp(c), code)), None)

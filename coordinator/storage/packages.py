@@ -71,7 +71,7 @@ class PackageStore:
         with self.db.session() as session:
             row = UpdatePackage(
                 **{column: getattr(manifest, field) for column, field in _MANIFEST_COLUMNS.items()},
-                package=blob,
+                package=b"",  # the sealed blob is bound to the row's id: written once the id is known
                 package_bytes=len(blob),
                 package_sha256=sha256_hex(blob),
                 cap=cap,

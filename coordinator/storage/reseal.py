@@ -14,7 +14,8 @@ from sqlalchemy import select
 
 from fleetlora.coordinator.at_rest import MAGIC, BlobCipher, is_sealed
 from fleetlora.coordinator.db import Database
-from fleetlora.coordinator.models import ModelVersion, OptimizerState, UpdatePackage
+from fleetlora.coordinator.models import ModelVersion, OperatorRow, OptimizerState, UpdatePackage
+from fleetlora.coordinator.operators import secret_binding
 from fleetlora.coordinator.storage.packages import package_binding
 from fleetlora.coordinator.storage.versions import adapter_binding, optimizer_binding
 
@@ -27,6 +28,7 @@ _BLOBS: dict[type[Any], tuple[Any, str, Callable[[Any], dict[str, object]]]] = {
         lambda row: optimizer_binding(row.version_id, row.optimizer),
     ),
     UpdatePackage: (UpdatePackage.id, "package", package_binding),
+    OperatorRow: (OperatorRow.name, "totp_secret", lambda row: secret_binding(row.name)),
 }
 
 
@@ -48,7 +50,7 @@ def reseal_all(
                 stored: bytes = getattr(row, attribute)
                 if is_sealed(stored) and stored[len(MAGIC) : len(MAGIC) + len(current)] == current:
                     continue  # done by an earlier run
-                plain = cipher.open(stored, binding(row))
+                plain = cipher.open(stored, binding(row), allow_clear=True)
                 setattr(row, attribute, cipher.seal(plain, binding(row)))
                 count += 1
         rewritten[table.__tablename__] = count

@@ -259,7 +259,7 @@ class VersionStore:
                 name: getattr(version, name)
                 for name in ("lineage", "round", "parent_id", "base_model_sha256")
             },
-            adapter=blob,
+            adapter=b"",  # the sealed blob is bound to the row's id: written once the id is known
             adapter_sha256=sha256_hex(blob),
             adapter_bytes=nbytes(version.adapter),
             metrics=dict(version.metrics),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
+import pyotp
 import pytest
 import torch
 from sqlalchemy import text
@@ -129,12 +130,14 @@ def test_rotation_rewrites_every_blob_and_resumes_after_a_kill(db_url: str, tmp_
     with pytest.raises(KeyboardInterrupt):
         reseal_all(db, cipher)
     monkeypatch.setattr(BlobCipher, "seal", real_seal)
-    assert reseal_all(db, cipher) == {"model_versions": 2, "optimizer_states": 4, "update_packages": 0}
+    assert reseal_all(db, cipher) == {
+        "model_versions": 2, "optimizer_states": 4, "update_packages": 0, "operators": 0
+    }  # fmt: skip
 
     _, only_new = _stores(db_url, new)  # the old key is no longer needed
     for i, version in enumerate(made):
         assert torch.equal(only_new.adapter(version.id)["w"], ADAPTER["w"] + i)
-    assert reseal_all(db, cipher) == {"model_versions": 0, "optimizer_states": 0, "update_packages": 0}
+    assert set(reseal_all(db, cipher).values()) == {0}
 
 
 def test_the_cli_makes_a_key_and_turns_encryption_on_for_clear_blobs(
@@ -161,3 +164,30 @@ def test_the_cli_makes_a_key_and_turns_encryption_on_for_clear_blobs(
         KEY_ENV, base64.b64encode(key_file.read_bytes()).decode()
     )  # the key, from the environment
     assert torch.equal(VersionStore(Database(db_url).initialize()).adapter(version.id)["w"], ADAPTER["w"])
+
+
+def test_with_a_key_a_blob_written_in_the_clear_around_the_coordinator_is_refused(
+    db_url: str, tmp_path: Path
+):
+    db, versions = _stores(db_url, _key(tmp_path))
+    version = _add(versions)
+    with db.engine.begin() as connection:  # someone who can write the database swaps in their own adapter
+        update = text("UPDATE model_versions SET adapter = :b WHERE id = :i")
+        connection.execute(update, {"b": serialize({"w": torch.full((2, 3), 9.0)}), "i": version.id})
+
+    with pytest.raises(SealedBlobError, match="stored in the clear although this coordinator seals"):
+        versions.adapter(version.id)
+
+
+def test_rotation_takes_the_operators_secrets_along(db_url: str, tmp_path: Path):
+    from fleetlora.coordinator.operators import Credentials, Operators
+
+    old, new = _key(tmp_path, "old.key"), _key(tmp_path, "new.key")
+    db, _ = _stores(db_url, old)
+    added = Operators(db).add("alice", tmp_path / "alice.key")
+
+    reseal_all(db, BlobCipher([new, old]))
+
+    only_new, _ = _stores(db_url, new)  # the old key gone: alice can still prove herself
+    code = pyotp.TOTP(added.secret).now()
+    assert Operators(only_new).authorize(Credentials("alice", added.key_file, code), "x") == "alice"
