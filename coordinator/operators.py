@@ -26,12 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn, cast
 
 import pyotp
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from sqlalchemy import select
+from sqlalchemy import CursorResult, select, update
 
 from fleetlora.common.delta import sha256_hex
 from fleetlora.common.errors import ConfigError, FleetloraError
@@ -137,10 +137,20 @@ class Operators:
         if matched <= last_counter:
             self._refuse(name, action, "this one-time code was used already (replayed)")
         with self.db.session() as session:
-            row = session.get(OperatorRow, name)
-            assert row is not None  # read above; operators are never deleted
-            row.last_counter, row.failures, row.failed_since = matched, 0, None
-            audit.append(session, "operator.authorized", name, {"action": action}, actor=f"operator {name}")
+            # Only if no other command took this code (or a later one) meanwhile: the check and the
+            # write are one statement, so two commands racing with one code cannot both pass.
+            result = session.execute(
+                update(OperatorRow)
+                .where(OperatorRow.name == name, OperatorRow.last_counter < matched)
+                .values(last_counter=matched, failures=0, failed_since=None)
+            )
+            taken = cast(CursorResult[Any], result).rowcount == 1
+            if taken:
+                audit.append(
+                    session, "operator.authorized", name, {"action": action}, actor=f"operator {name}"
+                )
+        if not taken:
+            self._refuse(name, action, "this one-time code was used already (replayed)")
         return name
 
     def _refuse(self, name: str, action: str, why: str, *, count: bool = True) -> NoReturn:
