@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,6 +74,8 @@ from fleetlora.coordinator.storage import (
     VersionInfo,
 )
 from fleetlora.coordinator.uploads import PrivacySpend, SealedUploads, UploadOpener, open_plain
+
+LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -321,7 +324,10 @@ class Federation:
         # publish
         publication = self._publish(version, parent)
         if self.distributor is not None:  # the round's entries, signed outside the database
-            self.storage.audit.checkpoint(self.distributor.key, Path(self.settings.keys_dir))
+            try:
+                self.storage.audit.checkpoint(self.distributor.key, Path(self.settings.keys_dir))
+            except OSError as exc:  # the version stands; the next round's checkpoint covers it too
+                LOG.warning("audit checkpoint not written to %s: %s", self.settings.keys_dir, exc)
         outcome = RoundOutcome(
             round=number,
             version=version,

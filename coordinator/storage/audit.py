@@ -185,17 +185,22 @@ class AuditStore:
 
     def checkpoint(self, key: Ed25519PrivateKey, folder: Path) -> Checkpoint:
         """Sign the newest entry, append the line to ``folder``/audit-checkpoints.jsonl (fsynced), then
-        record the checkpoint in the log itself."""
-        seq, entry_hash = self.head()
-        at = datetime.now(UTC).isoformat(timespec="microseconds")
-        unsigned = Checkpoint(seq, entry_hash, at, "")
-        signed = Checkpoint(seq, entry_hash, at, base64.b64encode(key.sign(unsigned.signed_bytes())).decode())
-        path = folder / CHECKPOINTS_FILE
-        with path.open("a") as handle:
-            handle.write(json.dumps(asdict(signed), sort_keys=True) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        self.record(CHECKPOINT_ACTION, f"entry {seq}", {"seq": seq, "entry_hash": entry_hash, "at": at})
+        record the checkpoint in the log itself: all under the head's lock, so two checkpoints never
+        interleave their lines."""
+        with self.db.session() as session:
+            head = session.get(AuditHead, 1, with_for_update=True)
+            seq, entry_hash = (head.seq, head.entry_hash) if head else (0, GENESIS)
+            at = datetime.now(UTC).isoformat(timespec="microseconds")
+            unsigned = Checkpoint(seq, entry_hash, at, "")
+            signature = base64.b64encode(key.sign(unsigned.signed_bytes())).decode()
+            signed = Checkpoint(seq, entry_hash, at, signature)
+            with (folder / CHECKPOINTS_FILE).open("a") as handle:
+                handle.write(json.dumps(asdict(signed), sort_keys=True) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            append(
+                session, CHECKPOINT_ACTION, f"entry {seq}", {"seq": seq, "entry_hash": entry_hash, "at": at}
+            )
         return signed
 
 
@@ -259,8 +264,13 @@ def verify(
     for entry in entries:
         if entry.action != CHECKPOINT_ACTION:
             continue
-        details = json.loads(entry.details)
-        if (details.get("seq"), details.get("entry_hash")) not in signed:
+        try:
+            details = json.loads(entry.details)
+            recorded = (details.get("seq"), details.get("entry_hash"))
+        except (ValueError, AttributeError):
+            problems.append(f"entry {entry.seq} records a checkpoint that does not parse (edited)")
+            continue
+        if recorded not in signed:
             problems.append(
                 f"entry {entry.seq} records a checkpoint of entry {details.get('seq')} that the checkpoint "
                 "file does not hold (the file was rolled back or edited)"
