@@ -235,6 +235,7 @@ class QuarantineEntry(SchemaStamped, Base):
     quarantined_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     released_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     release_reason: Mapped[str | None] = mapped_column(String(500))
+    flags_until: Mapped[int | None]  # the device's last flag id at the release: later ones count anew
 
 
 class AuditEntry(Base):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from fleetlora.common.delta import sha256_hex
@@ -189,13 +189,12 @@ class DeviceStore:
             for device_id in sorted({device for device, _ in flags}):
                 if not quarantine_after or _current(session, device_id) is not None:
                     continue
-                released = select(func.max(QuarantineEntry.released_at)).where(
+                # Flags after the last release: by flag id, which no host's clock can skew.
+                released = select(func.max(QuarantineEntry.flags_until)).where(
                     QuarantineEntry.device_id == device_id
                 )
-                since = session.scalar(released)
-                count = select(func.count()).where(DeviceFlag.device_id == device_id)
-                if since is not None:
-                    count = count.where(DeviceFlag.flagged_at > since)
+                since = session.scalar(released) or 0
+                count = select(func.count()).where(DeviceFlag.device_id == device_id, DeviceFlag.id > since)
                 flagged = session.scalar(count) or 0
                 if flagged >= quarantine_after:
                     reason = f"{flagged} anomalies, the last in round {round_number} of {lineage[:8]}"
@@ -217,15 +216,20 @@ class DeviceStore:
         if not reason.strip():
             raise FleetloraError("Say why the device is released (--reason): it is kept with the quarantine.")
         with self.db.session() as session:
-            row = _current(session, device_id)
-            if row is None:
+            open_rows = list(session.scalars(_open(device_id)))  # two coordinators may each have held it
+            if not open_rows:
                 raise FleetloraError(
                     f"{device_id} is not in quarantine: `coordinator devices quarantined` lists who is."
                 )
-            row.released_at, row.release_reason = utcnow(), reason[:REASON_CHARS]
-            audit.append(session, "device.released", device_id, {"reason": row.release_reason})
+            last_flag = session.scalar(
+                select(func.max(DeviceFlag.id)).where(DeviceFlag.device_id == device_id)
+            )
+            for row in open_rows:
+                row.released_at, row.release_reason = utcnow(), reason[:REASON_CHARS]
+                row.flags_until = last_flag or 0
+            audit.append(session, "device.released", device_id, {"reason": reason[:REASON_CHARS]})
             session.flush()
-            return info_of(QuarantineInfo, row)
+            return info_of(QuarantineInfo, open_rows[0])
 
     def flags(self, device_id: str) -> list[tuple[int, str]]:
         """A device's flags as (round, reason), oldest first."""
@@ -234,8 +238,11 @@ class DeviceStore:
             return [(row.round, row.reason) for row in session.scalars(query)]
 
 
-def _current(session: Session, device_id: str) -> QuarantineEntry | None:
-    query = select(QuarantineEntry).where(
+def _open(device_id: str) -> Select[QuarantineEntry]:
+    return select(QuarantineEntry).where(
         QuarantineEntry.device_id == device_id, QuarantineEntry.released_at.is_(None)
     )
-    return session.scalars(query).first()
+
+
+def _current(session: Session, device_id: str) -> QuarantineEntry | None:
+    return session.scalars(_open(device_id)).first()

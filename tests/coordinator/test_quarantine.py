@@ -113,3 +113,18 @@ def test_colluders_sending_tiny_deltas_cannot_get_honest_devices_dropped_or_flag
     aggregator.mark_missing([1, 2, 3, 4, 5])
 
     assert set(aggregator.participants) == {1, 2, 3, 4, 5} and not aggregator.anomalies
+
+
+def test_a_release_ends_every_open_quarantine_of_the_device_and_counts_flags_by_id(sqlite_url: str):
+    from fleetlora.coordinator.models import QuarantineEntry
+
+    storage = Storage.open(sqlite_url)
+    devices = storage.devices
+    assert devices.flag("lin", 1, [("d1", "x")], quarantine_after=1) == ["d1"]
+    with storage.db.session() as session:  # a second coordinator on the same database held it too
+        session.add(QuarantineEntry(device_id="d1", reason="held elsewhere"))
+
+    devices.release("d1", "fixed")
+
+    assert devices.quarantined() == []
+    assert devices.flag("lin", 2, [("d1", "y")], quarantine_after=2) == []  # one new flag, not two

@@ -41,6 +41,7 @@ def upgrade() -> None:
         sa.Column("quarantined_at", UTCDateTime(timezone=True), nullable=False),
         sa.Column("released_at", UTCDateTime(timezone=True), nullable=True),
         sa.Column("release_reason", sa.String(500), nullable=True),
+        sa.Column("flags_until", sa.Integer(), nullable=True),
         sa.Column("schema_version", sa.Integer(), nullable=False),
     )
     op.create_index("ix_quarantine_device_id", "quarantine", ["device_id"])
