@@ -169,6 +169,7 @@ class DeltaAggregator:
         self.privacy: list[PrivacySpend] = []
         self.anomalies: list[tuple[str, str]] = []  # (device, what): an opened delta out of bounds or broken
         self._seen: set[int] = set()  # nodes that replied, accepted or not
+        self.held_nodes: set[int] = set()  # nodes whose upload came from a device in quarantine
         self._held: list[_Opened] = []  # accepted deltas waiting for the round's own bounds
 
     def add(self, reply: Message) -> None:
@@ -195,6 +196,7 @@ class DeltaAggregator:
             self.privacy.append(spend)
         device = upload.device_id or unnamed(node)
         if device in self._held_devices:
+            self.held_nodes.add(node)  # proven by its upload: left out of this run's later rounds
             raise Quarantined(f"device {device} is in quarantine: release it to let it train again")
         self.add_delta(node, upload.delta, metrics, device=device, upload_bytes=wire_bytes(reply))
 

@@ -146,10 +146,13 @@ class Distributor:
         return outcome
 
     def _speaks_for(self, node: int, device_id: str) -> bool:
-        """Whether ``node`` may report for ``device_id``: not when the device was enrolled from another
-        node (the SuperLink authenticated this one). An unbound device's claim is taken as given."""
-        enrolled = self.storage.devices.key(device_id, self.tenant)
-        return enrolled is None or enrolled.node_id is None or enrolled.node_id == str(node)
+        """Whether ``node`` may report for ``device_id``: not when the device is enrolled in another
+        tenant, or from another node (the SuperLink authenticated this one). A device that is not
+        enrolled, or not bound to a node, is taken at its word."""
+        enrolled = self.storage.devices.enrolment(device_id)
+        if enrolled is None:
+            return True
+        return enrolled.tenant == self.tenant and enrolled.node_id in (None, str(node))
 
     def _same_lineage(self, version: int | None, target: VersionInfo) -> bool:
         if version is None:

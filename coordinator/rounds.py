@@ -175,6 +175,7 @@ class Federation:
         self.hpke_key = load_hpke_key(Path(settings.keys_dir)) if settings.seal_uploads else None
         self.upload_bound = inflated_bound(self.loaded.initial_adapter)  # bytes a decoded upload may reach
         self.delta_mean: Callable[[State], DeltaMean] = ExampleWeightedMean  # set again on resume
+        self.held_nodes: set[int] = set()  # this run's nodes proven to belong to a quarantined device
         self.accepted: Accepted | None = None  # the last round's participants: bounds the next one
         self.sampler = Sampler(
             grid, count=settings.devices_per_round, seed=settings.sampling_seed, ttl=settings.round_deadline
@@ -275,6 +276,8 @@ class Federation:
         held = held_out(self.storage.devices)
         if held:
             online = admitted(online, self.sampler.names.of(online, deadline), held, self.storage.devices)
+            # and the nodes whose uploads proved a held device, whatever name they give now
+            online = [node for node in online if node not in self.held_nodes]
             if len(online) < self.settings.min_devices:
                 error = (
                     f"{len(online)} devices online outside quarantine, {self.settings.min_devices} needed: "
@@ -287,6 +290,7 @@ class Federation:
         planned = self._plan_privacy(instructions, sampled, online, deadline)
         # exchange: each reply is checked and folded in as it arrives
         train = self._exchange(sampled, state, instructions, planned, deadline, held)
+        self.held_nodes |= train.held_nodes
         sampled_devices = self.sampler.named(sampled, online)  # as known now that the replies named them
         quarantined = self.storage.devices.flag(
             self.lineage, number, train.anomalies, quarantine_after=self.settings.influence.quarantine_after

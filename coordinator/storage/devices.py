@@ -116,6 +116,12 @@ class DeviceStore:
             rows = session.scalars(select(EnrolledDevice).order_by(EnrolledDevice.device_id))
             return [info_of(DeviceInfo, row) for row in rows]
 
+    def enrolment(self, device_id: str) -> DeviceInfo | None:
+        """The device's enrolment in whichever tenant it is; None if it is not enrolled."""
+        with self.db.session() as session:
+            row = session.get(EnrolledDevice, device_id)
+            return info_of(DeviceInfo, row) if row else None
+
     def key(self, device_id: str, tenant: str) -> DeviceKey | None:
         """The enrolled key of ``device_id`` in ``tenant``; None if it is not enrolled there."""
         with self.db.session() as session:

@@ -69,3 +69,7 @@ def test_a_status_answer_cannot_speak_for_a_device_enrolled_from_another_node(sq
 
     assert dict(outcome.statuses) == {"impostor": 1}
     assert storage.devices.updates() == [] and storage.devices.wanting_nodes() == set()
+
+    # A device of another tenant cannot be spoken for either.
+    storage.devices.enroll("phone-1", "other", Ed25519PrivateKey.generate().public_key())
+    assert dict(distributor.distribute([102], target).statuses) == {"impostor": 1}
