@@ -3,13 +3,13 @@
 A train reply is an anomaly when the delta it carries, once opened, is not what an honest device
 sends: a layout that is not the global adapter's, NaN or inf, or a norm above the round's absolute
 bound (``norm-ratio`` × the adapter's norm; ``DeltaAggregator.anomalies``). A drop against the
-median-based bound is not one: that bound depends on what the other devices sent. An example count above the weight cap is not one: the cap already
-bounds it, and an honest device with much more data than the median would hit it every round. Each
-anomaly is a flag on its device in SQL (``device_flags``). A device with ``quarantine-after`` flags
-(default 3; 0: never) since its last release is quarantined: no round samples it, in any lineage,
-and an upload from it is refused (its node is then left out for the rest of the run, whatever
-name it gives), until an operator releases it (``fleetlora coordinator devices
-release ID --reason ...``), which is kept with the quarantine's row.
+median-based bound is not one (that bound depends on what the other devices sent), nor is an example
+count above the weight cap (the cap already bounds it, and an honest device with much more data than
+the median would hit it every round). Each anomaly is a flag on its device in SQL (``device_flags``).
+A device with ``quarantine-after`` flags (default 3; 0: never) since its last release is quarantined:
+no round samples it, in any lineage, and an upload from it is refused (its node is then left out for
+the rest of the run, whatever name it gives), until an operator releases it (``fleetlora coordinator
+devices release ID --reason ...``), which is kept with the quarantine's row.
 
 Who is flagged is who is proven: a sealed upload's device (its signature, enrolled key and node
 prove it); for an unsealed fleet, where nothing proves a claimed id, the node (``node-<id>``), so a
