@@ -311,13 +311,17 @@ SERVER_OPTIMIZERS: tuple[str, ...] = get_args(ServerOptimizerName)
 DEFAULT_SERVER_MOMENTUM: dict[str, float] = {"fedavg": 0.0, "fedavgm": 0.5, "fedadam": 0.9, "fedyogi": 0.9}
 
 
-def default_server_optimizer(regime: str, private: bool) -> ServerOptimizerName:
-    """``server-optimizer = "auto"``: FedAvgM for the head regime under device DP, FedAvg otherwise.
+MOMENTUM_MIN_EPSILON = 3.0  # below it, server momentum cost accuracy on BANKING77
 
-    Server momentum averages each round's noisy mean with the ones before it; on BANKING77 at ε 8 it
-    added 1–1.5 points in every pair of runs measured (docs/research.md), and without DP it is not needed.
+
+def default_server_optimizer(regime: str, epsilon: float) -> ServerOptimizerName:
+    """``server-optimizer = "auto"``: FedAvgM for the head regime under device DP at ε ≥ 3, else FedAvg.
+
+    Server momentum averages each round's noisy mean with the ones before it; on BANKING77 it added
+    1–1.5 points at ε 8 in every pair of runs measured, but at ε 1 and 2, where the noise outweighs the
+    signal, it walked the fleet below FedAvg (docs/research.md). Without DP it is not needed.
     """
-    return "fedavgm" if private and regime == "head" else "fedavg"
+    return "fedavgm" if regime == "head" and epsilon >= MOMENTUM_MIN_EPSILON else "fedavg"
 
 
 @dataclasses.dataclass(frozen=True)
