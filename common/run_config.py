@@ -315,7 +315,7 @@ class RunConfig:
     server_optimizer: str = setting(
         "auto",
         "Server update: fedavg, fedavgm (momentum), fedadam, fedyogi, or auto (fedavgm for the head regime "
-        "under DP at ε ≥ 3, fedavg otherwise).",
+        "under DP at ε ≥ 3 with 20 or more devices a round, fedavg otherwise).",
         Group.SERVER,
         choices=("auto", "fedavg", "fedavgm", "fedadam", "fedyogi"),
     )

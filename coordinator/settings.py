@@ -164,7 +164,7 @@ class CoordinatorSettings:
         )
         server = run.server_optimizer
         if server == "auto":
-            server = default_server_optimizer(regime, privacy.epsilon)
+            server = default_server_optimizer(regime, privacy.epsilon, run.devices_per_round)
         momentum = run.server_momentum or DEFAULT_SERVER_MOMENTUM[server]
         return fill_from_run(
             cls,

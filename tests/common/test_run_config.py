@@ -176,12 +176,14 @@ def test_the_server_optimizer_is_fedavgm_for_the_private_head_regime_and_fedavg_
     from fleetlora.coordinator.settings import CoordinatorSettings
 
     def server(**config):
-        settings = CoordinatorSettings.from_run_config({"model": "tiny", "labels": "a,b", **config}).server
+        config = {"model": "tiny", "labels": "a,b", "devices-per-round": 20, **config}
+        settings = CoordinatorSettings.from_run_config(config).server
         return settings.name, settings.momentum
 
     assert server() == ("fedavgm", 0.5)  # the default: head regime, ε 8
     assert server(**{"dp-epsilon": 3.0}) == ("fedavgm", 0.5)
     assert server(**{"dp-epsilon": 2.0}) == ("fedavg", 0.0)  # the noise outweighs momentum's gain
+    assert server(**{"devices-per-round": 5}) == ("fedavg", 0.0)  # so does a mean over few devices
     assert server(**{"dp-epsilon": 0.0}) == ("fedavg", 0.0)
     assert server(regime="lora") == ("fedavg", 0.0)
     assert server(**{"server-optimizer": "fedadam"}) == ("fedadam", 0.9)  # each optimizer's own default
