@@ -71,6 +71,10 @@ app.add_typer(audit_app, name="audit")
 DbOption = Annotated[str, typer.Option(help="SQLAlchemy URL of the coordinator database.")]
 ConfigOption = deploy_cli.ConfigOption
 KeysOption = Annotated[Path, typer.Option("--keys", help="The coordinator's keys folder (`keys init`).")]
+TenantOption = Annotated[
+    str, typer.Option("--tenant", help="The fleet whose rows to see or change; no other's are shown.")
+]
+DEFAULT_TENANT = "default"  # the host config's and the run config's default
 
 
 OperatorName = Annotated[
@@ -105,10 +109,11 @@ def _version_id(label: str) -> int:
 @versions_app.command("list")
 def list_versions(
     db: DbOption = DEFAULT_DB,
+    tenant: TenantOption = DEFAULT_TENANT,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """List every stored version with its lineage, participants, size and metrics."""
-    storage = Storage.open(db)
+    storage = Storage.open(db, tenant)
     versions = storage.versions.all()
     if as_json:
         typer.echo(json.dumps([{**v.__dict__, "label": v.label} for v in versions], default=str, indent=2))
@@ -152,6 +157,7 @@ def revert_version(
     version: Annotated[str, typer.Argument(help="The version to go back to, e.g. v7 (see `versions list`).")],
     reason: Annotated[str, typer.Option(help="Why: stored with the new version.")],
     db: DbOption = DEFAULT_DB,
+    tenant: TenantOption = DEFAULT_TENANT,
     operator: OperatorName = None,
     operator_key: OperatorKey = None,
     otp: OtpCode = None,
@@ -160,7 +166,7 @@ def revert_version(
 
     Nothing is deleted. The next round trains from the new version and its package brings devices to it.
     """
-    storage = Storage.open(db)
+    storage = Storage.open(db, tenant)
     with _as_operator(storage.db, "versions revert", operator, operator_key, otp):
         reverted = storage.versions.revert(_version_id(version), reason)
     typer.echo(
@@ -322,7 +328,7 @@ def enroll_device(
     host = load_host_config(config).coordinator
     key = read_public_key(public_key, Ed25519PublicKey)
     tenant = tenant or host.tenant
-    storage = Storage.open(db or (host.database_url if config else DEFAULT_DB))
+    storage = Storage.open(db or (host.database_url if config else DEFAULT_DB), tenant)
     with _as_operator(storage.db, "devices enroll", operator, operator_key, otp):
         node_id = register_node(host, auth_key, device_id) if auth_key is not None else None
         storage.devices.enroll(device_id, tenant, key, node_id)
@@ -333,9 +339,10 @@ def enroll_device(
 def list_quarantined(
     every: Annotated[bool, typer.Option("--all", help="Also the released ones, with why.")] = False,
     db: DbOption = DEFAULT_DB,
+    tenant: TenantOption = DEFAULT_TENANT,
 ) -> None:
     """Devices kept out of rounds after repeated anomalies (deltas out of bounds or broken, counts cut)."""
-    store = Storage.open(db).devices
+    store = Storage.open(db, tenant).devices
     entries = store.quarantined(released=every)
     if not entries:
         typer.echo("No device is in quarantine." if not every else "No device was ever quarantined.")
@@ -365,12 +372,13 @@ def release_device(
     ],
     reason: Annotated[str, typer.Option(help="Why: stored with the quarantine.")],
     db: DbOption = DEFAULT_DB,
+    tenant: TenantOption = DEFAULT_TENANT,
     operator: OperatorName = None,
     operator_key: OperatorKey = None,
     otp: OtpCode = None,
 ) -> None:
     """End a device's quarantine; its earlier anomalies no longer count toward the next one."""
-    storage = Storage.open(db)
+    storage = Storage.open(db, tenant)
     with _as_operator(storage.db, "devices release", operator, operator_key, otp):
         released = storage.devices.release(device_id, reason)
     typer.echo(f"released {released.device_id} (quarantined {released.quarantined_at:%Y-%m-%d %H:%M})")
@@ -404,9 +412,10 @@ def build_package_command(
     ] = DEFAULT_MAX_ERROR,
     keys: KeysOption = Path("keys"),
     db: DbOption = DEFAULT_DB,
+    tenant: TenantOption = DEFAULT_TENANT,
 ) -> None:
     """Build, sign and store the package FROM → TO with the most faithful codec that fits the cap."""
-    storage = Storage.open(db)
+    storage = Storage.open(db, tenant)
     policy = PackagePolicy(cap=cap, ttl=timedelta(hours=ttl_hours), max_error=max_error)
     package = build_package(
         storage, _version_id(to), _version_id(start) if start else None, load_signing_key(keys), policy
@@ -420,10 +429,11 @@ def build_package_command(
 @packages_app.command("list")
 def list_packages(
     db: DbOption = DEFAULT_DB,
+    tenant: TenantOption = DEFAULT_TENANT,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """List stored packages: versions, codec, bytes against the base model, reconstruction error."""
-    packages = Storage.open(db).packages.all()
+    packages = Storage.open(db, tenant).packages.all()
     if as_json:
         typer.echo(json.dumps([{**p.__dict__, "ratio": p.ratio} for p in packages], default=str, indent=2))
         return
@@ -435,9 +445,10 @@ def export_package(
     package_id: Annotated[int, typer.Argument(help="The package's id (see `packages list`).")],
     out: Annotated[Path, typer.Option(help="File to write.")],
     db: DbOption = DEFAULT_DB,
+    tenant: TenantOption = DEFAULT_TENANT,
 ) -> None:
     """Write a stored package to a file, for devices reached out of band (`fleetlora device apply`)."""
-    blob = Storage.open(db).packages.blob(package_id)
+    blob = Storage.open(db, tenant).packages.blob(package_id)
     out.write_bytes(blob)
     typer.echo(f"wrote {out} ({len(blob)} bytes)")
 

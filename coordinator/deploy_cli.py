@@ -145,7 +145,7 @@ def deployment_run_config(host: CoordinatorHost) -> dict[str, Any]:
 
 def fleet_status(host: CoordinatorHost) -> dict[str, list[dict[str, Any]]]:
     """Devices, rounds, versions and runs as rows, from fleetlora's database and the SuperLink."""
-    storage = Storage.open(host.database_url)
+    storage = Storage.open(host.database_url, host.tenant)
     try:
         nodes = {str(n.get("node-id")): n for n in flower_control.list_nodes(host)}
         runs = flower_control.list_runs(host)

@@ -143,15 +143,18 @@ class FederationObserver(Protocol):
     def round_finished(self, outcome: RoundOutcome) -> None: ...
 
 
-def lineage_of(loaded: LoadedModel) -> str:
-    """Versions that can follow one another: same base weights, adapter layout, scale and labels.
+def lineage_of(loaded: LoadedModel, tenant: str) -> str:
+    """Versions that can follow one another: one tenant's, same base weights, adapter layout, scale
+    and labels.
 
     LoRA alpha is in the key because the same A/B weights compute another function at another
-    alpha/rank scale; rank, targets and unfrozen layers are in the layout.
+    alpha/rank scale; rank, targets and unfrozen layers are in the layout. The tenant is in it so
+    two tenants training the same model never share a lineage.
     """
     spec = loaded.spec
     layout = layout_fingerprint(loaded.initial_adapter)
-    key = f"{loaded.base_sha256}|{layout}|{spec.task}|{','.join(spec.labels)}|alpha={spec.lora.alpha}"
+    labels = ",".join(spec.labels)
+    key = f"{tenant}|{loaded.base_sha256}|{layout}|{spec.task}|{labels}|alpha={spec.lora.alpha}"
     return hashlib.sha256(key.encode()).hexdigest()
 
 
@@ -167,9 +170,9 @@ class Federation:
         self.grid = grid
         self.settings = settings
         self.observer = observer
-        self.storage = Storage.open(settings.db_url)
+        self.storage = Storage.open(settings.db_url, settings.tenant)
         self.loaded = cached_model(settings.spec)
-        self.lineage = lineage_of(self.loaded)
+        self.lineage = lineage_of(self.loaded, settings.tenant)
         self.eval_set: list[Example] = load_examples(settings.eval_data) if settings.eval_data else []
         self.optimizer_state: State = {}
         self.hpke_key = load_hpke_key(Path(settings.keys_dir)) if settings.seal_uploads else None

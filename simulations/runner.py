@@ -184,7 +184,7 @@ def provision_keys(config: SimulationConfig, settings: CoordinatorSettings) -> N
     keys = Path(settings.keys_dir)
     if not (keys / COORDINATOR_HPKE_KEY).exists():
         init_keys(keys)
-    devices = Storage.open(settings.db_url).devices
+    devices = Storage.open(settings.db_url, settings.tenant).devices
     for partition in range(config.devices):
         device = DeviceState.locate({"partition-id": partition}, config.run_config())
         devices.enroll(f"partition-{partition}", settings.tenant, ensure_device_key(device))

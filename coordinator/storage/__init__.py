@@ -68,10 +68,21 @@ class Storage:
     audit: AuditStore
 
     @classmethod
-    def open(cls, url: str) -> Storage:
-        """The stores over the database at ``url``, its schema migrated to the newest revision."""
+    def open(cls, url: str, tenant: str | None = None) -> Storage:
+        """The stores over the database at ``url``, its schema migrated to the newest revision, seeing
+        only ``tenant``'s rows (every tenant's when None: maintenance; rows.TenantScoped says how).
+
+        The audit log is the coordinator's own, across tenants: it records who changed what for all.
+        """
         db = Database(url).initialize()
-        return cls(db, VersionStore(db), PackageStore(db), DeviceStore(db), LedgerStore(db), AuditStore(db))
+        return cls(
+            db,
+            VersionStore(db, tenant),
+            PackageStore(db, tenant),
+            DeviceStore(db, tenant),
+            LedgerStore(db, tenant),
+            AuditStore(db),
+        )
 
     def close(self) -> None:
         self.db.close()

@@ -16,16 +16,15 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from sqlalchemy import Select, func, select
+from sqlalchemy import ColumnElement, Select, func, select, true
 from sqlalchemy.orm import Session
 
 from fleetlora.common.delta import sha256_hex
 from fleetlora.common.errors import FleetloraError
 from fleetlora.common.keys import load_public_key, public_pem
-from fleetlora.coordinator.db import Database
 from fleetlora.coordinator.models import DeviceFlag, DeviceUpdate, EnrolledDevice, QuarantineEntry, utcnow
 from fleetlora.coordinator.storage import audit
-from fleetlora.coordinator.storage.rows import info_of
+from fleetlora.coordinator.storage.rows import TenantScoped, info_of
 
 REASON_CHARS = 500  # the column's width: longer reasons are cut
 
@@ -75,11 +74,8 @@ class QuarantineInfo:
     release_reason: str | None
 
 
-class DeviceStore:
+class DeviceStore(TenantScoped):
     """Enrolled devices and their update reports in the coordinator's database."""
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
 
     # ---- enrolment ------------------------------------------------------------------------
 
@@ -93,8 +89,15 @@ class DeviceStore:
         """
         pem = public_pem(public_key).decode()
         node = str(node_id) if node_id is not None else None
+        if self.tenant is not None and tenant != self.tenant:
+            raise FleetloraError(f"This store enrols into tenant {self.tenant}, not {tenant}.")
         with self.db.session() as session:
             row = session.get(EnrolledDevice, device_id)
+            if row is not None and row.tenant != tenant:
+                raise FleetloraError(
+                    f"{device_id} is enrolled in another tenant: a device id belongs to one tenant; "
+                    "pick another id."
+                )
             if row is None:
                 session.add(
                     EnrolledDevice(device_id=device_id, tenant=tenant, public_key_pem=pem, node_id=node)
@@ -113,14 +116,18 @@ class DeviceStore:
     def enrolled(self) -> list[DeviceInfo]:
         """Every enrolled device, by id."""
         with self.db.session() as session:
-            rows = session.scalars(select(EnrolledDevice).order_by(EnrolledDevice.device_id))
+            rows = session.scalars(
+                select(EnrolledDevice)
+                .where(self.is_tenant(EnrolledDevice.tenant))
+                .order_by(EnrolledDevice.device_id)
+            )
             return [info_of(DeviceInfo, row) for row in rows]
 
     def enrolment(self, device_id: str) -> DeviceInfo | None:
-        """The device's enrolment in whichever tenant it is; None if it is not enrolled."""
+        """The device's enrolment; None if it is not enrolled (in this tenant, when the store has one)."""
         with self.db.session() as session:
             row = session.get(EnrolledDevice, device_id)
-            return info_of(DeviceInfo, row) if row else None
+            return info_of(DeviceInfo, row) if row and self.tenant in (None, row.tenant) else None
 
     def key(self, device_id: str, tenant: str) -> DeviceKey | None:
         """The enrolled key of ``device_id`` in ``tenant``; None if it is not enrolled there."""
@@ -161,19 +168,25 @@ class DeviceStore:
         with self.db.session() as session:
             for device_id, flag in wants.items():
                 row = session.get(DeviceUpdate, device_id)
-                if row is not None:
+                if row is not None and self.tenant in (None, row.tenant):
                     row.wants_train = flag
 
     def wanting_nodes(self) -> set[int]:
         """Nodes whose device last said its new records drifted: sampled first in the next round."""
-        query = select(DeviceUpdate.node_id).where(DeviceUpdate.wants_train.is_(True))
+        query = select(DeviceUpdate.node_id).where(
+            DeviceUpdate.wants_train.is_(True), self.is_tenant(DeviceUpdate.tenant)
+        )
         with self.db.session() as session:
             return {int(node) for node in session.scalars(query)}
 
     def updates(self) -> list[DeviceUpdateInfo]:
         """Every device's last report, by device id."""
         with self.db.session() as session:
-            rows = session.scalars(select(DeviceUpdate).order_by(DeviceUpdate.device_id))
+            rows = session.scalars(
+                select(DeviceUpdate)
+                .where(self.is_tenant(DeviceUpdate.tenant))
+                .order_by(DeviceUpdate.device_id)
+            )
             return [info_of(DeviceUpdateInfo, row) for row in rows]
 
     # ---- anomalies and quarantine ---------------------------------------------------------
@@ -185,6 +198,7 @@ class DeviceStore:
         flags since its last release (0: never). Returns the devices quarantined by this call."""
         quarantined: list[str] = []
         with self.db.session() as session:
+            self.check_lineage(session, lineage)
             for device_id, reason in flags:
                 session.add(
                     DeviceFlag(
@@ -211,7 +225,11 @@ class DeviceStore:
 
     def quarantined(self, *, released: bool = False) -> list[QuarantineInfo]:
         """The devices in quarantine now, oldest first (with ``released``, every entry ever)."""
-        query = select(QuarantineEntry).order_by(QuarantineEntry.id)
+        query = (
+            select(QuarantineEntry)
+            .where(self._flagged_in_tenant(QuarantineEntry.device_id))
+            .order_by(QuarantineEntry.id)
+        )
         if not released:
             query = query.where(QuarantineEntry.released_at.is_(None))
         with self.db.session() as session:
@@ -222,7 +240,9 @@ class DeviceStore:
         if not reason.strip():
             raise FleetloraError("Say why the device is released (--reason): it is kept with the quarantine.")
         with self.db.session() as session:
-            open_rows = list(session.scalars(_open(device_id)))  # two coordinators may each have held it
+            open_rows = list(
+                session.scalars(_open(device_id).where(self._flagged_in_tenant(QuarantineEntry.device_id)))
+            )  # two coordinators may each have held it
             if not open_rows:
                 raise FleetloraError(
                     f"{device_id} is not in quarantine: `coordinator devices quarantined` lists who is."
@@ -237,9 +257,20 @@ class DeviceStore:
             session.flush()
             return info_of(QuarantineInfo, open_rows[0])
 
+    def _flagged_in_tenant(self, device_id: ColumnElement[str]) -> ColumnElement[bool]:
+        """A quarantine belongs to the tenant whose lineages its device's flags came from (a simulated
+        fleet's devices need not be enrolled)."""
+        if self.tenant is None:
+            return true()
+        return device_id.in_(select(DeviceFlag.device_id).where(self.in_tenant(DeviceFlag.lineage)))
+
     def flags(self, device_id: str) -> list[tuple[int, str]]:
         """A device's flags as (round, reason), oldest first."""
-        query = select(DeviceFlag).where(DeviceFlag.device_id == device_id).order_by(DeviceFlag.id)
+        query = (
+            select(DeviceFlag)
+            .where(DeviceFlag.device_id == device_id, self.in_tenant(DeviceFlag.lineage))
+            .order_by(DeviceFlag.id)
+        )
         with self.db.session() as session:
             return [(row.round, row.reason) for row in session.scalars(query)]
 

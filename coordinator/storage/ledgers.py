@@ -16,9 +16,8 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from fleetlora.coordinator.db import Database
 from fleetlora.coordinator.models import PrivacyEntry, RoundRecord
-from fleetlora.coordinator.storage.rows import info_of, oldest_first
+from fleetlora.coordinator.storage.rows import TenantScoped, info_of
 from fleetlora.coordinator.uploads import PrivacySpend
 
 COMPLETED = "completed"
@@ -80,15 +79,13 @@ def round_info(row: RoundRecord) -> RoundInfo:
     return info_of(RoundInfo, row, dropped=list(row.dropped or []))
 
 
-class LedgerStore:
+class LedgerStore(TenantScoped):
     """Privacy-ledger entries and round records in the coordinator's database."""
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
 
     def record_privacy(self, lineage: str, round_number: int, spends: Iterable[PrivacySpend]) -> None:
         """Append ledger rows for the devices that trained in a round."""
         with self.db.session() as session:
+            self.check_lineage(session, lineage)
             session.add_all(
                 PrivacyEntry(lineage=lineage, round=round_number, **dataclasses.asdict(spend))
                 for spend in spends
@@ -98,13 +95,16 @@ class LedgerStore:
         """Every ledger entry (of one lineage if given), oldest first."""
         with self.db.session() as session:
             return [
-                info_of(PrivacyEntryInfo, row) for row in session.scalars(oldest_first(PrivacyEntry, lineage))
+                info_of(PrivacyEntryInfo, row)
+                for row in session.scalars(self.oldest_first(PrivacyEntry, lineage))
             ]
 
     def epsilon_spent(self) -> dict[str, float]:
         """Each DP device's largest reported ε (its spend so far, the spend being cumulative)."""
-        query = select(PrivacyEntry.device_id, func.max(PrivacyEntry.epsilon)).group_by(
-            PrivacyEntry.device_id
+        query = (
+            select(PrivacyEntry.device_id, func.max(PrivacyEntry.epsilon))
+            .where(self.in_tenant(PrivacyEntry.lineage))
+            .group_by(PrivacyEntry.device_id)
         )
         with self.db.session() as session:
             return {device: float(epsilon) for device, epsilon in session.execute(query).all()}
@@ -112,6 +112,7 @@ class LedgerStore:
     def record_failed_round(self, lineage: str, round_number: int, report: RoundReport) -> RoundInfo:
         """Store the record of a round that made no version."""
         with self.db.session() as session:
+            self.check_lineage(session, lineage)
             row = round_row(lineage, round_number, report, version_id=None)
             session.add(row)
             session.flush()
@@ -119,7 +120,12 @@ class LedgerStore:
 
     def rounds(self, lineage: str | None = None, *, last: int | None = None) -> list[RoundInfo]:
         """Round records (of one lineage if given; only the ``last`` ones if given), oldest first."""
-        query = select(RoundRecord).order_by(RoundRecord.id.desc()).limit(last)
+        query = (
+            select(RoundRecord)
+            .where(self.in_tenant(RoundRecord.lineage))
+            .order_by(RoundRecord.id.desc())
+            .limit(last)
+        )
         if lineage is not None:
             query = query.where(RoundRecord.lineage == lineage)
         with self.db.session() as session:

@@ -14,10 +14,9 @@ from sqlalchemy import select
 from fleetlora.common.delta import sha256_hex
 from fleetlora.common.errors import FleetloraError
 from fleetlora.common.package import Manifest
-from fleetlora.coordinator.db import Database
 from fleetlora.coordinator.models import UpdatePackage, utcnow
 from fleetlora.coordinator.storage import audit
-from fleetlora.coordinator.storage.rows import checked_blob, info_of, oldest_first
+from fleetlora.coordinator.storage.rows import TenantScoped, checked_blob, info_of
 
 
 @dataclass(frozen=True)
@@ -60,15 +59,13 @@ def _package_info(row: UpdatePackage) -> PackageInfo:
     return info_of(PackageInfo, row, from_version=row.from_version_id, to_version=row.to_version_id)
 
 
-class PackageStore:
+class PackageStore(TenantScoped):
     """Signed update packages in the coordinator's database."""
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
 
     def add(self, manifest: Manifest, blob: bytes, *, cap: float, build_seconds: float) -> PackageInfo:
         """Store the signed package ``blob`` whose manifest is ``manifest``."""
         with self.db.session() as session:
+            self.check_lineage(session, manifest.lineage)
             row = UpdatePackage(
                 **{column: getattr(manifest, field) for column, field in _MANIFEST_COLUMNS.items()},
                 package=b"",  # the sealed blob is bound to the row's id: written once the id is known
@@ -102,7 +99,7 @@ class PackageStore:
         """The newest unexpired stored package for this step (None: from nothing, the full adapter)."""
         query = (
             select(UpdatePackage)
-            .where(UpdatePackage.to_version_id == to_version)
+            .where(UpdatePackage.to_version_id == to_version, self.in_tenant(UpdatePackage.lineage))
             .where(
                 UpdatePackage.from_version_id.is_(None)
                 if from_version is None
@@ -119,7 +116,11 @@ class PackageStore:
     def blob(self, package_id: int) -> bytes:
         """The stored package, checked against its recorded sha256."""
         with self.db.session() as session:
-            row = session.get(UpdatePackage, package_id)
+            row = session.scalars(
+                select(UpdatePackage).where(
+                    UpdatePackage.id == package_id, self.in_tenant(UpdatePackage.lineage)
+                )
+            ).first()
             if row is None:
                 raise FleetloraError(f"No package {package_id} in the database.")
             blob, expected = self.db.cipher.open(row.package, package_binding(row)), row.package_sha256
@@ -129,7 +130,7 @@ class PackageStore:
     def all(self, lineage: str | None = None) -> list[PackageInfo]:
         """Every stored package (of one lineage if given), oldest first."""
         with self.db.session() as session:
-            return [_package_info(row) for row in session.scalars(oldest_first(UpdatePackage, lineage))]
+            return [_package_info(row) for row in session.scalars(self.oldest_first(UpdatePackage, lineage))]
 
 
 def package_binding(row: UpdatePackage) -> dict[str, object]:

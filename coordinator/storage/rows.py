@@ -10,10 +10,13 @@ from collections.abc import Callable
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import Select, select
+from sqlalchemy import ColumnElement, Select, literal, select, true
+from sqlalchemy.orm import Session
 
 from fleetlora.common.delta import sha256_hex
 from fleetlora.common.errors import FleetloraError
+from fleetlora.coordinator.db import Database
+from fleetlora.coordinator.models import Lineage
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -29,11 +32,41 @@ def info_of(cls: type[Info], row: object, **overrides: Any) -> Info:
     return cls(**values, **overrides)
 
 
-def oldest_first(table: Any, lineage: str | None) -> Select[Any]:
-    """Every row of ``table`` (a mapped class with ``id`` and ``lineage``; of one lineage if given), in
-    the order they were written."""
-    query = select(table).order_by(table.id)
-    return query if lineage is None else query.where(table.lineage == lineage)
+class TenantScoped:
+    """A store that sees one tenant's rows and no other's (every tenant's when ``tenant`` is None: the
+    coordinator's own maintenance, such as key rotation, and single-fleet tests).
+
+    Versions, packages, rounds, ledger entries and device flags belong to a tenant through their
+    lineage (registered by one tenant and never shared: its id hashes the tenant); devices and their
+    update reports by their own tenant column; a quarantine through its device's flags. Every read of
+    a scoped store filters by one of these conditions, so a query for one tenant cannot return
+    another's rows, and every write into a lineage checks it is the tenant's.
+    """
+
+    def __init__(self, db: Database, tenant: str | None = None) -> None:
+        self.db = db
+        self.tenant = tenant
+
+    def in_tenant(self, lineage: ColumnElement[str]) -> ColumnElement[bool]:
+        """The condition that ``lineage`` (a column naming one) is a lineage of this store's tenant."""
+        if self.tenant is None:
+            return true()
+        return lineage.in_(select(Lineage.lineage).where(Lineage.tenant == self.tenant))
+
+    def is_tenant(self, tenant: ColumnElement[str]) -> ColumnElement[bool]:
+        """The condition that ``tenant`` (a row's own tenant column) is this store's tenant."""
+        return true() if self.tenant is None else tenant == self.tenant
+
+    def check_lineage(self, session: Session, lineage: str) -> None:
+        """Refuse to write a row into a lineage that is not this tenant's."""
+        if not session.scalar(select(self.in_tenant(literal(lineage)))):
+            raise FleetloraError(f"Lineage {lineage[:12]} is not one of tenant {self.tenant}'s.")
+
+    def oldest_first(self, table: Any, lineage: str | None) -> Select[Any]:
+        """This tenant's rows of ``table`` (a mapped class with ``id`` and ``lineage``; of one lineage if
+        given), in the order they were written."""
+        query = select(table).where(self.in_tenant(table.lineage)).order_by(table.id)
+        return query if lineage is None else query.where(table.lineage == lineage)
 
 
 def checked_blob(blob: bytes, sha256: str, corrupt: Callable[[], FleetloraError]) -> bytes:

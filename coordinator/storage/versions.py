@@ -18,11 +18,10 @@ from sqlalchemy.orm import Session
 
 from fleetlora.common.delta import State, deserialize, nbytes, serialize, sha256_hex
 from fleetlora.common.errors import CorruptVersionError, FleetloraError
-from fleetlora.coordinator.db import Database
 from fleetlora.coordinator.models import Lineage, ModelVersion, OptimizerState, Participant
 from fleetlora.coordinator.storage import audit
 from fleetlora.coordinator.storage.ledgers import RoundReport, round_row
-from fleetlora.coordinator.storage.rows import checked_blob, info_of
+from fleetlora.coordinator.storage.rows import TenantScoped, checked_blob, info_of
 
 REVERTED_TO, REVERT_REASON = "reverted_to", "revert_reason"  # a revert's metrics (VersionStore.revert)
 
@@ -90,11 +89,8 @@ def _version_info(row: ModelVersion) -> VersionInfo:
     )
 
 
-class VersionStore:
+class VersionStore(TenantScoped):
     """Versions, their optimizer states and lineage records in the coordinator's database."""
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
 
     # ---- write ----------------------------------------------------------------------------
 
@@ -118,9 +114,15 @@ class VersionStore:
     def register_lineage(
         self, lineage: str, tenant: str, model: dict[str, Any], base_sha256: str, base_bytes: int
     ) -> None:
-        """Record what a lineage's packages name (idempotent)."""
+        """Record what a lineage's packages name (idempotent); a lineage of another tenant is refused."""
         with self.db.session() as session:
-            if session.get(Lineage, lineage) is None:
+            existing = session.get(Lineage, lineage)
+            if existing is not None and existing.tenant != tenant:
+                raise FleetloraError(
+                    f"Lineage {lineage[:12]} belongs to another tenant: a tenant never writes into "
+                    "another's lineage."
+                )
+            if existing is None:
                 session.add(
                     Lineage(
                         lineage=lineage,
@@ -147,7 +149,7 @@ class VersionStore:
         """The version of ``lineage`` with the highest round, or None for a new lineage."""
         query = (
             select(ModelVersion)
-            .where(ModelVersion.lineage == lineage)
+            .where(ModelVersion.lineage == lineage, self.in_tenant(ModelVersion.lineage))
             .order_by(ModelVersion.round.desc())
             .limit(1)
         )
@@ -157,11 +159,8 @@ class VersionStore:
 
     def all(self, lineage: str | None = None) -> list[VersionInfo]:
         """All versions (of one lineage if given), oldest first."""
-        query = select(ModelVersion).order_by(ModelVersion.id)
-        if lineage is not None:
-            query = query.where(ModelVersion.lineage == lineage)
         with self.db.session() as session:
-            return [_version_info(row) for row in session.scalars(query)]
+            return [_version_info(row) for row in session.scalars(self.oldest_first(ModelVersion, lineage))]
 
     def revert(self, version_id: int, reason: str) -> VersionInfo:
         """Make version ``version_id``'s adapter the newest of its lineage again, as a new version one
@@ -230,6 +229,7 @@ class VersionStore:
     def optimizer_state(self, version_id: int) -> ServerOptimizerState | None:
         """The server optimizer state stored with a version (checked against its sha256), if any."""
         with self.db.session() as session:
+            self._row(session, version_id)  # of this tenant
             row = session.get(OptimizerState, version_id)
             if row is None:
                 return None
@@ -244,7 +244,7 @@ class VersionStore:
         """The model record of ``lineage``; a lineage without one cannot be packaged."""
         with self.db.session() as session:
             row = session.get(Lineage, lineage)
-            if row is None:
+            if row is None or (self.tenant is not None and row.tenant != self.tenant):
                 raise FleetloraError(
                     f"Lineage {lineage[:12]} has no model record: run a round with this fleetlora first."
                 )
@@ -253,6 +253,7 @@ class VersionStore:
     # ---- rows -----------------------------------------------------------------------------
 
     def _insert(self, session: Session, version: NewVersion) -> ModelVersion:
+        self.check_lineage(session, version.lineage)
         blob = serialize(version.adapter)
         row = ModelVersion(
             **{
@@ -299,9 +300,11 @@ class VersionStore:
             )
         return row
 
-    @staticmethod
-    def _row(session: Session, version_id: int) -> ModelVersion:
-        row = session.get(ModelVersion, version_id)
+    def _row(self, session: Session, version_id: int) -> ModelVersion:
+        """Version ``version_id`` if it is this tenant's; another tenant's is as absent as a missing one."""
+        row = session.scalars(
+            select(ModelVersion).where(ModelVersion.id == version_id, self.in_tenant(ModelVersion.lineage))
+        ).first()
         if row is None:
             raise FleetloraError(f"No version v{version_id} in the database.")
         return row

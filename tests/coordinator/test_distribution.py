@@ -57,8 +57,10 @@ def test_a_status_answer_cannot_speak_for_a_device_enrolled_from_another_node(sq
         )
     )  # fmt: skip
 
+    claimed = ["phone-1"]
+
     def claims_phone_1(message: Message, context) -> Message:
-        answer = {records.DEVICE_ID: "phone-1", records.ACTIVE_VERSION: target.id, records.WANTS_TRAIN: True}
+        answer = {records.DEVICE_ID: claimed[0], records.ACTIVE_VERSION: target.id, records.WANTS_TRAIN: True}
         return Message(RecordDict({records.CONFIG: ConfigRecord(answer)}), reply_to=message)
 
     grid = LocalGrid(claims_phone_1, 2, {})
@@ -71,5 +73,8 @@ def test_a_status_answer_cannot_speak_for_a_device_enrolled_from_another_node(sq
     assert storage.devices.updates() == [] and storage.devices.wanting_nodes() == set()
 
     # A device of another tenant cannot be spoken for either.
-    storage.devices.enroll("phone-1", "other", Ed25519PrivateKey.generate().public_key())
+    Storage.open(sqlite_url, "other").devices.enroll(
+        "tablet-1", "other", Ed25519PrivateKey.generate().public_key()
+    )
+    claimed[0] = "tablet-1"
     assert dict(distributor.distribute([102], target).statuses) == {"impostor": 1}

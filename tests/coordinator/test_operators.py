@@ -100,6 +100,7 @@ def test_without_operators_nothing_is_asked(db_url: str):
 
 def test_cli_changes_need_an_operator_once_one_exists_and_are_recorded_as_theirs(db_url: str, tmp_path: Path):
     storage = Storage.open(db_url)
+    storage.versions.register_lineage("L", "default", {}, "b" * 64, 1)  # the CLI's default tenant
     v1 = storage.versions.add(
         NewVersion(
             lineage="L", round=0, parent_id=None, base_model_sha256="b" * 64,

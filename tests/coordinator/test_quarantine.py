@@ -90,8 +90,9 @@ def test_a_device_that_keeps_sending_wrecking_deltas_is_quarantined_and_left_out
 
 def test_too_few_devices_outside_quarantine_fails_the_round_and_says_where_to_look(sqlite_url: str):
     config = _run_config(sqlite_url, **{"rounds": 1, "devices-per-round": 3, "min-devices": 3})
-    store = Storage.open(sqlite_url).devices
-    store.flag("lin", 1, [("node-101", "x")], quarantine_after=1)
+    storage = Storage.open(sqlite_url)
+    storage.versions.register_lineage("lin", "default", {}, "0" * 64, 1)  # a lineage of the fleet's tenant
+    storage.devices.flag("lin", 1, [("node-101", "x")], quarantine_after=1)
 
     (outcome,) = Federation(
         LocalGrid(_hostile_app(), 3, config), CoordinatorSettings.from_run_config(config)
