@@ -11,7 +11,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, event, inspect
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -41,6 +41,7 @@ class Database:
             ) from exc
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "begin", _sqlite_begin_immediate)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._initialized = False
 
@@ -94,7 +95,19 @@ def upgrade(engine: Engine) -> str:
 
 
 def _sqlite_pragmas(connection: Any, _record: Any) -> None:
+    connection.isolation_level = None  # the driver's own deferred BEGIN off: _sqlite_begin_immediate's
     cursor = connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA journal_mode=WAL")  # a killed coordinator never leaves a torn write
     cursor.close()
+
+
+def _sqlite_begin_immediate(connection: Connection) -> None:
+    """Take SQLite's write lock when a transaction begins, not at its first write.
+
+    With a deferred BEGIN, two processes can both read the audit head, then the second to write is
+    refused ("database is locked") and its whole change, a round's version included, rolls back; SQLite
+    ignores ``SELECT ... FOR UPDATE``. An immediate BEGIN makes the second wait its turn (the driver's
+    5 s busy timeout), as PostgreSQL's row lock does (SQLAlchemy's documented pysqlite recipe).
+    """
+    connection.exec_driver_sql("BEGIN IMMEDIATE")

@@ -155,3 +155,32 @@ def test_audit_verify_exits_non_zero_and_names_the_problem(audited: tuple[Storag
     assert broken.exit_code == 1 and "entry 2's content does not match its hash (edited)" in broken.output
     listed = runner.invoke(app, ["audit", "list", "--db", db_url], env={"COLUMNS": "250"})
     assert listed.exit_code == 0 and "device.quarantined" in listed.output
+
+
+def _append_many(url: str, worker: int, count: int) -> None:
+    """One coordinator process recording ``count`` changes as fast as it can."""
+    audit = Storage.open(url).audit
+    for i in range(count):
+        audit.record("setting.changed", f"worker {worker}", {"i": i})
+
+
+def test_processes_appending_at_once_lose_no_change_and_keep_one_chain(db_url: str):
+    """Four processes each audit 50 changes at the same time: none is refused, the chain stays whole.
+
+    On SQLite a deferred BEGIN let two appenders read the same head and the second's change fail with
+    "database is locked" or a duplicate number; coordinator/db.py begins SQLite transactions IMMEDIATE.
+    """
+    import multiprocessing
+
+    Storage.open(db_url).close()  # the schema, once; no connection left open for the children to inherit
+    context = multiprocessing.get_context("fork")  # each child opens its own engine
+    workers = [context.Process(target=_append_many, args=(db_url, w, 50)) for w in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    assert [w.exitcode for w in workers] == [0, 0, 0, 0]
+    storage = Storage.open(db_url)
+    entries = storage.audit.entries()
+    assert [e.seq for e in entries] == list(range(1, 201))
+    assert verify(entries, storage.audit.head(), [], None) == []
