@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 from typing import Any
 
 from fleetlora.coordinator.rounds import RoundOutcome
@@ -47,3 +49,28 @@ def partition_of(device_id: str) -> int | str:
     """A simulated device's partition number; any other device by its id."""
     match = SIMULATED_DEVICE.fullmatch(device_id)
     return int(match[1]) if match else device_id
+
+
+def with_earlier_rounds(path: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """``results`` of a run that resumed a lineage, with the rounds an earlier run wrote to ``path``.
+
+    A simulation re-run into the same ``--out`` resumes from the latest stored version; its results
+    keep every round of the lineage, the earlier run's first (its ``initial`` too), then this run's.
+    A file of another lineage, or one that does not parse, is left out: this run's results stand alone.
+    """
+    if not results["initial"]["resumed"] or not path.is_file():
+        return results
+    try:
+        earlier = json.loads(path.read_text())
+        same = isinstance(earlier, dict) and earlier.get("lineage") == results["lineage"]
+        rounds = [r for r in earlier["rounds"] if r["round"] <= results["initial"]["round"]] if same else []
+        devices = dict(earlier["devices"]) if same else {}
+        initial = earlier["initial"] if same else results["initial"]
+    except (ValueError, KeyError, TypeError):
+        return results
+    return {
+        **results,
+        "initial": initial,
+        "rounds": [*rounds, *results["rounds"]],
+        "devices": {**devices, **results["devices"]},
+    }

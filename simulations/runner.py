@@ -29,7 +29,7 @@ from fleetlora.coordinator.rounds import FederationObserver, FederationStart, Ro
 from fleetlora.coordinator.server_app import build_server_app
 from fleetlora.coordinator.settings import CoordinatorSettings
 from fleetlora.coordinator.storage import Storage
-from fleetlora.simulations.results import summarize
+from fleetlora.simulations.results import summarize, with_earlier_rounds
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,9 @@ def simulate(
         "rounds": [summarize(o) for o in collector.outcomes],
         "devices": device_privacy(collector.outcomes),
     }
-    (config.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    path = config.out / "results.json"
+    results = with_earlier_rounds(path, results)
+    path.write_text(json.dumps(results, indent=2, default=str))
     return results
 
 
