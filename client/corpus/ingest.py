@@ -15,56 +15,33 @@ re-reads the file at the next start, and exact dedup keeps records from being st
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from fleetlora.client.corpus.pipeline import Outcome, Pipeline
 from fleetlora.client.corpus.records import Record, short_repr
 from fleetlora.common.errors import ConfigError
 
+if TYPE_CHECKING:  # imported where the endpoint is made: the command line starts without a web stack
+    from starlette.applications import Starlette
+    from starlette.types import Receive
+
+    from fleetlora.common.web import WebServer
+
 FORMATS = ("jsonl", "csv", "txt")
 MAX_HTTP_BODY = 1 << 20  # one request holds at most 1 MiB of records
 MAX_METADATA_DEPTH = 16  # deeper metadata is quarantined: nothing downstream recurses into a hostile depth
-DRAIN_SECONDS = 2.0
-CONNECTION_SECONDS = 10.0  # a connection that sends nothing for this long is closed
-MAX_CONNECTIONS = 32  # connections served at once; more are closed at once
+DRAIN_SECONDS = 2.0  # an oversized body is read and dropped for at most this long before the 413
+CONNECTION_SECONDS = 10.0  # a request not whole this long after its connection opened is dropped
+MAX_CONNECTIONS = 32  # connections served at once; a request on one more is answered 503
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
-
-
-class _Server(ThreadingHTTPServer):
-    """One thread a connection, at most :data:`MAX_CONNECTIONS` at once: a client that opens more is
-    closed at once, so idle or half-sent connections cannot hold every thread and file descriptor."""
-
-    daemon_threads = True
-    request_queue_size = 128  # socketserver's 5 drops SYNs under bursts (a 1 s retry each)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)  # over the limit: refused, not queued
-            return
-        super().process_request(request, client_address)
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
 
 
 def parse(stream: TextIO, fmt: str, *, source: str, device: str) -> Iterator[Record | tuple[str, str]]:
@@ -195,67 +172,92 @@ def watch_inbox(
         stop.wait(poll)
 
 
-def http_server(
-    pipeline: Pipeline, *, host: str = "127.0.0.1", port: int = 0, device: str
-) -> ThreadingHTTPServer:
-    """An HTTP server on loopback: ``POST /records`` with a JSON object or list; 201 once durable.
+def http_server(pipeline: Pipeline, *, host: str = "127.0.0.1", port: int = 0, device: str) -> WebServer:
+    """An HTTP server on loopback: ``POST /records`` with a JSON object, a list of them or JSON lines;
+    201 once durable, with every record's outcome.
 
-    Each request is answered with every record's outcome, once they are committed.
+    Starlette on uvicorn (:mod:`fleetlora.common.web`), bound before this returns (``server_address``
+    has port 0's pick); ``serve_forever`` serves until ``shutdown``. Bounds: :data:`MAX_HTTP_BODY`
+    per request (413, never read whole), :data:`MAX_CONNECTIONS` at once (503), a request must arrive
+    whole within :data:`CONNECTION_SECONDS` (and an answer be taken without a stall that long) or its
+    connection is dropped, metadata nests at most :data:`MAX_METADATA_DEPTH` deep (that record is
+    quarantined, the rest of the request kept).
     """
     if host not in LOOPBACK:
         raise ConfigError(f"The ingest endpoint listens on loopback only; {host!r} is not (use 127.0.0.1).")
+    from fleetlora.common.web import WebServer
 
-    class Handler(BaseHTTPRequestHandler):
-        timeout = CONNECTION_SECONDS  # every read and write on the socket; a stalled client is dropped
+    return WebServer(
+        _ingest_app(pipeline, device=device, max_body=MAX_HTTP_BODY, drain_seconds=DRAIN_SECONDS),
+        host=host,
+        port=port,
+        connection_seconds=CONNECTION_SECONDS,
+        max_connections=MAX_CONNECTIONS,
+    )
 
-        def do_POST(self) -> None:
-            if self.path != "/records":
-                self._answer(404, {"error": "POST records to /records"})
-                return
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                length = -1
-            if length < 0:
-                self.close_connection = True
-                self._answer(400, {"error": "Content-Length must be a number of bytes"})
-                return
-            if length > MAX_HTTP_BODY:
-                self.close_connection = True
-                self._drain(length)
-                self._answer(413, {"error": f"at most {MAX_HTTP_BODY} bytes per request"})
-                return
-            body = self.rfile.read(length).decode("utf-8", errors="replace")
-            items = _body_items(body, device=device)
-            outcomes = ingest_items(pipeline, items, source="http", device=device)
-            self._answer(201, {"outcomes": [o.__dict__ for o in outcomes]})
 
-        def _drain(self, length: int) -> None:
-            """Read (and drop) what the client sends, so it sees the answer rather than a reset; a
-            client that stops sending is answered after a short wait."""
-            remaining = min(length, 16 * MAX_HTTP_BODY)
-            self.connection.settimeout(DRAIN_SECONDS)
-            try:
-                while remaining > 0:
-                    chunk = self.rfile.read1(min(remaining, 1 << 16))
-                    if not chunk:
-                        break
-                    remaining -= len(chunk)
-            except TimeoutError:
-                pass
+def _ingest_app(pipeline: Pipeline, *, device: str, max_body: int, drain_seconds: float) -> Starlette:
+    """The ASGI app behind :func:`http_server`."""
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
 
-        def _answer(self, status: int, document: dict[str, Any]) -> None:
-            blob = json.dumps(document).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(blob)))
-            self.end_headers()
-            self.wfile.write(blob)
+    def answer(status: int, document: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+        return Response(json.dumps(document), status, headers, media_type="application/json")
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass  # quiet: outcomes are in the store
+    def too_large() -> Response:
+        return answer(413, {"error": f"at most {max_body} bytes per request"}, {"Connection": "close"})
 
-    return (_Server6 if ":" in host else _Server)((host, port), Handler)
+    def ingest(body: bytes) -> list[Outcome]:
+        items = _body_items(body.decode("utf-8", errors="replace"), device=device)
+        return ingest_items(pipeline, items, source="http", device=device)
+
+    async def records(request: Request) -> Response:
+        declared = request.headers.get("content-length")  # h11 has checked that it is a number
+        if declared is not None and int(declared) > max_body:
+            if request.headers.get("expect", "").lower() != "100-continue":  # else it waits for a word
+                await _drain(request.receive, int(declared), drain_seconds)
+            return too_large()
+        body = bytearray()
+        while True:  # read as it arrives: a body past the limit is never held whole
+            message = await request.receive()
+            if message["type"] != "http.request":  # the client left (or was dropped for stalling)
+                return answer(400, {"error": "the request body did not arrive"})
+            body += message.get("body", b"")
+            if len(body) > max_body:
+                await _drain(request.receive, 16 * max_body, drain_seconds)
+                return too_large()
+            if not message.get("more_body", False):
+                break
+        outcomes = await run_in_threadpool(ingest, bytes(body))  # the store's work, off the event loop
+        return answer(201, {"outcomes": [o.__dict__ for o in outcomes]})
+
+    async def elsewhere(request: Request, exc: Exception) -> Response:
+        status = getattr(exc, "status_code", 404)
+        return answer(status, {"error": "POST records to /records"}, getattr(exc, "headers", None))
+
+    app = Starlette(
+        routes=[Route("/records", records, methods=["POST"])],
+        exception_handlers={404: elsewhere, 405: elsewhere},
+    )
+    app.router.redirect_slashes = False  # /records/ is not /records
+    return app
+
+
+async def _drain(receive: Receive, limit: int, seconds: float) -> None:
+    """Read and drop up to ``limit`` more body bytes for up to ``seconds``, so the client sees the
+    answer rather than a reset from a socket closed with its data unread."""
+    try:
+        async with asyncio.timeout(seconds):
+            while limit > 0:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body", False):
+                    return
+                limit -= len(message.get("body", b""))
+    except TimeoutError:
+        pass
 
 
 def _body_items(body: str, *, device: str) -> Iterator[Record | tuple[str, str]]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from sqlalchemy import ColumnElement, Select, func, select, true
+from sqlalchemy import ColumnElement, Select, SQLColumnExpression, func, select, true
 from sqlalchemy.orm import Session
 
 from fleetlora.common.delta import sha256_hex
@@ -257,7 +257,7 @@ class DeviceStore(TenantScoped):
             session.flush()
             return info_of(QuarantineInfo, open_rows[0])
 
-    def _flagged_in_tenant(self, device_id: ColumnElement[str]) -> ColumnElement[bool]:
+    def _flagged_in_tenant(self, device_id: SQLColumnExpression[str]) -> ColumnElement[bool]:
         """A quarantine belongs to the tenant whose lineages its device's flags came from (a simulated
         fleet's devices need not be enrolled)."""
         if self.tenant is None:

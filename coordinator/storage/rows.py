@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import ColumnElement, Select, literal, select, true
+from sqlalchemy import ColumnElement, Select, SQLColumnExpression, literal, select, true
 from sqlalchemy.orm import Session
 
 from fleetlora.common.delta import sha256_hex
@@ -47,13 +47,13 @@ class TenantScoped:
         self.db = db
         self.tenant = tenant
 
-    def in_tenant(self, lineage: ColumnElement[str]) -> ColumnElement[bool]:
+    def in_tenant(self, lineage: SQLColumnExpression[str]) -> ColumnElement[bool]:
         """The condition that ``lineage`` (a column naming one) is a lineage of this store's tenant."""
         if self.tenant is None:
             return true()
         return lineage.in_(select(Lineage.lineage).where(Lineage.tenant == self.tenant))
 
-    def is_tenant(self, tenant: ColumnElement[str]) -> ColumnElement[bool]:
+    def is_tenant(self, tenant: SQLColumnExpression[str]) -> ColumnElement[bool]:
         """The condition that ``tenant`` (a row's own tenant column) is this store's tenant."""
         return true() if self.tenant is None else tenant == self.tenant
 

@@ -1,7 +1,8 @@
 """Where records arrive (inbox files, stdin, HTTP on loopback) and what the ingest pipeline makes of them.
 
 Real components throughout: a SQLite corpus store in ``tmp_path``, the real pipeline, a real HTTP server
-on an ephemeral loopback port, the real CLI in a subprocess for stdin, and a SIGKILL of a real agent.
+(Starlette on uvicorn) on an ephemeral loopback port, raw sockets for clients that stall or flood it,
+the real CLI in a subprocess for stdin and for serving, and a SIGKILL of a real agent.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -71,15 +73,23 @@ def pipeline(state_dir: Path) -> Iterator[Pipeline]:
 @pytest.fixture
 def url(pipeline: Pipeline) -> Iterator[str]:
     """The base URL of a real ingest endpoint on an ephemeral loopback port, served from a thread."""
-    server = http_server(pipeline, port=0, device=DEVICE)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    with serving(pipeline) as port:
+        yield f"http://127.0.0.1:{port}"
+
+
+@contextmanager
+def serving(pipeline: Pipeline, host: str = "127.0.0.1") -> Iterator[int]:
+    """A real ingest endpoint served from a thread while the block runs; its port. It must stop."""
+    server = http_server(pipeline, host=host, port=0, device=DEVICE)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        yield server.server_address[1]
     finally:
         server.shutdown()
         server.server_close()
-        thread.join(timeout=5)
+        thread.join(timeout=10)
+    assert not thread.is_alive(), "the server did not stop"
 
 
 def post(url: str, body: bytes | str | Any, *, raw: bool = False) -> tuple[int, dict[str, Any]]:
@@ -357,8 +367,8 @@ def test_http_takes_one_object_a_list_and_json_lines_and_answers_after_commit(ur
 
 def test_http_refuses_other_paths_and_oversized_bodies_and_keeps_serving(url: str, state_dir: Path):
     assert post(f"{url}/elsewhere", {"text": "Where is my card?"})[0] == 404
-    # Declared, not all sent: the server drains what arrives (for up to 2 s once the client stops
-    # sending), then answers 413 and closes the connection.
+    # Declared, not all sent: the server drains what arrives (for up to DRAIN_SECONDS in all), then
+    # answers 413 and closes the connection.
     connection = http.client.HTTPConnection(url.removeprefix("http://"), timeout=30)
     try:
         connection.putrequest("POST", "/records")
@@ -698,9 +708,11 @@ def test_a_csv_field_over_the_csv_limit_is_quarantined_not_a_crash(tmp_path: Pat
     assert not (inbox / "huge.csv").exists()
 
 
-def test_the_endpoint_listens_on_ipv6_loopback(pipeline: Pipeline):
-    server = http_server(pipeline, host="::1", port=0, device=DEVICE)
-    server.server_close()
+def test_the_endpoint_listens_on_ipv6_loopback(pipeline: Pipeline, state_dir: Path):
+    with serving(pipeline, host="::1") as port:
+        status, answer = post(f"http://[::1]:{port}/records", {"text": "Asked over IPv6 loopback"})
+    assert status == 201 and statuses(answer["outcomes"]) == ["stored"]
+    assert set(stored(state_dir)) == {"Asked over IPv6 loopback"}
 
 
 @pytest.mark.parametrize(
@@ -738,45 +750,220 @@ def test_metadata_nested_980_deep_is_quarantined_and_the_records_after_it_are_st
     assert "nests deeper than 16 levels" in outcomes[1].reason
 
 
-def test_metadata_nested_deep_over_http_is_answered_and_the_good_record_kept(url: str, state_dir: Path):
+def test_metadata_nested_deep_over_http_is_answered_and_the_good_records_kept(url: str, state_dir: Path):
     deep = '{"text": "Why was my transfer declined?", "metadata": ' + _nested(980) + "}"
-    body = "[" + json.dumps({"text": "My card has not arrived yet"}) + "," + deep + "]"
+    just_too_deep = '{"text": "Why was my top-up declined?", "metadata": ' + _nested(16) + "}"  # 17 levels
+    deepest_allowed = {"text": "Why is my PIN blocked?", "metadata": json.loads(_nested(15))}  # 16 levels
+    body = (
+        f"[{json.dumps({'text': 'My card has not arrived yet'})},{deep},{just_too_deep},"
+        f"{json.dumps(deepest_allowed)},{json.dumps({'text': 'A record after the deep ones'})}]"
+    )
 
     status, answer = post(f"{url}/records", body, raw=True)
 
-    assert status == 201 and statuses(answer["outcomes"]) == ["stored", "quarantined"]
-    assert "nests deeper" in answer["outcomes"][1]["reason"]
+    assert status == 201
+    assert statuses(answer["outcomes"]) == ["stored", "quarantined", "quarantined", "stored", "stored"]
+    for outcome in answer["outcomes"][1:3]:
+        assert "`metadata` nests deeper than 16 levels" in outcome["reason"]
+    assert set(stored(state_dir)) == {
+        "My card has not arrived yet",
+        "Why is my PIN blocked?",
+        "A record after the deep ones",
+    }
+    assert len(held(state_dir)) == 2  # kept for a person, with the reason
     assert post(f"{url}/records", {"text": "And the server still answers"})[0] == 201
 
 
-def test_idle_connections_cannot_hold_the_endpoint(pipeline: Pipeline, state_dir: Path, monkeypatch):
-    """300 half-sent connections used to hold a thread each, forever."""
+def stall(port: int, sent: bytes) -> socket.socket:
+    """A client that connects, sends ``sent`` and then nothing more."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+    if sent:
+        sock.sendall(sent)
+    return sock
+
+
+def dropped(sock: socket.socket) -> bool:
+    """Whether the server closes ``sock`` (waiting up to its timeout), having answered nothing."""
+    try:
+        return sock.recv(1 << 16) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def status_of(port: int, document: Any) -> int:
+    """POST ``document`` and return just the status (a 503's body is uvicorn's text, not JSON)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        connection.request("POST", "/records", json.dumps(document), {"Content-Type": "application/json"})
+        answer = connection.getresponse()
+        answer.read()
+        return answer.status
+    finally:
+        connection.close()
+
+
+STALLS = {  # what a stalled client sent before it stopped
+    "nothing at all": b"",
+    "half a request line": b"POST /reco",
+    "headers without their end": b"POST /records HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n",
+    "half a body": b"POST /records HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b'{"text": "half',
+}
+
+
+def test_half_sent_requests_are_dropped_after_the_timeout_while_real_ones_are_served(
+    pipeline: Pipeline, state_dir: Path, monkeypatch
+):
+    """300 half-sent connections used to hold a thread each, forever (uvicorn alone waits forever too)."""
     import fleetlora.client.corpus.ingest as ingest
 
     monkeypatch.setattr(ingest, "CONNECTION_SECONDS", 1.0)
-    monkeypatch.setattr(ingest, "MAX_CONNECTIONS", 8)
-    server = http_server(pipeline, port=0, device=DEVICE)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    port = server.server_address[1]
-    idle = []
-    try:
-        before = threading.active_count()
-        for _ in range(40):
-            sock = socket.create_connection(("127.0.0.1", port))
-            sock.sendall(b"POST /records HTTP/1.1\r\nContent-Length: 100\r\n")  # and never the rest
-            idle.append(sock)
-        time.sleep(0.5)
-        assert threading.active_count() - before <= 8  # one thread per served connection, no more
-        time.sleep(1.5)  # their time is up: the slots are free again
-        status, answer = post(f"http://127.0.0.1:{port}/records", {"text": "Is my card on its way?"})
-        assert status == 201 and statuses(answer["outcomes"]) == ["stored"]
-    finally:
-        for sock in idle:
+    with serving(pipeline) as port:
+        opened = time.monotonic()
+        stalled = {what: stall(port, sent) for what, sent in STALLS.items()}
+        try:
+            status, answer = post(f"http://127.0.0.1:{port}/records", {"text": "Is my card on its way?"})
+            assert status == 201 and statuses(answer["outcomes"]) == ["stored"]  # served meanwhile
+            for what, sock in stalled.items():
+                assert dropped(sock), f"{what}: still open after 15 s"
+            assert 0.9 <= time.monotonic() - opened < 10  # after its time, not at once
+        finally:
+            for sock in stalled.values():
+                sock.close()
+    assert set(stored(state_dir)) == {"Is my card on its way?"} and held(state_dir) == {}
+
+
+def test_a_request_trickled_in_is_dropped_when_its_time_is_up(pipeline: Pipeline, monkeypatch):
+    """Bytes that keep coming, too slowly, do not restart the clock (a slowloris holds no slot)."""
+    import fleetlora.client.corpus.ingest as ingest
+
+    monkeypatch.setattr(ingest, "CONNECTION_SECONDS", 1.0)
+    with serving(pipeline) as port:
+        sock = stall(port, b"POST /records HTTP/1.1\r\n")
+        opened = time.monotonic()
+        try:
+            with pytest.raises(OSError):  # a reset or a broken pipe once the server has dropped it
+                for n in range(30):  # a header every 0.2 s: 6 s for the lot, were it allowed
+                    time.sleep(0.2)
+                    sock.sendall(f"X-Trickle-{n}: {n}\r\n".encode())
+            assert time.monotonic() - opened < 5
+        finally:
             sock.close()
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+        assert status_of(port, {"text": "Served after the trickler"}) == 201
+
+
+def test_connections_beyond_the_limit_are_answered_503_and_served_again_once_dropped(
+    pipeline: Pipeline, state_dir: Path, monkeypatch
+):
+    import fleetlora.client.corpus.ingest as ingest
+
+    monkeypatch.setattr(ingest, "CONNECTION_SECONDS", 1.5)
+    monkeypatch.setattr(ingest, "MAX_CONNECTIONS", 8)
+    with serving(pipeline) as port:
+        held_open = [stall(port, STALLS["headers without their end"]) for _ in range(7)]
+        try:
+            assert status_of(port, {"text": "The eighth connection is served"}) == 201
+            held_open.append(stall(port, STALLS["headers without their end"]))  # 8: the limit is full
+            refused = time.monotonic()
+            assert status_of(port, {"text": "The ninth connection is refused"}) == 503
+            assert time.monotonic() - refused < 1  # at once: refused, not queued
+            held_open += [stall(port, STALLS["half a request line"]) for _ in range(32)]  # 40 in all
+            assert status_of(port, {"text": "Still refused while they hold it"}) == 503
+            assert all(dropped(sock) for sock in held_open)  # their time runs out
+            assert status_of(port, {"text": "Served again once they are dropped"}) == 201
+        finally:
+            for sock in held_open:
+                sock.close()
+    assert set(stored(state_dir)) == {"The eighth connection is served", "Served again once they are dropped"}
+
+
+def test_an_oversized_body_is_refused_before_it_is_read_whole(
+    pipeline: Pipeline, state_dir: Path, monkeypatch
+):
+    import fleetlora.client.corpus.ingest as ingest
+
+    monkeypatch.setattr(ingest, "DRAIN_SECONDS", 0.5)
+    head = "POST /records HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+
+    def answer_to(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+        reply = http.client.HTTPResponse(sock)
+        reply.begin()
+        return reply.status, {k.lower(): v for k, v in reply.getheaders()}, reply.read()
+
+    with serving(pipeline) as port:
+        # 64 MiB declared, 3 MiB sent, then silence: refused without waiting for the rest.
+        with stall(port, f"{head}Content-Length: {64 * MAX_HTTP_BODY}\r\n\r\n".encode()) as sock:
+            sock.sendall(b'[{"text": "' + b"x" * (3 * MAX_HTTP_BODY))
+            status, headers, body = answer_to(sock)
+            assert status == 413 and headers["connection"] == "close"
+            assert str(MAX_HTTP_BODY) in json.loads(body)["error"]
+
+        # Expect: 100-continue (curl's way for big bodies): refused before a byte of the body is sent.
+        expect = f"{head}Content-Length: {2 * MAX_HTTP_BODY}\r\nExpect: 100-continue\r\n\r\n"
+        with stall(port, expect.encode()) as sock:
+            assert answer_to(sock)[0] == 413
+
+        # No length declared (chunked): cut off once past the limit, while the end never comes.
+        with stall(port, f"{head}Transfer-Encoding: chunked\r\n\r\n".encode()) as sock:
+            chunk = b"x" * (1 << 18)
+            for _ in range(5):  # 1.25 MiB, and no last chunk
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            assert answer_to(sock)[0] == 413
+
+        status, answer = post(f"http://127.0.0.1:{port}/records", {"text": "A body of a normal size"})
+        assert status == 201 and statuses(answer["outcomes"]) == ["stored"]
+    assert set(stored(state_dir)) == {"A body of a normal size"} and held(state_dir) == {}
+
+
+def test_a_port_in_use_is_a_one_line_error_and_the_cli_serves_until_ctrl_c(state_dir: Path, tmp_path: Path):
+    serve = [*CLI, "ingest", "--state-dir", str(state_dir), "--device-id", DEVICE, "--http"]
+    agent = subprocess.Popen(
+        [*serve, "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=CHILD_ENV
+    )
+    try:
+        line = agent.stdout.readline()
+        assert line.startswith("POST records to http://127.0.0.1:"), agent.stderr.read()[-2000:]
+        port = int(line.split(":")[2].split("/")[0])
+
+        second = subprocess.run(
+            [*CLI, "ingest", "--state-dir", str(tmp_path / "other"), "--http", str(port)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=CHILD_ENV,
+            timeout=120,
+        )
+        assert second.returncode == 2
+        assert second.stderr.strip() == (
+            f"error: Port {port} on 127.0.0.1 is in use by another program: stop it, or pick another "
+            "port (0 picks a free one)."
+        )
+
+        status, answer = post(f"http://127.0.0.1:{port}/records", {"text": "Sent to the command line"})
+        assert status == 201 and statuses(answer["outcomes"]) == ["stored"]
+        agent.send_signal(signal.SIGINT)
+        out, err = agent.communicate(timeout=30)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+    assert agent.returncode == 0, err[-2000:]
+    assert out.strip().splitlines()[-1] == "1 stored"
+    assert set(stored(state_dir)) == {"Sent to the command line"}
+
+
+def test_importing_the_ingest_module_loads_no_web_stack():
+    """The command line imports ingest at start; uvicorn and Starlette load only when it serves."""
+    probe = (
+        "import sys, fleetlora.client.corpus.ingest; "
+        "print(sorted({'uvicorn', 'starlette'} & set(sys.modules)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, env=CHILD_ENV, timeout=60
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
 
 
 def test_stored_records_are_listed_and_deleted_hot_or_cold(state_dir: Path):
