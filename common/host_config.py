@@ -32,6 +32,9 @@ class CoordinatorHost:
     database: str = ""  # SQLAlchemy URL of fleetlora's database; "" = SQLite in state_dir
     tenant: str = "default"
     tls_hosts: tuple[str, ...] = ("localhost", "127.0.0.1")  # names devices dial, put in the certificate
+    # TLS 1.3 only on `port` (coordinator/tls_terminator.py): the SuperLink moves to 127.0.0.1:internal-port.
+    tls_terminator: bool = True
+    internal_port: int = 0  # the SuperLink's loopback port behind the terminator; 0 = port + 1
 
     @property
     def keys_dir(self) -> Path:
@@ -57,6 +60,13 @@ class CoordinatorHost:
     def address(self) -> str:
         """Where local clients (the operator CLI, the ServerApp runner) reach the SuperLink."""
         return f"{'127.0.0.1' if self.host in ('0.0.0.0', '') else self.host}:{self.port}"
+
+    @property
+    def superlink_bind(self) -> tuple[str, int]:
+        """Where flower-superlink itself listens: loopback behind the terminator, else the public port."""
+        if self.tls_terminator:
+            return "127.0.0.1", self.internal_port or self.port + 1
+        return self.host, self.port
 
 
 @dataclass(frozen=True)
