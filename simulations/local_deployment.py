@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +23,8 @@ from typing import Any, TypeVar
 
 from fleetlora.common.host_config import CoordinatorHost, load_host_config
 from fleetlora.coordinator import flower_control
+from fleetlora.coordinator.certs import CA_CERT
+from fleetlora.coordinator.storage import Storage
 
 T = TypeVar("T")
 
@@ -43,6 +48,27 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, poll: float 
             return value
         time.sleep(poll)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@dataclass(frozen=True)
+class Failover:
+    """What a SIGKILL of the coordinator host under a running round cost (:meth:`LocalFleet.fail_over`)."""
+
+    superlink_seconds: float  # from the kill until the restarted SuperLink answered on its port
+    devices_seconds: float  # from the kill until every device was online again
+    rounds_before: list[int]  # the lineage's stored rounds when the host was killed
+    rounds_after: list[int]  # ... once a run started after the restart had finished
+    status_after: str  # how that run finished
+
+    @property
+    def lost(self) -> list[int]:
+        """Rounds stored before the kill and gone after it."""
+        return sorted(set(self.rounds_before) - set(self.rounds_after))
+
+    @property
+    def doubled(self) -> list[int]:
+        """Rounds stored twice."""
+        return sorted({r for r in self.rounds_after if self.rounds_after.count(r) > 1})
 
 
 class Host:
@@ -106,13 +132,18 @@ class LocalFleet:
         return load_host_config(self.config).coordinator
 
     def start_coordinator(self, timeout: float = 60) -> float:
-        """Start (or restart) the coordinator host; seconds until its SuperLink answers."""
+        """Start (or restart) the coordinator host; seconds until its SuperLink answers (the operator
+        CLI's control API included)."""
         started = time.monotonic()
+        self._launch_coordinator()
+        wait_for(self.superlink_answers, timeout, "the SuperLink", poll=0.1)
+        wait_for(lambda: self.runs() is not None, timeout, "the SuperLink's control API")
+        return time.monotonic() - started
+
+    def _launch_coordinator(self) -> None:
         self.hosts["coordinator"] = Host(
             ["coordinator", "up", "--config", str(self.config)], self.folder, self.folder / "coordinator.log"
         )
-        wait_for(lambda: self.runs() is not None, timeout, "the SuperLink")
-        return time.monotonic() - started
 
     def enroll(self, i: int, *, register: bool = True) -> None:
         """The device makes its keys; the operator registers them (unless ``register`` is False)."""
@@ -172,6 +203,38 @@ class LocalFleet:
             timeout,
             f"run {run_id} to finish",
         )
+
+    def superlink_answers(self) -> bool:
+        """Whether the SuperLink answers its health check over TLS (what a load balancer would ask)."""
+        host = self.coordinator
+        try:  # the CA certificate too: a first start writes it
+            context = ssl.create_default_context(cafile=str(host.certs_dir / CA_CERT))
+            with urllib.request.urlopen(f"https://{host.address}/health", context=context, timeout=2) as r:
+                return bool(r.status == 200)
+        except (urllib.error.URLError, OSError, ssl.SSLError):
+            return False
+
+    def fail_over(self, online: int, restart_delay: float = 1.0, timeout: float = 240) -> Failover:
+        """SIGKILL the coordinator host in the second round of a two-round run, start it again after
+        ``restart_delay`` seconds as its supervisor would (systemd's ``RestartSec=1`` in
+        deploy/fleetlora-coordinator.service; Docker's restart policy in docker-compose.yml), wait for
+        the SuperLink and the ``online`` devices, then run one round and report what was kept."""
+        versions = Storage.open(self.coordinator.database_url, self.coordinator.tenant).versions
+        trained = max((v.round for v in versions.all()), default=0) + 1  # round 0: no training
+        self.start_run("--rounds", "2")
+        wait_for(lambda: any(v.round >= trained for v in versions.all()), timeout, "the run's first round")
+        rounds_before = [v.round for v in versions.all()]
+        self.hosts["coordinator"].kill()  # the second round is running: its devices are training
+        killed = time.monotonic()
+        time.sleep(restart_delay)
+        self._launch_coordinator()
+        wait_for(self.superlink_answers, timeout, "the restarted SuperLink", poll=0.1)
+        superlink = time.monotonic() - killed
+        wait_for(lambda: self.online() == online, timeout, f"{online} devices online", poll=0.2)
+        devices = time.monotonic() - killed
+        status = self.wait_finished(self.start_run(), timeout)
+        rounds_after = [v.round for v in versions.all()]
+        return Failover(round(superlink, 2), round(devices, 2), rounds_before, rounds_after, status)
 
     def stop(self) -> None:
         for host in self.hosts.values():

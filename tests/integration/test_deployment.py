@@ -79,18 +79,14 @@ def test_a_deployed_fleet_trains_refuses_strangers_and_survives_kills(fleet: Loc
     assert "Failed to activate SuperNode" in stranger.stdout + stranger.stderr
     assert fleet.online() == 2
 
-    # 3. SIGKILL the coordinator host in the middle of a two-round run, then start it again.
-    fleet.start_run("--rounds", "2")
-    wait_for(lambda: len(store.all()) == 3, 240, "the interrupted run's first round")
-    fleet.hosts["coordinator"].kill()
-    restarted = time.monotonic()
-    fleet.start_coordinator()
-    fleet.wait_online(2, timeout=60)
-    assert time.monotonic() - restarted < 30  # SuperLink up and both devices reconnected
-    run = fleet.start_run()
-    assert fleet.wait_finished(run, 240) == "finished:completed"
+    # 3. SIGKILL the coordinator host in the middle of a two-round run; its supervisor starts it again
+    # after 1 s (benchmarks/failover.py measures the same, repeatedly, against the 15 s target).
+    failover = fleet.fail_over(online=2)
+    assert failover.status_after == "finished:completed"
+    assert failover.superlink_seconds < 30 and failover.devices_seconds < 60  # loose: CI shares 2 cores
+    assert failover.rounds_before == [0, 1, 2] and not failover.lost and not failover.doubled
     rounds = [v.round for v in store.all()]
-    assert rounds == sorted(set(rounds)) and rounds[:3] == [0, 1, 2]  # nothing lost, nothing repeated
+    assert rounds == failover.rounds_after == sorted(set(rounds))  # nothing lost, nothing repeated
     last = store.all()[-1]
     assert last.parent_id == store.all()[-2].id
 

@@ -1,0 +1,105 @@
+"""Failover: a coordinator host killed under a running round, back within 15 s (issue 14).
+
+On 127.0.0.1, with the tiny model and 2 devices (``simulations/local_deployment.py``, the commands of
+docs/operator.md): each repeat starts a two-round run, SIGKILLs the coordinator host's whole process
+group while the second round trains, starts ``fleetlora coordinator up`` again after 1 s (what its
+supervisor does: systemd's ``Restart=always`` / ``RestartSec=1`` in
+deploy/fleetlora-coordinator.service, Docker's restart policy in docker-compose.yml), and then runs
+one more round. It reports, per repeat and as the worst case, the seconds from the kill until the
+SuperLink answers its health check over TLS and until both devices are online again, and checks
+that no stored version was lost or stored twice. Target: the SuperLink back within 15 s.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/failover.py [--repeats 3] [--json benchmarks/results/failover.json]
+
+``--smoke`` is one repeat and writes nothing unless ``--json`` is given (``make test`` runs it).
+Progress goes to stderr; the JSON result is the last line of stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from fleetlora.simulations.local_deployment import LocalFleet
+
+TARGET_SECONDS = 15.0
+RESTART_DELAY = 1.0  # RestartSec in deploy/fleetlora-coordinator.service
+PORT = 19900
+FEDERATION: dict[str, Any] = {
+    "model": "tiny",
+    "data": "builtin",
+    "eval-data": "builtin-test",
+    "rounds": 1,
+    "devices-per-round": 2,
+    "min-devices": 2,
+    "round-deadline": 120.0,
+    "local-steps": 5,
+}
+
+
+def progress(message: str) -> None:
+    print(f"[failover {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="Kills to measure (default 3).")
+    parser.add_argument("--smoke", action="store_true", help="One kill; nothing written without --json.")
+    parser.add_argument("--json", type=Path, help="Also write the result here.")
+    args = parser.parse_args(argv)
+    repeats = 1 if args.smoke else args.repeats
+    if repeats < 1:
+        parser.error("--repeats must be at least 1")
+    json_path = args.json or (None if args.smoke else Path("benchmarks/results/failover.json"))
+    load_before = os.getloadavg()[0]
+    kills: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="fleetlora-failover-") as folder:
+        fleet = LocalFleet(Path(folder), PORT + os.getpid() % 50, 2, dict(FEDERATION))
+        try:
+            progress("starting the coordinator host and 2 devices")
+            fleet.start()
+            for repeat in range(repeats):
+                failover = fleet.fail_over(online=2, restart_delay=RESTART_DELAY)
+                kill = {**dataclasses.asdict(failover), "lost": failover.lost, "doubled": failover.doubled}
+                kills.append(kill)
+                progress(
+                    f"kill {repeat + 1}/{repeats}: SuperLink back in {failover.superlink_seconds} s, "
+                    f"devices in {failover.devices_seconds} s, then {failover.status_after}"
+                )
+        finally:
+            fleet.stop()
+    worst = max(k["superlink_seconds"] for k in kills)
+    result = {
+        "benchmark": "failover",
+        "command": shlex.join(sys.orig_argv),
+        "setup": {"devices": 2, "restart_delay_seconds": RESTART_DELAY, **FEDERATION},
+        "kills": kills,
+        "superlink_back_seconds_worst": worst,
+        "devices_back_seconds_worst": max(k["devices_seconds"] for k in kills),
+        "versions_lost": sum(len(k["lost"]) for k in kills),
+        "versions_doubled": sum(len(k["doubled"]) for k in kills),
+        "runs_completed_after_restart": sum(k["status_after"] == "finished:completed" for k in kills),
+        "target_seconds": TARGET_SECONDS,
+        "target_met": worst <= TARGET_SECONDS,
+        "cpus": os.cpu_count(),
+        "load_average": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
+    }
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
