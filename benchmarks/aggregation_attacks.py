@@ -225,6 +225,21 @@ def run_arm(
     return {"accuracy": accuracy, "final": accuracy[-1], "dropped": drops}
 
 
+def _settings(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` pairs as run-config overrides: VALUE read as JSON (2, 0.5, true), else as
+    text; the run config checks each key and type."""
+    settings: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            parser.error(f"--set takes KEY=VALUE, got {pair!r}")
+        try:
+            settings[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key.strip()] = value.strip()
+    return settings
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model, 6 devices, 2 rounds")
@@ -236,6 +251,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument(
         "--per-round", type=int, default=5, help="devices a round (the fleet's default is 20)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a run-config setting for every arm, e.g. weight-cap=2 (repeatable)",
     )
     parser.add_argument(
         "--json", type=Path, default=REPO / "benchmarks" / "results" / "aggregation_attacks.json"
@@ -255,6 +277,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = {
         "model": fleet.model, "data": fleet.data, "eval-data": fleet.eval_data, "partition": fleet.partition,
         "devices-per-round": fleet.per_round, "rounds": fleet.rounds, "seed": SEED,
+        **_settings(parser, args.set),
     }  # fmt: skip
     rounds = schedule(fleet)
     ranked = sorted(range(fleet.devices), key=lambda p: (-sum(p in s for s in rounds), p))

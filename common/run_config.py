@@ -277,7 +277,7 @@ class RunConfig:
 
     # ---- server
     weight_cap: float = setting(
-        4.0,
+        2.0,
         "A device's weight in the mean is at most this × the last round's median example count (0: off).",
         Group.SERVER,
     )

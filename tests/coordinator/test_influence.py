@@ -33,11 +33,11 @@ def test_a_first_round_bounds_norms_by_the_adapter_and_later_rounds_by_the_last_
     assert first.max_weight == math.inf and first.max_norm == 100.0  # 100 × max(1, 0.5)
     assert first.waits_for_round  # and its own medians, once its replies are in
     settled = first.settle(examples=[10, 30, 20], norms=[1.0, 3.0, 2.0])
-    assert (settled.max_weight, settled.max_norm) == (80.0, 20.0)
+    assert (settled.max_weight, settled.max_norm) == (40.0, 20.0)
     assert "this round's median" in (settled.norm_problem(21.0) or "")
 
     later = RoundBounds.for_round(InfluenceSettings(), adapter_norm=5.0, previous=HISTORY)
-    assert later.max_weight == 400.0  # 4 × the median count, 100
+    assert later.max_weight == 200.0  # 2 × the median count, 100
     assert later.max_norm == 20.0 and "median" in (later.norm_problem(21.0) or "")  # 10 × 2.0 < 100 × 5
     # The median-based bound never goes below the adapter's own norm: tiny deltas from colluders
     # cannot drag it under honest ones.
@@ -63,8 +63,8 @@ def test_an_inflated_example_count_weighs_no_more_than_the_cap():
 
     update = aggregator.release(sampled=2, online=2)
 
-    # (100 × 1 + 400 × 4) / 500, not ≈ 4: the claim counts as 400.
-    assert torch.allclose(update.delta["w"], torch.full((4,), 3.4))
+    # (100 × 1 + 200 × 4) / 300, not ≈ 4: the claim counts as 200, twice the last round's median.
+    assert torch.allclose(update.delta["w"], torch.full((4,), 3.0))
     assert update.metrics[WEIGHTS_CAPPED] == 1.0
     assert aggregator.participants == {1: 100, 2: 10**9}  # what each reported stays on record
 
@@ -100,8 +100,8 @@ def test_a_round_without_history_bounds_each_device_by_the_round_itself():
         (5, "10 × this round's median)"),
         (6, "no reply before the deadline"),
     ]
-    # Node 4 weighs 4 × the median count (100): (3 × 100 × 1 + 400 × 4) / 700.
-    assert torch.allclose(update.delta["w"], torch.full((4,), 1900 / 700))
+    # Node 4 weighs 2 × the median count (100): (3 × 100 × 1 + 200 × 4) / 500.
+    assert torch.allclose(update.delta["w"], torch.full((4,), 1100 / 500))
     assert update.metrics[WEIGHTS_CAPPED] == 1.0
 
 
@@ -141,7 +141,7 @@ def test_one_hostile_device_can_neither_wreck_nor_take_over_the_fleet(sqlite_url
         (blown,) = [d.reason for d in outcome.drops if d.node_id == 101]
         assert "above the round's bound" in blown
         assert 101 not in outcome.participants
-    # The inflated claim weighs at most 4 × the median count: round 1's own, then the last round's.
+    # The inflated claim weighs at most 2 × the median count: round 1's own, then the last round's.
     assert all(outcome.metrics[WEIGHTS_CAPPED] == 1.0 for outcome in outcomes)
     final = federation.storage.versions.adapter(outcomes[-1].version.id)
     assert l2_norm(final) < 1e3
