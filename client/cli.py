@@ -10,16 +10,11 @@ from typing import Annotated
 import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from fleetlora.client import supernode
+# Light modules only: each command imports the heavy ones it needs (torch, the model, Flower) when it
+# runs, so that --help and `device status` start without them (tests/test_cli_imports.py).
 from fleetlora.client.corpus import cli as corpus_cli
-from fleetlora.client.device_state import DeviceState
-from fleetlora.client.enroll import ensure_auth_key, ensure_device_key
-from fleetlora.client.updates import UpdateSlots, apply_package
-from fleetlora.common.config import LoraSettings, ModelSpec, split_names
-from fleetlora.common.delta import nbytes, trainable_state
 from fleetlora.common.host_config import load_host_config
 from fleetlora.common.keys import COORDINATOR_SIGNING_PUB, DEVICE_SIGNING_PUB, read_public_key
-from fleetlora.common.model import build_model
 from fleetlora.common.package import MAX_CAP
 
 app = typer.Typer(help="Set up and inspect the device agent.", no_args_is_help=True)
@@ -52,6 +47,10 @@ def model_info(
     ] = "auto",
 ) -> None:
     """Show what training this model costs a device: parameters, trainable share, adapter size."""
+    from fleetlora.common.config import LoraSettings, ModelSpec, split_names
+    from fleetlora.common.delta import nbytes, trainable_state
+    from fleetlora.common.model import build_model
+
     label_names = split_names(labels)
     if regime == "auto":
         regime = "head" if label_names and not unfreeze else "lora"
@@ -86,6 +85,9 @@ def enroll(
 ) -> None:
     """Make this device's keys (once): Ed25519 to sign uploads, ECDSA for its SuperNode to authenticate;
     show what to hand to the coordinator's operator."""
+    from fleetlora.client.device_state import DeviceState
+    from fleetlora.client.enroll import ensure_auth_key, ensure_device_key
+
     device = DeviceState(state_dir)
     ensure_device_key(device)
     auth = ensure_auth_key(device)
@@ -108,6 +110,8 @@ def up(
     ] = None,
 ) -> None:
     """Start this device's SuperNode (TLS, its auth key) in the foreground; it trains when sampled."""
+    from fleetlora.client import supernode
+
     device = load_host_config(config).device
     if coordinator:
         device = dataclasses.replace(device, coordinator=coordinator)
@@ -129,6 +133,9 @@ def apply(
     ] = MAX_CAP,
 ) -> None:
     """Verify an update package and make it this device's active adapter (atomically; old one kept)."""
+    from fleetlora.client.device_state import DeviceState
+    from fleetlora.client.updates import apply_package
+
     key = read_public_key(coordinator_key or state_dir / COORDINATOR_SIGNING_PUB, Ed25519PublicKey)
     with file.open("rb") as stream:
         applied = apply_package(stream, DeviceState(state_dir), key, tenant=tenant, cap=cap)
@@ -145,6 +152,9 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Show the adapter this device runs (recovering from an interrupted apply first)."""
+    from fleetlora.client.device_state import DeviceState
+    from fleetlora.client.updates import UpdateSlots
+
     active = UpdateSlots(DeviceState(state_dir)).active()
     document = {k: v for k, v in dataclasses.asdict(active).items() if k != "model"} if active else None
     if as_json:

@@ -15,14 +15,17 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError
 
-from fleetlora.common.delta import State, deserialize, serialize
 from fleetlora.common.errors import ConfigError, IncompatibleStateError
 from fleetlora.common.trusted_paths import check_trusted, make_trusted_folder
+
+if TYPE_CHECKING:  # torch loads where tensors are read or written: `device status` starts without it
+    import torch
+
+    from fleetlora.common.delta import State
 
 UserConfig = Mapping[str, bool | int | float | str]  # a Flower node or run config
 
@@ -62,6 +65,8 @@ class DeviceState:
 
     def load_arrays(self, name: str) -> State | None:
         """The stored tensors, or None if never saved; a damaged file raises IncompatibleStateError."""
+        from fleetlora.common.delta import deserialize
+
         path = self.path(name)
         if not path.is_file():
             return None
@@ -73,6 +78,8 @@ class DeviceState:
 
     def save_arrays(self, name: str, state: Mapping[str, torch.Tensor]) -> None:
         """Replace the named tensor file in one step."""
+        from fleetlora.common.delta import serialize
+
         self._replace(self.path(name), serialize(state))
 
     def load_json(self, name: str) -> dict[str, Any] | None:

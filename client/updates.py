@@ -23,22 +23,19 @@ still refuses packages older than the newest it had.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
-import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fleetlora.client.device_state import DeviceState
 from fleetlora.common.canonical import canonical_json
-from fleetlora.common.codec import Codec, CodecError, decode, inflated_bound
 from fleetlora.common.config import ModelSpec, from_config
-from fleetlora.common.delta import State, apply_delta, check_layout, load_trainable_state, sha256_hex
 from fleetlora.common.errors import ConfigError, IncompatibleStateError
-from fleetlora.common.model import LoadedModel, cached_model, canary_is_finite
 from fleetlora.common.package import (
     MAX_CAP,
     Expectations,
@@ -49,6 +46,10 @@ from fleetlora.common.package import (
     read_manifest,
     read_payload,
 )
+
+if TYPE_CHECKING:  # torch and the model load when a package is applied: `device status` needs neither
+    from fleetlora.common.delta import State
+    from fleetlora.common.model import LoadedModel
 
 UPDATES_DIR = "updates"
 SLOTS = ("slot-a", "slot-b")
@@ -95,7 +96,7 @@ class UpdateSlots:
         """The adapter the device runs, after recovering from any interrupted apply (None: none yet)."""
         for pointer in sorted(self._pointers(), key=lambda p: p.generation, reverse=True):
             slot = self.files.path(pointer.slot)
-            if slot.is_file() and sha256_hex(slot.read_bytes()) == pointer.adapter_sha256:
+            if slot.is_file() and hashlib.sha256(slot.read_bytes()).hexdigest() == pointer.adapter_sha256:
                 self._remove_scratch()
                 return pointer
         self._remove_scratch()  # a first apply killed before its switch
@@ -110,7 +111,7 @@ class UpdateSlots:
     def write_slot(self, slot: str, state: State) -> str:
         """Write ``state`` into ``slot`` durably; return the sha256 of the bytes written."""
         self.files.save_arrays(slot, state)
-        return sha256_hex(self.files.path(slot).read_bytes())
+        return hashlib.sha256(self.files.path(slot).read_bytes()).hexdigest()
 
     def highest_sequence(self) -> int:
         """The highest package sequence this device ever applied, kept apart from the pointers and slots.
@@ -184,6 +185,8 @@ def apply_package(
 
     Nothing on disk changes unless every check passes; a failed health check leaves the old adapter.
     """
+    from fleetlora.common.delta import load_trainable_state
+
     started = time.perf_counter()
     slots = UpdateSlots(device)
     current = slots.active()
@@ -240,7 +243,10 @@ def _activate(
 
 def health_check(loaded: LoadedModel, state: State, expected_sha256: str, path: Path) -> None:
     """The slot as written: its hash, that it loads into the model, and a finite canary output."""
-    if sha256_hex(path.read_bytes()) != expected_sha256:
+    from fleetlora.common.delta import load_trainable_state
+    from fleetlora.common.model import canary_is_finite
+
+    if hashlib.sha256(path.read_bytes()).hexdigest() != expected_sha256:
         raise PackageError(PackageRejection.UNHEALTHY, f"{path} does not read back as written")
     try:
         load_trainable_state(loaded.model, state)
@@ -251,6 +257,8 @@ def health_check(loaded: LoadedModel, state: State, expected_sha256: str, path: 
 
 
 def _model_for(manifest: Manifest) -> LoadedModel:
+    from fleetlora.common.model import cached_model
+
     try:
         return cached_model(from_config(ModelSpec, manifest.model, "model"))
     except (ConfigError, KeyError, TypeError) as exc:
@@ -261,6 +269,11 @@ def _model_for(manifest: Manifest) -> LoadedModel:
 
 def _rebuild(manifest: Manifest, payload: bytes, loaded: LoadedModel, active: State | None) -> State:
     """The adapter the package describes, checked against the model's own layout."""
+    import torch
+
+    from fleetlora.common.codec import Codec, CodecError, decode, inflated_bound
+    from fleetlora.common.delta import apply_delta, check_layout
+
     layout = loaded.initial_adapter
     try:
         decoded = decode(payload, Codec.parse(manifest.codec), max_bytes=inflated_bound(layout))
@@ -274,4 +287,4 @@ def _rebuild(manifest: Manifest, payload: bytes, loaded: LoadedModel, active: St
 
 
 def _checksum(document: dict[str, Any]) -> str:
-    return sha256_hex(canonical_json(document))
+    return hashlib.sha256(canonical_json(document)).hexdigest()

@@ -19,6 +19,7 @@ second package to the current one, always carries a sequence the device has alre
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import struct
 from dataclasses import dataclass
@@ -30,7 +31,6 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fleetlora.common.canonical import canonical_json
-from fleetlora.common.delta import sha256_hex
 from fleetlora.common.errors import FleetloraError
 
 MAGIC: Final = b"FLPKG\x00\x01\n"
@@ -150,7 +150,10 @@ def utc_iso(moment: datetime) -> str:
 
 def sign(manifest: Manifest, payload: bytes, key: Ed25519PrivateKey) -> Package:
     """Sign ``manifest``, after checking it describes ``payload``."""
-    if manifest.payload_length != len(payload) or manifest.payload_sha256 != sha256_hex(payload):
+    if (
+        manifest.payload_length != len(payload)
+        or manifest.payload_sha256 != hashlib.sha256(payload).hexdigest()
+    ):
         raise ValueError("manifest does not describe this payload")
     return Package(manifest, key.sign(SIGNING_CONTEXT + manifest.canonical()), payload)
 
@@ -232,7 +235,7 @@ def read_payload(stream: BinaryIO, manifest: Manifest) -> bytes:
         raise PackageError(
             PackageRejection.OVERSIZE, f"data continues past the declared {manifest.payload_length} bytes"
         )
-    if sha256_hex(payload) != manifest.payload_sha256:
+    if hashlib.sha256(payload).hexdigest() != manifest.payload_sha256:
         raise PackageError(PackageRejection.TAMPERED, "payload does not match the signed sha256")
     return payload
 

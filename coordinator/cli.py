@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -21,21 +21,11 @@ from fleetlora.common.keys import COORDINATOR_HPKE_PUB, COORDINATOR_SIGNING_PUB,
 from fleetlora.common.package import MAX_CAP, read_package
 from fleetlora.common.terminal import shown
 from fleetlora.coordinator import deploy_cli
-from fleetlora.coordinator.at_rest import KEY_FILE_ENV, AtRestKey, BlobCipher
-from fleetlora.coordinator.db import Database, upgrade, without_password
-from fleetlora.coordinator.flower_control import register_node
-from fleetlora.coordinator.keys import init_keys, load_signing_key
-from fleetlora.coordinator.operators import Credentials, Operators
-from fleetlora.coordinator.packages import (
-    DEFAULT_MAX_ERROR,
-    DEFAULT_TTL,
-    PackagePolicy,
-    build_package,
-)
-from fleetlora.coordinator.settings import DEFAULT_DB
-from fleetlora.coordinator.storage import PackageInfo, Storage, VersionInfo
-from fleetlora.coordinator.storage.audit import CHECKPOINTS_FILE, acting_as, read_checkpoints, verify
-from fleetlora.coordinator.storage.reseal import reseal_all
+from fleetlora.coordinator.defaults import DEFAULT_DB, DEFAULT_MAX_ERROR, DEFAULT_TTL
+
+if TYPE_CHECKING:  # SQLAlchemy, torch and Flower load inside the commands that use them, not for --help
+    from fleetlora.coordinator.db import Database
+    from fleetlora.coordinator.storage import PackageInfo, Storage, VersionInfo
 
 app = typer.Typer(
     help="Operate the coordinator: keys, enrolled devices, versions, update packages, the database.",
@@ -86,11 +76,21 @@ OperatorKey = Annotated[
 OtpCode = Annotated[str | None, typer.Option("--otp", help="The one-time code your authenticator app shows.")]
 
 
+def _open_storage(db: str, tenant: str | None = None) -> Storage:
+    """:meth:`Storage.open`, imported when a command runs."""
+    from fleetlora.coordinator.storage import Storage
+
+    return Storage.open(db, tenant)
+
+
 @contextmanager
 def _as_operator(
     db: Database, action: str, operator: str | None, key: Path | None, otp: str | None
 ) -> Iterator[None]:
     """Run a change as the operator its credentials prove (every change, once operators exist)."""
+    from fleetlora.coordinator.operators import Credentials, Operators
+    from fleetlora.coordinator.storage.audit import acting_as
+
     name = Operators(db).authorize(Credentials(operator, key, otp), action)
     with acting_as(name):
         yield
@@ -113,7 +113,9 @@ def list_versions(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """List every stored version with its lineage, participants, size and metrics."""
-    storage = Storage.open(db, tenant)
+    from fleetlora.coordinator.db import without_password
+
+    storage = _open_storage(db, tenant)
     versions = storage.versions.all()
     if as_json:
         typer.echo(json.dumps([{**v.__dict__, "label": v.label} for v in versions], default=str, indent=2))
@@ -166,7 +168,7 @@ def revert_version(
 
     Nothing is deleted. The next round trains from the new version and its package brings devices to it.
     """
-    storage = Storage.open(db, tenant)
+    storage = _open_storage(db, tenant)
     with _as_operator(storage.db, "versions revert", operator, operator_key, otp):
         reverted = storage.versions.revert(_version_id(version), reason)
     typer.echo(
@@ -180,7 +182,7 @@ def list_audit(
     db: DbOption = DEFAULT_DB,
 ) -> None:
     """The audit log: every change to parameters or settings, newest last."""
-    entries = Storage.open(db).audit.entries()
+    entries = _open_storage(db).audit.entries()
     table = Table("#", "at", "actor", "action", "subject", "details", title="audit log", title_justify="left")
     for entry in entries[-last:] if last else entries:
         table.add_row(
@@ -205,7 +207,9 @@ def verify_audit(
     db: DbOption = DEFAULT_DB,
 ) -> None:
     """Check the audit log's hash chain and, with --keys, its signed checkpoints; exit 1 on any problem."""
-    storage = Storage.open(db)
+    from fleetlora.coordinator.storage.audit import CHECKPOINTS_FILE, read_checkpoints, verify
+
+    storage = _open_storage(db)
     entries = storage.audit.entries()
     key = read_public_key(keys / COORDINATOR_SIGNING_PUB, Ed25519PublicKey) if keys else None
     checkpoints = read_checkpoints(keys / CHECKPOINTS_FILE) if keys else []
@@ -224,7 +228,10 @@ def verify_audit(
 def checkpoint_audit(keys: KeysOption = Path("keys"), db: DbOption = DEFAULT_DB) -> None:
     """Sign the newest audit entry with the coordinator's key into KEYS/audit-checkpoints.jsonl (a round
     does this itself after each version)."""
-    checkpoint = Storage.open(db).audit.checkpoint(load_signing_key(keys), keys)
+    from fleetlora.coordinator.keys import load_signing_key
+    from fleetlora.coordinator.storage.audit import CHECKPOINTS_FILE
+
+    checkpoint = _open_storage(db).audit.checkpoint(load_signing_key(keys), keys)
     typer.echo(f"signed entry {checkpoint.seq} into {keys / CHECKPOINTS_FILE}")
 
 
@@ -235,6 +242,8 @@ def init_at_rest_key(
     ] = Path("keys/at-rest.key"),
 ) -> None:
     """Make the AES-256 key that seals adapters, optimizer states and packages in the database."""
+    from fleetlora.coordinator.at_rest import KEY_FILE_ENV, AtRestKey
+
     key = AtRestKey.create(out)
     typer.echo(
         f"{out} (key {key.key_id.hex()}): export {KEY_FILE_ENV}={out.resolve()} for every coordinator process"
@@ -256,6 +265,10 @@ def rotate_at_rest_key(
     One row per transaction and resumable: run it again after an interruption. With no key in the
     environment, blobs stored in the clear are encrypted (turning encryption on for existing data).
     """
+    from fleetlora.coordinator.at_rest import KEY_FILE_ENV, AtRestKey, BlobCipher
+    from fleetlora.coordinator.db import Database
+    from fleetlora.coordinator.storage.reseal import reseal_all
+
     cipher = BlobCipher([AtRestKey.read(new_key), *BlobCipher.from_environment().keys])
     database = Database(db, cipher).initialize()
     with _as_operator(database, "db rotate-key", operator, operator_key, otp):
@@ -278,7 +291,9 @@ def add_operator(
 ) -> None:
     """Add an operator: a key pair and a one-time-code secret. The first needs nothing; every later one
     is added by an existing operator's key and code."""
-    storage = Storage.open(db)
+    from fleetlora.coordinator.operators import Operators
+
+    storage = _open_storage(db)
     with _as_operator(storage.db, "operator add", operator, operator_key, otp):
         added = Operators(storage.db).add(name, key_out)
     typer.echo(f"operator {added.name}: private key in {added.key_file} (keep it to yourself)")
@@ -290,6 +305,8 @@ def add_operator(
 @db_app.command("upgrade")
 def upgrade_database(db: DbOption = DEFAULT_DB) -> None:
     """Migrate the database to this fleetlora's schema (creates it if empty; safe to repeat)."""
+    from fleetlora.coordinator.db import Database, upgrade, without_password
+
     typer.echo(f"{without_password(db)}: schema at revision {upgrade(Database(db).engine)}")
 
 
@@ -300,6 +317,8 @@ def init_keys_command(
     ] = Path("keys"),
 ) -> None:
     """Make the HPKE (X25519) key pair devices seal uploads to, and the Ed25519 package-signing key."""
+    from fleetlora.coordinator.keys import init_keys
+
     written = init_keys(folder)
     for path in written:
         typer.echo(str(path))
@@ -325,10 +344,12 @@ def enroll_device(
 ) -> None:
     """Register a device: its upload-signing key in fleetlora's registry and, with --auth-key, its
     SuperNode with the running SuperLink (`fleetlora coordinator up`)."""
+    from fleetlora.coordinator.flower_control import register_node
+
     host = load_host_config(config).coordinator
     key = read_public_key(public_key, Ed25519PublicKey)
     tenant = tenant or host.tenant
-    storage = Storage.open(db or (host.database_url if config else DEFAULT_DB), tenant)
+    storage = _open_storage(db or (host.database_url if config else DEFAULT_DB), tenant)
     with _as_operator(storage.db, "devices enroll", operator, operator_key, otp):
         node_id = register_node(host, auth_key, device_id) if auth_key is not None else None
         storage.devices.enroll(device_id, tenant, key, node_id)
@@ -342,7 +363,7 @@ def list_quarantined(
     tenant: TenantOption = DEFAULT_TENANT,
 ) -> None:
     """Devices kept out of rounds after repeated anomalies (deltas out of bounds or broken, counts cut)."""
-    store = Storage.open(db, tenant).devices
+    store = _open_storage(db, tenant).devices
     entries = store.quarantined(released=every)
     if not entries:
         typer.echo("No device is in quarantine." if not every else "No device was ever quarantined.")
@@ -378,7 +399,7 @@ def release_device(
     otp: OtpCode = None,
 ) -> None:
     """End a device's quarantine; its earlier anomalies no longer count toward the next one."""
-    storage = Storage.open(db, tenant)
+    storage = _open_storage(db, tenant)
     with _as_operator(storage.db, "devices release", operator, operator_key, otp):
         released = storage.devices.release(device_id, reason)
     typer.echo(f"released {released.device_id} (quarantined {released.quarantined_at:%Y-%m-%d %H:%M})")
@@ -415,7 +436,10 @@ def build_package_command(
     tenant: TenantOption = DEFAULT_TENANT,
 ) -> None:
     """Build, sign and store the package FROM → TO with the most faithful codec that fits the cap."""
-    storage = Storage.open(db, tenant)
+    from fleetlora.coordinator.keys import load_signing_key
+    from fleetlora.coordinator.packages import PackagePolicy, build_package
+
+    storage = _open_storage(db, tenant)
     policy = PackagePolicy(cap=cap, ttl=timedelta(hours=ttl_hours), max_error=max_error)
     package = build_package(
         storage, _version_id(to), _version_id(start) if start else None, load_signing_key(keys), policy
@@ -433,7 +457,7 @@ def list_packages(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """List stored packages: versions, codec, bytes against the base model, reconstruction error."""
-    packages = Storage.open(db, tenant).packages.all()
+    packages = _open_storage(db, tenant).packages.all()
     if as_json:
         typer.echo(json.dumps([{**p.__dict__, "ratio": p.ratio} for p in packages], default=str, indent=2))
         return
@@ -448,7 +472,7 @@ def export_package(
     tenant: TenantOption = DEFAULT_TENANT,
 ) -> None:
     """Write a stored package to a file, for devices reached out of band (`fleetlora device apply`)."""
-    blob = Storage.open(db, tenant).packages.blob(package_id)
+    blob = _open_storage(db, tenant).packages.blob(package_id)
     out.write_bytes(blob)
     typer.echo(f"wrote {out} ({len(blob)} bytes)")
 

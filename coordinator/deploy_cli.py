@@ -11,16 +11,16 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from fleetlora.common.host_config import CoordinatorHost, load_host_config
-from fleetlora.coordinator import flower_control, superlink
-from fleetlora.coordinator.certs import DEFAULT_HOSTS, init_certs
-from fleetlora.coordinator.storage import DeviceUpdateInfo, Storage
+
+if TYPE_CHECKING:  # the SuperLink's modules and SQLAlchemy load inside the commands that use them
+    from fleetlora.coordinator.storage import DeviceUpdateInfo
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", help="fleetlora.toml of this coordinator host (docs/operator.md).")
@@ -32,6 +32,8 @@ round_app = typer.Typer(help="Start and stop federated rounds on the deployed fl
 def up(config: ConfigOption = None) -> None:
     """Start the coordinator host: keys, TLS certificates and schema if missing, then the SuperLink
     (TLS, SuperNode authentication, durable state) in the foreground until stopped."""
+    from fleetlora.coordinator import superlink
+
     host = load_host_config(config).coordinator
     host.state_dir.mkdir(parents=True, exist_ok=True)
     for made in superlink.prepare(host):
@@ -54,6 +56,8 @@ def certs_init(
     ] = None,
 ) -> None:
     """Make a private CA and a SuperLink certificate it signs (`coordinator up` does this itself)."""
+    from fleetlora.coordinator.certs import DEFAULT_HOSTS, init_certs
+
     for path in init_certs(folder, tuple(hosts) if hosts else DEFAULT_HOSTS):
         typer.echo(str(path))
     typer.echo(f"Give devices {folder / 'ca.crt'}; keep ca.key offline once certificates are made.")
@@ -70,6 +74,8 @@ def round_start(
     config: ConfigOption = None,
 ) -> None:
     """Launch a run of federated rounds on the SuperLink; it continues from the latest stored version."""
+    from fleetlora.coordinator import flower_control
+
     settings = load_host_config(config)
     host = settings.coordinator
     run_config = {**DEPLOYED_DEFAULTS, **settings.federation, **deployment_run_config(host)}
@@ -92,6 +98,8 @@ def round_stop(
     config: ConfigOption = None,
 ) -> None:
     """Stop a run; the versions its finished rounds stored stay."""
+    from fleetlora.coordinator import flower_control
+
     host = load_host_config(config).coordinator
     if run_id is None:
         running = [
@@ -145,6 +153,9 @@ def deployment_run_config(host: CoordinatorHost) -> dict[str, Any]:
 
 def fleet_status(host: CoordinatorHost) -> dict[str, list[dict[str, Any]]]:
     """Devices, rounds, versions and runs as rows, from fleetlora's database and the SuperLink."""
+    from fleetlora.coordinator import flower_control
+    from fleetlora.coordinator.storage import Storage
+
     storage = Storage.open(host.database_url, host.tenant)
     try:
         nodes = {str(n.get("node-id")): n for n in flower_control.list_nodes(host)}

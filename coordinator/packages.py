@@ -22,11 +22,9 @@ from fleetlora.common.codec import LADDER, decode, encode, inflated_bound, relat
 from fleetlora.common.delta import apply_delta, diff, sha256_hex
 from fleetlora.common.errors import ConfigError, FleetloraError
 from fleetlora.common.package import MAX_CAP, Manifest, sign, utc_iso
+from fleetlora.coordinator.defaults import DEFAULT_MAX_ERROR, DEFAULT_TTL
 from fleetlora.coordinator.models import utcnow
 from fleetlora.coordinator.storage import PackageInfo, Storage
-
-DEFAULT_TTL = timedelta(days=7)
-DEFAULT_MAX_ERROR = 0.10
 
 
 class PackageTooLarge(FleetloraError):

@@ -33,8 +33,6 @@ from fleetlora.coordinator.central_dp import CentralDPSettings
 from fleetlora.coordinator.influence import InfluenceSettings
 from fleetlora.coordinator.packages import PackagePolicy
 
-DEFAULT_DB = "sqlite:///fleetlora.db"  # the operator CLI's database when neither --db nor --config is given
-
 
 @dataclass(frozen=True)
 class CoordinatorSettings:

@@ -6,22 +6,19 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from fleetlora.client.corpus import labels
 from fleetlora.client.corpus.ingest import FORMATS, http_server, ingest_stream, scan_inbox, watch_inbox
-from fleetlora.client.corpus.pipeline import Pipeline
 from fleetlora.client.corpus.store import CORPUS_FILE, CorpusStore
-from fleetlora.client.device_state import DeviceState
-from fleetlora.client.updates import UpdateSlots
-from fleetlora.common.delta import load_trainable_state
-from fleetlora.common.model import cached_model
 from fleetlora.common.terminal import shown
 from fleetlora.common.trusted_paths import make_trusted_folder
+
+if TYPE_CHECKING:  # the pipeline (NumPy, MinHash) and the model (torch) load in the commands that use them
+    from fleetlora.client.corpus.pipeline import Pipeline
 
 StateDir = Annotated[
     Path, typer.Option(help=f"The device's state folder; the corpus is {CORPUS_FILE} in it.")
@@ -61,6 +58,8 @@ def ingest(
     ] = 7.0,
 ) -> None:
     """Take new records into the device's corpus: quality rules, de-duplication, durable store."""
+    from fleetlora.client.corpus.pipeline import Pipeline
+
     if not (inbox or stdin or http is not None):
         raise typer.BadParameter("Say where records come from: --inbox DIR, --stdin or --http PORT.")
     with open_store(state_dir, capacity_mb, hot_days) as store:
@@ -166,6 +165,8 @@ def quarantine_release(
     state_dir: StateDir,
 ) -> None:
     """Accept a quarantined record as it is (a person overrides the rule); exact duplicates still count."""
+    from fleetlora.client.corpus.pipeline import Pipeline
+
     with open_store(state_dir) as store:
         outcome = Pipeline(store).release(record_id)
     typer.echo(f"released {record_id}: {outcome.status}" + (f" ({outcome.reason})" if outcome.reason else ""))
@@ -191,6 +192,12 @@ def label(
 ) -> None:
     """Let the device's current model (its active packaged adapter) label recent unlabelled records;
     unsure ones go to the review queue."""
+    from fleetlora.client.corpus import labels
+    from fleetlora.client.device_state import DeviceState
+    from fleetlora.client.updates import UpdateSlots
+    from fleetlora.common.delta import load_trainable_state
+    from fleetlora.common.model import cached_model
+
     device = DeviceState(state_dir)
     active = UpdateSlots(device).active()
     if active is None:
@@ -205,6 +212,8 @@ def label(
 @review_app.command("list")
 def review_list(state_dir: StateDir) -> None:
     """Show records waiting for review with the models' proposals."""
+    from fleetlora.client.corpus import labels
+
     with open_store(state_dir) as store:
         queue = labels.review_queue(store)
     table = Table(title=f"{len(queue)} waiting for review", title_justify="left")
@@ -226,6 +235,8 @@ def review_accept(
     label: Annotated[str | None, typer.Option(help="The right label, if not the top proposal.")] = None,
 ) -> None:
     """Settle a record's label: the top proposal, or --label to correct it."""
+    from fleetlora.client.corpus import labels
+
     with open_store(state_dir) as store:
         chosen = labels.settle(store, record_id, label)
     typer.echo(f"{record_id}: {chosen} (by a person)")

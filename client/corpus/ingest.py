@@ -25,7 +25,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from fleetlora.client.corpus.pipeline import Outcome, Pipeline
 from fleetlora.client.corpus.records import Record, short_repr
 from fleetlora.common.errors import ConfigError
 
@@ -33,6 +32,7 @@ if TYPE_CHECKING:  # imported where the endpoint is made: the command line start
     from starlette.applications import Starlette
     from starlette.types import Receive
 
+    from fleetlora.client.corpus.pipeline import Outcome, Pipeline  # the caller's: dedup loads NumPy
     from fleetlora.common.web import WebServer
 
 FORMATS = ("jsonl", "csv", "txt")

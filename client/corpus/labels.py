@@ -16,14 +16,16 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from fleetlora.client.corpus.records import Record
 from fleetlora.client.corpus.store import CorpusStore
 from fleetlora.common.errors import ConfigError, DataError
-from fleetlora.common.model import LoadedModel
+
+if TYPE_CHECKING:  # torch and the model load where labels are proposed: `review list` reads the store alone
+    import torch
+
+    from fleetlora.common.model import LoadedModel
 
 PROVENANCE, REVIEW = "label_provenance", "review"  # metadata keys
 DEFAULT_FLOOR = 0.8
@@ -37,22 +39,24 @@ class Labeller:
     name: str
 
 
-@torch.no_grad()
 def probabilities(loaded: LoadedModel, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
     """Class probabilities, one row per text, in the order of the model's labels."""
+    import torch
+
     if loaded.spec.task != "classify":
         raise ConfigError("Labels are proposed by a classification model; this one is a causal LM.")
     loaded.model.eval()
     rows = []
-    for start in range(0, len(texts), batch_size):
-        batch = loaded.tokenizer(
-            list(texts[start : start + batch_size]),
-            padding=True,
-            truncation=True,
-            max_length=loaded.spec.max_length,
-            return_tensors="pt",
-        )
-        rows.append(torch.softmax(loaded.model(**batch).logits.float(), dim=-1))
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            batch = loaded.tokenizer(
+                list(texts[start : start + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=loaded.spec.max_length,
+                return_tensors="pt",
+            )
+            rows.append(torch.softmax(loaded.model(**batch).logits.float(), dim=-1))
     return torch.cat(rows) if rows else torch.empty(0, len(loaded.spec.labels))
 
 

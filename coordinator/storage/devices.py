@@ -11,6 +11,7 @@ release, which is written on the quarantine's own row.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,7 +20,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import ColumnElement, Select, SQLColumnExpression, func, select, true
 from sqlalchemy.orm import Session
 
-from fleetlora.common.delta import sha256_hex
 from fleetlora.common.errors import FleetloraError
 from fleetlora.common.keys import load_public_key, public_pem
 from fleetlora.coordinator.models import DeviceFlag, DeviceUpdate, EnrolledDevice, QuarantineEntry, utcnow
@@ -107,7 +107,7 @@ class DeviceStore(TenantScoped):
                 row.node_id = node or row.node_id
             details = {
                 "tenant": tenant,
-                "key_sha256": sha256_hex(pem.encode()),
+                "key_sha256": hashlib.sha256(pem.encode()).hexdigest(),
                 "node": node,
                 "again": row is not None,
             }

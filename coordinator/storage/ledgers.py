@@ -12,13 +12,15 @@ import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 
 from fleetlora.coordinator.models import PrivacyEntry, RoundRecord
 from fleetlora.coordinator.storage.rows import TenantScoped, info_of
-from fleetlora.coordinator.uploads import PrivacySpend
+
+if TYPE_CHECKING:  # uploads loads torch and Flower: the listing commands read the ledger without them
+    from fleetlora.coordinator.uploads import PrivacySpend
 
 COMPLETED = "completed"
 FAILED = "failed"
@@ -55,9 +57,18 @@ class RoundInfo:
 
 
 @dataclass(frozen=True)
-class PrivacyEntryInfo(PrivacySpend):
+class PrivacyEntryInfo:
     """A DP device's cumulative spend after a round of a lineage, as it reported it."""
 
+    # A stored PrivacySpend: its fields first (tests/coordinator/test_storage.py keeps them in step),
+    # then the row's own. Not a subclass of it, so that reading the ledger does not import uploads.
+    device_id: str
+    epsilon: float
+    delta: float
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    records_retired: int
     id: int
     lineage: str
     round: int

@@ -6,12 +6,12 @@ module only stores what was built and serves it back, checked against its record
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import select
 
-from fleetlora.common.delta import sha256_hex
 from fleetlora.common.errors import FleetloraError
 from fleetlora.common.package import Manifest
 from fleetlora.coordinator.models import UpdatePackage, utcnow
@@ -70,7 +70,7 @@ class PackageStore(TenantScoped):
                 **{column: getattr(manifest, field) for column, field in _MANIFEST_COLUMNS.items()},
                 package=b"",  # the sealed blob is bound to the row's id: written once the id is known
                 package_bytes=len(blob),
-                package_sha256=sha256_hex(blob),
+                package_sha256=hashlib.sha256(blob).hexdigest(),
                 cap=cap,
                 build_seconds=build_seconds,
                 created_at=datetime.fromisoformat(manifest.created),

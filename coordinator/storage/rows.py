@@ -6,6 +6,7 @@ flush); a frozen copy can cross threads, be compared in tests and be cached with
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -13,7 +14,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy import ColumnElement, Select, SQLColumnExpression, literal, select, true
 from sqlalchemy.orm import Session
 
-from fleetlora.common.delta import sha256_hex
 from fleetlora.common.errors import FleetloraError
 from fleetlora.coordinator.db import Database
 from fleetlora.coordinator.models import Lineage
@@ -75,6 +75,6 @@ def checked_blob(blob: bytes, sha256: str, corrupt: Callable[[], FleetloraError]
     Every stored blob (adapter, optimizer state, package) is read through this, so a row damaged on
     disk or edited by hand is never served as if it were what was stored.
     """
-    if sha256_hex(blob) != sha256:
+    if hashlib.sha256(blob).hexdigest() != sha256:
         raise corrupt()
     return blob

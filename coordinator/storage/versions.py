@@ -11,17 +11,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from fleetlora.common.delta import State, deserialize, nbytes, serialize, sha256_hex
 from fleetlora.common.errors import CorruptVersionError, FleetloraError
 from fleetlora.coordinator.models import Lineage, ModelVersion, OptimizerState, Participant
 from fleetlora.coordinator.storage import audit
 from fleetlora.coordinator.storage.ledgers import RoundReport, round_row
 from fleetlora.coordinator.storage.rows import TenantScoped, checked_blob, info_of
+
+if TYPE_CHECKING:  # torch loads where adapters are (de)serialized: listings read rows without it
+    from fleetlora.common.delta import State
 
 REVERTED_TO, REVERT_REASON = "reverted_to", "revert_reason"  # a revert's metrics (VersionStore.revert)
 
@@ -212,6 +214,8 @@ class VersionStore(TenantScoped):
 
     def adapter(self, version_id: int) -> State:
         """The stored adapter, after checking its bytes against the recorded sha256."""
+        from fleetlora.common.delta import deserialize
+
         with self.db.session() as session:
             row = self._row(session, version_id)
             blob, expected = self.db.cipher.open(row.adapter, adapter_binding(row)), row.adapter_sha256
@@ -228,6 +232,8 @@ class VersionStore(TenantScoped):
 
     def optimizer_state(self, version_id: int) -> ServerOptimizerState | None:
         """The server optimizer state stored with a version (checked against its sha256), if any."""
+        from fleetlora.common.delta import deserialize
+
         with self.db.session() as session:
             self._row(session, version_id)  # of this tenant
             row = session.get(OptimizerState, version_id)
@@ -253,6 +259,8 @@ class VersionStore(TenantScoped):
     # ---- rows -----------------------------------------------------------------------------
 
     def _insert(self, session: Session, version: NewVersion) -> ModelVersion:
+        from fleetlora.common.delta import nbytes, serialize, sha256_hex
+
         self.check_lineage(session, version.lineage)
         blob = serialize(version.adapter)
         row = ModelVersion(

@@ -11,7 +11,7 @@ from flwr.clientapp import ClientApp
 
 from fleetlora.client.client_app import build_client_app
 from fleetlora.common import records
-from fleetlora.coordinator import deploy_cli
+from fleetlora.coordinator import deploy_cli, flower_control
 from fleetlora.coordinator.sampling import Sampler, sample_devices
 from fleetlora.coordinator.settings import CoordinatorSettings
 from tests.coordinator.local_grid import LocalGrid
@@ -128,7 +128,7 @@ def test_a_draw_depends_on_the_set_of_names_not_on_node_ids_or_their_order():
 
 def test_a_deployed_round_samples_from_the_os_unless_federation_asks_for_a_seed(tmp_path: Path, monkeypatch):
     sent: list[dict] = []
-    monkeypatch.setattr(deploy_cli.flower_control, "start_run", lambda host, config: sent.append(config) or 1)
+    monkeypatch.setattr(flower_control, "start_run", lambda host, config: sent.append(config) or 1)
     host = tmp_path / "fleetlora.toml"
 
     def started(federation: str) -> CoordinatorSettings:
