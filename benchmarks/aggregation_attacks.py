@@ -325,7 +325,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "arms": arms,
             "worst_points_lost_with_one": round(100 * (clean - min(one)), 2) if one else None,
         }
-    default = result["arms"].get(DEFAULTS.aggregator)
+    default = result["arms"].get(defaults.influence.aggregator)  # `auto` resolved for this fleet
+    result["default_aggregator"] = defaults.influence.aggregator
     if default and default["worst_points_lost_with_one"] is not None:
         result["default_meets_target"] = default["worst_points_lost_with_one"] <= TARGET_POINTS
     result["wall_seconds"] = round(time.perf_counter() - started, 1)

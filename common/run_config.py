@@ -300,11 +300,12 @@ class RunConfig:
         check=at_least(0),
     )
     aggregator: str = setting(
-        "mean",
+        "auto",
         "How a round's deltas are combined: mean (example-weighted, streamed), trimmed-mean or median "
-        "(coordinate-wise, every device counts once; they keep the round's deltas in memory).",
+        "(coordinate-wise, every device counts once; they keep the round's deltas in memory); auto: "
+        "trimmed-mean from 10 devices a round without central DP, else mean.",
         Group.SERVER,
-        choices=("mean", "trimmed-mean", "median"),
+        choices=("auto", "mean", "trimmed-mean", "median"),
     )
     aggregator_trim: float = setting(
         0.2,

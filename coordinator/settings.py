@@ -30,7 +30,7 @@ from fleetlora.common.data.examples import labels_of
 from fleetlora.common.errors import ConfigError
 from fleetlora.common.run_config import RunConfig
 from fleetlora.coordinator.central_dp import CentralDPSettings
-from fleetlora.coordinator.influence import InfluenceSettings
+from fleetlora.coordinator.influence import InfluenceSettings, default_aggregator
 from fleetlora.coordinator.packages import PackagePolicy
 
 
@@ -164,6 +164,9 @@ class CoordinatorSettings:
         if server == "auto":
             server = default_server_optimizer(regime, privacy.epsilon, run.devices_per_round)
         momentum = run.server_momentum or DEFAULT_SERVER_MOMENTUM[server]
+        aggregator = run.aggregator
+        if aggregator == "auto":
+            aggregator = default_aggregator(run.devices_per_round, central_dp=run.central_dp_noise > 0)
         return fill_from_run(
             cls,
             run,
@@ -176,7 +179,7 @@ class CoordinatorSettings:
             upload_codec=Codec.parse(run.upload_codec).name,  # validated here
             keys_dir=run.keys,
             plan_dp_by_schedule=run.dp_rounds == 0,
-            influence=fill_from_run(InfluenceSettings, run),
+            influence=fill_from_run(InfluenceSettings, run, aggregator=aggregator),
             package_policy=fill_from_run(
                 PackagePolicy, run, prefix="package_", ttl=timedelta(hours=run.package_ttl_hours)
             ),

@@ -188,3 +188,16 @@ def test_the_server_optimizer_is_fedavgm_for_the_private_head_regime_and_fedavg_
     assert server(regime="lora") == ("fedavg", 0.0)
     assert server(**{"server-optimizer": "fedadam"}) == ("fedadam", 0.9)  # each optimizer's own default
     assert server(**{"server-optimizer": "fedavgm", "server-momentum": 0.8}) == ("fedavgm", 0.8)
+
+
+def test_the_aggregator_trims_from_ten_devices_a_round_unless_central_dp_is_on():
+    from fleetlora.coordinator.settings import CoordinatorSettings
+
+    def aggregator(**config) -> str:
+        return CoordinatorSettings.from_run_config(config).influence.aggregator
+
+    assert aggregator() == "trimmed-mean"  # the default fleet: 20 a round
+    assert aggregator(**{"devices-per-round": 9}) == "mean"
+    assert aggregator(**{"devices-per-round": 10}) == "trimmed-mean"
+    assert aggregator(**{"central-dp-noise": 1.0}) == "mean"  # its noise is calibrated to the mean's sum
+    assert aggregator(**{"aggregator": "median", "devices-per-round": 3}) == "median"  # an explicit choice stands

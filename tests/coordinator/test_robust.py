@@ -73,7 +73,7 @@ def test_the_aggregator_setting_names_the_trim(aggregator: str, trim: float | No
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"aggregator": "krum"}, "aggregator: must be one of mean, trimmed-mean, median"),
+        ({"aggregator": "krum"}, "aggregator: must be one of auto, mean, trimmed-mean, median"),
         ({"aggregator-trim": 0.5}, "aggregator-trim"),
         ({"aggregator": "median", "central-dp-noise": 1.0}, "cannot be combined with central DP"),
     ],
