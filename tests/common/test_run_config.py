@@ -200,4 +200,4 @@ def test_the_aggregator_trims_from_ten_devices_a_round_unless_central_dp_is_on()
     assert aggregator(**{"devices-per-round": 9}) == "mean"
     assert aggregator(**{"devices-per-round": 10}) == "trimmed-mean"
     assert aggregator(**{"central-dp-noise": 1.0}) == "mean"  # its noise is calibrated to the mean's sum
-    assert aggregator(**{"aggregator": "median", "devices-per-round": 3}) == "median"  # an explicit choice stands
+    assert aggregator(**{"aggregator": "median", "devices-per-round": 3}) == "median"  # an explicit choice
