@@ -233,10 +233,18 @@ def review_accept(
     record_id: Annotated[str, typer.Argument(help="The record's id (see `review list`).")],
     state_dir: StateDir,
     label: Annotated[str | None, typer.Option(help="The right label, if not the top proposal.")] = None,
+    new_label: Annotated[
+        bool, typer.Option("--new-label", help="Allow a --label the fleet does not have yet.")
+    ] = False,
 ) -> None:
-    """Settle a record's label: the top proposal, or --label to correct it."""
+    """Settle a record's label: the top proposal, or --label to correct it (one of the fleet's labels)."""
     from fleetlora.client.corpus import labels
+    from fleetlora.client.device_state import DeviceState
+    from fleetlora.client.updates import UpdateSlots
 
+    active = UpdateSlots(DeviceState(state_dir)).active()  # its model's labels are the fleet's
     with open_store(state_dir) as store:
-        chosen = labels.settle(store, record_id, label)
+        chosen = labels.settle(
+            store, record_id, label, known=active.spec.labels if active else (), new_label=new_label
+        )
     typer.echo(f"{record_id}: {chosen} (by a person)")

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from fleetlora.client.corpus.records import Record, short_repr
+from fleetlora.client.corpus.records import FILE_STAND_IN, Record, short_repr
 from fleetlora.common.errors import ConfigError
 
 if TYPE_CHECKING:  # imported where the endpoint is made: the command line starts without a web stack
@@ -144,21 +144,26 @@ def scan_inbox(pipeline: Pipeline, inbox: Path, *, device: str) -> list[Outcome]
                         pipeline, stream, fmt, source=f"inbox:{path.name}", device=device
                     )
             except UnicodeDecodeError as exc:
-                record = Record(text=path.name, source=f"inbox:{path.name}", device=device)
+                record = _stand_in(path, device)
                 outcomes.append(pipeline.quarantine(record, f"malformed-file: not UTF-8 ({exc.reason})"))
                 target = inbox / "failed"
             except (OSError, ValueError, RecursionError) as exc:  # the file, not the agent, is at fault
-                record = Record(text=path.name, source=f"inbox:{path.name}", device=device)
+                record = _stand_in(path, device)
                 outcomes.append(
                     pipeline.quarantine(record, f"malformed-file: {type(exc).__name__}: {exc}"[:500])
                 )
                 target = inbox / "failed"
         else:
-            record = Record(text=path.name, source=f"inbox:{path.name}", device=device)
+            record = _stand_in(path, device)
             outcomes.append(pipeline.quarantine(record, f"unknown-format: {path.suffix or 'no suffix'}"))
         target.mkdir(exist_ok=True)
         path.replace(target / path.name)  # only now: every record of the file is committed
     return outcomes
+
+
+def _stand_in(path: Path, device: str) -> Record:
+    """The quarantine entry for an inbox file no record could be read from: it names the file."""
+    return Record(text=path.name, source=f"inbox:{path.name}", device=device, metadata={FILE_STAND_IN: True})
 
 
 def watch_inbox(

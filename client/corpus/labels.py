@@ -105,14 +105,33 @@ def review_queue(store: CorpusStore) -> list[Record]:
     return [r for r in store.unlabelled() if REVIEW in r.metadata]
 
 
-def settle(store: CorpusStore, record_id: str, label: str | None = None, *, reviewer: str = "human") -> str:
-    """Accept the top proposal (``label`` None) or correct it; the label is recorded as a person's."""
+def settle(
+    store: CorpusStore,
+    record_id: str,
+    label: str | None = None,
+    *,
+    known: Sequence[str] = (),
+    new_label: bool = False,
+    reviewer: str = "human",
+) -> str:
+    """Accept the top proposal (``label`` None) or correct it; the label is recorded as a person's.
+
+    A corrected label must be one the fleet has (``known``, else the labels proposed for the record)
+    unless ``new_label`` says a new one is meant: a typo would otherwise become a class of its own.
+    """
     record = next((r for r in store.unlabelled() if r.id == record_id), None)
     if record is None or REVIEW not in record.metadata:
         raise DataError(
             f"No record {record_id!r} is waiting for review: `fleetlora device review list` shows them."
         )
     proposals = record.metadata[REVIEW]["proposals"]
+    allowed = list(known) or sorted({str(p["label"]) for p in proposals})
+    if label is not None and not new_label and label not in allowed:
+        shown_labels = ", ".join(allowed[:10]) + (" ..." if len(allowed) > 10 else "")
+        raise DataError(
+            f"{label!r} is not one of the fleet's labels ({shown_labels}): check the spelling, or pass "
+            "--new-label if a new label is meant."
+        )
     chosen = label or str(max(proposals, key=lambda p: p["confidence"])["label"])
     metadata = {k: v for k, v in record.metadata.items() if k != REVIEW}
     metadata[PROVENANCE] = {"by": reviewer, "at": datetime.now(UTC).isoformat(timespec="seconds")}

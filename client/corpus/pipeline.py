@@ -20,7 +20,7 @@ from typing import Literal
 
 from fleetlora.client.corpus.dedup import Deduplicator
 from fleetlora.client.corpus.quality import ConflictDetector, QualityRules, check
-from fleetlora.client.corpus.records import Record, stamped
+from fleetlora.client.corpus.records import FILE_STAND_IN, Record, stamped
 from fleetlora.client.corpus.store import CorpusStore
 from fleetlora.common.errors import DataError
 
@@ -87,6 +87,12 @@ class Pipeline:
             return self._count(self._release(record_id))
 
     def _release(self, record_id: str) -> Outcome:
+        held = next((q for q in self.store.quarantined() if q.record.id == record_id), None)
+        if held is not None and held.record.metadata.get(FILE_STAND_IN):
+            raise DataError(
+                f"{record_id} stands for the inbox file {held.record.text!r} ({held.reason}), not a record: "
+                "fix the file and drop it into the inbox again; `quarantine drop` removes this entry."
+            )
         record = self.store.release(record_id)
         try:
             record = _stamp(record)

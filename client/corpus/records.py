@@ -15,6 +15,9 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 Modality = Literal["text", "image", "audio"]
+# Metadata of a quarantine entry that stands for a whole inbox file no record could be read from (its
+# text is the file's name): there is nothing to release, only the file to fix and drop in again.
+FILE_STAND_IN = "inbox-file"
 
 
 @dataclass(frozen=True)

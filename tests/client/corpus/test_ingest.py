@@ -46,7 +46,7 @@ from fleetlora.client.corpus.ingest import (
 from fleetlora.client.corpus.pipeline import Outcome, Pipeline
 from fleetlora.client.corpus.records import Record, content_hash
 from fleetlora.client.corpus.store import CorpusStore, UnknownIdError
-from fleetlora.common.errors import ConfigError
+from fleetlora.common.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[3]
 BANKING77 = REPO.parent / "shared" / "data" / "banking77" / "train.csv"
@@ -235,6 +235,11 @@ def test_unknown_formats_and_files_that_are_not_utf8_go_to_failed_and_are_quaran
     quarantine = held(state_dir)
     assert sorted(quarantine.values()) == sorted(o.reason for o in outcomes if o.status == "quarantined")
     assert set(stored(state_dir)) == {"A perfectly fine request"}
+    # An entry that stands for a whole file is not a record: releasing it is refused, and it stays.
+    for outcome in (o for o in outcomes if o.status == "quarantined"):
+        with open_store(state_dir) as store, pytest.raises(DataError, match="fix the file and drop it"):
+            Pipeline(store).release(outcome.record_id)
+    assert held(state_dir) == quarantine and set(stored(state_dir)) == {"A perfectly fine request"}
 
 
 def test_watch_inbox_takes_files_dropped_while_it_runs(tmp_path: Path, state_dir: Path):

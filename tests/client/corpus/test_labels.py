@@ -51,7 +51,9 @@ def test_unsure_proposals_wait_for_review_and_a_person_settles_them(store: Corpu
     first, second = queue[0], queue[1]
     top = max(first.metadata[labels.REVIEW]["proposals"], key=lambda p: p["confidence"])["label"]
     assert labels.settle(store, first.id) == top  # accept the proposal
-    assert labels.settle(store, second.id, "refund") == "refund"  # or correct it
+    with pytest.raises(DataError, match="not one of the fleet's labels"):
+        labels.settle(store, second.id, "refnud", known=tiny_spec.labels)  # a typo is not a new class
+    assert labels.settle(store, second.id, "refund", known=tiny_spec.labels) == "refund"  # or correct it
     settled = {r.id: r for r in store.window()}
     assert settled[second.id].label == "refund"
     assert settled[second.id].metadata[labels.PROVENANCE]["by"] == "human"
@@ -59,6 +61,8 @@ def test_unsure_proposals_wait_for_review_and_a_person_settles_them(store: Corpu
     assert len(labels.review_queue(store)) == 2
     with pytest.raises(DataError, match="waiting for review"):
         labels.settle(store, second.id)
+    third = labels.review_queue(store)[0]
+    assert labels.settle(store, third.id, "crypto", known=tiny_spec.labels, new_label=True) == "crypto"
 
 
 def test_two_models_that_agree_are_surer_and_two_that_disagree_go_to_review(
