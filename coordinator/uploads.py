@@ -26,6 +26,7 @@ from fleetlora.common.envelope import SEALED, EnvelopeError, UploadContext, from
 from fleetlora.common.errors import FleetloraError, IncompatibleStateError
 from fleetlora.common.messages import Instructions
 from fleetlora.coordinator.identities import read_device_id, unnamed
+from fleetlora.coordinator.storage.ledgers import PrivacySpend
 
 # ---- failures: the message is the drop reason, word for word -------------------------------------
 
@@ -118,19 +119,6 @@ def read_metrics(reply: Message) -> ReplyMetrics:
             raise InvalidMetrics(f"metric {key!r} is {value}, not a finite number")
         numbers[key] = float(value)
     return ReplyMetrics(count, numbers)
-
-
-@dataclass(frozen=True)
-class PrivacySpend:
-    """A DP device's cumulative spend as it reported it after a round (a privacy-ledger entry)."""
-
-    device_id: str
-    epsilon: float
-    delta: float
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    records_retired: int  # records whose per-record budget is spent (they no longer train with DP)
 
 
 _DP_KEYS = (

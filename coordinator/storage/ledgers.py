@@ -12,15 +12,12 @@ import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import func, select
 
 from fleetlora.coordinator.models import PrivacyEntry, RoundRecord
 from fleetlora.coordinator.storage.rows import TenantScoped, info_of
-
-if TYPE_CHECKING:  # uploads loads torch and Flower: the listing commands read the ledger without them
-    from fleetlora.coordinator.uploads import PrivacySpend
 
 COMPLETED = "completed"
 FAILED = "failed"
@@ -57,18 +54,26 @@ class RoundInfo:
 
 
 @dataclass(frozen=True)
-class PrivacyEntryInfo:
-    """A DP device's cumulative spend after a round of a lineage, as it reported it."""
+class PrivacySpend:
+    """A DP device's cumulative spend as it reported it after a round (a privacy-ledger entry).
 
-    # A stored PrivacySpend: its fields first (tests/coordinator/test_storage.py keeps them in step),
-    # then the row's own. Not a subclass of it, so that reading the ledger does not import uploads.
+    Defined here, beside the ledger that stores it, so reading the ledger needs neither torch nor
+    Flower; coordinator/uploads.py reads it from a device's reply.
+    """
+
     device_id: str
     epsilon: float
     delta: float
     noise_multiplier: float
     sample_rate: float
     steps: int
-    records_retired: int
+    records_retired: int  # records whose per-record budget is spent (they no longer train with DP)
+
+
+@dataclass(frozen=True)
+class PrivacyEntryInfo(PrivacySpend):
+    """A DP device's cumulative spend after a round of a lineage, as it reported it."""
+
     id: int
     lineage: str
     round: int

@@ -11,7 +11,6 @@ from fleetlora.common.errors import ConfigError, CorruptVersionError, FleetloraE
 from fleetlora.coordinator.db import Database
 from fleetlora.coordinator.storage import (
     NewVersion,
-    PrivacyEntryInfo,
     RoundReport,
     ServerOptimizerState,
     Storage,
@@ -162,16 +161,6 @@ def test_failed_rounds_and_the_privacy_ledger_are_kept_in_order(db_url: str):
         (2, "d1", 1.5),
     ]
     assert ledgers.epsilon_spent() == {"d1": 1.5, "d2": 2.0}
-
-
-def test_a_privacy_ledger_entry_holds_every_field_of_the_spend_it_stores():
-    """PrivacyEntryInfo repeats PrivacySpend's fields (inheriting would load uploads, torch and Flower)."""
-    spend = [f.name for f in dataclasses.fields(PrivacySpend)]
-    entry = [f.name for f in dataclasses.fields(PrivacyEntryInfo)]
-    assert entry[: len(spend)] == spend
-    assert {f.name: f.type for f in dataclasses.fields(PrivacyEntryInfo)[: len(spend)]} == {
-        f.name: f.type for f in dataclasses.fields(PrivacySpend)
-    }
 
 
 def test_enrolment_keys_and_update_reports(db_url: str):
