@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.mark.slow
-def test_the_attack_benchmark_runs_every_attack_against_every_aggregator(tmp_path: Path, capsys, monkeypatch):
-    spec = importlib.util.spec_from_file_location(
-        "aggregation_attacks", REPO / "benchmarks" / "aggregation_attacks.py"
-    )
-    assert spec and spec.loader
-    benchmark = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, benchmark)  # dataclasses look their module up
-    spec.loader.exec_module(benchmark)
+def test_the_attack_benchmark_runs_every_attack_against_every_aggregator(
+    tmp_path: Path, capsys, load_benchmark
+):
+    benchmark = load_benchmark("aggregation_attacks")
 
     result = benchmark.main(["--smoke", "--json", str(tmp_path / "r.json")])
 

@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
 
 
-def test_the_cli_latency_benchmark_times_help_and_listings(capsys, monkeypatch):
-    spec = importlib.util.spec_from_file_location("cli_latency", REPO / "benchmarks" / "cli_latency.py")
-    assert spec and spec.loader
-    benchmark = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, benchmark)
-    spec.loader.exec_module(benchmark)
+def test_the_cli_latency_benchmark_times_help_and_listings(capsys, load_benchmark):
+    benchmark = load_benchmark("cli_latency")
 
     result = benchmark.main(["--smoke"])
 

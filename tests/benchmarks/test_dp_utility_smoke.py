@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.mark.slow
-def test_the_dp_utility_benchmark_runs_every_part(tmp_path: Path, capsys, monkeypatch):
-    spec = importlib.util.spec_from_file_location("dp_utility", REPO / "benchmarks" / "dp_utility.py")
-    assert spec and spec.loader
-    benchmark = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, benchmark)  # dataclasses look their module up
-    spec.loader.exec_module(benchmark)
+def test_the_dp_utility_benchmark_runs_every_part(tmp_path: Path, capsys, load_benchmark):
+    benchmark = load_benchmark("dp_utility")
 
     result = benchmark.main(
         ["--smoke", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")]

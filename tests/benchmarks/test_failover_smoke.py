@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def test_the_failover_benchmark_kills_and_measures_one_restart(capsys, monkeypatch):
-    spec = importlib.util.spec_from_file_location("failover", REPO / "benchmarks" / "failover.py")
-    assert spec and spec.loader
-    benchmark = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, benchmark)
-    spec.loader.exec_module(benchmark)
+def test_the_failover_benchmark_kills_and_measures_one_restart(capsys, load_benchmark):
+    benchmark = load_benchmark("failover")
 
     result = benchmark.main(["--smoke"])
 

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
 
-
-def test_the_security_costs_benchmark_measures_the_audit_log_and_sealing(tmp_path: Path, capsys, monkeypatch):
-    spec = importlib.util.spec_from_file_location("security_costs", REPO / "benchmarks" / "security_costs.py")
-    assert spec and spec.loader
-    benchmark = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, benchmark)
-    spec.loader.exec_module(benchmark)
+def test_the_security_costs_benchmark_measures_the_audit_log_and_sealing(
+    tmp_path: Path, capsys, load_benchmark
+):
+    benchmark = load_benchmark("security_costs")
 
     result = benchmark.main(["--smoke", "--json", str(tmp_path / "r.json")])
 
