@@ -13,16 +13,21 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 # Light modules only: each command imports the heavy ones it needs (torch, the model, Flower) when it
 # runs, so that --help and `device status` start without them (tests/test_cli_imports.py).
 from fleetlora.client.corpus import cli as corpus_cli
+from fleetlora.common.errors import ConfigError
 from fleetlora.common.host_config import load_host_config
 from fleetlora.common.keys import COORDINATOR_SIGNING_PUB, DEVICE_SIGNING_PUB, read_public_key
+from fleetlora.common.log_view import ComponentOption, JsonOption, SinceOption, TextArgument, search_command
 from fleetlora.common.package import MAX_CAP
+from fleetlora.common.terminal import command_group
 
-app = typer.Typer(help="Set up and inspect the device agent.", no_args_is_help=True)
+app = command_group("Set up and inspect the device agent.")
 app.command("ingest")(corpus_cli.ingest)
 app.add_typer(corpus_cli.corpus_app, name="corpus")
 app.add_typer(corpus_cli.quarantine_app, name="quarantine")
 app.command("label")(corpus_cli.label)
 app.add_typer(corpus_cli.review_app, name="review")
+logs_app = command_group("This device's structured logs (JSON lines, kept 90 days).")
+app.add_typer(logs_app, name="logs")
 StateDirOption = Annotated[
     Path, typer.Option(help="The device's state folder (its node config `state-dir`).")
 ]
@@ -95,8 +100,9 @@ def enroll(
     typer.echo(f"upload-signing key: {public}")
     typer.echo(f"SuperNode auth key: {auth}")
     typer.echo(
-        "Hand both .pub files to the operator, who runs: fleetlora coordinator devices enroll "
-        f"--device-id {device_id} --public-key {public.name} --auth-key {auth.name}"
+        "Hand both .pub files to the operator, who runs, beside the coordinator's fleetlora.toml: "
+        f"fleetlora coordinator devices enroll --device-id {device_id} --public-key {public.name} "
+        f"--auth-key {auth.name} --config fleetlora.toml"
     )
 
 
@@ -111,12 +117,28 @@ def up(
 ) -> None:
     """Start this device's SuperNode (TLS, its auth key) in the foreground; it trains when sampled."""
     from fleetlora.client import supernode
+    from fleetlora.common.logs import configure_json_logging
 
     device = load_host_config(config).device
     if coordinator:
         device = dataclasses.replace(device, coordinator=coordinator)
     typer.echo(f"{device.device_id}: joining {device.coordinator} (upload consent: {device.upload_consent})")
+    typer.echo(f"logs: {configure_json_logging(device.log_dir, 'agent')}")
     raise typer.Exit(supernode.run_foreground(device))
+
+
+@logs_app.command("search")
+def logs_search(
+    text: TextArgument = "",
+    since: SinceOption = None,
+    component: ComponentOption = None,
+    as_json: JsonOption = False,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="fleetlora.toml with a [device] section.")
+    ] = None,
+) -> None:
+    """Find this device's log entries (`device up`, its ClientApp), oldest first, rotated files included."""
+    search_command(load_host_config(config).device.log_dir, text, since, None, component, as_json)
 
 
 @app.command("apply")
@@ -136,7 +158,13 @@ def apply(
     from fleetlora.client.device_state import DeviceState
     from fleetlora.client.updates import apply_package
 
-    key = read_public_key(coordinator_key or state_dir / COORDINATOR_SIGNING_PUB, Ed25519PublicKey)
+    key_file = coordinator_key or state_dir / COORDINATOR_SIGNING_PUB
+    if not key_file.is_file():
+        raise ConfigError(
+            f"No coordinator signing key at {key_file}: pass --coordinator-key FILE (the coordinator's "
+            f"{COORDINATOR_SIGNING_PUB}), or copy that file to {state_dir}."
+        )
+    key = read_public_key(key_file, Ed25519PublicKey)
     with file.open("rb") as stream:
         applied = apply_package(stream, DeviceState(state_dir), key, tenant=tenant, cap=cap)
     before = f"v{applied.previous}" if applied.previous is not None else "no adapter"

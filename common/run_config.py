@@ -136,14 +136,19 @@ class RunConfig:
         Group.FLEET,
         choices=("seeded", "random"),
     )
-    rounds: int = setting(3, "Federated rounds to run (after any stored ones).", Group.FLEET)
+    rounds: int = setting(
+        3, "Federated rounds to run (after any stored ones).", Group.FLEET, check=at_least(1)
+    )
     devices_per_round: int = setting(
         20,
         "Devices sampled each round. Each device's DP noise is independent, so averaging more of them "
         "shrinks it (docs/research.md).",
         Group.FLEET,
+        check=at_least(1),
     )
-    min_devices: int = setting(2, "Valid replies needed for a round to count.", Group.FLEET)
+    min_devices: int = setting(
+        2, "Valid replies needed for a round to count.", Group.FLEET, check=at_least(1)
+    )
     round_deadline: float = setting(
         600.0, "Seconds a round waits for devices to connect and answer.", Group.FLEET
     )
@@ -160,6 +165,12 @@ class RunConfig:
     )
     db: str = setting(
         "sqlite:///runs/flwr/fleetlora.db", "SQLAlchemy URL of the coordinator's version store.", Group.FLEET
+    )
+    log_dir: str = setting(
+        "",
+        "Folder for the coordinator's JSON log (a deployed run: the host's state folder's logs/); "
+        "empty: no log file.",
+        Group.FLEET,
     )
 
     # ---- local training

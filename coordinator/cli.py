@@ -3,66 +3,73 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from rich.console import Console
-from rich.table import Table
 
+from fleetlora.common.errors import ConfigError
 from fleetlora.common.host_config import load_host_config
 from fleetlora.common.keys import COORDINATOR_HPKE_PUB, COORDINATOR_SIGNING_PUB, read_public_key
 from fleetlora.common.package import MAX_CAP, read_package
-from fleetlora.common.terminal import shown
-from fleetlora.coordinator import deploy_cli
+from fleetlora.common.terminal import Column, command_group, duration, json_text, print_table
+from fleetlora.coordinator import console_cli, deploy_cli
 from fleetlora.coordinator.defaults import DEFAULT_DB, DEFAULT_MAX_ERROR, DEFAULT_TTL
+from fleetlora.coordinator.logs_cli import logs_app
 
 if TYPE_CHECKING:  # SQLAlchemy, torch and Flower load inside the commands that use them, not for --help
     from fleetlora.coordinator.db import Database
     from fleetlora.coordinator.storage import PackageInfo, Storage, VersionInfo
 
-app = typer.Typer(
-    help="Operate the coordinator: keys, enrolled devices, versions, update packages, the database.",
-    no_args_is_help=True,
+app = command_group(
+    "Operate the coordinator: keys, enrolled devices, versions, update packages, the database."
 )
-versions_app = typer.Typer(help="Global adapter versions stored in SQL.", no_args_is_help=True)
-keys_app = typer.Typer(help="The coordinator's key pairs.", no_args_is_help=True)
-devices_app = typer.Typer(help="Devices allowed to upload (the device registry).", no_args_is_help=True)
+versions_app = command_group("Global adapter versions stored in SQL.")
+keys_app = command_group("The coordinator's key pairs.")
+devices_app = command_group("Devices allowed to upload (the device registry).")
 app.add_typer(versions_app, name="versions")
 app.add_typer(keys_app, name="keys")
 app.add_typer(devices_app, name="devices")
-packages_app = typer.Typer(
-    help="Signed update packages that bring devices to a version.", no_args_is_help=True
-)
+packages_app = command_group("Signed update packages that bring devices to a version.")
 app.add_typer(packages_app, name="packages")
 app.command("up")(deploy_cli.up)
 app.command("status")(deploy_cli.status)
 app.add_typer(deploy_cli.certs_app, name="certs")
 app.add_typer(deploy_cli.round_app, name="round")
-db_app = typer.Typer(help="The coordinator database's schema (Alembic migrations).", no_args_is_help=True)
+db_app = command_group("The coordinator database's schema (Alembic migrations).")
 app.add_typer(db_app, name="db")
-operator_app = typer.Typer(
-    help="Operators: a key and a one-time code each, needed by every command that changes the fleet.",
-    no_args_is_help=True,
+operator_app = command_group(
+    "Operators: a key and a one-time code each, needed by every command that changes the fleet."
 )
 app.add_typer(operator_app, name="operator")
-audit_app = typer.Typer(
-    help="The audit log: every change to parameters or settings, hash-chained and signed.",
-    no_args_is_help=True,
-)
+audit_app = command_group("The audit log: every change to parameters or settings, hash-chained and signed.")
 app.add_typer(audit_app, name="audit")
+app.add_typer(console_cli.app, name="console")
+app.add_typer(logs_app, name="logs")
 
-DbOption = Annotated[str, typer.Option(help="SQLAlchemy URL of the coordinator database.")]
+DbOption = Annotated[
+    str | None,
+    typer.Option(
+        "--db",
+        help=f"SQLAlchemy URL of the coordinator database; wins over --config [default: the config's, "
+        f"else {DEFAULT_DB}].",
+    ),
+]
 ConfigOption = deploy_cli.ConfigOption
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts: a list of objects.")]
 KeysOption = Annotated[Path, typer.Option("--keys", help="The coordinator's keys folder (`keys init`).")]
 TenantOption = Annotated[
-    str, typer.Option("--tenant", help="The fleet whose rows to see or change; no other's are shown.")
+    str | None,
+    typer.Option(
+        "--tenant",
+        help="The fleet whose rows to see or change; no other's are shown "
+        "[default: the config's, else default].",
+    ),
 ]
 DEFAULT_TENANT = "default"  # the host config's and the run config's default
 
@@ -76,11 +83,27 @@ OperatorKey = Annotated[
 OtpCode = Annotated[str | None, typer.Option("--otp", help="The one-time code your authenticator app shows.")]
 
 
-def _open_storage(db: str, tenant: str | None = None) -> Storage:
-    """:meth:`Storage.open`, imported when a command runs."""
-    from fleetlora.coordinator.storage import Storage
+@dataclass(frozen=True)
+class _Target:
+    """The database a command acts on and the fleet it sees: --db and --tenant, else --config's."""
 
-    return Storage.open(db, tenant)
+    url: str
+    tenant: str
+
+    @classmethod
+    def of(cls, db: str | None, config: Path | None, tenant: str | None = None) -> _Target:
+        host = load_host_config(config).coordinator if config is not None else None
+        return cls(
+            db or (host.database_url if host else DEFAULT_DB),
+            tenant or (host.tenant if host else DEFAULT_TENANT),
+        )
+
+    def open(self, *, scoped: bool = True, create: bool = False) -> Storage:
+        """:meth:`Storage.open`, imported when a command runs. ``create``: only commands that may
+        start a fleet (`db upgrade`, `operator add`, `devices enroll`) make a missing database."""
+        from fleetlora.coordinator.storage import Storage
+
+        return Storage.open(self.url, self.tenant if scoped else None, create=create)
 
 
 @contextmanager
@@ -108,38 +131,25 @@ def _version_id(label: str) -> int:
 
 @versions_app.command("list")
 def list_versions(
-    db: DbOption = DEFAULT_DB,
-    tenant: TenantOption = DEFAULT_TENANT,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    db: DbOption = None,
+    config: ConfigOption = None,
+    tenant: TenantOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """List every stored version with its lineage, participants, size and metrics."""
     from fleetlora.coordinator.db import without_password
 
-    storage = _open_storage(db, tenant)
+    target = _Target.of(db, config, tenant)
+    storage = target.open()
     versions = storage.versions.all()
     if as_json:
-        typer.echo(json.dumps([{**v.__dict__, "label": v.label} for v in versions], default=str, indent=2))
+        typer.echo(json_text([{**dataclasses.asdict(v), "label": v.label} for v in versions]))
         return
     packages: dict[int, list[PackageInfo]] = {}
     for package in storage.packages.all():
         packages.setdefault(package.to_version, []).append(package)
-    table = Table(title=f"versions in {shown(without_password(db))}", title_justify="left")
-    for header in (
-        "version",
-        "lineage",
-        "parent",
-        "round",
-        "devices",
-        "examples",
-        "adapter",
-        "packages",
-        "sha256",
-        "metrics",
-    ):
-        table.add_column(header)
-    for v in versions:
-        metrics = ", ".join(f"{k}={val:.3f}" for k, val in sorted(v.metrics.items()) if "central" in k)
-        table.add_row(
+    rows = [
+        (
             v.label,
             v.lineage[:8],
             f"v{v.parent_id}" if v.parent_id else "-",
@@ -149,17 +159,40 @@ def list_versions(
             f"{v.adapter_bytes / 1024:.0f} KiB",
             _package_cell(v, packages.get(v.id, [])),
             v.adapter_sha256[:12],
-            metrics or "-",
+            _test_metrics(v.metrics),
         )
-    _console().print(table)
+        for v in versions
+    ]
+    print_table(VERSION_COLUMNS, rows, f"versions in {without_password(target.url)}")
+
+
+def _test_metrics(metrics: dict[str, Any]) -> str:
+    """The held-out test set's metrics, e.g. ``accuracy 0.812, loss 0.550`` (``-``: none)."""
+    central = sorted((k.removeprefix("central_"), v) for k, v in metrics.items() if k.startswith("central_"))
+    return ", ".join(f"{name} {value:.3f}" for name, value in central) or "-"
+
+
+VERSION_COLUMNS = (
+    Column("version"),
+    Column("lineage", drop=4),
+    Column("parent", drop=2),
+    Column("round"),
+    Column("devices", drop=3),
+    Column("examples", drop=5),
+    Column("adapter", drop=1),
+    Column("packages", wrap=True, drop=1),
+    Column("sha256", drop=6),
+    Column("test metrics", wrap=True),
+)
 
 
 @versions_app.command("revert")
 def revert_version(
     version: Annotated[str, typer.Argument(help="The version to go back to, e.g. v7 (see `versions list`).")],
     reason: Annotated[str, typer.Option(help="Why: stored with the new version.")],
-    db: DbOption = DEFAULT_DB,
-    tenant: TenantOption = DEFAULT_TENANT,
+    db: DbOption = None,
+    config: ConfigOption = None,
+    tenant: TenantOption = None,
     operator: OperatorName = None,
     operator_key: OperatorKey = None,
     otp: OtpCode = None,
@@ -168,7 +201,7 @@ def revert_version(
 
     Nothing is deleted. The next round trains from the new version and its package brings devices to it.
     """
-    storage = _open_storage(db, tenant)
+    storage = _Target.of(db, config, tenant).open()
     with _as_operator(storage.db, "versions revert", operator, operator_key, otp):
         reverted = storage.versions.revert(_version_id(version), reason)
     typer.echo(
@@ -179,21 +212,30 @@ def revert_version(
 @audit_app.command("list")
 def list_audit(
     last: Annotated[int, typer.Option(help="Show only this many of the newest entries (0: all).")] = 20,
-    db: DbOption = DEFAULT_DB,
+    db: DbOption = None,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """The audit log: every change to parameters or settings, newest last."""
-    entries = _open_storage(db).audit.entries()
-    table = Table("#", "at", "actor", "action", "subject", "details", title="audit log", title_justify="left")
-    for entry in entries[-last:] if last else entries:
-        table.add_row(
-            str(entry.seq),
-            entry.at[:19],
-            shown(entry.actor),
-            entry.action,
-            shown(entry.subject),
-            shown(entry.details),
-        )
-    _console().print(table)
+    if last < 0:
+        raise typer.BadParameter(f"--last must be 0 (all) or more, got {last}.")
+    entries = _Target.of(db, config).open(scoped=False).audit.entries()
+    newest = entries[-last:] if last else entries
+    if as_json:
+        typer.echo(json_text([dataclasses.asdict(entry) for entry in newest]))
+        return
+    rows = [(str(e.seq), e.at[:19], e.actor, e.action, e.subject, e.details) for e in newest]
+    print_table(AUDIT_COLUMNS, rows, "audit log")
+
+
+AUDIT_COLUMNS = (
+    Column("#", justify="right"),
+    Column("at", drop=1),
+    Column("actor", wrap=True),
+    Column("action"),
+    Column("subject", wrap=True),
+    Column("details", wrap=True),
+)
 
 
 @audit_app.command("verify")
@@ -204,12 +246,13 @@ def verify_audit(
             "--keys", help="The keys folder: its signing key's .pub checks the signed checkpoints there."
         ),
     ] = None,
-    db: DbOption = DEFAULT_DB,
+    db: DbOption = None,
+    config: ConfigOption = None,
 ) -> None:
     """Check the audit log's hash chain and, with --keys, its signed checkpoints; exit 1 on any problem."""
     from fleetlora.coordinator.storage.audit import CHECKPOINTS_FILE, read_checkpoints, verify
 
-    storage = _open_storage(db)
+    storage = _Target.of(db, config).open(scoped=False)
     entries = storage.audit.entries()
     key = read_public_key(keys / COORDINATOR_SIGNING_PUB, Ed25519PublicKey) if keys else None
     checkpoints = read_checkpoints(keys / CHECKPOINTS_FILE) if keys else []
@@ -225,13 +268,15 @@ def verify_audit(
 
 
 @audit_app.command("checkpoint")
-def checkpoint_audit(keys: KeysOption = Path("keys"), db: DbOption = DEFAULT_DB) -> None:
+def checkpoint_audit(
+    keys: KeysOption = Path("keys"), db: DbOption = None, config: ConfigOption = None
+) -> None:
     """Sign the newest audit entry with the coordinator's key into KEYS/audit-checkpoints.jsonl (a round
     does this itself after each version)."""
     from fleetlora.coordinator.keys import load_signing_key
     from fleetlora.coordinator.storage.audit import CHECKPOINTS_FILE
 
-    checkpoint = _open_storage(db).audit.checkpoint(load_signing_key(keys), keys)
+    checkpoint = _Target.of(db, config).open(scoped=False).audit.checkpoint(load_signing_key(keys), keys)
     typer.echo(f"signed entry {checkpoint.seq} into {keys / CHECKPOINTS_FILE}")
 
 
@@ -255,7 +300,8 @@ def rotate_at_rest_key(
     new_key: Annotated[
         Path, typer.Option("--new-key", help="The key to seal every blob under (`keys init-at-rest`).")
     ],
-    db: DbOption = DEFAULT_DB,
+    db: DbOption = None,
+    config: ConfigOption = None,
     operator: OperatorName = None,
     operator_key: OperatorKey = None,
     otp: OtpCode = None,
@@ -270,7 +316,7 @@ def rotate_at_rest_key(
     from fleetlora.coordinator.storage.reseal import reseal_all
 
     cipher = BlobCipher([AtRestKey.read(new_key), *BlobCipher.from_environment().keys])
-    database = Database(db, cipher).initialize()
+    database = Database(_Target.of(db, config).url, cipher, create=False).initialize()
     with _as_operator(database, "db rotate-key", operator, operator_key, otp):
         counts = reseal_all(database, cipher, progress=typer.echo)
     typer.echo(
@@ -284,7 +330,8 @@ def add_operator(
     key_out: Annotated[
         Path, typer.Option("--key-out", help="Where to write the new operator's private key (0600).")
     ],
-    db: DbOption = DEFAULT_DB,
+    db: DbOption = None,
+    config: ConfigOption = None,
     operator: OperatorName = None,
     operator_key: OperatorKey = None,
     otp: OtpCode = None,
@@ -293,7 +340,7 @@ def add_operator(
     is added by an existing operator's key and code."""
     from fleetlora.coordinator.operators import Operators
 
-    storage = _open_storage(db)
+    storage = _Target.of(db, config).open(scoped=False, create=True)
     with _as_operator(storage.db, "operator add", operator, operator_key, otp):
         added = Operators(storage.db).add(name, key_out)
     typer.echo(f"operator {added.name}: private key in {added.key_file} (keep it to yourself)")
@@ -303,11 +350,12 @@ def add_operator(
 
 
 @db_app.command("upgrade")
-def upgrade_database(db: DbOption = DEFAULT_DB) -> None:
+def upgrade_database(db: DbOption = None, config: ConfigOption = None) -> None:
     """Migrate the database to this fleetlora's schema (creates it if empty; safe to repeat)."""
-    from fleetlora.coordinator.db import Database, upgrade, without_password
+    from fleetlora.coordinator.db import Database, without_password
 
-    typer.echo(f"{without_password(db)}: schema at revision {upgrade(Database(db).engine)}")
+    url = _Target.of(db, config).url
+    typer.echo(f"{without_password(url)}: schema at revision {Database(url).initialize().revision}")
 
 
 @keys_app.command("init")
@@ -333,57 +381,93 @@ def enroll_device(
         Path | None,
         typer.Option(help="The device's supernode-auth.pub: also register its SuperNode with the SuperLink."),
     ] = None,
-    tenant: Annotated[
-        str | None, typer.Option(help="The fleet the device belongs to [default: config's].")
-    ] = None,
-    db: Annotated[str | None, typer.Option(help="Database URL [default: the config's, else sqlite].")] = None,
+    tenant: TenantOption = None,
+    db: DbOption = None,
     config: ConfigOption = None,
     operator: OperatorName = None,
     operator_key: OperatorKey = None,
     otp: OtpCode = None,
 ) -> None:
     """Register a device: its upload-signing key in fleetlora's registry and, with --auth-key, its
-    SuperNode with the running SuperLink (`fleetlora coordinator up`)."""
+    SuperNode with the running SuperLink (`fleetlora coordinator up --config FILE`)."""
     from fleetlora.coordinator.flower_control import register_node
 
-    host = load_host_config(config).coordinator
+    if auth_key is not None and config is None:  # the SuperLink's connection lives in the config's state-dir
+        raise ConfigError(
+            "--auth-key registers the SuperNode with the running SuperLink: also pass --config FILE, "
+            "the fleetlora.toml `coordinator up` runs with."
+        )
     key = read_public_key(public_key, Ed25519PublicKey)
-    tenant = tenant or host.tenant
-    storage = _open_storage(db or (host.database_url if config else DEFAULT_DB), tenant)
+    target = _Target.of(db, config, tenant)
+    storage = target.open(create=True)
     with _as_operator(storage.db, "devices enroll", operator, operator_key, otp):
+        host = load_host_config(config).coordinator
         node_id = register_node(host, auth_key, device_id) if auth_key is not None else None
-        storage.devices.enroll(device_id, tenant, key, node_id)
-    typer.echo(f"enrolled {device_id} in {tenant}" + (f" as SuperNode {node_id}" if node_id else ""))
+        storage.devices.enroll(device_id, target.tenant, key, node_id)
+    typer.echo(f"enrolled {device_id} in {target.tenant}" + (f" as SuperNode {node_id}" if node_id else ""))
+
+
+@devices_app.command("list")
+def list_devices(
+    db: DbOption = None,
+    config: ConfigOption = None,
+    tenant: TenantOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Enrolled devices: id, SuperNode node id, when enrolled (`coordinator status` adds who is online)."""
+    devices = _Target.of(db, config, tenant).open().devices.enrolled()
+    if as_json:
+        typer.echo(json_text([dataclasses.asdict(d) for d in devices]))
+        return
+    rows = [(d.device_id, d.node_id or "-", f"{d.enrolled_at:%Y-%m-%d %H:%M}", d.tenant) for d in devices]
+    print_table(DEVICE_COLUMNS, rows, f"{len(devices)} enrolled")
+
+
+DEVICE_COLUMNS = (Column("device"), Column("node"), Column("enrolled", drop=1), Column("tenant", drop=2))
 
 
 @devices_app.command("quarantined")
 def list_quarantined(
     every: Annotated[bool, typer.Option("--all", help="Also the released ones, with why.")] = False,
-    db: DbOption = DEFAULT_DB,
-    tenant: TenantOption = DEFAULT_TENANT,
+    db: DbOption = None,
+    config: ConfigOption = None,
+    tenant: TenantOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Devices kept out of rounds after repeated anomalies (deltas out of bounds or broken, counts cut)."""
-    store = _open_storage(db, tenant).devices
+    store = _Target.of(db, config, tenant).open().devices
     entries = store.quarantined(released=every)
+    flags = {e.device_id: store.flags(e.device_id)[-3:] for e in entries}
+    if as_json:
+        last = {d: [{"round": r, "reason": why} for r, why in f] for d, f in flags.items()}
+        typer.echo(json_text([{**dataclasses.asdict(e), "last_flags": last[e.device_id]} for e in entries]))
+        return
     if not entries:
         typer.echo("No device is in quarantine." if not every else "No device was ever quarantined.")
         return
-    table = Table("device", "since", "why", "last flags", *(("released", "release reason") if every else ()))
-    for entry in entries:
-        flags = "; ".join(f"r{r}: {why}" for r, why in store.flags(entry.device_id)[-3:])
-        released = (
-            (f"{entry.released_at:%Y-%m-%d %H:%M}" if entry.released_at else "-", entry.release_reason or "-")
-            if every
-            else ()
-        )
-        table.add_row(
-            shown(entry.device_id),
-            f"{entry.quarantined_at:%Y-%m-%d %H:%M}",
-            shown(entry.reason),
-            shown(flags),
-            *map(shown, released),
-        )
-    _console().print(table)
+    columns = QUARANTINE_COLUMNS if every else QUARANTINE_COLUMNS[:4]
+    rows = [
+        (
+            e.device_id,
+            f"{e.quarantined_at:%Y-%m-%d %H:%M}",
+            e.reason,
+            "; ".join(f"r{r}: {why}" for r, why in flags[e.device_id]),
+            f"{e.released_at:%Y-%m-%d %H:%M}" if e.released_at else "-",
+            e.release_reason or "-",
+        )[: len(columns)]
+        for e in entries
+    ]
+    print_table(columns, rows, "quarantined devices")
+
+
+QUARANTINE_COLUMNS = (
+    Column("device"),
+    Column("since", drop=1),
+    Column("why", wrap=True),
+    Column("last flags", wrap=True, drop=2),
+    Column("released", drop=1),
+    Column("release reason", wrap=True),
+)
 
 
 @devices_app.command("release")
@@ -392,14 +476,15 @@ def release_device(
         str, typer.Argument(help="The device to let train again (see `devices quarantined`).")
     ],
     reason: Annotated[str, typer.Option(help="Why: stored with the quarantine.")],
-    db: DbOption = DEFAULT_DB,
-    tenant: TenantOption = DEFAULT_TENANT,
+    db: DbOption = None,
+    config: ConfigOption = None,
+    tenant: TenantOption = None,
     operator: OperatorName = None,
     operator_key: OperatorKey = None,
     otp: OtpCode = None,
 ) -> None:
     """End a device's quarantine; its earlier anomalies no longer count toward the next one."""
-    storage = _open_storage(db, tenant)
+    storage = _Target.of(db, config, tenant).open()
     with _as_operator(storage.db, "devices release", operator, operator_key, otp):
         released = storage.devices.release(device_id, reason)
     typer.echo(f"released {released.device_id} (quarantined {released.quarantined_at:%Y-%m-%d %H:%M})")
@@ -432,14 +517,15 @@ def build_package_command(
         float, typer.Option(help="Largest reconstruction error (relative L2) a lossy codec may cause.")
     ] = DEFAULT_MAX_ERROR,
     keys: KeysOption = Path("keys"),
-    db: DbOption = DEFAULT_DB,
-    tenant: TenantOption = DEFAULT_TENANT,
+    db: DbOption = None,
+    config: ConfigOption = None,
+    tenant: TenantOption = None,
 ) -> None:
     """Build, sign and store the package FROM → TO with the most faithful codec that fits the cap."""
     from fleetlora.coordinator.keys import load_signing_key
     from fleetlora.coordinator.packages import PackagePolicy, build_package
 
-    storage = _open_storage(db, tenant)
+    storage = _Target.of(db, config, tenant).open()
     policy = PackagePolicy(cap=cap, ttl=timedelta(hours=ttl_hours), max_error=max_error)
     package = build_package(
         storage, _version_id(to), _version_id(start) if start else None, load_signing_key(keys), policy
@@ -452,14 +538,15 @@ def build_package_command(
 
 @packages_app.command("list")
 def list_packages(
-    db: DbOption = DEFAULT_DB,
-    tenant: TenantOption = DEFAULT_TENANT,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    db: DbOption = None,
+    config: ConfigOption = None,
+    tenant: TenantOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """List stored packages: versions, codec, bytes against the base model, reconstruction error."""
-    packages = _open_storage(db, tenant).packages.all()
+    packages = _Target.of(db, config, tenant).open().packages.all()
     if as_json:
-        typer.echo(json.dumps([{**p.__dict__, "ratio": p.ratio} for p in packages], default=str, indent=2))
+        typer.echo(json_text([{**dataclasses.asdict(p), "ratio": p.ratio} for p in packages]))
         return
     _print_packages(packages)
 
@@ -468,11 +555,12 @@ def list_packages(
 def export_package(
     package_id: Annotated[int, typer.Argument(help="The package's id (see `packages list`).")],
     out: Annotated[Path, typer.Option(help="File to write.")],
-    db: DbOption = DEFAULT_DB,
-    tenant: TenantOption = DEFAULT_TENANT,
+    db: DbOption = None,
+    config: ConfigOption = None,
+    tenant: TenantOption = None,
 ) -> None:
     """Write a stored package to a file, for devices reached out of band (`fleetlora device apply`)."""
-    blob = _open_storage(db, tenant).packages.blob(package_id)
+    blob = _Target.of(db, config, tenant).open().packages.blob(package_id)
     out.write_bytes(blob)
     typer.echo(f"wrote {out} ({len(blob)} bytes)")
 
@@ -487,21 +575,13 @@ def verify_package(
     with file.open("rb") as stream:
         package = read_package(stream, read_public_key(key, Ed25519PublicKey))
     typer.echo(f"{file}: signature and payload verified")
-    table = Table()
-    table.add_column("field")
-    table.add_column("value")
-    for name, value in dataclasses.asdict(package.manifest).items():
-        if name != "model":
-            table.add_row(name, str(value))
-    _console().print(table)
+    rows = [(k, str(v)) for k, v in dataclasses.asdict(package.manifest).items() if k != "model"]
+    print_table((Column("field"), Column("value", wrap=True)), rows)
 
 
 def _print_packages(packages: list[PackageInfo]) -> None:
-    table = Table(title="update packages", title_justify="left")
-    for header in ("id", "from", "to", "codec", "bytes", "of base", "cap", "error", "build s", "expires"):
-        table.add_column(header)
-    for p in packages:
-        table.add_row(
+    rows = [
+        (
             str(p.id),
             f"v{p.from_version}" if p.from_version is not None else "full",
             f"v{p.to_version}",
@@ -510,11 +590,23 @@ def _print_packages(packages: list[PackageInfo]) -> None:
             f"{p.ratio:.3%}",
             f"{p.cap:.0%}",
             f"{p.reconstruction_error:.2e}",
-            f"{p.build_seconds:.2f}",
+            duration(p.build_seconds),
             p.expires_at.strftime("%Y-%m-%d %H:%M"),
         )
-    _console().print(table)
+        for p in packages
+    ]
+    print_table(PACKAGE_COLUMNS, rows, "update packages")
 
 
-def _console() -> Console:
-    return Console(width=None if sys.stdout.isatty() else 160)  # logs and pipes get whole tables
+PACKAGE_COLUMNS = (
+    Column("id", justify="right"),
+    Column("from"),
+    Column("to"),
+    Column("codec"),
+    Column("bytes", justify="right"),
+    Column("of base", justify="right", drop=2),
+    Column("cap", justify="right", drop=3),
+    Column("error", justify="right", drop=1),
+    Column("build", justify="right", drop=4),
+    Column("expires", drop=1),
+)

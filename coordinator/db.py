@@ -12,7 +12,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, event, inspect
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from fleetlora.common.errors import ConfigError
@@ -26,12 +26,18 @@ BASELINE = "0001"  # the schema create_all made before migrations existed
 class Database:
     """A SQLAlchemy engine for ``url`` (``sqlite:///FILE`` by default, PostgreSQL by URL)."""
 
-    def __init__(self, url: str, cipher: BlobCipher | None = None) -> None:
-        """``cipher``: how blobs are sealed at rest; by default from this process's environment."""
+    def __init__(self, url: str, cipher: BlobCipher | None = None, *, create: bool = True) -> None:
+        """``cipher``: how blobs are sealed at rest; by default from this process's environment.
+        ``create=False``: refuse a database that does not exist yet rather than make it (read commands:
+        a mistyped URL must not leave an empty database behind)."""
         self.cipher = cipher if cipher is not None else BlobCipher.from_environment()
+        self.url = url
+        self.create = create
         try:
             parsed = make_url(url)
             if parsed.drivername.startswith("sqlite") and parsed.database not in (None, "", ":memory:"):
+                if not create and not Path(parsed.database).is_file():
+                    raise _missing(url, "no such file")
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
             self.engine: Engine = create_engine(parsed)
         except (ArgumentError, NoSuchModuleError, ImportError) as exc:
@@ -44,10 +50,22 @@ class Database:
             event.listen(self.engine, "begin", _sqlite_begin_immediate)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._initialized = False
+        self.revision: str | None = None  # the schema's, once initialized
 
     def initialize(self) -> Database:
-        """Bring the schema to the newest migration (idempotent); must run before :meth:`session`."""
-        upgrade(self.engine)
+        """Bring the schema to the newest migration (idempotent); must run before :meth:`session`.
+
+        A server that cannot be reached, or a database it does not have, is a :class:`ConfigError`
+        naming the URL; so is, with ``create=False``, a database without fleetlora's tables.
+        """
+        try:
+            with self.engine.connect() as connection:
+                tables = inspect(connection).get_table_names()
+        except OperationalError as exc:
+            raise _unreachable(self.url, exc) from None
+        if not self.create and "alembic_version" not in tables and "model_versions" not in tables:
+            raise _missing(self.url, "it holds no fleetlora tables")
+        self.revision = upgrade(self.engine)
         self._initialized = True
         return self
 
@@ -66,6 +84,22 @@ class Database:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _missing(url: str, why: str) -> ConfigError:
+    return ConfigError(
+        f"No fleetlora database at {without_password(url)} ({why}): pass --db URL or --config FILE, "
+        "or make it with `fleetlora coordinator db upgrade --db URL` (`coordinator up` does too)."
+    )
+
+
+def _unreachable(url: str, exc: OperationalError) -> ConfigError:
+    """The driver's own first line (server down, database or role missing, wrong password)."""
+    reason = " ".join(str(exc.orig or exc).split("\n")[0].split())
+    return ConfigError(
+        f"Cannot open the database {without_password(url)}: {reason}. Check --db/--config, that the "
+        "server runs and the database exists (createdb NAME), then `fleetlora coordinator db upgrade`."
+    )
 
 
 def without_password(url: str) -> str:

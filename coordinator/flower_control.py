@@ -8,7 +8,10 @@ Flower exits 0 even when it reports an error in JSON.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ from fleetlora.coordinator.superlink import CONNECTION
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app: pyproject.toml's [tool.flwr.app]
 TIMEOUT = 120.0
+START_HINT = "is the coordinator running? Start it with `fleetlora coordinator up --config FILE`"
 
 
 class ControlError(FleetloraError):
@@ -27,6 +31,11 @@ class ControlError(FleetloraError):
 
 def flwr(host: CoordinatorHost, *args: str) -> dict[str, Any]:
     """Run one ``flwr`` command against this host's SuperLink; its JSON answer, or ControlError."""
+    if not (host.flwr_home / "config.toml").is_file():  # `up` writes it; never let flwr make its own
+        raise ControlError(
+            f"No SuperLink connection in {host.flwr_home}: {START_HINT}, "
+            "and give this command the same --config."
+        )
     command = [flower_command("flwr"), *args, "--format", "json"]
     try:
         done = subprocess.run(
@@ -43,10 +52,20 @@ def flwr(host: CoordinatorHost, *args: str) -> dict[str, Any]:
         answer = json.loads(done.stdout)
     except json.JSONDecodeError:
         detail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise ControlError(f"`flwr {' '.join(args)}` failed: {detail[0]}") from None
+        raise ControlError(f"`flwr {' '.join(args)}` failed: {detail[0]}; {START_HINT}.") from None
     if not answer.get("success", False):
-        raise ControlError(f"The SuperLink refused `flwr {args[0]}`: {answer.get('error-message', answer)}")
+        message = " ".join(str(answer.get("error-message", answer)).split())
+        if _unreachable(message):
+            raise ControlError(f"Cannot reach the SuperLink for `flwr {args[0]}` ({message}); {START_HINT}.")
+        raise ControlError(f"The SuperLink refused `flwr {args[0]}`: {message}")
     return answer
+
+
+def _unreachable(message: str) -> bool:
+    """Whether Flower's error says nothing answered (rather than that the SuperLink said no)."""
+    return any(
+        word in message.lower() for word in ("unavailable", "refused", "failed to connect", "deadline")
+    )
 
 
 def register_node(host: CoordinatorHost, public_key: Path, name: str) -> int:
@@ -57,6 +76,26 @@ def register_node(host: CoordinatorHost, public_key: Path, name: str) -> int:
 
 def list_nodes(host: CoordinatorHost) -> list[dict[str, Any]]:
     return list(flwr(host, "supernode", "list", CONNECTION)["nodes"])
+
+
+class OnlineNodes:
+    """The SuperLink's online node ids, asked at most every ``max_age`` seconds (each ask is a ``flwr``
+    call of about a second): what ``coordinator up``'s metrics and console share. A failed ask raises
+    :class:`ControlError` and is not kept, so the next caller asks again."""
+
+    def __init__(self, host: CoordinatorHost, max_age: float = 15.0) -> None:
+        self.host, self.max_age = host, max_age
+        self._lock = threading.Lock()
+        self._asked_at = -math.inf
+        self._online: set[str] = set()
+
+    def __call__(self) -> set[str]:
+        with self._lock:
+            if time.monotonic() - self._asked_at >= self.max_age:
+                nodes = list_nodes(self.host)
+                self._online = {str(n.get("node-id")) for n in nodes if n.get("status") == "online"}
+                self._asked_at = time.monotonic()
+            return set(self._online)
 
 
 def start_run(host: CoordinatorHost, run_config: dict[str, Any]) -> int:

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import sys
 
-import typer
 from rich.console import Console
 
 from fleetlora.client.cli import app as device_app
 from fleetlora.common.errors import FleetloraError
-from fleetlora.common.terminal import shown
+from fleetlora.common.terminal import command_group, shown
 from fleetlora.coordinator.cli import app as coordinator_app
 from fleetlora.simulations.cli import simulate
 
-app = typer.Typer(
-    help="Federated LoRA for edge fleets: devices adapt a language model on their own text; "
+app = command_group(
+    "Federated LoRA for edge fleets: devices adapt a language model on their own text; "
     "only adapter deltas leave them.",
-    no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
 app.command()(simulate)

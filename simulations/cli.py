@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import inspect
 import shlex
-import sys
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
 from fleetlora.common.errors import ConfigError
 from fleetlora.common.run_config import SETTINGS, RunValue, Setting
+from fleetlora.common.terminal import console as make_console
 
 SIMULATION_PANEL = "Simulation"
 
@@ -129,7 +128,7 @@ def simulate(**options: Any) -> None:
         client_cpus=options["client_cpus"],
         settings={**parse_run_config(options["run_config"]), **explicit},
     )
-    console = Console(width=None if sys.stdout.isatty() else 140)  # logs and CI get the whole table
+    console = make_console()
     if not config.run.dp_epsilon:
         console.print(
             "[yellow]dp-epsilon 0: devices train without differential privacy; this run is not private.[/]"
@@ -139,7 +138,7 @@ def simulate(**options: Any) -> None:
         results = run_fleet(config, reporter, verbose=options["verbose"])
     finally:
         reporter.stop()
-    console.print(results_table(results))
+    console.print(results_table(results, console.width))
     console.print(f"results: {config.out / 'results.json'}")
 
 

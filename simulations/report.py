@@ -7,7 +7,9 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
+from fleetlora.common.terminal import Cell, Column, duration, fitted_table
 from fleetlora.common.terminal import shown as plain
 from fleetlora.coordinator.rounds import FederationStart, RoundOutcome
 
@@ -21,6 +23,18 @@ _METRIC_COLUMNS = {
     "central_loss": "test loss",
     "central_accuracy": "test acc",
     "central_perplexity": "test ppl",
+}
+# Which the results table leaves out first when the terminal is narrow (0: never): losses before
+# accuracies, the federated view before the held-out test set's.
+_METRIC_DROP = {
+    "train_loss": 5,
+    "federated_eval_loss": 6,
+    "federated_eval_accuracy": 3,
+    "federated_eval_personal_accuracy": 4,
+    "federated_eval_perplexity": 3,
+    "central_loss": 5,
+    "central_accuracy": 0,
+    "central_perplexity": 0,
 }
 
 
@@ -84,34 +98,40 @@ def _updates(outcome: RoundOutcome) -> str:
     return text
 
 
-def results_table(results: dict[str, Any]) -> Table:
-    """The per-round table of a results.json document."""
+def results_table(results: dict[str, Any], width: int) -> Table:
+    """The per-round table of a results.json document, no wider than ``width``."""
     rows = [{"round": results["initial"]["round"], "version": results["initial"]["version"],
              "participants": "-", "examples": "-", "metrics": results["initial"]["metrics"],
              "upload_bytes": None, "package_bytes": None, "seconds": None}, *results["rounds"]]  # fmt: skip
     shown = [k for k in _METRIC_COLUMNS if any(k in row["metrics"] for row in rows)]
     spent = _largest_epsilon_so_far(rows)
-    table = Table(title="fleetlora simulation", title_justify="left")
-    for header in ("round", "version", "devices", "examples", *(_METRIC_COLUMNS[k] for k in shown)):
-        table.add_column(header, justify="right")
-    if any(spent):
-        table.add_column("max ε", justify="right")
-    table.add_column("upload", justify="right")
-    table.add_column("package", justify="right")
-    table.add_column("seconds", justify="right")
-    for row, epsilon in zip(rows, spent, strict=True):
-        table.add_row(
+    private = any(spent)
+    columns = [
+        Column("round", justify="right"),
+        Column("version", justify="right"),
+        Column("devices", justify="right", drop=2),
+        Column("examples", justify="right", drop=7),
+        *(Column(_METRIC_COLUMNS[k], justify="right", drop=_METRIC_DROP[k]) for k in shown),
+        *([Column("max ε", justify="right", drop=1)] if private else []),
+        Column("upload", justify="right", drop=4),
+        Column("package", justify="right", drop=4),
+        Column("time", justify="right", drop=2),
+    ]
+    body: list[list[Cell]] = [
+        [
             str(row["round"]),
-            row["version"] or "[red]failed[/]",
+            row["version"] or Text("failed", style="red"),
             str(row["participants"]),
             str(row["examples"]),
             *(_fmt(row["metrics"].get(k)) for k in shown),
-            *([f"{epsilon:.2f}" if epsilon else "-"] if any(spent) else []),
+            *([f"{epsilon:.2f}" if epsilon else "-"] if private else []),
             "-" if row["upload_bytes"] is None else f"{row['upload_bytes'] / 1024:.0f} KiB",
             "-" if row.get("package_bytes") is None else f"{row['package_bytes'] / 1024:.0f} KiB",
-            "-" if row["seconds"] is None else f"{row['seconds']:.1f}",
-        )
-    return table
+            duration(row["seconds"]),
+        ]
+        for row, epsilon in zip(rows, spent, strict=True)
+    ]
+    return fitted_table(columns, body, width, "fleetlora simulation")
 
 
 def _largest_epsilon_so_far(rows: list[dict[str, Any]]) -> list[float]:

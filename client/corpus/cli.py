@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
 import time
@@ -9,12 +10,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from fleetlora.client.corpus.ingest import FORMATS, http_server, ingest_stream, scan_inbox, watch_inbox
 from fleetlora.client.corpus.store import CORPUS_FILE, CorpusStore
-from fleetlora.common.terminal import shown
+from fleetlora.common.terminal import Column, command_group, json_text, print_table
 from fleetlora.common.trusted_paths import make_trusted_folder
 
 if TYPE_CHECKING:  # the pipeline (NumPy, MinHash) and the model (torch) load in the commands that use them
@@ -24,9 +23,10 @@ StateDir = Annotated[
     Path, typer.Option(help=f"The device's state folder; the corpus is {CORPUS_FILE} in it.")
 ]
 QuarantinedId = Annotated[str, typer.Argument(help="The record's id (see `quarantine list`).")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts: a list of objects.")]
 MAINTAIN_SECONDS = 30.0  # while serving: archive old records and evict past the capacity this often
 
-quarantine_app = typer.Typer(help="Records held back from the corpus, with the reason.", no_args_is_help=True)
+quarantine_app = command_group("Records held back from the corpus, with the reason.")
 
 
 def open_store(state_dir: Path, capacity_mb: float | None = None, hot_days: float = 7.0) -> CorpusStore:
@@ -110,7 +110,7 @@ def _serve(pipeline: Pipeline, inbox: Path | None, port: int | None, device: str
             thread.join(timeout=5)
 
 
-corpus_app = typer.Typer(help="The records stored in the device's corpus.", no_args_is_help=True)
+corpus_app = command_group("The records stored in the device's corpus.")
 
 
 @corpus_app.command("list")
@@ -118,19 +118,30 @@ def corpus_list(
     state_dir: StateDir,
     last: Annotated[int, typer.Option(help="The newest this many records (0: all).")] = 20,
     label: Annotated[str | None, typer.Option(help="Only records with this label.")] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Show stored records, newest first: id, when, label, source and the start of the text."""
+    if last < 0:
+        raise typer.BadParameter(f"--last must be 0 (all) or more, got {last}.")
     with open_store(state_dir) as store:
         records = [r for r in store.window() if label is None or r.label == label]
-    shown_records = records[:last] if last else records
-    table = Table(title=f"{len(shown_records)} of {len(records)} stored", title_justify="left")
-    for column in ("id", "arrived", "label", "source", "text"):
-        table.add_column(column)
-    for record in shown_records:
-        text = record.text.replace("\n", " ")[:60]
-        cells = (record.id, f"{record.arrived_at:%Y-%m-%d %H:%M}", record.label or "-", record.source, text)
-        table.add_row(*(shown(c) for c in cells))
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    newest = records[:last] if last else records
+    if as_json:
+        typer.echo(json_text([dataclasses.asdict(r) for r in newest]))
+        return
+    rows = [
+        (r.id, f"{r.arrived_at:%Y-%m-%d %H:%M}", r.label or "-", r.source, _start(r.text)) for r in newest
+    ]
+    print_table(RECORD_COLUMNS, rows, f"{len(newest)} of {len(records)} stored")
+
+
+RECORD_COLUMNS = (
+    Column("id"),
+    Column("arrived", drop=2),
+    Column("label", wrap=True),
+    Column("source", wrap=True, drop=1),
+    Column("text", wrap=True),
+)
 
 
 @corpus_app.command("delete")
@@ -145,18 +156,29 @@ def corpus_delete(
 
 
 @quarantine_app.command("list")
-def quarantine_list(state_dir: StateDir) -> None:
+def quarantine_list(state_dir: StateDir, as_json: JsonOption = False) -> None:
     """Show quarantined records: id, when, why, and the start of the text."""
     with open_store(state_dir) as store:
         held = store.quarantined()
-    table = Table(title=f"{len(held)} quarantined", title_justify="left")
-    for column in ("id", "at", "source", "reason", "text"):
-        table.add_column(column)
-    for item in held:
-        text = item.record.text.replace("\n", " ")[:60]
-        cells = (item.record.id, f"{item.at:%Y-%m-%d %H:%M}", item.record.source, item.reason, text)
-        table.add_row(*(shown(c) for c in cells))
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    if as_json:
+        typer.echo(
+            json_text([{**dataclasses.asdict(q.record), "reason": q.reason, "at": q.at} for q in held])
+        )
+        return
+    rows = [
+        (q.record.id, f"{q.at:%Y-%m-%d %H:%M}", q.record.source, q.reason, _start(q.record.text))
+        for q in held
+    ]
+    print_table(QUARANTINE_COLUMNS, rows, f"{len(held)} quarantined")
+
+
+QUARANTINE_COLUMNS = (
+    Column("id"),
+    Column("at", drop=2),
+    Column("source", wrap=True, drop=1),
+    Column("reason", wrap=True),
+    Column("text", wrap=True, drop=3),
+)
 
 
 @quarantine_app.command("release")
@@ -183,7 +205,7 @@ def quarantine_drop(
     typer.echo(f"dropped {record_id}")
 
 
-review_app = typer.Typer(help="Records whose proposed labels a person should settle.", no_args_is_help=True)
+review_app = command_group("Records whose proposed labels a person should settle.")
 
 
 def label(
@@ -210,22 +232,33 @@ def label(
 
 
 @review_app.command("list")
-def review_list(state_dir: StateDir) -> None:
+def review_list(state_dir: StateDir, as_json: JsonOption = False) -> None:
     """Show records waiting for review with the models' proposals."""
     from fleetlora.client.corpus import labels
 
     with open_store(state_dir) as store:
         queue = labels.review_queue(store)
-    table = Table(title=f"{len(queue)} waiting for review", title_justify="left")
-    for column in ("id", "text", "proposals"):
-        table.add_column(column)
-    for record in queue:
-        proposals = ", ".join(
-            f"{p['label']} {p['confidence']:.2f} ({p['by']})"
-            for p in record.metadata[labels.REVIEW]["proposals"]
+    proposals = {r.id: r.metadata[labels.REVIEW]["proposals"] for r in queue}
+    if as_json:
+        typer.echo(json_text([{"id": r.id, "text": r.text, "proposals": proposals[r.id]} for r in queue]))
+        return
+    rows = [
+        (
+            r.id,
+            _start(r.text),
+            ", ".join(f"{p['label']} {p['confidence']:.2f} ({p['by']})" for p in proposals[r.id]),
         )
-        table.add_row(shown(record.id), shown(record.text[:60]), shown(proposals))
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+        for r in queue
+    ]
+    print_table(REVIEW_COLUMNS, rows, f"{len(queue)} waiting for review")
+
+
+REVIEW_COLUMNS = (Column("id"), Column("text", wrap=True, drop=1), Column("proposals", wrap=True))
+
+
+def _start(text: str) -> str:
+    """The first 60 characters of a record's text, on one line."""
+    return " ".join(text.split())[:60]
 
 
 @review_app.command("accept")

@@ -104,7 +104,7 @@ OTHER_TEXT = {
     "model": "tiny", "task": "causal-lm", "labels": "a,b", "lora-targets": "query", "unfreeze": "layer.0",
     "pooling": "transformers", "eval-data": "", "tenant": "other", "db": "sqlite://", "keys": "elsewhere",
     "upload-codec": "int8+zstd", "server-optimizer": "fedadam", "dp-accountant": "prv", "sampling": "random",
-    "regime": "lora", "dp-budget": "device", "aggregator": "median",
+    "regime": "lora", "dp-budget": "device", "aggregator": "median", "log-dir": "logs",
 }  # fmt: skip
 
 

@@ -55,3 +55,36 @@ def test_a_failed_round_run_again_is_kept_once_and_other_files_are_left_out(tmp_
     assert [r["round"] for r in with_earlier_rounds(path, _results("L", 0, [1], False))["rounds"]] == [1]
     path.write_text("{not json")
     assert [r["round"] for r in with_earlier_rounds(path, _results("L", 2, [3], True))["rounds"]] == [3]
+
+
+def test_the_results_table_fits_100_columns_with_every_round_and_version_whole():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from fleetlora.simulations.report import results_table
+
+    every_metric = {
+        "train_loss": 0.9, "federated_eval_loss": 0.8, "federated_eval_accuracy": 0.6,
+        "federated_eval_personal_accuracy": 0.7, "central_loss": 0.75, "central_accuracy": 0.61234,
+    }  # fmt: skip
+    rounds = [
+        {"round": r, "version": f"v{r + 1}", "participants": 20, "examples": 12345, "metrics": every_metric,
+         "upload_bytes": 123456, "package_bytes": 4096, "seconds": 192.4, "privacy": {"partition-1": 0.5 * r}}
+        for r in (1, 2)
+    ]  # fmt: skip
+    rounds.append({**rounds[-1], "round": 3, "version": None, "seconds": 52.738902})
+    results = {"initial": {"round": 0, "version": "v1", "metrics": every_metric}, "rounds": rounds}
+    out = StringIO()
+    Console(file=out, width=100).print(results_table(results, 100))
+    lines = out.getvalue().splitlines()
+
+    assert all(len(line) <= 100 for line in lines)
+    header = next(line for line in lines if line.startswith("┃")).strip("┃").split("┃")
+    rows = [line.strip("│").split("│") for line in lines if line.startswith("│")]
+    assert all(len(row) == len(header) for row in rows)
+    expected = [("0", "v1"), ("1", "v2"), ("2", "v3"), ("3", "failed")]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == expected
+    names = [h.strip() for h in header]
+    assert {"test acc", "max ε", "time"} <= set(names) and "fed. loss" not in names  # least needed went first
+    assert [r[names.index("time")].strip() for r in rows] == ["-", "3 min 12 s", "3 min 12 s", "52.7 s"]

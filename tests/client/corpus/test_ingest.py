@@ -725,7 +725,9 @@ def test_the_endpoint_listens_on_ipv6_loopback(pipeline: Pipeline, state_dir: Pa
 )
 def test_quarantine_list_shows_any_text_as_it_is(pipeline: Pipeline, state_dir: Path, text: str):
     pipeline.quarantine(Record(text, "http", DEVICE), "too-short")
-    listing = CliRunner().invoke(quarantine_app, ["list", "--state-dir", str(state_dir)])
+    listing = CliRunner().invoke(
+        quarantine_app, ["list", "--state-dir", str(state_dir)], env={"COLUMNS": "200"}
+    )  # wide enough that the text is not wrapped
     assert listing.exit_code == 0, repr(listing.exception)
     for part in text.split("\ud800"):
         assert part.strip() in listing.output
