@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -43,10 +44,13 @@ from fleetlora.common.delta import (
 from fleetlora.common.envelope import SEALED, UploadContext, seal, to_records
 from fleetlora.common.errors import ConfigError, ConsentError, DataError, IncompatibleStateError
 from fleetlora.common.keys import COORDINATOR_HPKE_PUB, COORDINATOR_SIGNING_PUB, PublicKeyT, read_public_key
+from fleetlora.common.logs import configure_json_logging
 from fleetlora.common.messages import Instructions
 from fleetlora.common.model import LoadedModel, cached_model
 from fleetlora.common.package import MAX_CAP, PACKAGE, PackageError
 from fleetlora.common.run_config import DEFAULTS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,7 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
+        log_to_state_dir(context.node_config)
         job = prepare(message, context)
         settings, loaded = job.instructions.train, job.loaded
         identity = ConfigRecord({records.DEVICE_ID: device_id(context)})
@@ -122,6 +127,16 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
             plan = privacy_plan(job, context)
         except Declined as exc:
             identity[records.DECLINED] = str(exc)
+            log.info(
+                "Declined round %d: %s",
+                job.instructions.round,
+                exc,
+                extra={
+                    "event": "round_declined",
+                    "device": device_id(context),
+                    "round": job.instructions.round,
+                },
+            )
             return Message(RecordDict({records.CONFIG: identity}), reply_to=message)
         train_set = list(plan.examples) if plan else job.train_set  # under DP, the records not yet retired
         before = trainable_state(loaded.model)
@@ -150,6 +165,22 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
         delta = diff(trainable_state(loaded.model), before)  # the head's change is against the global head
         content = upload(delta, identity, job.instructions, keys)
         content[records.METRICS] = metrics
+        log.info(
+            "Trained round %d on %d examples (%d steps, %.1f s)",
+            job.instructions.round,
+            result.examples,
+            result.steps,
+            result.seconds,
+            extra={
+                "event": "round_trained",
+                "device": device_id(context),
+                "round": job.instructions.round,
+                "version": f"v{job.instructions.version}",
+                "examples": result.examples,
+                "steps": result.steps,
+                "loss": result.loss,
+            },
+        )
         return Message(content, reply_to=message)
 
     @app.evaluate()
@@ -190,10 +221,12 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
 
     @app.query(records.QUERY_UPDATE_APPLY.removeprefix("query."))
     def update_apply(message: Message, context: Context) -> Message:
+        log_to_state_dir(context.node_config)
         run_config = run_config_of(context)
         device = DeviceState.locate(context.node_config, run_config)
+        about = {"device": device_id(context)}
         try:
-            apply_package(
+            applied = apply_package(
                 io.BytesIO(chunks.array_record_to_bytes(message.content.array_records[PACKAGE])),
                 device,
                 coordinator_key(context.node_config, run_config, Ed25519PublicKey),
@@ -201,16 +234,34 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
                 cap=float(context.node_config.get("package-cap", MAX_CAP)),
             )
             outcome = {records.UPDATE_STATUS: "applied"}
+            version = f"v{applied.active.version}"
+            log.info(
+                "Applied package: now %s",
+                version,
+                extra={"event": "package_applied", "version": version, **about},
+            )
         except PackageError as exc:
             outcome = {
                 records.UPDATE_STATUS: "rejected",
                 records.UPDATE_REASON: f"{exc.reason}: {exc.detail}",
             }
+            log.warning(
+                "Refused package: %s",
+                outcome[records.UPDATE_REASON],
+                extra={"event": "package_refused", **about},
+            )
         reply = ConfigRecord({records.DEVICE_ID: device_id(context), **outcome})
         report_active(reply, UpdateSlots(device).active())
         return Message(RecordDict({records.CONFIG: reply}), reply_to=message)
 
     return app
+
+
+def log_to_state_dir(node_config: UserConfig) -> None:
+    """A deployed device (its node config names its id and state folder) logs to ``state-dir/logs``,
+    beside `device up`'s log; simulated devices do not."""
+    if "device-id" in node_config and "state-dir" in node_config:
+        configure_json_logging(Path(str(node_config["state-dir"])) / "logs", "client-app")
 
 
 def privacy_plan(job: MessageJob, context: Context) -> privacy.RoundPlan | None:

@@ -8,6 +8,7 @@ state folder, data, consent and the coordinator keys' paths; the ClientApp reads
 from __future__ import annotations
 
 import json
+import logging
 import math
 import signal
 import subprocess
@@ -21,6 +22,8 @@ from fleetlora.common.errors import ConfigError
 from fleetlora.common.flower_env import flower_command, flower_env
 from fleetlora.common.host_config import DeviceHost
 from fleetlora.common.keys import COORDINATOR_HPKE_PUB, COORDINATOR_SIGNING_PUB, DEVICE_SIGNING_KEY
+
+log = logging.getLogger(__name__)
 
 
 def node_config(device: DeviceHost) -> str:
@@ -78,6 +81,10 @@ def run_foreground(device: DeviceHost) -> int:
     """
     env = flower_env(device.state_dir / "flwr")
     supernode = subprocess.Popen(supernode_command(device), env=env, cwd=device.state_dir)
+    about = {"device": device.device_id}
+    log.info(
+        "SuperNode started, joining %s", device.coordinator, extra={"event": "supernode_started", **about}
+    )
     runner: subprocess.Popen[bytes] | None = None
     stopping = False
 
@@ -92,6 +99,12 @@ def run_foreground(device: DeviceHost) -> int:
     signal.signal(signal.SIGINT, stop)
     while supernode.poll() is None:
         if device.warm_clientapp and not stopping and (runner is None or runner.poll() is not None):
+            if runner is not None:
+                log.warning(
+                    "ClientApp runner exited with code %s; starting it again",
+                    runner.returncode,
+                    extra={"event": "runner_restarted", **about},
+                )
             runner = subprocess.Popen(
                 [sys.executable, "-m", "fleetlora.client.warm_clientapp",
                  f"127.0.0.1:{device.runtime_port}", str(supernode.pid)],
@@ -102,4 +115,11 @@ def run_foreground(device: DeviceHost) -> int:
     if runner is not None and runner.poll() is None:
         runner.terminate()
         runner.wait(timeout=10)
-    return supernode.returncode
+    code = supernode.returncode
+    log.log(
+        logging.INFO if stopping else logging.ERROR,
+        "SuperNode stopped (code %s)" if stopping else "SuperNode exited unasked with code %s",
+        code,
+        extra={"event": "supernode_exited", "code": code, **about},
+    )
+    return code

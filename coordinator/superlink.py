@@ -194,6 +194,7 @@ def run_foreground(host: CoordinatorHost) -> int:
         if asked:
             return 0
         raise
+    log.info("SuperLink ready on %s", host.address, extra={"event": "superlink_ready"})
     process, terminator = running.process, running.terminator
     try:
         while True:
@@ -202,13 +203,19 @@ def run_foreground(host: CoordinatorHost) -> int:
                 break
             except subprocess.TimeoutExpired:
                 if terminator is not None and not terminator.alive and not asked:
-                    log.error("The TLS terminator stopped; stopping the SuperLink.")
+                    log.error(
+                        "The TLS terminator stopped; stopping the SuperLink.",
+                        extra={"event": "terminator_stopped"},
+                    )
                     running.stop()
                     return 1
     finally:
         if terminator is not None:
             terminator.stop()
     if asked:  # uvicorn shuts down cleanly, then dies of the signal it was sent (code -15): a clean stop
+        log.info("SuperLink stopped on a signal", extra={"event": "superlink_stopped", "code": code})
         return 0 if code < 0 else code
-    log.error("flower-superlink exited unasked with code %s.", code)
+    log.error(
+        "flower-superlink exited unasked with code %s.", code, extra={"event": "superlink_died", "code": code}
+    )
     return code or 1

@@ -300,6 +300,58 @@ def test_each_device_config_dials_the_coordinator_service_by_a_name_in_its_certi
         assert raw[key].startswith("/"), f"{path}: {key} must be a path in the container"
 
 
+# ---- monitoring: Prometheus scrapes the coordinator's /metrics, Grafana shows the dashboard
+
+
+def seconds(duration: str) -> int:
+    """A Prometheus duration such as ``30s``, ``5m`` or ``1h`` in seconds."""
+    match = re.fullmatch(r"(\d+)([smh])", duration)
+    assert match, f"cannot read the duration {duration!r}"
+    return int(match[1]) * {"s": 1, "m": 60, "h": 3600}[match[2]]
+
+
+def test_prometheus_scrapes_the_coordinators_metrics_port_at_least_every_5_minutes():
+    prometheus = services()["prometheus"]
+    assert prometheus["image"].startswith("prom/prometheus:") and prometheus["profiles"] == ["monitoring"]
+    args = argv(prometheus["command"])
+    mount = mount_at("prometheus", option(args, "--config.file"))
+    assert mount.target == option(args, "--config.file") and mount.read_only and not mount.named
+    assert mount_at("prometheus", option(args, "--storage.tsdb.path")).named, "its data must outlive it"
+    scrape = yaml.safe_load((REPO / mount.source).read_text())
+    [job] = scrape["scrape_configs"]
+    interval = seconds(job.get("scrape_interval", scrape["global"]["scrape_interval"]))
+    timeout = seconds(job.get("scrape_timeout", scrape["global"]["scrape_timeout"]))
+    assert interval <= 300 and timeout < interval  # the seed standard: metrics at least every 5 minutes
+    host = config_of("coordinator").coordinator
+    assert host.metrics_host in ("0.0.0.0", ""), "Prometheus reaches it from another container"
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    assert [t for c in job["static_configs"] for t in c["targets"]] == [f"coordinator:{host.metrics_port}"]
+    assert prometheus["depends_on"]["coordinator"]["condition"] == "service_healthy"
+
+
+def test_grafana_provisions_the_prometheus_source_and_the_dashboard_that_names_it():
+    grafana = services()["grafana"]
+    assert grafana["image"].startswith("grafana/grafana") and grafana["profiles"] == ["monitoring"]
+    provisioning = mount_at("grafana", "/etc/grafana/provisioning")
+    assert provisioning.target == "/etc/grafana/provisioning" and provisioning.read_only
+    folder = REPO / provisioning.source
+    [source] = yaml.safe_load((folder / "datasources" / "prometheus.yml").read_text())["datasources"]
+    assert (source["type"], source["url"]) == ("prometheus", "http://prometheus:9090")
+    assert "127.0.0.1:9090:9090" in services()["prometheus"]["ports"]
+    [provider] = yaml.safe_load((folder / "dashboards" / "fleetlora.yml").read_text())["providers"]
+    home = environment("grafana")["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert PurePosixPath(home).parent == PurePosixPath(provider["options"]["path"])
+    mount = mount_at("grafana", home)
+    assert mount.target == home and mount.read_only
+    assert (REPO / mount.source).resolve() == REPO / "deploy" / "grafana-dashboard.json"
+    dashboard = json.loads((REPO / mount.source).read_text())
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert panels and all(p["targets"] for p in panels)
+    named = {p["datasource"]["uid"] for p in panels}
+    named |= {t["datasource"]["uid"] for p in panels for t in p["targets"]}
+    assert named == {source["uid"]}, "every panel must ask the provisioned Prometheus"
+
+
 # ---- healthchecks probe what the configs say
 
 

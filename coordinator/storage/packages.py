@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import select
+from sqlalchemy.orm import defer
 
 from fleetlora.common.errors import FleetloraError
 from fleetlora.common.package import Manifest
@@ -126,6 +127,19 @@ class PackageStore(TenantScoped):
             blob, expected = self.db.cipher.open(row.package, package_binding(row)), row.package_sha256
         corrupt = f"Stored package {package_id} does not match its sha256: rebuild it."
         return checked_blob(blob, expected, lambda: FleetloraError(corrupt))
+
+    def latest(self) -> PackageInfo | None:
+        """The newest stored package, its bytes left unread (metrics ask for it at every scrape)."""
+        query = (
+            select(UpdatePackage)
+            .options(defer(UpdatePackage.package))
+            .where(self.in_tenant(UpdatePackage.lineage))
+            .order_by(UpdatePackage.id.desc())
+            .limit(1)
+        )
+        with self.db.session() as session:
+            row = session.scalars(query).first()
+            return _package_info(row) if row else None
 
     def all(self, lineage: str | None = None) -> list[PackageInfo]:
         """Every stored package (of one lineage if given), oldest first."""

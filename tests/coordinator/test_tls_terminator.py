@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import pytest
 
 from fleetlora.common.errors import ConfigError
 from fleetlora.common.host_config import CoordinatorHost, load_host_config
+from fleetlora.common.logs import search_logs
 from fleetlora.coordinator import flower_control, superlink
 from fleetlora.coordinator.certs import CA_CERT, SERVER_CERT, SERVER_KEY, init_certs
 from fleetlora.coordinator.tls_terminator import (
@@ -311,9 +313,11 @@ def test_the_real_superlink_refuses_tls12_only_through_the_terminator(tmp_path: 
 
 @pytest.mark.slow
 def test_coordinator_up_exits_non_zero_when_its_superlink_dies_and_cleanly_on_sigterm(tmp_path: Path):
-    port = free_port_pair()
+    port, metrics_port = free_port_pair(), free_port_pair()
     config = tmp_path / "fleetlora.toml"
-    config.write_text(f'[coordinator]\nport = {port}\nstate-dir = "coordinator"\n')
+    config.write_text(
+        f'[coordinator]\nport = {port}\nstate-dir = "coordinator"\nmetrics-port = {metrics_port}\n'
+    )
     host = CoordinatorHost(port=port, state_dir=tmp_path / "coordinator")
 
     log = tmp_path / "up.log"
@@ -337,6 +341,8 @@ def test_coordinator_up_exits_non_zero_when_its_superlink_dies_and_cleanly_on_si
         process = up()
         try:
             (child,) = [c for c in process.children() if "flower-superlink" in " ".join(c.cmdline())]
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as answer:
+                assert b"fleetlora_database_up 1.0" in answer.read()  # served while the SuperLink runs
             if ending == "SIGTERM":
                 process.send_signal(signal.SIGTERM)
                 assert process.wait(30) == 0
@@ -349,6 +355,9 @@ def test_coordinator_up_exits_non_zero_when_its_superlink_dies_and_cleanly_on_si
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
+    lifecycle = ("metrics_started", "superlink_ready", "superlink_died", "superlink_stopped")
+    events = [e.get("event") for e in search_logs(host.log_dir, component="coordinator")]
+    assert [e for e in events if e in lifecycle] == [*lifecycle[:3], *lifecycle[:2], lifecycle[3]]
 
 
 def _health(host: CoordinatorHost, process: psutil.Popen, log: Path) -> bool:
