@@ -35,6 +35,10 @@ class CoordinatorHost:
     # TLS 1.3 only on `port` (coordinator/tls_terminator.py): the SuperLink moves to 127.0.0.1:internal-port.
     tls_terminator: bool = True
     internal_port: int = 0  # the SuperLink's loopback port behind the terminator; 0 = port + 1
+    console_host: str = "127.0.0.1"  # the operators' read-only web console (coordinator/console.py)
+    console_port: int = 8470  # its port; 0 = no console
+    metrics_host: str = "127.0.0.1"  # Prometheus scrapes /metrics here (coordinator/metrics.py)
+    metrics_port: int = 9464  # its port; 0 = no metrics endpoint
 
     @property
     def keys_dir(self) -> Path:
@@ -47,6 +51,11 @@ class CoordinatorHost:
     @property
     def flwr_home(self) -> Path:
         return self.state_dir / "flwr"
+
+    @property
+    def log_dir(self) -> Path:
+        """JSON-lines logs, rotated daily (common/logs.py): `coordinator logs search` reads them."""
+        return self.state_dir / "logs"
 
     @property
     def superlink_db(self) -> Path:
@@ -89,6 +98,11 @@ class DeviceHost:
     @property
     def auth_key(self) -> Path:
         return self.state_dir / "supernode-auth.key"
+
+    @property
+    def log_dir(self) -> Path:
+        """JSON-lines logs of `device up` and its ClientApp: `device logs search` reads them."""
+        return self.state_dir / "logs"
 
 
 @dataclass(frozen=True)

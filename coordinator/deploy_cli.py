@@ -7,17 +7,18 @@ launched on the SuperLink through Flower's Control API.
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
+from rich.columns import Columns
+from rich.console import Group
+from rich.progress_bar import ProgressBar
 
 from fleetlora.common.host_config import CoordinatorHost, load_host_config
+from fleetlora.common.run_config import DEFAULTS
+from fleetlora.common.terminal import Column, command_group, console, duration, fitted_table, json_text
 
 if TYPE_CHECKING:  # the SuperLink's modules and SQLAlchemy load inside the commands that use them
     from fleetlora.coordinator.storage import DeviceUpdateInfo
@@ -25,19 +26,30 @@ if TYPE_CHECKING:  # the SuperLink's modules and SQLAlchemy load inside the comm
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", help="fleetlora.toml of this coordinator host (docs/operator.md).")
 ]
-certs_app = typer.Typer(help="TLS certificates for the SuperLink.", no_args_is_help=True)
-round_app = typer.Typer(help="Start and stop federated rounds on the deployed fleet.", no_args_is_help=True)
+certs_app = command_group("TLS certificates for the SuperLink.")
+round_app = command_group("Start and stop federated rounds on the deployed fleet.")
 
 
 def up(config: ConfigOption = None) -> None:
     """Start the coordinator host: keys, TLS certificates and schema if missing, then the SuperLink
     (TLS, SuperNode authentication, durable state) in the foreground until stopped."""
-    from fleetlora.coordinator import superlink
+    from fleetlora.common.logs import configure_json_logging
+    from fleetlora.coordinator import flower_control, superlink
 
     host = load_host_config(config).coordinator
     host.state_dir.mkdir(parents=True, exist_ok=True)
+    typer.echo(f"logs: {configure_json_logging(host.log_dir, 'coordinator')}")
     for made in superlink.prepare(host):
         typer.echo(f"made {made}")
+    online = flower_control.OnlineNodes(host)  # asked of the SuperLink at most every 15 s, for both
+    if host.metrics_port:  # Prometheus's /metrics, from a thread, before the SuperLink takes the foreground
+        from fleetlora.coordinator.metrics import start_metrics
+
+        typer.echo(f"metrics on {start_metrics(host, lambda: len(online()))}")
+    if host.console_port:  # the operators' web console, the same way
+        from fleetlora.coordinator.console import start_console
+
+        typer.echo(f"console on {start_console(host, online)}")
     typer.echo(
         f"SuperLink on {host.host}:{host.port}; give devices {host.certs_dir / 'ca.crt'} and the .pub "
         f"files in {host.keys_dir}. Stop with Ctrl-C."
@@ -71,6 +83,13 @@ def round_start(
         float | None, typer.Option(help="Share of registered devices sampled per round (0 < F <= 1).")
     ] = None,
     deadline: Annotated[float | None, typer.Option(help="Seconds a round waits for devices.")] = None,
+    follow: Annotated[
+        bool,
+        typer.Option(
+            "--follow",
+            help="Show each round's phases live until the run ends; the exit status says how it ended.",
+        ),
+    ] = False,
     config: ConfigOption = None,
 ) -> None:
     """Launch a run of federated rounds on the SuperLink; it continues from the latest stored version."""
@@ -89,7 +108,36 @@ def round_start(
             run_config.get("min-devices", 1), math.ceil(fraction * registered)
         )
     run_id = flower_control.start_run(host, run_config)
-    typer.echo(f"started run {run_id}; watch it with `fleetlora coordinator status`")
+    if not follow:
+        typer.echo(f"started run {run_id}; follow it with `fleetlora coordinator status --watch`")
+        return
+    typer.echo(f"started run {run_id}; following it (Ctrl-C stops following, not the run)")
+    raise typer.Exit(_follow(host, run_id, int(run_config.get("rounds", DEFAULTS.rounds))))
+
+
+def _follow(host: CoordinatorHost, run_id: int, rounds: int) -> int:
+    """Show the run's phases until it ends: 0 when it completed, 1 otherwise."""
+    from fleetlora.coordinator import flower_control
+    from fleetlora.coordinator.follow import follow_run
+    from fleetlora.coordinator.storage import Storage
+
+    def run_status() -> str:
+        try:
+            return str(next(iter(flower_control.list_runs(host, run_id)), {}).get("status", ""))
+        except flower_control.ControlError:
+            return ""  # the SuperLink restarting: keep following
+
+    ledgers = Storage.open(host.database_url, host.tenant).ledgers
+    try:
+        status = follow_run(ledgers, run_id, rounds, run_status, console())
+    except KeyboardInterrupt:
+        typer.echo(f"stopped following; run {run_id} goes on (`fleetlora coordinator round stop {run_id}`)")
+        return 130
+    typer.echo(f"run {run_id} {status}")
+    if status != "finished:completed":
+        typer.echo("see why with `fleetlora coordinator logs search round --since 1h`", err=True)
+        return 1
+    return 0
 
 
 @round_app.command("stop")
@@ -115,22 +163,71 @@ def round_stop(
 def status(
     config: ConfigOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Redraw every few seconds, the round in progress with a bar.")
+    ] = False,
+    every: Annotated[
+        float, typer.Option("--every", min=1.0, max=3600.0, help="Seconds between redraws with --watch.")
+    ] = 5.0,
 ) -> None:
-    """Show devices (online, version, last seen, ε spent), recent rounds and versions, and runs."""
+    """Show the round in progress, devices (online, version, last seen, ε spent), recent rounds and
+    versions, and runs."""
     host = load_host_config(config).coordinator
+    if watch and not as_json:
+        _watch_status(host, every)
+        return
     report = fleet_status(host)
     if as_json:
-        typer.echo(json.dumps(report, indent=2, default=str))
+        typer.echo(json_text(report))
         return
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    console().print(status_view(report))
+
+
+def _watch_status(host: CoordinatorHost, every: float) -> None:
+    """Redraw ``status`` in place until Ctrl-C."""
+    import time
+
+    from rich.live import Live
+
+    out = console()
+    with Live(console=out, auto_refresh=False, screen=False) as live:
+        try:
+            while True:
+                live.update(status_view(fleet_status(host), watching=every), refresh=True)
+                time.sleep(every)
+        except KeyboardInterrupt:
+            pass
+
+
+# How `status` shows a report's keys: headers other than the key with spaces, what goes first when the
+# terminal is narrow, what may wrap; durations are seconds in JSON and "3 min 12 s" on screen.
+_HEADERS = {"epsilon_spent": "ε spent", "elapsed_seconds": "elapsed"}
+_DROP = {"node": 2, "last_seen": 1, "failures": 1, "pending_at": 1, "devices": 1}
+_WRAPPED = {"last_seen", "error", "status"}
+_DURATIONS = {"seconds", "elapsed_seconds"}
+
+
+def status_view(report: dict[str, list[dict[str, Any]]], watching: float | None = None) -> Group:
+    """Each section of :func:`fleet_status` as a table (a column any row has is shown; none: "(none)"),
+    under a bar for the round in progress."""
+    width = console().width
+    parts: list[Any] = []
+    current = report.get("current_round") or []
+    if current and current[0]["total"] and current[0]["phase"] not in ("completed", "failed"):
+        row = current[0]
+        bar = ProgressBar(total=row["total"], completed=row["done"], width=min(40, width // 3))
+        parts.append(Columns([f"round {row['round']} {row['phase']}", bar, f"{row['done']}/{row['total']}"]))
     for title, rows in report.items():
-        table = Table(title=title, title_justify="left")
-        columns = list(rows[0]) if rows else ["(none)"]
-        for column in columns:
-            table.add_column(column)
-        for row in rows:
-            table.add_row(*(_cell(row[c]) for c in columns))
-        console.print(table)
+        keys = list(dict.fromkeys(key for row in rows for key in row)) or ["(none)"]
+        columns = [
+            Column(_HEADERS.get(k, k.replace("_", " ")), drop=_DROP.get(k, 0), wrap=k in _WRAPPED)
+            for k in keys
+        ]
+        cells = [[_cell(row.get(k), duration_key=k in _DURATIONS) for k in keys] for row in rows]
+        parts.append(fitted_table(columns, cells, width, title.replace("_", " ")))
+    if watching:
+        parts.append(f"redrawn every {watching:g} s; Ctrl-C to stop")
+    return Group(*parts)
 
 
 # Where a deployed run differs from the table unless [federation] says otherwise: who trains when is
@@ -148,15 +245,17 @@ def deployment_run_config(host: CoordinatorHost) -> dict[str, Any]:
         "keys": str(host.keys_dir.resolve()),
         "tenant": host.tenant,
         "seal-uploads": True,
+        "log-dir": str(host.log_dir.resolve()),
     }
 
 
 def fleet_status(host: CoordinatorHost) -> dict[str, list[dict[str, Any]]]:
     """Devices, rounds, versions and runs as rows, from fleetlora's database and the SuperLink."""
     from fleetlora.coordinator import flower_control
+    from fleetlora.coordinator.follow import CurrentRound
     from fleetlora.coordinator.storage import Storage
 
-    storage = Storage.open(host.database_url, host.tenant)
+    storage = Storage.open(host.database_url, host.tenant, create=False)
     try:
         nodes = {str(n.get("node-id")): n for n in flower_control.list_nodes(host)}
         runs = flower_control.list_runs(host)
@@ -173,14 +272,16 @@ def fleet_status(host: CoordinatorHost) -> dict[str, list[dict[str, Any]]]:
                 "device": device.device_id,
                 "node": device.node_id or "-",
                 "status": node.get("status", "not registered" if not device.node_id else "unknown"),
-                "last seen": _last_seen(node, update),
-                "version": f"v{update.version_id}" if update and update.version_id else "-",
-                "ε spent": round(latest_epsilon[device.device_id], 3)
+                "last_seen": _last_seen(node, update),
+                "version": f"v{update.version_id}" if update and update.version_id else None,
+                "epsilon_spent": round(latest_epsilon[device.device_id], 3)
                 if device.device_id in latest_epsilon
-                else "-",
+                else None,
             }
         )
+    current = CurrentRound.of(storage.ledgers.phases(last_rounds=1))
     return {
+        "current_round": [current.as_row()] if current else [],
         "devices": devices,
         "rounds": [
             {
@@ -188,7 +289,7 @@ def fleet_status(host: CoordinatorHost) -> dict[str, list[dict[str, Any]]]:
                 "state": r.status,
                 "participants": f"{r.received}/{r.sampled}",
                 "failures": len(r.dropped or []),
-                "version": f"v{r.version_id}" if r.version_id else "-",
+                "version": f"v{r.version_id}" if r.version_id else None,
                 "seconds": round(r.seconds, 1),
                 "error": r.error or "",
             }
@@ -198,9 +299,21 @@ def fleet_status(host: CoordinatorHost) -> dict[str, list[dict[str, Any]]]:
             {"version": v.label, "round": v.round, "devices": len(v.participants), **_accuracy(v.metrics)}
             for v in storage.versions.all()[-5:]
         ],
-        "runs": [{k: r.get(k, "") for k in ("run-id", "status", "elapsed", "pending-at")} for r in runs]
-        if runs and "error" not in runs[0]
-        else runs,
+        "runs": [_run_row(r) for r in runs] if runs and "error" not in runs[0] else runs,
+    }
+
+
+def _run_row(run: dict[str, Any]) -> dict[str, Any]:
+    """One of Flower's runs with snake_case keys and its elapsed time as a number of seconds."""
+    try:
+        elapsed: float | None = float(run.get("elapsed", ""))
+    except (TypeError, ValueError):
+        elapsed = None
+    return {
+        "run_id": run.get("run-id"),
+        "status": run.get("status"),
+        "elapsed_seconds": elapsed,
+        "pending_at": run.get("pending-at"),
     }
 
 
@@ -216,5 +329,7 @@ def _accuracy(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: round(float(metrics[k]), 4) for k in keys if k in metrics}
 
 
-def _cell(value: Any) -> str:
-    return "-" if value is None else str(value)
+def _cell(value: Any, *, duration_key: bool = False) -> str:
+    if value is None or value == "":
+        return "-"
+    return duration(float(value)) if duration_key else str(value)

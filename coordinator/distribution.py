@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -78,8 +79,13 @@ class Distributor:
         stored = self.storage.packages.find(target.id, start)
         return stored or build_package(self.storage, target.id, start, self.key, self.policy)
 
-    def distribute(self, nodes: list[int], target: VersionInfo) -> DistributionOutcome:
-        """Offer ``target`` to ``nodes``; both exchanges together end within ``timeout`` seconds."""
+    def distribute(
+        self, nodes: list[int], target: VersionInfo, answered: Callable[[int], None] | None = None
+    ) -> DistributionOutcome:
+        """Offer ``target`` to ``nodes``; both exchanges together end within ``timeout`` seconds.
+
+        ``answered`` hears how many devices hold ``target`` so far (current, or applied just now).
+        """
         started = time.monotonic()
         outcome = DistributionOutcome(target=target.id)
         config = ConfigRecord({records.TENANT: self.tenant, records.CONTRACT_VERSION: records.CONTRACT})
@@ -105,7 +111,12 @@ class Distributor:
             if held.version == target.id:
                 outcome.statuses["current"] += 1
                 self._record(node, held, "current", None)
+                if answered:
+                    answered(outcome.statuses["current"])
                 continue
+            # What it holds now, whoever put it there (a package applied by hand counts too), even if
+            # the offer below goes unanswered.
+            self._record(node, held, "reported", None)
             start = held.version if self._same_lineage(held.version, target) else None
             if start not in outcome.packages:
                 outcome.packages[start] = self.package(target, start)
@@ -139,6 +150,8 @@ class Distributor:
             if reason:
                 outcome.reasons[device] = reason
             self._record(node, after, status, reason)
+            if answered:
+                answered(outcome.statuses["current"] + outcome.statuses["applied"])
         self.storage.devices.record_wants_train(wants)
         outcome.statuses["no-answer"] += len(nodes) - sum(outcome.statuses.values())
         outcome.statuses = +outcome.statuses  # drop zero counts

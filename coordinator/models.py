@@ -2,11 +2,11 @@
 
 ``model_versions`` holds every global adapter with its lineage; ``version_participants`` which
 devices contributed how many examples; ``rounds`` what happened in each round, failed ones
-included; ``optimizer_states`` the server optimizer's moments after each version;
-``privacy_ledger`` each DP device's cumulative ε after each round it trained; ``devices`` the
-enrolled devices' public signing keys; ``lineages`` each lineage's model; ``update_packages`` the
-signed packages built; ``device_updates`` the version each device last reported. Rows carry the
-schema version that wrote them.
+included; ``round_phases`` each round's phases while it runs; ``optimizer_states`` the server
+optimizer's moments after each version; ``privacy_ledger`` each DP device's cumulative ε after each
+round it trained; ``devices`` the enrolled devices' public signing keys; ``lineages`` each lineage's
+model; ``update_packages`` the signed packages built; ``device_updates`` the version each device
+last reported. Rows carry the schema version that wrote them.
 """
 
 from __future__ import annotations
@@ -110,6 +110,27 @@ class RoundRecord(SchemaStamped, Base):
     seconds: Mapped[float]
     error: Mapped[str | None] = mapped_column(String(500))
     finished_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class RoundPhase(SchemaStamped, Base):
+    """One phase of a round as it runs (sampling, training n/m answered, ... distributing k/m applied),
+    written while the round goes on so an operator can follow it; the round's last row is ``completed``
+    (detail: the version) or ``failed`` (detail: why)."""
+
+    __tablename__ = "round_phases"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    lineage: Mapped[str] = mapped_column(String(64), index=True)
+    round: Mapped[int]
+    # Flower's run id, a 64-bit unsigned number (over SQLite's and PostgreSQL's signed range): as text
+    run_id: Mapped[str | None] = mapped_column(String(20), index=True)
+    phase: Mapped[str] = mapped_column(String(16))
+    done: Mapped[int] = mapped_column(default=0)
+    total: Mapped[int | None]
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    detail: Mapped[str | None] = mapped_column(String(500))
 
 
 class OptimizerState(SchemaStamped, Base):

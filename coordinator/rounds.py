@@ -21,7 +21,8 @@ Each round (:meth:`Federation._round`):
    bring connected devices up to it.
 
 A restarted coordinator continues from the latest stored version of its lineage, so no completed
-round is lost or repeated.
+round is lost or repeated. Each phase is recorded as it begins, and training, evaluation and
+distribution count their devices as they answer (:mod:`.progress`), so an operator can follow it.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from fleetlora.coordinator.exchange import exchange, round_messages, wait_for_no
 from fleetlora.coordinator.influence import Accepted, RoundBounds, accepted
 from fleetlora.coordinator.keys import load_hpke_key, load_signing_key
 from fleetlora.coordinator.packages import PackageTooLarge
+from fleetlora.coordinator.progress import RoundProgress
 from fleetlora.coordinator.quarantine import admitted, held_out
 from fleetlora.coordinator.robust import CoordinateTrimmedMean
 from fleetlora.coordinator.sampling import Sampler
@@ -166,13 +168,16 @@ class Federation:
         grid: Grid,
         settings: CoordinatorSettings,
         observer: FederationObserver | None = None,
+        run_id: int | None = None,
     ) -> None:
         self.grid = grid
         self.settings = settings
         self.observer = observer
+        self.run_id = run_id  # Flower's run, recorded with each round's phases
         self.storage = Storage.open(settings.db_url, settings.tenant)
         self.loaded = cached_model(settings.spec)
         self.lineage = lineage_of(self.loaded, settings.tenant)
+        self.progress = RoundProgress(self.storage.ledgers, self.lineage, 0, run_id)  # one per round
         self.eval_set: list[Example] = load_examples(settings.eval_data) if settings.eval_data else []
         self.optimizer_state: State = {}
         self.hpke_key = load_hpke_key(Path(settings.keys_dir)) if settings.seal_uploads else None
@@ -271,7 +276,8 @@ class Federation:
     def _round(self, number: int, parent: VersionInfo, state: State) -> tuple[RoundOutcome, State]:
         started = time.monotonic()
         deadline = started + self.settings.round_deadline  # for connecting, then for training
-        # sample
+        self.progress = RoundProgress(self.storage.ledgers, self.lineage, number, self.run_id)
+        self.progress.enter("sampling")
         try:
             online = wait_for_nodes(self.grid, self.settings.min_devices, deadline)
         except QuorumError as exc:
@@ -301,7 +307,7 @@ class Federation:
         if len(train.participants) < self.settings.min_devices:
             error = f"{len(train.participants)} valid deltas, {self.settings.min_devices} needed"
             return self._failed(number, started, sampled_devices, train, error, quarantined), state
-        # aggregate
+        self.progress.enter("aggregating")
         update = train.release(sampled=len(sampled), online=len(online))
         new_state, optimizer_state = server_step(
             self.settings.server, state, update.delta, self.optimizer_state
@@ -310,6 +316,7 @@ class Federation:
         if unhealthy := self._unhealthy(state, new_state):
             return self._failed(number, started, sampled_devices, train, unhealthy, quarantined), state
         # evaluate the candidate (the messages carry the round's instructions, the arrays are new)
+        self.progress.enter("evaluating", total=len(train.participants))
         evaluation = self._evaluate(train, new_state, planned)
         metrics = {**update.metrics, **evaluation.metrics}
         drops = [*train.drops, *evaluation.drops]
@@ -328,7 +335,6 @@ class Federation:
         version = self.storage.versions.commit_round(candidate, _report(len(sampled), train, drops, seconds))
         self.optimizer_state = optimizer_state
         self.accepted = accepted(train.participants, train.norms)  # the next round's bounds follow it
-        # publish
         publication = self._publish(version, parent)
         if self.distributor is not None:  # the round's entries, signed outside the database
             try:
@@ -350,6 +356,7 @@ class Federation:
             package_error=publication.error,
             quarantined=quarantined,
         )
+        self.progress.completed(version.label)
         return outcome, new_state
 
     def _unhealthy(self, state: State, new_state: State) -> str | None:
@@ -428,13 +435,14 @@ class Federation:
         bounds = RoundBounds.for_round(self.settings.influence, l2_norm(state), self.accepted)
         opener = self._upload_opener(instructions)
         aggregator = DeltaAggregator(state, self.delta_mean(state), opener, bounds, held)
-        for reply in exchange(
-            self.grid,
-            round_messages(sampled, state, planned, MessageType.TRAIN, ttl=self.settings.round_deadline),
-            deadline,
-        ):
+        self.progress.enter("training", total=len(sampled))
+        messages = round_messages(
+            sampled, state, planned, MessageType.TRAIN, ttl=self.settings.round_deadline
+        )
+        for answered, reply in enumerate(exchange(self.grid, messages, deadline), start=1):
             self.sampler.learn(reply)  # its device id: the round's record, and no need to ask it later
             aggregator.add(reply)
+            self.progress.advance(answered)
         aggregator.mark_missing(sampled)
         # Spent whether or not the round reaches its quorum, so recorded before the check.
         self.storage.ledgers.record_privacy(self.lineage, instructions.round, aggregator.privacy)
@@ -450,8 +458,9 @@ class Federation:
         messages = round_messages(
             participants, state, planned, MessageType.EVALUATE, ttl=self.settings.round_deadline
         )
-        for reply in exchange(self.grid, messages, deadline):
+        for answered, reply in enumerate(exchange(self.grid, messages, deadline), start=1):
             federated.add(reply)
+            self.progress.advance(answered)
         federated.mark_missing(participants)
         metrics = {**federated.metrics(), **self._evaluate_on_coordinator(state)}
         return _Evaluation(metrics, list(federated.drops))
@@ -466,6 +475,7 @@ class Federation:
         """Build the round's package (parent → new version) and, if asked, bring connected devices up."""
         if self.distributor is None:
             return _Publication()
+        self.progress.enter("publishing")
         try:
             package = self.distributor.package(version, parent.id)
         except PackageTooLarge as exc:
@@ -473,7 +483,9 @@ class Federation:
             return _Publication(error=str(exc))
         distribution = None
         if self.settings.distribute_updates:
-            distribution = self.distributor.distribute(sorted(self.grid.get_node_ids()), version)
+            nodes = sorted(self.grid.get_node_ids())
+            self.progress.enter("distributing", total=len(nodes))
+            distribution = self.distributor.distribute(nodes, version, self.progress.advance)
         return _Publication(package, distribution)
 
     # ---- records --------------------------------------------------------------------------
@@ -493,6 +505,7 @@ class Federation:
         self.storage.ledgers.record_failed_round(
             self.lineage, number, _report(len(sampled_devices), train, drops, seconds, error)
         )
+        self.progress.failed(error)
         return RoundOutcome(
             round=number,
             version=None,

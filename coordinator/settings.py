@@ -45,6 +45,7 @@ class CoordinatorSettings:
     min_devices: int
     round_deadline: float  # seconds to wait for devices to connect and then to answer
     db_url: str
+    log_dir: str  # the coordinator's JSON log folder; "" writes none
     eval_data: str  # coordinator-side evaluation set; "" for none
     seed: int
     sampling: str  # "seeded": each round's devices follow seed and round; "random": OS entropy
@@ -176,6 +177,7 @@ class CoordinatorSettings:
                 ServerOptimizerSettings, run, prefix="server_", name=server, momentum=momentum
             ),
             db_url=run.db,
+            log_dir=run.log_dir,
             upload_codec=Codec.parse(run.upload_codec).name,  # validated here
             keys_dir=run.keys,
             plan_dp_by_schedule=run.dp_rounds == 0,

@@ -113,7 +113,9 @@ class LocalFleet:
         self.folder.mkdir(parents=True, exist_ok=True)
         federation = "\n".join(f"{k} = {_toml(v)}" for k, v in self.federation.items())
         self.config.write_text(
-            f'[coordinator]\nport = {self.port}\nstate-dir = "coordinator"\n\n[federation]\n{federation}\n'
+            f'[coordinator]\nport = {self.port}\nstate-dir = "coordinator"\n'
+            f"metrics-port = {self.metrics_port}\nconsole-port = {self.console_port}\n\n"
+            f"[federation]\n{federation}\n"
         )
         for i in range(1, self.devices + 1):
             (self.folder / f"device-{i}.toml").write_text(
@@ -126,6 +128,15 @@ class LocalFleet:
     @property
     def config(self) -> Path:
         return self.folder / "fleetlora.toml"
+
+    @property
+    def metrics_port(self) -> int:
+        """Beside the fleet's other ports, so fleets side by side do not share the default 9464."""
+        return self.port + 90
+
+    @property
+    def console_port(self) -> int:
+        return self.port + 91
 
     @property
     def coordinator(self) -> CoordinatorHost:

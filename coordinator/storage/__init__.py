@@ -24,7 +24,13 @@ from fleetlora.coordinator.storage.devices import (
     DeviceUpdateInfo,
     QuarantineInfo,
 )
-from fleetlora.coordinator.storage.ledgers import LedgerStore, PrivacyEntryInfo, RoundInfo, RoundReport
+from fleetlora.coordinator.storage.ledgers import (
+    LedgerStore,
+    PhaseInfo,
+    PrivacyEntryInfo,
+    RoundInfo,
+    RoundReport,
+)
 from fleetlora.coordinator.storage.packages import PackageInfo, PackageStore
 from fleetlora.coordinator.storage.versions import (
     LineageInfo,
@@ -45,6 +51,7 @@ __all__ = [
     "NewVersion",
     "PackageInfo",
     "PackageStore",
+    "PhaseInfo",
     "PrivacyEntryInfo",
     "QuarantineInfo",
     "RoundInfo",
@@ -68,13 +75,14 @@ class Storage:
     audit: AuditStore
 
     @classmethod
-    def open(cls, url: str, tenant: str | None = None) -> Storage:
+    def open(cls, url: str, tenant: str | None = None, *, create: bool = True) -> Storage:
         """The stores over the database at ``url``, its schema migrated to the newest revision, seeing
         only ``tenant``'s rows (every tenant's when None: maintenance; rows.TenantScoped says how).
+        ``create=False`` (read commands): a database that does not exist yet is a ConfigError, not made.
 
         The audit log is the coordinator's own, across tenants: it records who changed what for all.
         """
-        db = Database(url).initialize()
+        db = Database(url, create=create).initialize()
         return cls(
             db,
             VersionStore(db, tenant),

@@ -35,9 +35,11 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from fleetlora.common.canonical import canonical_json
+from fleetlora.common.errors import FleetloraError
 from fleetlora.coordinator.db import Database
 from fleetlora.coordinator.models import AuditEntry, AuditHead
 
@@ -95,7 +97,16 @@ def append(
 ) -> None:
     """Add an entry in ``session``'s transaction: it commits, or rolls back, with the change it records."""
     head = session.get(AuditHead, 1, with_for_update=True)  # serializes concurrent appenders
-    seq, previous = (head.seq + 1, head.entry_hash) if head else (1, GENESIS)
+    if head is None:  # the first entry: make the head row, or wait for the one a concurrent appender made
+        try:
+            with session.begin_nested():
+                session.add(AuditHead(id=1, seq=0, entry_hash=GENESIS))
+        except IntegrityError:
+            pass  # theirs is committed now (the insert waited for it): lock it like any other
+        head = session.get(AuditHead, 1, with_for_update=True, populate_existing=True)
+        if head is None:
+            raise FleetloraError("The audit log's head row could not be made: check the database.")
+    seq, previous = head.seq + 1, head.entry_hash
     entry = Entry(
         seq=seq,
         at=datetime.now(UTC).isoformat(timespec="microseconds"),
@@ -108,10 +119,7 @@ def append(
     )
     digest = entry.computed_hash()
     session.add(AuditEntry(**{**asdict(entry), "entry_hash": digest}))
-    if head is None:
-        session.add(AuditHead(id=1, seq=seq, entry_hash=digest))
-    else:
-        head.seq, head.entry_hash = seq, digest
+    head.seq, head.entry_hash = seq, digest
     session.flush()
 
 

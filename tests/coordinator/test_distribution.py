@@ -78,3 +78,40 @@ def test_a_status_answer_cannot_speak_for_a_device_enrolled_from_another_node(sq
     )
     claimed[0] = "tablet-1"
     assert dict(distributor.distribute([102], target).statuses) == {"impostor": 1}
+
+
+def test_a_version_applied_by_hand_is_recorded_when_the_device_next_answers(sqlite_url: str):
+    """The device went from v1 to v2 with `device apply`; the coordinator, which sent it v1, learns of v2
+    from the status answer even though the device never answers the offer of v3 that follows."""
+    storage = Storage.open(sqlite_url)
+    storage.versions.register_lineage("L", "default", {}, "b" * 64, 10_000_000)
+    versions = []
+    for round_number in range(3):
+        versions.append(
+            storage.versions.add(
+                NewVersion(
+                    lineage="L", round=round_number, parent_id=versions[-1].id if versions else None,
+                    base_model_sha256="b" * 64, adapter={"w": torch.full((2,), float(round_number))},
+                    participants={}, metrics={},
+                )
+            )
+        )  # fmt: skip
+    v1, v2, v3 = versions
+    storage.devices.record_update("phone-1", tenant="default", node_id=101, status="applied", reason=None,
+                                  version_id=v1.id, sequence=1)  # fmt: skip
+
+    def holds_v2_and_drops_offers(message: Message, context) -> Message:
+        if message.metadata.message_type == records.QUERY_UPDATE_APPLY:
+            raise RuntimeError("battery died")
+        answer = {records.DEVICE_ID: "phone-1", records.ACTIVE_VERSION: v2.id, records.ACTIVE_SEQUENCE: 2}
+        return Message(RecordDict({records.CONFIG: ConfigRecord(answer)}), reply_to=message)
+
+    grid = LocalGrid(holds_v2_and_drops_offers, 1, {})
+    distributor = Distributor(
+        grid, storage, Ed25519PrivateKey.generate(), PackagePolicy(), tenant="default", timeout=5.0
+    )
+    outcome = distributor.distribute([101], v3)
+
+    assert dict(outcome.statuses) == {"failed": 1}
+    (update,) = storage.devices.updates()
+    assert (update.device_id, update.version_id, update.status) == ("phone-1", v2.id, "failed")

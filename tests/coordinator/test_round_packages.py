@@ -24,6 +24,8 @@ def test_two_rounds_bring_every_device_to_the_newest_version_with_delta_packages
     assert sorted((r.device_id, r.version_id, r.status) for r in rows) == [
         (f"partition-{i}", second.version.id, "applied") for i in range(3)
     ]
+    distributing = [p for p in Storage.open(db_url).ledgers.phases() if p.phase == "distributing"]
+    assert [(p.round, p.done, p.total) for p in distributing] == [(1, 3, 3), (2, 3, 3)]
 
 
 def test_a_package_over_the_cap_is_never_built_and_the_round_still_stands(tmp_path: Path, db_url: str):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
@@ -66,15 +67,16 @@ def _faulty_app(
     return app
 
 
-def test_rounds_store_the_weighted_mean_of_deltas_and_loss_falls(sqlite_url: str):
+def test_rounds_store_the_weighted_mean_of_deltas_and_loss_falls(sqlite_url: str, caplog):
     config = _run_config(sqlite_url)
     grid = LocalGrid(build_client_app(), num_nodes=3, run_config=config)
     captured: list[Message] = []
     original_pull = grid.pull_messages
     grid.pull_messages = lambda ids: captured.extend(r := list(original_pull(ids))) or r  # type: ignore[method-assign]
-    federation = Federation(grid, CoordinatorSettings.from_run_config(config))
+    federation = Federation(grid, CoordinatorSettings.from_run_config(config), run_id=77)
 
-    outcomes = federation.run()
+    with caplog.at_level(logging.INFO, logger="fleetlora.coordinator.rounds"):
+        outcomes = federation.run()
 
     assert [o.round for o in outcomes] == [1, 2] and all(o.version for o in outcomes)
     first = outcomes[0]
@@ -97,6 +99,19 @@ def test_rounds_store_the_weighted_mean_of_deltas_and_loss_falls(sqlite_url: str
     losses = [v0.metrics["central_loss"], *(o.metrics["central_loss"] for o in outcomes)]
     assert losses[-1] < losses[0]
     assert "federated_eval_loss" in outcomes[-1].metrics
+    # Each round's phases were stored as it ran, with its devices counted, and logged one line each.
+    phases = federation.storage.ledgers.phases(federation.lineage, run_id=77)
+    for outcome in outcomes:
+        rows = [p for p in phases if p.round == outcome.round]
+        assert [p.phase for p in rows] == ["sampling", "training", "aggregating", "evaluating", "completed"]
+        assert [(p.done, p.total) for p in rows if p.total is not None] == [(3, 3), (3, 3)]
+        assert rows[-1].detail == outcome.version.label and all(p.finished_at for p in rows)
+    last = federation.storage.ledgers.phases(last_rounds=1)
+    assert {p.round for p in last} == {2} and len(last) == 5
+    logged = [r for r in caplog.records if getattr(r, "event", None) == "round_phase"]
+    assert {(r.round, r.phase) for r in logged} >= {(1, "sampling"), (2, "training"), (2, "completed")}
+    assert [r.version for r in logged if r.phase == "completed"] == [o.version.label for o in outcomes]
+    assert all(r.run_id == 77 for r in logged)
 
 
 def test_crashed_and_silent_devices_are_dropped_and_the_round_completes(sqlite_url: str):
@@ -133,6 +148,9 @@ def test_round_without_quorum_fails_and_keeps_the_version(sqlite_url: str):
     assert [v.round for v in federation.storage.versions.all(federation.lineage)] == [0]
     (record,) = federation.storage.ledgers.rounds(federation.lineage)
     assert record.status == "failed" and record.received == 2
+    phases = federation.storage.ledgers.phases(federation.lineage)
+    assert [p.phase for p in phases] == ["sampling", "training", "failed"]
+    assert (phases[1].done, phases[1].total) == (2, 3) and "2 valid deltas" in phases[-1].detail
 
 
 def test_too_few_devices_online_fails_at_the_deadline(sqlite_url: str):

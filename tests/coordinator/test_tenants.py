@@ -84,6 +84,9 @@ def _populate(storage: Storage, tenant: str, tiny_spec: ModelSpec, key: Ed25519P
     scoped.ledgers.record_failed_round(
         lineage, 2, RoundReport(sampled=2, received=0, dropped=[], upload_bytes=0, seconds=1.0, error="x")
     )
+    scoped.ledgers.enter_phase(lineage, 3, "sampling")
+    training = scoped.ledgers.enter_phase(lineage, 3, "training", total=2)
+    scoped.ledgers.advance_phase(training.id, 1)
     return Written(lineage, ids, package.id, devices, nodes)
 
 
@@ -124,6 +127,7 @@ READERS = {
         )
         if p
     ],
+    "PackageStore.latest": lambda s, mine, theirs: [p.id for p in (s.packages.latest(),) if p],
     "PackageStore.blob": lambda s, mine, theirs: (
         [mine.package_id] if s.packages.blob(mine.package_id) else []
     ),
@@ -152,6 +156,7 @@ READERS = {
     "LedgerStore.privacy_ledger": lambda s, mine, theirs: [e.device_id for e in s.ledgers.privacy_ledger()],
     "LedgerStore.epsilon_spent": lambda s, mine, theirs: list(s.ledgers.epsilon_spent()),
     "LedgerStore.rounds": lambda s, mine, theirs: [r.lineage for r in s.ledgers.rounds()],
+    "LedgerStore.phases": lambda s, mine, theirs: [p.lineage for p in s.ledgers.phases()],
 }
 LISTINGS = {
     "VersionStore.all",
@@ -163,6 +168,7 @@ LISTINGS = {
     "LedgerStore.privacy_ledger",
     "LedgerStore.epsilon_spent",
     "LedgerStore.rounds",
+    "LedgerStore.phases",
 }
 # Methods that write, each refused or kept to the tenant by the tests below; and the base class's.
 WRITERS = {
@@ -178,6 +184,8 @@ WRITERS = {
     "DeviceStore.release",
     "LedgerStore.record_privacy",
     "LedgerStore.record_failed_round",
+    "LedgerStore.enter_phase",
+    "LedgerStore.advance_phase",
 }
 SCOPE_HELPERS = {"in_tenant", "is_tenant", "check_lineage", "oldest_first"}
 
@@ -250,6 +258,7 @@ def test_a_tenant_cannot_write_into_another_tenants_lineage(fleets, tiny_spec: M
         lambda: acme.versions.revert(theirs.version_ids[0], "take it over"),
         lambda: acme.ledgers.record_privacy(theirs.lineage, 3, []),
         lambda: acme.ledgers.record_failed_round(theirs.lineage, 3, report),
+        lambda: acme.ledgers.enter_phase(theirs.lineage, 4, "sampling"),
         lambda: acme.devices.flag(theirs.lineage, 3, [], quarantine_after=1),
         lambda: acme.versions.register_lineage(theirs.lineage, "acme", {}, "0" * 64, 1),
         lambda: acme.devices.enroll(theirs.devices[0], "acme", Ed25519PrivateKey.generate().public_key()),
@@ -263,6 +272,9 @@ def test_a_tenant_cannot_write_into_another_tenants_lineage(fleets, tiny_spec: M
     acme.devices.record_wants_train({theirs.devices[1]: True})  # another tenant's report: left alone
     assert theirs.nodes[1] not in Storage.open(url, "globex").devices.wanting_nodes()
     globex = Storage.open(url, "globex")
+    their_training = globex.ledgers.phases()[-1]
+    acme.ledgers.advance_phase(their_training.id, 2)  # another tenant's phase: left alone
+    assert globex.ledgers.phases()[-1].done == their_training.done == 1
     assert [v.id for v in globex.versions.all()] == theirs.version_ids  # nothing was added to theirs
 
 

@@ -16,12 +16,14 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fleetlora.coordinator.storage import Storage
+from fleetlora.coordinator.storage.ledgers import PHASES
 from fleetlora.simulations.local_deployment import LocalFleet, fleetlora, wait_for
 
 pytestmark = pytest.mark.slow
@@ -59,9 +61,31 @@ def fleet(tmp_path: Path) -> Iterator[LocalFleet]:
 def test_a_deployed_fleet_trains_refuses_strangers_and_survives_kills(fleet: LocalFleet):
     store = Storage.open(fleet.coordinator.database_url).versions
 
-    # 1. One round on two devices over TLS with authenticated SuperNodes stores a new version.
-    run = fleet.start_run()
-    assert fleet.wait_finished(run, 240) == "finished:completed"
+    # 1. One round on two devices over TLS with authenticated SuperNodes stores a new version. The
+    # operator follows it live; /metrics shows it while it runs; the coordinator's log finds it.
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "fleetlora", "coordinator", "round", "start", "--config", "fleetlora.toml",
+         "--follow"],
+        cwd=fleet.folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    during = wait_for(lambda: _scrape_in_round(fleet), 180, "a scrape of /metrics during round 1")
+    followed, _ = follow.communicate(timeout=240)
+    assert follow.returncode == 0, followed
+    for phase in (
+        "sampling", "training 2/2 answered", "aggregating", "evaluating 2/2 answered", "publishing",
+        "distributing 2/2 up to date", "completed: v2",
+    ):  # fmt: skip
+        assert f"round 1 {phase}" in followed, followed
+    assert "finished:completed" in followed
+    assert "fleetlora_round_current 1.0" in during and "fleetlora_devices_enrolled 2.0" in during
+    after = _scrape(fleet)
+    assert 'fleetlora_rounds_total{state="completed"} 1.0' in after, after
+    assert 'fleetlora_round_phase{phase="completed"} 1.0' in after
+    assert "fleetlora_devices_online 2.0" in after and "fleetlora_package_ratio" in after
+    found = fleetlora("coordinator", "logs", "search", "v2", "--json", "--config", str(fleet.config),
+                      cwd=fleet.folder)  # fmt: skip
+    entries = [json.loads(line) for line in found.splitlines() if line.strip()]
+    assert any(e.get("phase") == "completed" and e.get("round") == 1 for e in entries), found
     versions = store.all()
     assert [v.round for v in versions] == [0, 1] and len(versions[1].participants) == 2
     status = json.loads(
@@ -108,3 +132,19 @@ def test_a_deployed_fleet_trains_refuses_strangers_and_survives_kills(fleet: Loc
     fleetlora("coordinator", "round", "stop", "--config", str(fleet.config), cwd=fleet.folder)
     assert fleet.wait_finished(run, 60) == "finished:stopped"
     assert [v.round for v in store.all()][: len(rounds) + 1] == [*rounds, newest.round]
+
+
+def _scrape(fleet: LocalFleet) -> str:
+    url = f"http://127.0.0.1:{fleet.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        return answer.read().decode()
+
+
+def _scrape_in_round(fleet: LocalFleet) -> str:
+    """/metrics while round 1 is in one of its phases (empty until then)."""
+    try:
+        text = _scrape(fleet)
+    except OSError:
+        return ""
+    in_phase = any(f'fleetlora_round_phase{{phase="{p}"}} 1.0' in text for p in PHASES)
+    return text if in_phase and "fleetlora_round_current 1.0" in text else ""
