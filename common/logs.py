@@ -188,11 +188,12 @@ def parse_since(value: str, now: datetime | None = None) -> datetime:
         if ago:
             return (now or datetime.now(UTC)) - timedelta(**{_UNITS[ago["unit"]]: int(ago["count"])})
         moment = datetime.fromisoformat(value.strip())
-    except (ValueError, OverflowError):  # not a time, or an age before year 1
+        # in UTC here, where an offset that moves it past year 1 or 9999 is still a bad --since
+        return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+    except (ValueError, OverflowError):  # not a time, or one outside the years 1-9999
         raise ConfigError(
             f"--since {value!r}: give an age like 30m, 2h or 3d, or a time like 2026-11-30T10:00."
         ) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _entries(files: Iterable[Path]) -> Iterator[dict[str, Any]]:

@@ -76,9 +76,8 @@ def console_app(
 ) -> Starlette:
     """The console over the database at ``db_url``, showing ``tenant``'s rows; sessions are signed
     with the secret in ``keys_dir``; ``online_nodes`` says which devices are online (else: unknown)."""
-    console = _Console(
-        Storage.open(db_url, tenant), ConsoleTokens(session_secret(keys_dir), tenant), online_nodes
-    )
+    storage = Storage.open(db_url, tenant, reader=True)  # never holds up a round's writes
+    console = _Console(storage, ConsoleTokens(session_secret(keys_dir), tenant), online_nodes)
     return Starlette(
         routes=[
             Route("/", console.page(console.overview, refresh=True)),

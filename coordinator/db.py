@@ -26,10 +26,14 @@ BASELINE = "0001"  # the schema create_all made before migrations existed
 class Database:
     """A SQLAlchemy engine for ``url`` (``sqlite:///FILE`` by default, PostgreSQL by URL)."""
 
-    def __init__(self, url: str, cipher: BlobCipher | None = None, *, create: bool = True) -> None:
+    def __init__(
+        self, url: str, cipher: BlobCipher | None = None, *, create: bool = True, reader: bool = False
+    ) -> None:
         """``cipher``: how blobs are sealed at rest; by default from this process's environment.
         ``create=False``: refuse a database that does not exist yet rather than make it (read commands:
-        a mistyped URL must not leave an empty database behind)."""
+        a mistyped URL must not leave an empty database behind). ``reader``: this process only reads
+        (the console, metrics, ``status``), so on SQLite its transactions never take the write lock
+        and cannot hold up a round's writes."""
         self.cipher = cipher if cipher is not None else BlobCipher.from_environment()
         self.url = url
         self.create = create
@@ -47,7 +51,7 @@ class Database:
             ) from exc
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
-            event.listen(self.engine, "begin", _sqlite_begin_immediate)
+            event.listen(self.engine, "begin", _sqlite_begin_deferred if reader else _sqlite_begin_immediate)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._initialized = False
         self.revision: str | None = None  # the schema's, once initialized
@@ -145,3 +149,8 @@ def _sqlite_begin_immediate(connection: Connection) -> None:
     5 s busy timeout), as PostgreSQL's row lock does (SQLAlchemy's documented pysqlite recipe).
     """
     connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _sqlite_begin_deferred(connection: Connection) -> None:
+    """A reader's BEGIN: under WAL it reads a snapshot and never blocks, nor is blocked by, a writer."""
+    connection.exec_driver_sql("BEGIN")

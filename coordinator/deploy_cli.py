@@ -41,7 +41,7 @@ def up(config: ConfigOption = None) -> None:
     typer.echo(f"logs: {configure_json_logging(host.log_dir, 'coordinator')}")
     for made in superlink.prepare(host):
         typer.echo(f"made {made}")
-    online = flower_control.OnlineNodes(host)  # asked of the SuperLink at most every 15 s, for both
+    online = flower_control.OnlineNodes(host).start()  # asked of the SuperLink every 15 s, for both
     if host.metrics_port:  # Prometheus's /metrics, from a thread, before the SuperLink takes the foreground
         from fleetlora.coordinator.metrics import start_metrics
 
@@ -127,7 +127,7 @@ def _follow(host: CoordinatorHost, run_id: int, rounds: int) -> int:
         except flower_control.ControlError:
             return ""  # the SuperLink restarting: keep following
 
-    ledgers = Storage.open(host.database_url, host.tenant).ledgers
+    ledgers = Storage.open(host.database_url, host.tenant, create=False, reader=True).ledgers
     try:
         status = follow_run(ledgers, run_id, rounds, run_status, console())
     except KeyboardInterrupt:
@@ -255,7 +255,7 @@ def fleet_status(host: CoordinatorHost) -> dict[str, list[dict[str, Any]]]:
     from fleetlora.coordinator.follow import CurrentRound
     from fleetlora.coordinator.storage import Storage
 
-    storage = Storage.open(host.database_url, host.tenant, create=False)
+    storage = Storage.open(host.database_url, host.tenant, create=False, reader=True)
     try:
         nodes = {str(n.get("node-id")): n for n in flower_control.list_nodes(host)}
         runs = flower_control.list_runs(host)

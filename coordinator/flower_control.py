@@ -8,7 +8,6 @@ Flower exits 0 even when it reports an error in JSON.
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import threading
 import time
@@ -79,23 +78,40 @@ def list_nodes(host: CoordinatorHost) -> list[dict[str, Any]]:
 
 
 class OnlineNodes:
-    """The SuperLink's online node ids, asked at most every ``max_age`` seconds (each ask is a ``flwr``
-    call of about a second): what ``coordinator up``'s metrics and console share. A failed ask raises
-    :class:`ControlError` and is not kept, so the next caller asks again."""
+    """The SuperLink's online node ids, refreshed every ``max_age`` seconds by one background thread:
+    what ``coordinator up``'s metrics and console read. Each ask is a ``flwr`` call (a second, or up to
+    :data:`TIMEOUT` from a hung SuperLink), so no request ever waits on one: a caller gets the last
+    answer, or :class:`ControlError` while there is none or the last ask failed."""
 
     def __init__(self, host: CoordinatorHost, max_age: float = 15.0) -> None:
         self.host, self.max_age = host, max_age
-        self._lock = threading.Lock()
-        self._asked_at = -math.inf
-        self._online: set[str] = set()
+        self._online: set[str] | None = None
+        self._error = ControlError("The SuperLink has not been asked yet.")
+
+    def start(self) -> OnlineNodes:
+        threading.Thread(target=self._refresh_forever, name="online-nodes", daemon=True).start()
+        return self
+
+    def refresh(self) -> None:
+        """Ask the SuperLink once; keep its answer, or why there is none."""
+        try:
+            nodes = list_nodes(self.host)
+        except ControlError as exc:
+            self._online, self._error = None, exc
+            return
+        self._online = {str(n.get("node-id")) for n in nodes if n.get("status") == "online"}
 
     def __call__(self) -> set[str]:
-        with self._lock:
-            if time.monotonic() - self._asked_at >= self.max_age:
-                nodes = list_nodes(self.host)
-                self._online = {str(n.get("node-id")) for n in nodes if n.get("status") == "online"}
-                self._asked_at = time.monotonic()
-            return set(self._online)
+        online = self._online  # one read: the refresher replaces it whole
+        if online is None:
+            raise self._error
+        return set(online)
+
+    def _refresh_forever(self) -> None:
+        while True:
+            started = time.monotonic()
+            self.refresh()
+            time.sleep(max(0.0, self.max_age - (time.monotonic() - started)))
 
 
 def start_run(host: CoordinatorHost, run_config: dict[str, Any]) -> int:

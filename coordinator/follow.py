@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from fleetlora.common.terminal import duration
+from fleetlora.common.terminal import duration, printable
 from fleetlora.coordinator.models import utcnow
 from fleetlora.coordinator.storage import LedgerStore, PhaseInfo
 from fleetlora.coordinator.storage.ledgers import COMPLETED, ENDED
@@ -101,7 +101,8 @@ class PhaseView:
                 self.printed.add(phase.id)
                 timing = "" if phase.phase in ENDED else f" ({duration(phase.seconds)})"
                 style = {COMPLETED: "green", "failed": "red"}.get(phase.phase, "")
-                self.progress.console.print(describe(phase) + timing, style=style or None, markup=False)
+                line = printable(describe(phase) + timing)  # a detail may hold any text a database held
+                self.progress.console.print(line, style=style or None, markup=False)
                 if phase.phase in ENDED:
                     self.rounds_done += 1
         self.progress.update(self.run_task, completed=self.rounds_done)

@@ -19,11 +19,10 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, make_asgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy.exc import SQLAlchemyError
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from fleetlora.common.errors import ConfigError, FleetloraError
+from fleetlora.common.errors import ConfigError
 from fleetlora.common.host_config import CoordinatorHost
 from fleetlora.common.web import WebServer
 from fleetlora.coordinator.storage import DeviceUpdateInfo, RoundInfo, Storage
@@ -53,7 +52,7 @@ class FleetCollector(Collector):
                 *self._privacy(),
             ]
             read = True
-        except (FleetloraError, SQLAlchemyError) as exc:
+        except Exception as exc:  # a damaged row as much as a lost server: reported as the database down
             log.warning("metrics: cannot read the database: %s", exc, extra={"event": "metrics_db_error"})
             metrics, read = [], False
         yield from metrics
@@ -172,7 +171,7 @@ def serve_metrics(host: CoordinatorHost, online: Callable[[], int] | None = None
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
-    registry.register(FleetCollector(Storage.open(host.database_url, host.tenant), online))
+    registry.register(FleetCollector(Storage.open(host.database_url, host.tenant, reader=True), online))
     app = Starlette(routes=[Mount("/metrics", app=make_asgi_app(registry))])
     return WebServer(app, host=host.metrics_host, port=host.metrics_port)
 

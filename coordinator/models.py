@@ -70,7 +70,8 @@ class ModelVersion(SchemaStamped, Base):
     lineage: Mapped[str] = mapped_column(String(64), index=True)
     round: Mapped[int]
     base_model_sha256: Mapped[str] = mapped_column(String(64))
-    adapter: Mapped[bytes] = mapped_column(LargeBinary)  # safetensors bytes
+    # safetensors bytes; loaded only when read (listings and the console never pull them in)
+    adapter: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
     adapter_sha256: Mapped[str] = mapped_column(String(64))
     adapter_bytes: Mapped[int]
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
@@ -140,7 +141,7 @@ class OptimizerState(SchemaStamped, Base):
 
     version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), primary_key=True)
     optimizer: Mapped[str] = mapped_column(String(32))  # fedavgm, fedadam, ...
-    state: Mapped[bytes] = mapped_column(LargeBinary)  # safetensors bytes
+    state: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)  # safetensors bytes, loaded when read
     state_sha256: Mapped[str] = mapped_column(String(64))
 
 
@@ -202,7 +203,7 @@ class UpdatePackage(SchemaStamped, Base):
     to_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
     sequence: Mapped[int]
     codec: Mapped[str] = mapped_column(String(32))
-    package: Mapped[bytes] = mapped_column(LargeBinary)
+    package: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)  # loaded only when read
     package_bytes: Mapped[int]
     package_sha256: Mapped[str] = mapped_column(String(64))
     base_model_bytes: Mapped[int] = mapped_column(BigInteger)

@@ -75,14 +75,17 @@ class Storage:
     audit: AuditStore
 
     @classmethod
-    def open(cls, url: str, tenant: str | None = None, *, create: bool = True) -> Storage:
+    def open(
+        cls, url: str, tenant: str | None = None, *, create: bool = True, reader: bool = False
+    ) -> Storage:
         """The stores over the database at ``url``, its schema migrated to the newest revision, seeing
         only ``tenant``'s rows (every tenant's when None: maintenance; rows.TenantScoped says how).
         ``create=False`` (read commands): a database that does not exist yet is a ConfigError, not made.
+        ``reader=True`` (the console, metrics, ``status``): on SQLite, never take the write lock.
 
         The audit log is the coordinator's own, across tenants: it records who changed what for all.
         """
-        db = Database(url, create=create).initialize()
+        db = Database(url, create=create, reader=reader).initialize()
         return cls(
             db,
             VersionStore(db, tenant),

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import select
-from sqlalchemy.orm import defer
 
 from fleetlora.common.errors import FleetloraError
 from fleetlora.common.package import Manifest
@@ -129,10 +128,9 @@ class PackageStore(TenantScoped):
         return checked_blob(blob, expected, lambda: FleetloraError(corrupt))
 
     def latest(self) -> PackageInfo | None:
-        """The newest stored package, its bytes left unread (metrics ask for it at every scrape)."""
+        """The newest stored package (its bytes, deferred, left unread: metrics ask at every scrape)."""
         query = (
             select(UpdatePackage)
-            .options(defer(UpdatePackage.package))
             .where(self.in_tenant(UpdatePackage.lineage))
             .order_by(UpdatePackage.id.desc())
             .limit(1)

@@ -271,7 +271,10 @@ def test_since_takes_an_age_or_an_iso_time():
     assert parse_since("3d", now) == now - timedelta(days=3)
     assert parse_since("2026-11-30T10:00") == datetime(2026, 11, 30, 10, 0, tzinfo=UTC)
     assert parse_since("2026-11-30T10:00+02:00") == datetime(2026, 11, 30, 8, 0, tzinfo=UTC)
-    for bad in ("yesterday", "2w", "-3d", "", "999999d", "99999999d", "2026-13-01"):
+    for bad in (
+        "yesterday", "2w", "-3d", "", "999999d", "99999999d", "2026-13-01",
+        "0001-01-01T00:00:00+05:00", "9999-12-31T23:59:59-05:00",  # past year 1 or 9999 in UTC
+    ):  # fmt: skip
         with pytest.raises(ConfigError, match="--since"):
             parse_since(bad, now)
 
