@@ -190,4 +190,5 @@ def status(
     elif document is None:
         typer.echo("no packaged adapter yet: the device runs the initial one until a package is applied")
     else:
-        typer.echo("\n".join(f"{k}: {v}" for k, v in document.items()))
+        shown = {**document, "version": f"v{document['version']}"}  # as the coordinator labels versions
+        typer.echo("\n".join(f"{k}: {v}" for k, v in shown.items()))

@@ -73,11 +73,31 @@ def supernode_command(device: DeviceHost) -> list[str]:
     ]  # fmt: skip
 
 
+GRACE_SECONDS = 2.0  # for the SuperNode and runner to stop on the signal they got themselves
+KILL_SECONDS = 15.0
+
+
+def _hurry(processes: tuple[subprocess.Popen[bytes] | None, ...], waited: float, termed: set[int]) -> None:
+    """SIGTERM (once: ``termed`` holds who got it), then SIGKILL, to those still running that long
+    after the stop was asked."""
+    for process in processes:
+        if process is None or process.poll() is not None:
+            continue
+        if waited >= KILL_SECONDS:
+            process.kill()
+        elif waited >= GRACE_SECONDS and process.pid not in termed:
+            process.terminate()
+            termed.add(process.pid)
+
+
 def run_foreground(device: DeviceHost) -> int:
     """Run the SuperNode (and, when warm, the ClientApp runner beside it) until the SuperNode exits.
 
-    SIGINT/SIGTERM stop both. A runner that dies is started again: the SuperNode keeps its messages
-    queued meanwhile, so the device goes on unattended.
+    SIGINT/SIGTERM stop both. A terminal's Ctrl-C (or a supervisor's signal to the process group)
+    already reached them, and a second signal during Flower's own shutdown can wedge it, so they are
+    sent SIGTERM only if still running after :data:`GRACE_SECONDS`, and killed after
+    :data:`KILL_SECONDS`. A runner that dies is started again: the SuperNode keeps its messages queued
+    meanwhile, so the device goes on unattended.
     """
     env = flower_env(device.state_dir / "flwr")
     supernode = subprocess.Popen(supernode_command(device), env=env, cwd=device.state_dir)
@@ -86,18 +106,19 @@ def run_foreground(device: DeviceHost) -> int:
         "SuperNode started, joining %s", device.coordinator, extra={"event": "supernode_started", **about}
     )
     runner: subprocess.Popen[bytes] | None = None
-    stopping = False
+    stop_asked: list[float] = []  # when the first stop signal came
+    termed: set[int] = set()
 
-    def stop(signum: int, _frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
-        for process in (supernode, runner):
-            if process is not None and process.poll() is None:
-                process.send_signal(signum)
+    def stop(_signum: int, _frame: FrameType | None) -> None:
+        if not stop_asked:
+            stop_asked.append(time.monotonic())
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     while supernode.poll() is None:
+        stopping = bool(stop_asked)
+        if stopping:
+            _hurry((supernode, runner), time.monotonic() - stop_asked[0], termed)
         if device.warm_clientapp and not stopping and (runner is None or runner.poll() is not None):
             if runner is not None:
                 log.warning(
@@ -116,6 +137,7 @@ def run_foreground(device: DeviceHost) -> int:
         runner.terminate()
         runner.wait(timeout=10)
     code = supernode.returncode
+    stopping = bool(stop_asked)
     log.log(
         logging.INFO if stopping else logging.ERROR,
         "SuperNode stopped (code %s)" if stopping else "SuperNode exited unasked with code %s",

@@ -34,6 +34,9 @@ POLL_SECONDS = 0.1
 
 def serve(runtime_address: str, parent_pid: int | None = None) -> None:
     """Run ClientApp tasks from the SuperNode at ``runtime_address`` until the SuperNode goes away."""
+    # A terminal's Ctrl-C reaches the whole group; the runner lives exactly as long as its SuperNode
+    # (and `device up` ends it), so it neither dies mid-task on it nor prints a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     for module in PRELOAD:
         importlib.import_module(module)
     client = RuntimeHttpClient.from_server_address(

@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from fleetlora.common.errors import ConfigError
+from fleetlora.common.errors import ConfigError, FleetloraError
 from fleetlora.common.host_config import CoordinatorHost
 from fleetlora.common.web import WebServer
 from fleetlora.coordinator.storage import DeviceUpdateInfo, RoundInfo, Storage
@@ -224,7 +224,9 @@ def _within(seconds: float, call: Callable[[], int]) -> int | None:
     def ask() -> None:
         try:
             answer.append(int(call()))
-        except Exception as exc:  # the SuperLink down, flwr failing: the scrape goes on without it
+        except FleetloraError as exc:  # the SuperLink down or not asked yet: the gauge is left out
+            log.debug("metrics: online devices unknown: %s", exc)
+        except Exception as exc:  # anything else: the scrape goes on without it, and says so
             log.warning(
                 "metrics: cannot count online devices: %s", exc, extra={"event": "metrics_online_error"}
             )

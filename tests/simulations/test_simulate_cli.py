@@ -60,6 +60,8 @@ def test_tiny_fleet_end_to_end(tmp_path: Path):
     device = out / "devices" / "partition-0"
     status = fleetlora("device", "status", "--state-dir", str(device), "--json")
     assert status.returncode == 0 and json.loads(status.stdout)["version"] == stored[versions[2]].id
+    shown = fleetlora("device", "status", "--state-dir", str(device)).stdout
+    assert f"version: {versions[2]}\n" in shown  # labelled as the coordinator labels it, e.g. v3
     db = f"sqlite:///{out / 'fleetlora.db'}"
     package = tmp_path / "v2.pkg"
     built = fleetlora(
