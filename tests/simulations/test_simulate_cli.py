@@ -140,7 +140,10 @@ def test_bad_partition_spec(tmp_path: Path):
 
 
 def test_versions_list_reads_the_database(tmp_path: Path):
-    done = fleetlora(
-        "coordinator", "versions", "list", "--db", f"sqlite:///{tmp_path / 'empty.db'}", "--json"
-    )
+    db = f"sqlite:///{tmp_path / 'empty.db'}"
+    missing = fleetlora("coordinator", "versions", "list", "--db", db, "--json")
+    assert missing.returncode == 2 and "db upgrade" in _error_line(missing)  # a read never makes one
+    assert not (tmp_path / "empty.db").exists()
+    assert fleetlora("coordinator", "db", "upgrade", "--db", db).returncode == 0
+    done = fleetlora("coordinator", "versions", "list", "--db", db, "--json")
     assert done.returncode == 0 and json.loads(done.stdout) == []
