@@ -1,4 +1,4 @@
-"""Blobs at rest: adapters, optimizer states and update packages in SQL, sealed with AES-256-GCM.
+"""Blobs at rest: adapters, optimizer states, update packages and key sets in SQL, sealed with AES-256-GCM.
 
 A copy of the coordinator's database (a backup, a dump, a stolen disk) then holds no adapter in the
 clear. Each blob is sealed alone under a 256-bit key with a fresh 96-bit nonce; the associated data

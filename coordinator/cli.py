@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -18,13 +15,25 @@ from fleetlora.common.host_config import load_host_config
 from fleetlora.common.keys import COORDINATOR_HPKE_PUB, COORDINATOR_SIGNING_PUB, read_public_key
 from fleetlora.common.package import MAX_CAP, read_package
 from fleetlora.common.terminal import Column, command_group, duration, json_text, print_table
-from fleetlora.coordinator import console_cli, deploy_cli
-from fleetlora.coordinator.defaults import DEFAULT_DB, DEFAULT_MAX_ERROR, DEFAULT_TTL
+from fleetlora.coordinator import console_cli, deploy_cli, key_sets_cli
+from fleetlora.coordinator.cli_options import (
+    ConfigOption,
+    DbOption,
+    JsonOption,
+    KeysOption,
+    OperatorKey,
+    OperatorName,
+    OtpCode,
+    Target,
+    TenantOption,
+    as_operator,
+    version_id,
+)
+from fleetlora.coordinator.defaults import DEFAULT_MAX_ERROR, DEFAULT_TTL
 from fleetlora.coordinator.logs_cli import logs_app
 
 if TYPE_CHECKING:  # SQLAlchemy, torch and Flower load inside the commands that use them, not for --help
-    from fleetlora.coordinator.db import Database
-    from fleetlora.coordinator.storage import PackageInfo, Storage, VersionInfo
+    from fleetlora.coordinator.storage import PackageInfo, VersionInfo
 
 app = command_group(
     "Operate the coordinator: keys, enrolled devices, versions, update packages, the database."
@@ -51,82 +60,7 @@ audit_app = command_group("The audit log: every change to parameters or settings
 app.add_typer(audit_app, name="audit")
 app.add_typer(console_cli.app, name="console")
 app.add_typer(logs_app, name="logs")
-
-DbOption = Annotated[
-    str | None,
-    typer.Option(
-        "--db",
-        help=f"SQLAlchemy URL of the coordinator database; wins over --config [default: the config's, "
-        f"else {DEFAULT_DB}].",
-    ),
-]
-ConfigOption = deploy_cli.ConfigOption
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts: a list of objects.")]
-KeysOption = Annotated[Path, typer.Option("--keys", help="The coordinator's keys folder (`keys init`).")]
-TenantOption = Annotated[
-    str | None,
-    typer.Option(
-        "--tenant",
-        help="The fleet whose rows to see or change; no other's are shown "
-        "[default: the config's, else default].",
-    ),
-]
-DEFAULT_TENANT = "default"  # the host config's and the run config's default
-
-
-OperatorName = Annotated[
-    str | None, typer.Option("--operator", help="Your operator name, once the coordinator has operators.")
-]
-OperatorKey = Annotated[
-    Path | None, typer.Option("--operator-key", help="Your operator key file (`operator add` wrote it).")
-]
-OtpCode = Annotated[str | None, typer.Option("--otp", help="The one-time code your authenticator app shows.")]
-
-
-@dataclass(frozen=True)
-class _Target:
-    """The database a command acts on and the fleet it sees: --db and --tenant, else --config's."""
-
-    url: str
-    tenant: str
-
-    @classmethod
-    def of(cls, db: str | None, config: Path | None, tenant: str | None = None) -> _Target:
-        host = load_host_config(config).coordinator if config is not None else None
-        return cls(
-            db or (host.database_url if host else DEFAULT_DB),
-            tenant or (host.tenant if host else DEFAULT_TENANT),
-        )
-
-    def open(self, *, scoped: bool = True, create: bool = False) -> Storage:
-        """:meth:`Storage.open`, imported when a command runs. ``create``: only commands that may
-        start a fleet (`db upgrade`, `operator add`, `devices enroll`) make a missing database."""
-        from fleetlora.coordinator.storage import Storage
-
-        return Storage.open(self.url, self.tenant if scoped else None, create=create)
-
-
-@contextmanager
-def _as_operator(
-    db: Database, action: str, operator: str | None, key: Path | None, otp: str | None
-) -> Iterator[None]:
-    """Run a change as the operator its credentials prove (every change, once operators exist)."""
-    from fleetlora.coordinator.operators import Credentials, Operators
-    from fleetlora.coordinator.storage.audit import acting_as
-
-    name = Operators(db).authorize(Credentials(operator, key, otp), action)
-    with acting_as(name):
-        yield
-
-
-def _version_id(label: str) -> int:
-    """``v7`` or ``7`` → 7."""
-    try:
-        return int(label.removeprefix("v"))
-    except ValueError:
-        raise typer.BadParameter(
-            f"{label!r} is not a version: use an id such as v7 (see `versions list`)."
-        ) from None
+app.add_typer(key_sets_cli.app, name="key-set")
 
 
 @versions_app.command("list")
@@ -139,11 +73,11 @@ def list_versions(
     """List every stored version with its lineage, participants, size and metrics."""
     from fleetlora.coordinator.db import without_password
 
-    target = _Target.of(db, config, tenant)
+    target = Target.of(db, config, tenant)
     storage = target.open()
     versions = storage.versions.all()
     if as_json:
-        typer.echo(json_text([{**dataclasses.asdict(v), "label": v.label} for v in versions]))
+        typer.echo(json_text([{**dataclasses.asdict(v), "label": v.label, "held": v.held} for v in versions]))
         return
     packages: dict[int, list[PackageInfo]] = {}
     for package in storage.packages.all():
@@ -159,6 +93,8 @@ def list_versions(
             f"{v.adapter_bytes / 1024:.0f} KiB",
             _package_cell(v, packages.get(v.id, [])),
             v.adapter_sha256[:12],
+            f"{v.key_score:.3f}" if v.key_score is not None else "-",
+            "held" if v.held else "released" if v.hold else "-",
             _test_metrics(v.metrics),
         )
         for v in versions
@@ -182,6 +118,8 @@ VERSION_COLUMNS = (
     Column("adapter", drop=1),
     Column("packages", wrap=True, drop=1),
     Column("sha256", drop=6),
+    Column("key", drop=2),  # the key-knowledge score (coordinator/retention.py)
+    Column("gate"),  # held by the retention gate, or released by an operator
     Column("test metrics", wrap=True),
 )
 
@@ -201,12 +139,56 @@ def revert_version(
 
     Nothing is deleted. The next round trains from the new version and its package brings devices to it.
     """
-    storage = _Target.of(db, config, tenant).open()
-    with _as_operator(storage.db, "versions revert", operator, operator_key, otp):
-        reverted = storage.versions.revert(_version_id(version), reason)
+    storage = Target.of(db, config, tenant).open()
+    with as_operator(storage.db, "versions revert", operator, operator_key, otp):
+        reverted = storage.versions.revert(version_id(version), reason)
     typer.echo(
         f"{reverted.label} (round {reverted.round}) holds {version}'s adapter; the next round trains from it."
     )
+
+
+@versions_app.command("release")
+def release_version(
+    version: Annotated[
+        str, typer.Argument(help="The held version to let through, e.g. v7 (`versions list`: gate held).")
+    ],
+    reason: Annotated[str, typer.Option(help="Why: stored with the hold.")],
+    keys: Annotated[
+        Path | None,
+        typer.Option(
+            "--keys",
+            help="The coordinator's keys folder: build the version's package now [default: the config's; "
+            "without keys the next round builds what devices need].",
+        ),
+    ] = None,
+    db: DbOption = None,
+    config: ConfigOption = None,
+    tenant: TenantOption = None,
+    operator: OperatorName = None,
+    operator_key: OperatorKey = None,
+    otp: OtpCode = None,
+) -> None:
+    """Let a version the retention gate held be packaged and distributed; the release (when, why, who)
+    is stored with the hold. The next round that completes brings connected devices to the newest
+    version not held."""
+    from fleetlora.coordinator.keys import load_signing_key
+    from fleetlora.coordinator.packages import PackagePolicy, PackageTooLarge, build_package
+
+    storage = Target.of(db, config, tenant).open()
+    keys = keys or (load_host_config(config).coordinator.keys_dir if config is not None else None)
+    with as_operator(storage.db, "versions release", operator, operator_key, otp):
+        released = storage.versions.release(version_id(version), reason)
+        typer.echo(f"released {released.label}: it may be packaged and distributed from now on")
+        if keys is None:
+            return
+        try:
+            package = build_package(
+                storage, released.id, released.parent_id, load_signing_key(keys), PackagePolicy()
+            )
+        except PackageTooLarge as exc:
+            typer.echo(f"no package built: {exc}", err=True)
+            return
+    typer.echo(f"package {package.id} ({package.package_bytes} bytes) brings its parent's holders to it")
 
 
 @audit_app.command("list")
@@ -219,7 +201,7 @@ def list_audit(
     """The audit log: every change to parameters or settings, newest last."""
     if last < 0:
         raise typer.BadParameter(f"--last must be 0 (all) or more, got {last}.")
-    entries = _Target.of(db, config).open(scoped=False).audit.entries()
+    entries = Target.of(db, config).open(scoped=False).audit.entries()
     newest = entries[-last:] if last else entries
     if as_json:
         typer.echo(json_text([dataclasses.asdict(entry) for entry in newest]))
@@ -252,7 +234,7 @@ def verify_audit(
     """Check the audit log's hash chain and, with --keys, its signed checkpoints; exit 1 on any problem."""
     from fleetlora.coordinator.storage.audit import CHECKPOINTS_FILE, read_checkpoints, verify
 
-    storage = _Target.of(db, config).open(scoped=False)
+    storage = Target.of(db, config).open(scoped=False)
     entries = storage.audit.entries()
     key = read_public_key(keys / COORDINATOR_SIGNING_PUB, Ed25519PublicKey) if keys else None
     checkpoints = read_checkpoints(keys / CHECKPOINTS_FILE) if keys else []
@@ -276,7 +258,7 @@ def checkpoint_audit(
     from fleetlora.coordinator.keys import load_signing_key
     from fleetlora.coordinator.storage.audit import CHECKPOINTS_FILE
 
-    checkpoint = _Target.of(db, config).open(scoped=False).audit.checkpoint(load_signing_key(keys), keys)
+    checkpoint = Target.of(db, config).open(scoped=False).audit.checkpoint(load_signing_key(keys), keys)
     typer.echo(f"signed entry {checkpoint.seq} into {keys / CHECKPOINTS_FILE}")
 
 
@@ -286,7 +268,7 @@ def init_at_rest_key(
         Path, typer.Option("--out", help="The key file to create (0600; never overwritten).")
     ] = Path("keys/at-rest.key"),
 ) -> None:
-    """Make the AES-256 key that seals adapters, optimizer states and packages in the database."""
+    """Make the AES-256 key that seals adapters, optimizer states, packages and key sets in the database."""
     from fleetlora.coordinator.at_rest import KEY_FILE_ENV, AtRestKey
 
     key = AtRestKey.create(out)
@@ -316,8 +298,8 @@ def rotate_at_rest_key(
     from fleetlora.coordinator.storage.reseal import reseal_all
 
     cipher = BlobCipher([AtRestKey.read(new_key), *BlobCipher.from_environment().keys])
-    database = Database(_Target.of(db, config).url, cipher, create=False).initialize()
-    with _as_operator(database, "db rotate-key", operator, operator_key, otp):
+    database = Database(Target.of(db, config).url, cipher, create=False).initialize()
+    with as_operator(database, "db rotate-key", operator, operator_key, otp):
         counts = reseal_all(database, cipher, progress=typer.echo)
     typer.echo(
         f"{sum(counts.values())} blobs rewritten under {new_key}; now set {KEY_FILE_ENV}={new_key.resolve()}"
@@ -340,8 +322,8 @@ def add_operator(
     is added by an existing operator's key and code."""
     from fleetlora.coordinator.operators import Operators
 
-    storage = _Target.of(db, config).open(scoped=False, create=True)
-    with _as_operator(storage.db, "operator add", operator, operator_key, otp):
+    storage = Target.of(db, config).open(scoped=False, create=True)
+    with as_operator(storage.db, "operator add", operator, operator_key, otp):
         added = Operators(storage.db).add(name, key_out)
     typer.echo(f"operator {added.name}: private key in {added.key_file} (keep it to yourself)")
     typer.echo(f"add this to an authenticator app (a QR code of it, or the secret): {added.provisioning_uri}")
@@ -354,7 +336,7 @@ def upgrade_database(db: DbOption = None, config: ConfigOption = None) -> None:
     """Migrate the database to this fleetlora's schema (creates it if empty; safe to repeat)."""
     from fleetlora.coordinator.db import Database, without_password
 
-    url = _Target.of(db, config).url
+    url = Target.of(db, config).url
     typer.echo(f"{without_password(url)}: schema at revision {Database(url).initialize().revision}")
 
 
@@ -398,9 +380,9 @@ def enroll_device(
             "the fleetlora.toml `coordinator up` runs with."
         )
     key = read_public_key(public_key, Ed25519PublicKey)
-    target = _Target.of(db, config, tenant)
+    target = Target.of(db, config, tenant)
     storage = target.open(create=True)
-    with _as_operator(storage.db, "devices enroll", operator, operator_key, otp):
+    with as_operator(storage.db, "devices enroll", operator, operator_key, otp):
         host = load_host_config(config).coordinator
         node_id = register_node(host, auth_key, device_id) if auth_key is not None else None
         storage.devices.enroll(device_id, target.tenant, key, node_id)
@@ -415,7 +397,7 @@ def list_devices(
     as_json: JsonOption = False,
 ) -> None:
     """Enrolled devices: id, SuperNode node id, when enrolled (`coordinator status` adds who is online)."""
-    devices = _Target.of(db, config, tenant).open().devices.enrolled()
+    devices = Target.of(db, config, tenant).open().devices.enrolled()
     if as_json:
         typer.echo(json_text([dataclasses.asdict(d) for d in devices]))
         return
@@ -435,7 +417,7 @@ def list_quarantined(
     as_json: JsonOption = False,
 ) -> None:
     """Devices kept out of rounds after repeated anomalies (deltas out of bounds or broken, counts cut)."""
-    store = _Target.of(db, config, tenant).open().devices
+    store = Target.of(db, config, tenant).open().devices
     entries = store.quarantined(released=every)
     flags = {e.device_id: store.flags(e.device_id)[-3:] for e in entries}
     if as_json:
@@ -484,8 +466,8 @@ def release_device(
     otp: OtpCode = None,
 ) -> None:
     """End a device's quarantine; its earlier anomalies no longer count toward the next one."""
-    storage = _Target.of(db, config, tenant).open()
-    with _as_operator(storage.db, "devices release", operator, operator_key, otp):
+    storage = Target.of(db, config, tenant).open()
+    with as_operator(storage.db, "devices release", operator, operator_key, otp):
         released = storage.devices.release(device_id, reason)
     typer.echo(f"released {released.device_id} (quarantined {released.quarantined_at:%Y-%m-%d %H:%M})")
 
@@ -525,10 +507,10 @@ def build_package_command(
     from fleetlora.coordinator.keys import load_signing_key
     from fleetlora.coordinator.packages import PackagePolicy, build_package
 
-    storage = _Target.of(db, config, tenant).open()
+    storage = Target.of(db, config, tenant).open()
     policy = PackagePolicy(cap=cap, ttl=timedelta(hours=ttl_hours), max_error=max_error)
     package = build_package(
-        storage, _version_id(to), _version_id(start) if start else None, load_signing_key(keys), policy
+        storage, version_id(to), version_id(start) if start else None, load_signing_key(keys), policy
     )
     _print_packages([package])
     if out is not None:
@@ -544,7 +526,7 @@ def list_packages(
     as_json: JsonOption = False,
 ) -> None:
     """List stored packages: versions, codec, bytes against the base model, reconstruction error."""
-    packages = _Target.of(db, config, tenant).open().packages.all()
+    packages = Target.of(db, config, tenant).open().packages.all()
     if as_json:
         typer.echo(json_text([{**dataclasses.asdict(p), "ratio": p.ratio} for p in packages]))
         return
@@ -560,7 +542,7 @@ def export_package(
     tenant: TenantOption = None,
 ) -> None:
     """Write a stored package to a file, for devices reached out of band (`fleetlora device apply`)."""
-    blob = _Target.of(db, config, tenant).open().packages.blob(package_id)
+    blob = Target.of(db, config, tenant).open().packages.blob(package_id)
     out.write_bytes(blob)
     typer.echo(f"wrote {out} ({len(blob)} bytes)")
 

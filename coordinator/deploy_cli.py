@@ -296,7 +296,14 @@ def fleet_status(host: CoordinatorHost) -> dict[str, list[dict[str, Any]]]:
             for r in storage.ledgers.rounds(last=10)
         ],
         "versions": [
-            {"version": v.label, "round": v.round, "devices": len(v.participants), **_accuracy(v.metrics)}
+            {
+                "version": v.label,
+                "round": v.round,
+                "devices": len(v.participants),
+                **_accuracy(v.metrics),
+                **({"key_score": round(v.key_score, 4)} if v.key_score is not None else {}),
+                **({"gate": "held" if v.held else "released"} if v.hold else {}),
+            }
             for v in storage.versions.all()[-5:]
         ],
         "runs": [_run_row(r) for r in runs] if runs and "error" not in runs[0] else runs,

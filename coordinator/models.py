@@ -6,7 +6,9 @@ included; ``round_phases`` each round's phases while it runs; ``optimizer_states
 optimizer's moments after each version; ``privacy_ledger`` each DP device's cumulative ε after each
 round it trained; ``devices`` the enrolled devices' public signing keys; ``lineages`` each lineage's
 model; ``update_packages`` the signed packages built; ``device_updates`` the version each device
-last reported. Rows carry the schema version that wrote them.
+last reported; ``key_sets`` each tenant's key-knowledge sets, ``version_key_scores`` each version's
+score on them and ``version_holds`` the versions the retention gate held back (coordinator/retention.py).
+Rows carry the schema version that wrote them.
 """
 
 from __future__ import annotations
@@ -80,6 +82,10 @@ class ModelVersion(SchemaStamped, Base):
     participants: Mapped[list[Participant]] = relationship(
         back_populates="version", cascade="all, delete-orphan", lazy="selectin"
     )
+    key_scores: Mapped[list[VersionKeyScore]] = relationship(
+        lazy="selectin", order_by="VersionKeyScore.scored_at"
+    )
+    hold: Mapped[VersionHold | None] = relationship(lazy="selectin")
 
 
 class Participant(Base):
@@ -92,6 +98,49 @@ class Participant(Base):
     num_examples: Mapped[int]
 
     version: Mapped[ModelVersion] = relationship(back_populates="participants")
+
+
+class KeySet(SchemaStamped, Base):
+    """A tenant's key-knowledge set: labelled examples every new version is scored on. The tenant's
+    newest set is the pinned one; older ones stay, for the record and the scores made on them."""
+
+    __tablename__ = "key_sets"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    tenant: Mapped[str] = mapped_column(String(128), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    # canonical JSON [[text, label], ...]; operator data, sealed at rest when a key is set; loaded when read
+    examples: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+    examples_sha256: Mapped[str] = mapped_column(String(64))
+    example_count: Mapped[int]
+    labels: Mapped[list[str]] = mapped_column(JSON, default=list)  # the distinct labels, sorted
+    added_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    added_by: Mapped[str] = mapped_column(String(200))
+
+
+class VersionKeyScore(SchemaStamped, Base):
+    """A version's key-knowledge score on one key set (higher is better; coordinator/retention.py)."""
+
+    __tablename__ = "version_key_scores"
+
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), primary_key=True)
+    key_set_id: Mapped[int] = mapped_column(ForeignKey("key_sets.id"), primary_key=True)
+    score: Mapped[float]
+    scored_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class VersionHold(SchemaStamped, Base):
+    """A version the retention gate held back: never packaged or distributed until an operator
+    releases it (the release is written on this row; both are kept)."""
+
+    __tablename__ = "version_holds"
+
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), primary_key=True)
+    reason: Mapped[str] = mapped_column(String(500))
+    held_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    released_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    release_reason: Mapped[str | None] = mapped_column(String(500))
+    released_by: Mapped[str | None] = mapped_column(String(200))
 
 
 class RoundRecord(SchemaStamped, Base):

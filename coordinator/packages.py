@@ -4,7 +4,8 @@ A package takes a device from a stored version to a later one of the same lineag
 between the two adapters, or the whole adapter for a device that has none. The builder walks the
 codec ladder (:data:`fleetlora.common.codec.LADDER`) from lossless down and keeps the first codec
 whose whole package fits under ``cap × base-model bytes`` with a reconstruction error within
-``max_error``; if none does it refuses, naming each codec's size and error. Every package is
+``max_error``; if none does it refuses, naming each codec's size and error. A version the retention
+gate holds (coordinator/retention.py) gets no package until it is released. Every package is
 stored whole in SQL (:class:`fleetlora.coordinator.storage.PackageStore`), so what a device
 received can always be shown again.
 """
@@ -62,6 +63,12 @@ def build_package(
     """Build, sign and store the package ``from_version`` → ``to_version`` (None: full adapter)."""
     started = time.perf_counter()
     target = storage.versions.get(to_version)
+    if target.held:  # the one check every way to a package passes (rounds, distribution, the CLI)
+        raise FleetloraError(
+            f"v{to_version} is held by the retention gate (it forgot key knowledge): no package is built "
+            f"for it until an operator releases it (`fleetlora coordinator versions release v{to_version} "
+            "--reason ...`)."
+        )
     lineage = storage.versions.lineage(target.lineage)
     if from_version is not None:
         source = storage.versions.get(from_version)

@@ -13,12 +13,14 @@ Each round (:meth:`Federation._round`):
 4. **aggregate**: with at least ``min-devices`` valid deltas, release the mean delta and take a
    server-optimizer step (plain FedAvg adds it); otherwise record a failed round and keep the version;
 5. **evaluate** the candidate adapter: on the participants' held-out text (federated; its own
-   deadline) and, when an evaluation set is configured, on the coordinator;
-6. **commit**: store the new version, its participants, the optimizer's state, the metrics and the
-   round record in one transaction, so a crash leaves the round whole or not at all (a round that
-   was not committed is trained again after a restart);
+   deadline), when an evaluation set is configured on the coordinator, and on the tenant's pinned
+   key-knowledge set, whose score decides whether the version is held (:mod:`.retention`);
+6. **commit**: store the new version, its participants, the optimizer's state, the metrics, its key
+   score and any hold, and the round record in one transaction, so a crash leaves the round whole or
+   not at all (a round that was not committed is trained again after a restart);
 7. **publish**: when the coordinator has keys, build the signed package parent → new version and
-   bring connected devices up to it.
+   bring connected devices up to it; a held version gets neither (the phase records why), and devices
+   are brought instead to a version an operator released since, if that is the newest one allowed.
 
 A restarted coordinator continues from the latest stored version of its lineage, so no completed
 round is lost or repeated. Each phase is recorded as it begins, and training, evaluation and
@@ -64,6 +66,7 @@ from fleetlora.coordinator.keys import load_hpke_key, load_signing_key
 from fleetlora.coordinator.packages import PackageTooLarge
 from fleetlora.coordinator.progress import RoundProgress
 from fleetlora.coordinator.quarantine import admitted, held_out
+from fleetlora.coordinator.retention import RetentionGate
 from fleetlora.coordinator.robust import CoordinateTrimmedMean
 from fleetlora.coordinator.sampling import Sampler
 from fleetlora.coordinator.settings import CoordinatorSettings
@@ -110,6 +113,7 @@ class RoundOutcome:
     distribution: DistributionOutcome | None = None
     package_error: str | None = None  # why no package was built (none fits under the cap)
     quarantined: list[str] = field(default_factory=list)  # devices this round's anomalies put in quarantine
+    held: str | None = None  # why the retention gate held the version back (not packaged, not distributed)
 
     @property
     def sampled(self) -> int:
@@ -207,6 +211,13 @@ class Federation:
             if settings.builds_packages
             else None
         )
+        self.retention = RetentionGate(
+            self.storage,
+            self.loaded,
+            self.lineage,
+            threshold=settings.retention_threshold,
+            pin=settings.key_set,
+        )
 
     def run(self) -> list[RoundOutcome]:
         """Run ``settings.rounds`` rounds after the latest stored version."""
@@ -243,17 +254,21 @@ class Federation:
             # Another optimizer's moments mean nothing to this one: it starts fresh.
             if stored is not None and stored.name == self.settings.server.name:
                 self.optimizer_state = stored.state
-            return latest, self.storage.versions.adapter(latest.id), True
+            state = self.storage.versions.adapter(latest.id)
+            self.retention.baseline(latest, state)  # the first new version's key score has one to match
+            return latest, state, True
         state = self.loaded.initial_adapter  # not the live weights: a cached model may have trained
         version = self.storage.versions.add(
-            NewVersion(
-                lineage=self.lineage,
-                round=0,
-                parent_id=None,
-                base_model_sha256=self.loaded.base_sha256,
-                adapter=state,
-                participants={},
-                metrics=self._evaluate_on_coordinator(state),
+            self.retention.judge(
+                NewVersion(
+                    lineage=self.lineage,
+                    round=0,
+                    parent_id=None,
+                    base_model_sha256=self.loaded.base_sha256,
+                    adapter=state,
+                    participants={},
+                    metrics=self._evaluate_on_coordinator(state),
+                )
             )
         )
         return version, state, False
@@ -318,20 +333,23 @@ class Federation:
         # evaluate the candidate (the messages carry the round's instructions, the arrays are new)
         self.progress.enter("evaluating", total=len(train.participants))
         evaluation = self._evaluate(train, new_state, planned)
-        metrics = {**update.metrics, **evaluation.metrics}
+        # scored on the key set: held back if it forgot (retention.py)
+        candidate = self.retention.judge(
+            NewVersion(
+                lineage=self.lineage,
+                round=number,
+                parent_id=parent.id,
+                base_model_sha256=self.loaded.base_sha256,
+                adapter=new_state,
+                participants={str(n): c for n, c in train.participants.items()},
+                metrics={**update.metrics, **evaluation.metrics},
+                optimizer=ServerOptimizerState(self.settings.server.name, optimizer_state),
+            )
+        )
+        metrics = dict(candidate.metrics)
         drops = [*train.drops, *evaluation.drops]
         seconds = time.monotonic() - started
-        # commit: the version and its round, in one transaction
-        candidate = NewVersion(
-            lineage=self.lineage,
-            round=number,
-            parent_id=parent.id,
-            base_model_sha256=self.loaded.base_sha256,
-            adapter=new_state,
-            participants={str(n): c for n, c in train.participants.items()},
-            metrics=metrics,
-            optimizer=ServerOptimizerState(self.settings.server.name, optimizer_state),
-        )
+        # commit: the version, its hold if any, and its round, in one transaction
         version = self.storage.versions.commit_round(candidate, _report(len(sampled), train, drops, seconds))
         self.optimizer_state = optimizer_state
         self.accepted = accepted(train.participants, train.norms)  # the next round's bounds follow it
@@ -355,6 +373,7 @@ class Federation:
             distribution=publication.distribution,
             package_error=publication.error,
             quarantined=quarantined,
+            held=candidate.hold,
         )
         self.progress.completed(version.label)
         return outcome, new_state
@@ -472,7 +491,16 @@ class Federation:
         return {f"central_{k}": v for k, v in evaluate(self.loaded, self.eval_set).items()}
 
     def _publish(self, version: VersionInfo, parent: VersionInfo) -> _Publication:
-        """Build the round's package (parent → new version) and, if asked, bring connected devices up."""
+        """Build the round's package (parent → new version) and, if asked, bring connected devices up.
+
+        A held version is neither packaged nor distributed; connected devices are brought instead to
+        the newest version not held if an operator released it (they may not hold it yet)."""
+        if version.hold is not None and version.held:
+            self.progress.enter("publishing", detail=f"{version.label} held: {version.hold.reason}")
+            released = self.storage.versions.latest(self.lineage, distributable=True)
+            if released is None or released.hold is None:
+                return _Publication()
+            return self._distribute(released)
         if self.distributor is None:
             return _Publication()
         self.progress.enter("publishing")
@@ -481,12 +509,15 @@ class Federation:
         except PackageTooLarge as exc:
             # The version stands; no device is offered a package over the cap.
             return _Publication(error=str(exc))
-        distribution = None
-        if self.settings.distribute_updates:
-            nodes = sorted(self.grid.get_node_ids())
-            self.progress.enter("distributing", total=len(nodes))
-            distribution = self.distributor.distribute(nodes, version, self.progress.advance)
-        return _Publication(package, distribution)
+        return dataclasses.replace(self._distribute(version), package=package)
+
+    def _distribute(self, version: VersionInfo) -> _Publication:
+        """Bring connected devices to ``version`` (a package each needs is built, or found, on the way)."""
+        if self.distributor is None or not self.settings.distribute_updates:
+            return _Publication()
+        nodes = sorted(self.grid.get_node_ids())
+        self.progress.enter("distributing", total=len(nodes))
+        return _Publication(distribution=self.distributor.distribute(nodes, version, self.progress.advance))
 
     # ---- records --------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from fleetlora.common.codec import Codec
 from fleetlora.common.config import (
     DEFAULT_SERVER_MOMENTUM,
     REGIME_DEFAULTS,
+    ForgettingSettings,
     LoraSettings,
     ModelSpec,
     PrivacySettings,
@@ -47,6 +48,8 @@ class CoordinatorSettings:
     db_url: str
     log_dir: str  # the coordinator's JSON log folder; "" writes none
     eval_data: str  # coordinator-side evaluation set; "" for none
+    key_set: str  # a key-knowledge file pinned for the tenant when the run starts; "" pins none
+    retention_threshold: float  # a version below this × the best earlier key score is held; 0: never
     seed: int
     sampling: str  # "seeded": each round's devices follow seed and round; "random": OS entropy
     server: ServerOptimizerSettings
@@ -94,6 +97,11 @@ class CoordinatorSettings:
             )
         if self.train.personal_head and self.spec.task != "classify":
             raise ConfigError("personal-head keeps a classification head per device; this task has none.")
+        if self.train.forgetting.distill_weight and self.spec.task != "classify":
+            raise ConfigError(
+                "distill-weight distils a classifier's outputs; a causal LM is not supported: set "
+                "distill-weight = 0 (replay and EWC work for both)."
+            )
 
     def train_for_round(self, round_number: int) -> TrainSettings:
         """The local training settings sent in ``round_number``, with the decayed learning rate."""
@@ -160,6 +168,7 @@ class CoordinatorSettings:
             or (defaults.learning_rate if privacy.enabled else defaults.learning_rate_without_dp),
             # Only the regime's own rate adapts to the noise; a rate the operator set is kept.
             max_rate_noise=0.0 if run.learning_rate else defaults.max_rate_noise,
+            forgetting=fill_from_run(ForgettingSettings, run),
         )
         server = run.server_optimizer
         if server == "auto":

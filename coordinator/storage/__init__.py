@@ -4,11 +4,12 @@
 - :class:`PackageStore` (``packages``): the signed update packages built from them;
 - :class:`DeviceStore` (``devices``): enrolled devices, their keys, update reports, flags and quarantine;
 - :class:`LedgerStore` (``ledgers``): the privacy ledger and the round records;
+- :class:`KeySetStore` (``key_sets``): each tenant's key-knowledge sets, the newest one pinned;
 - :class:`AuditStore` (``audit``): the hash-chained audit log of every change to parameters or settings.
 
 Each method runs in one transaction (:meth:`Database.session` commits on success and rolls back on
 any error) and returns frozen dataclasses, never ORM rows. :meth:`Storage.open` brings the schema to
-the newest migration and hands out the five stores over one database.
+the newest migration and hands out the six stores over one database.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fleetlora.coordinator.storage.devices import (
     DeviceUpdateInfo,
     QuarantineInfo,
 )
+from fleetlora.coordinator.storage.key_sets import KeySetInfo, KeySetStore
 from fleetlora.coordinator.storage.ledgers import (
     LedgerStore,
     PhaseInfo,
@@ -33,6 +35,7 @@ from fleetlora.coordinator.storage.ledgers import (
 )
 from fleetlora.coordinator.storage.packages import PackageInfo, PackageStore
 from fleetlora.coordinator.storage.versions import (
+    HoldInfo,
     LineageInfo,
     NewVersion,
     ServerOptimizerState,
@@ -46,6 +49,9 @@ __all__ = [
     "DeviceKey",
     "DeviceStore",
     "DeviceUpdateInfo",
+    "HoldInfo",
+    "KeySetInfo",
+    "KeySetStore",
     "LedgerStore",
     "LineageInfo",
     "NewVersion",
@@ -65,13 +71,14 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Storage:
-    """The five stores over one coordinator database."""
+    """The six stores over one coordinator database."""
 
     db: Database
     versions: VersionStore
     packages: PackageStore
     devices: DeviceStore
     ledgers: LedgerStore
+    key_sets: KeySetStore
     audit: AuditStore
 
     @classmethod
@@ -92,6 +99,7 @@ class Storage:
             PackageStore(db, tenant),
             DeviceStore(db, tenant),
             LedgerStore(db, tenant),
+            KeySetStore(db, tenant),
             AuditStore(db),
         )
 

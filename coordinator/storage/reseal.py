@@ -14,8 +14,9 @@ from sqlalchemy import select
 
 from fleetlora.coordinator.at_rest import MAGIC, BlobCipher, is_sealed
 from fleetlora.coordinator.db import Database
-from fleetlora.coordinator.models import ModelVersion, OperatorRow, OptimizerState, UpdatePackage
+from fleetlora.coordinator.models import KeySet, ModelVersion, OperatorRow, OptimizerState, UpdatePackage
 from fleetlora.coordinator.operators import secret_binding
+from fleetlora.coordinator.storage.key_sets import key_set_binding
 from fleetlora.coordinator.storage.packages import package_binding
 from fleetlora.coordinator.storage.versions import adapter_binding, optimizer_binding
 
@@ -29,6 +30,7 @@ _BLOBS: dict[type[Any], tuple[Any, str, Callable[[Any], dict[str, object]]]] = {
     ),
     UpdatePackage: (UpdatePackage.id, "package", package_binding),
     OperatorRow: (OperatorRow.name, "totp_secret", lambda row: secret_binding(row.name)),
+    KeySet: (KeySet.id, "examples", key_set_binding),
 }
 
 

@@ -3,7 +3,9 @@
 A *lineage* is every version that can follow from one another: same base model, same adapter
 layout, same labels. A restarted coordinator resumes from the latest version of its lineage. Each
 lineage's model record (what a package manifest names, and the base size the package cap is
-taken of) is kept here too, as is the server optimizer's state after each version.
+taken of) is kept here too, as is the server optimizer's state after each version, each version's
+key-knowledge scores, and the hold the retention gate put on it until an operator's release
+(coordinator/retention.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from fleetlora.common.errors import CorruptVersionError, FleetloraError
-from fleetlora.coordinator.models import Lineage, ModelVersion, OptimizerState, Participant
+from fleetlora.coordinator.models import (
+    Lineage,
+    ModelVersion,
+    OptimizerState,
+    Participant,
+    VersionHold,
+    VersionKeyScore,
+    utcnow,
+)
 from fleetlora.coordinator.storage import audit
 from fleetlora.coordinator.storage.ledgers import RoundReport, round_row
 from fleetlora.coordinator.storage.rows import TenantScoped, checked_blob, info_of
@@ -26,6 +36,18 @@ if TYPE_CHECKING:  # torch loads where adapters are (de)serialized: listings rea
     from fleetlora.common.delta import State
 
 REVERTED_TO, REVERT_REASON = "reverted_to", "revert_reason"  # a revert's metrics (VersionStore.revert)
+REASON_CHARS = 500  # the holds' reason columns: longer reasons are cut
+
+
+@dataclass(frozen=True)
+class HoldInfo:
+    """The retention gate's hold on a version, and the operator's release once made."""
+
+    reason: str
+    held_at: datetime
+    released_at: datetime | None
+    release_reason: str | None
+    released_by: str | None
 
 
 @dataclass(frozen=True)
@@ -42,10 +64,18 @@ class VersionInfo:
     metrics: dict[str, Any]
     participants: dict[str, int]  # node id → examples it trained on
     created_at: datetime
+    key_score: float | None  # its newest key-knowledge score (higher is better), None if never scored
+    key_set_id: int | None  # the key set that score was made on
+    hold: HoldInfo | None  # None: never held
 
     @property
     def label(self) -> str:
         return f"v{self.id}"
+
+    @property
+    def held(self) -> bool:
+        """Held back by the retention gate and not released: never packaged or distributed."""
+        return self.hold is not None and self.hold.released_at is None
 
 
 @dataclass(frozen=True)
@@ -68,6 +98,9 @@ class NewVersion:
     participants: Mapping[str, int]  # node id → examples it trained on
     metrics: Mapping[str, Any]
     optimizer: ServerOptimizerState | None = None  # None, or an empty state: nothing to continue
+    key_set_id: int | None = None  # the key set ``key_score`` was made on; None: not scored
+    key_score: float | None = None
+    hold: str | None = None  # why the retention gate holds it back; None: distributable
 
 
 @dataclass(frozen=True)
@@ -83,11 +116,15 @@ class LineageInfo:
 
 
 def _version_info(row: ModelVersion) -> VersionInfo:
+    newest = row.key_scores[-1] if row.key_scores else None
     return info_of(
         VersionInfo,
         row,
         metrics=dict(row.metrics or {}),
         participants={p.node_id: p.num_examples for p in row.participants},
+        key_score=newest.score if newest else None,
+        key_set_id=newest.key_set_id if newest else None,
+        hold=info_of(HoldInfo, row.hold) if row.hold else None,
     )
 
 
@@ -147,14 +184,17 @@ class VersionStore(TenantScoped):
         with self.db.session() as session:
             return _version_info(self._row(session, version_id))
 
-    def latest(self, lineage: str) -> VersionInfo | None:
-        """The version of ``lineage`` with the highest round, or None for a new lineage."""
+    def latest(self, lineage: str, *, distributable: bool = False) -> VersionInfo | None:
+        """The version of ``lineage`` with the highest round, or None for a new lineage; with
+        ``distributable``, the highest that is not held (what devices may be brought to)."""
         query = (
             select(ModelVersion)
             .where(ModelVersion.lineage == lineage, self.in_tenant(ModelVersion.lineage))
             .order_by(ModelVersion.round.desc())
             .limit(1)
         )
+        if distributable:
+            query = query.where(~ModelVersion.hold.has(VersionHold.released_at.is_(None)))
         with self.db.session() as session:
             row = session.scalars(query).first()
             return _version_info(row) if row else None
@@ -169,11 +209,17 @@ class VersionStore(TenantScoped):
         round after the latest (parent: the latest), recording the version it reverts to and why.
 
         Nothing is deleted: the bad versions stay, for the record, and the next round trains from this one.
-        The server optimizer starts fresh (its moments belong to the path that is being left).
+        A version the retention gate holds is refused until released: its copy would not be held. The
+        server optimizer starts fresh (its moments belong to the path that is being left).
         """
         if not reason.strip():
             raise FleetloraError("Give the reason for the revert (--reason): it is stored with the version.")
         target = self.get(version_id)
+        if target.held:
+            raise FleetloraError(
+                f"{target.label} is held by the retention gate: release it first (`fleetlora coordinator "
+                f"versions release {target.label} --reason ...`), or revert to a version not held."
+            )
         latest = self.latest(target.lineage)
         assert latest is not None  # the target itself is in the lineage
         if latest.id == target.id:
@@ -192,6 +238,63 @@ class VersionStore(TenantScoped):
                 metrics={**metrics, REVERTED_TO: target.id, REVERT_REASON: reason.strip()},
             )
         )
+
+    # ---- key knowledge and the retention gate ----------------------------------------------
+
+    def score(self, version_id: int, key_set_id: int, score: float) -> None:
+        """Record version ``version_id``'s key-knowledge score on key set ``key_set_id`` (a version
+        stored before the set was pinned is scored when a run starts from it)."""
+        with self.db.session() as session:
+            self._row(session, version_id)  # of this tenant
+            row = session.get(VersionKeyScore, (version_id, key_set_id))
+            if row is None:
+                session.add(VersionKeyScore(version_id=version_id, key_set_id=key_set_id, score=score))
+            else:
+                row.score, row.scored_at = score, utcnow()
+
+    def best_key_score(self, lineage: str, key_set_id: int) -> tuple[int, float] | None:
+        """The highest key score on ``key_set_id`` among ``lineage``'s versions, with the version that
+        made it (the oldest of a tie); None when none was scored on it."""
+        query = (
+            select(VersionKeyScore.version_id, VersionKeyScore.score)
+            .join(ModelVersion, ModelVersion.id == VersionKeyScore.version_id)
+            .where(
+                ModelVersion.lineage == lineage,
+                self.in_tenant(ModelVersion.lineage),
+                VersionKeyScore.key_set_id == key_set_id,
+            )
+            .order_by(VersionKeyScore.score.desc(), VersionKeyScore.version_id)
+            .limit(1)
+        )
+        with self.db.session() as session:
+            best = session.execute(query).first()
+            return (int(best[0]), float(best[1])) if best else None
+
+    def release(self, version_id: int, reason: str) -> VersionInfo:
+        """Release a version the retention gate held, recording when, why and by whom (the audit
+        log's actor): it may be packaged and distributed from now on."""
+        if not reason.strip():
+            raise FleetloraError("Say why the version is released (--reason): it is kept with the hold.")
+        with self.db.session() as session:
+            row = self._row(session, version_id)
+            if row.hold is None or row.hold.released_at is not None:
+                state = "was released already" if row.hold is not None else "was never held"
+                raise FleetloraError(
+                    f"v{version_id} is not held (it {state}): only a held version can be released; "
+                    "`versions list` shows which are."
+                )
+            actor = audit.default_actor()
+            row.hold.released_at, row.hold.released_by = utcnow(), actor
+            row.hold.release_reason = reason.strip()[:REASON_CHARS]
+            audit.append(
+                session,
+                "version.released",
+                f"v{row.id}",
+                {"lineage": row.lineage, "round": row.round, "reason": row.hold.release_reason},
+                actor=actor,
+            )
+            session.flush()
+            return _version_info(row)
 
     def chain(self, version_id: int) -> list[VersionInfo]:
         """The version and its ancestors, newest first, back to round 0.
@@ -297,6 +400,12 @@ class VersionStore(TenantScoped):
                 ),
             },
         )
+        if version.key_set_id is not None and version.key_score is not None:
+            row.key_scores.append(VersionKeyScore(key_set_id=version.key_set_id, score=version.key_score))
+        if version.hold is not None:
+            row.hold = VersionHold(reason=version.hold[:REASON_CHARS])
+            details = {"lineage": row.lineage, "round": row.round, "reason": row.hold.reason}
+            audit.append(session, "version.held", f"v{row.id}", details)
         optimizer = version.optimizer
         if optimizer is not None and optimizer.state:
             state = serialize(optimizer.state)
@@ -306,6 +415,7 @@ class VersionStore(TenantScoped):
                     version_id=row.id, optimizer=optimizer.name, state=sealed, state_sha256=sha256_hex(state)
                 )
             )
+        session.flush()  # the hold's and the score's defaults, read back into the version's info
         return row
 
     def _row(self, session: Session, version_id: int) -> ModelVersion:

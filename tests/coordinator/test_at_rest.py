@@ -131,7 +131,7 @@ def test_rotation_rewrites_every_blob_and_resumes_after_a_kill(db_url: str, tmp_
         reseal_all(db, cipher)
     monkeypatch.setattr(BlobCipher, "seal", real_seal)
     assert reseal_all(db, cipher) == {
-        "model_versions": 2, "optimizer_states": 4, "update_packages": 0, "operators": 0
+        "model_versions": 2, "optimizer_states": 4, "update_packages": 0, "operators": 0, "key_sets": 0
     }  # fmt: skip
 
     _, only_new = _stores(db_url, new)  # the old key is no longer needed

@@ -60,7 +60,7 @@ def test_an_older_schema_is_upgraded_in_place(db_url: str):
             text("INSERT INTO devices (device_id, tenant, public_key_pem, enrolled_at, schema_version) "
                  "VALUES ('d1', 'default', 'pem', CURRENT_TIMESTAMP, 1)")
         )  # fmt: skip
-    assert upgrade(engine) == "0008"
+    assert upgrade(engine) == "0009"
     with engine.connect() as connection:
         rows = connection.execute(text("SELECT device_id, node_id FROM devices")).all()
     assert [tuple(r) for r in rows] == [("d1", None)]  # kept, with the new column empty
@@ -76,4 +76,4 @@ def test_db_upgrade_command(db_url: str):
         check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "schema at revision 0008" in done.stdout
+    assert "schema at revision 0009" in done.stdout

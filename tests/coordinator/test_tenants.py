@@ -1,8 +1,8 @@
 """Tenants share one coordinator database and never see each other's rows.
 
 Two fleets, ``acme`` and ``globex``, each with a lineage, versions, an optimizer state, a package,
-rounds, ledger entries, enrolled devices, update reports, flags and a quarantine, are written to one
-database; every read of a store scoped to one tenant is then checked to return only that tenant's
+rounds, ledger entries, enrolled devices, update reports, flags, a quarantine and a key set, are written
+to one database; every read of a store scoped to one tenant is then checked to return only that tenant's
 rows, and every write into the other's lineage is refused. A meta-test keeps the list honest: a new
 public store method fails it until it is placed among the readers checked here or the writers.
 """
@@ -18,6 +18,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fleetlora.common.config import ModelSpec, to_config
+from fleetlora.common.data import Example
 from fleetlora.common.errors import FleetloraError
 from fleetlora.common.model import cached_model
 from fleetlora.coordinator.keys import init_keys, load_signing_key
@@ -25,6 +26,7 @@ from fleetlora.coordinator.packages import PackagePolicy, build_package
 from fleetlora.coordinator.rounds import lineage_of
 from fleetlora.coordinator.storage import (
     DeviceStore,
+    KeySetStore,
     LedgerStore,
     NewVersion,
     PackageStore,
@@ -47,6 +49,7 @@ class Written:
     package_id: int
     devices: list[str]
     nodes: list[int]  # the devices' SuperNode ids, unique across tenants as on one SuperLink
+    key_set_id: int
 
 
 def _populate(storage: Storage, tenant: str, tiny_spec: ModelSpec, key: Ed25519PrivateKey) -> Written:
@@ -56,6 +59,7 @@ def _populate(storage: Storage, tenant: str, tiny_spec: ModelSpec, key: Ed25519P
     scoped.versions.register_lineage(
         lineage, tenant, to_config(tiny_spec, "model"), loaded.base_sha256, loaded.base_bytes
     )
+    key_set = scoped.key_sets.add(f"{tenant} key set", [Example("my card was declined", tiny_spec.labels[0])])
     ids: list[int] = []
     for round_number in range(2):
         adapter = {n: t + 0.01 * round_number for n, t in loaded.initial_adapter.items()}
@@ -68,6 +72,8 @@ def _populate(storage: Storage, tenant: str, tiny_spec: ModelSpec, key: Ed25519P
             participants={"1": 10} if ids else {},
             metrics={},
             optimizer=ServerOptimizerState("fedavgm", {"m": torch.ones(2)}),
+            key_set_id=key_set.id,
+            key_score=0.5 + 0.1 * round_number,
         )
         report = RoundReport(sampled=1, received=1, dropped=[], upload_bytes=10, seconds=1.0)
         stored = scoped.versions.commit_round(version, report) if ids else scoped.versions.add(version)
@@ -87,11 +93,11 @@ def _populate(storage: Storage, tenant: str, tiny_spec: ModelSpec, key: Ed25519P
     scoped.ledgers.enter_phase(lineage, 3, "sampling")
     training = scoped.ledgers.enter_phase(lineage, 3, "training", total=2)
     scoped.ledgers.advance_phase(training.id, 1)
-    return Written(lineage, ids, package.id, devices, nodes)
+    return Written(lineage, ids, package.id, devices, nodes, key_set.id)
 
 
-def _stores(storage: Storage) -> tuple[VersionStore, PackageStore, DeviceStore, LedgerStore]:
-    return storage.versions, storage.packages, storage.devices, storage.ledgers
+def _stores(storage: Storage) -> tuple[VersionStore, PackageStore, DeviceStore, LedgerStore, KeySetStore]:
+    return storage.versions, storage.packages, storage.devices, storage.ledgers, storage.key_sets
 
 
 @pytest.fixture
@@ -118,6 +124,14 @@ READERS = {
         [mine.version_ids[1]] if s.versions.optimizer_state(mine.version_ids[1]) else []
     ),
     "VersionStore.lineage": lambda s, mine, theirs: [s.versions.lineage(mine.lineage).lineage],
+    "VersionStore.best_key_score": lambda s, mine, theirs: [
+        best[0]
+        for best in (
+            s.versions.best_key_score(mine.lineage, mine.key_set_id),
+            s.versions.best_key_score(theirs.lineage, theirs.key_set_id),
+        )
+        if best
+    ],
     "PackageStore.all": lambda s, mine, theirs: [p.id for p in s.packages.all()],
     "PackageStore.find": lambda s, mine, theirs: [
         p.id
@@ -157,6 +171,11 @@ READERS = {
     "LedgerStore.epsilon_spent": lambda s, mine, theirs: list(s.ledgers.epsilon_spent()),
     "LedgerStore.rounds": lambda s, mine, theirs: [r.lineage for r in s.ledgers.rounds()],
     "LedgerStore.phases": lambda s, mine, theirs: [p.lineage for p in s.ledgers.phases()],
+    "KeySetStore.all": lambda s, mine, theirs: [f"key set {k.id}" for k in s.key_sets.all()],
+    "KeySetStore.pinned": lambda s, mine, theirs: [f"key set {k.id}" for k in (s.key_sets.pinned(),) if k],
+    "KeySetStore.examples": lambda s, mine, theirs: (
+        [f"key set {mine.key_set_id}"] if s.key_sets.examples(mine.key_set_id) else []
+    ),
 }
 LISTINGS = {
     "VersionStore.all",
@@ -169,6 +188,7 @@ LISTINGS = {
     "LedgerStore.epsilon_spent",
     "LedgerStore.rounds",
     "LedgerStore.phases",
+    "KeySetStore.all",
 }
 # Methods that write, each refused or kept to the tenant by the tests below; and the base class's.
 WRITERS = {
@@ -176,6 +196,9 @@ WRITERS = {
     "VersionStore.commit_round",
     "VersionStore.register_lineage",
     "VersionStore.revert",
+    "VersionStore.score",
+    "VersionStore.release",
+    "KeySetStore.add",  # into its own tenant only: the tenant comes from the store, never the caller
     "PackageStore.add",
     "DeviceStore.enroll",
     "DeviceStore.record_update",
@@ -193,7 +216,7 @@ SCOPE_HELPERS = {"in_tenant", "is_tenant", "check_lineage", "oldest_first"}
 def test_every_public_store_method_is_checked_here():
     methods = {
         f"{cls.__name__}.{name}"
-        for cls in (VersionStore, PackageStore, DeviceStore, LedgerStore)
+        for cls in (VersionStore, PackageStore, DeviceStore, LedgerStore, KeySetStore)
         for name, _ in inspect.getmembers(cls, inspect.isfunction)
         if not name.startswith("_") and name not in SCOPE_HELPERS
     }
@@ -201,7 +224,13 @@ def test_every_public_store_method_is_checked_here():
 
 
 def _owned(written: Written) -> set[object]:
-    return {written.lineage, written.package_id, *written.version_ids, *written.devices}
+    return {
+        written.lineage,
+        written.package_id,
+        *written.version_ids,
+        *written.devices,
+        f"key set {written.key_set_id}",
+    }
 
 
 @pytest.mark.parametrize("reader", sorted(READERS))
@@ -226,8 +255,9 @@ def test_another_tenants_rows_by_id_are_as_absent_as_missing_ones(fleets):
         lambda: acme.versions.optimizer_state(theirs.version_ids[1]),
         lambda: acme.versions.lineage(theirs.lineage),
         lambda: acme.packages.blob(theirs.package_id),
+        lambda: acme.key_sets.examples(theirs.key_set_id),
     ):
-        with pytest.raises(FleetloraError, match=r"No version|No package|no model record"):
+        with pytest.raises(FleetloraError, match=r"No version|No package|no model record|No key set"):
             read()
     assert acme.versions.latest(theirs.lineage) is None
     assert acme.devices.enrolment(theirs.devices[0]) is None
@@ -256,6 +286,8 @@ def test_a_tenant_cannot_write_into_another_tenants_lineage(fleets, tiny_spec: M
         lambda: acme.versions.add(version),
         lambda: acme.versions.commit_round(version, report),
         lambda: acme.versions.revert(theirs.version_ids[0], "take it over"),
+        lambda: acme.versions.score(theirs.version_ids[0], theirs.key_set_id, 1.0),
+        lambda: acme.versions.release(theirs.version_ids[1], "let it through"),
         lambda: acme.ledgers.record_privacy(theirs.lineage, 3, []),
         lambda: acme.ledgers.record_failed_round(theirs.lineage, 3, report),
         lambda: acme.ledgers.enter_phase(theirs.lineage, 4, "sampling"),
