@@ -6,6 +6,7 @@ examples and a few scalar metrics; text never leaves the device.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -20,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fleetlora.client import personal_head, privacy
+from fleetlora.client import forgetting, personal_head, privacy
 from fleetlora.client.corpus import drift, simulated
 from fleetlora.client.corpus.store import CORPUS_FILE, CorpusStore
 from fleetlora.client.device_state import DeviceState, UserConfig
@@ -33,6 +34,7 @@ from fleetlora.common import chunks, records
 from fleetlora.common.batches import evaluate as evaluate_model
 from fleetlora.common.codec import UPLOAD_ZSTD_LEVEL, Codec, encode
 from fleetlora.common.data import Example, split_holdout
+from fleetlora.common.data.partition import phase_labels, phase_of_round
 from fleetlora.common.delta import (
     State,
     diff,
@@ -94,9 +96,16 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
         examples = local_examples(context.node_config, run_config)
         if streams(context.node_config, run_config):  # the partition arrives round by round
             device = DeviceState.locate(context.node_config, run_config)
-            seed = f"{instructions.spec.seed}:{context.node_config['partition-id']}"
-            per_round = int(run_config["stream-records"])
-            simulated.catch_up(device, device_id(context), examples, per_round, instructions.round, seed)
+            phases = int(run_config.get("stream-phases", 0) or 0)
+            if phases:  # class-incremental: each phase brings the partition's records of new labels
+                labels = phase_labels(instructions.spec.labels, phases, instructions.spec.seed)
+                phase = phase_of_round(instructions.round, int(run_config["phase-rounds"]), phases)
+                simulated.catch_up_phases(device, device_id(context), examples, labels, phase)
+            else:
+                seed = f"{instructions.spec.seed}:{context.node_config['partition-id']}"
+                per_round = int(run_config["stream-records"])
+                simulated.catch_up(device, device_id(context), examples, per_round, instructions.round, seed)
+            read_at = datetime.now(UTC)  # after the catch-up: what it took in now is not new next round
             examples = corpus_examples(device.root / CORPUS_FILE)
         if instructions.spec.task == "classify":
             # Unlabelled corpus records wait for their labels; a label outside the fleet's is skipped, so
@@ -105,7 +114,12 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
             examples = [e for e in examples if e.label in known]
         train_set, held_out = split_holdout(examples, float(run_config.get("holdout", DEFAULTS.holdout)))
         settings = instructions.train
-        keeps_state = settings.personal_head or settings.privacy.enabled or instructions.seal_uploads
+        keeps_state = (
+            settings.personal_head
+            or settings.privacy.enabled
+            or instructions.seal_uploads
+            or settings.forgetting.ewc_lambda > 0  # the Fisher is kept there
+        )
         state = DeviceState.locate(context.node_config, run_config) if keeps_state else None
         return MessageJob(instructions, loaded, train_set, held_out, state, run_config, read_at)
 
@@ -123,7 +137,11 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
                 coordinator_key(context.node_config, job.run_config, X25519PublicKey),
                 signing_key(job.state),
             )
+        # A simulated device's identity is its partition (Flower draws node ids at random per run).
+        node_number = int(context.node_config.get("partition-id", context.node_id))
+        seed = training_seed(job.instructions.spec.seed, job.instructions.round, node_number)
         try:
+            job = dataclasses.replace(job, train_set=round_pool(job, context, seed))
             plan = privacy_plan(job, context)
         except Declined as exc:
             identity[records.DECLINED] = str(exc)
@@ -142,10 +160,11 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
         before = trainable_state(loaded.model)
         if settings.personal_head and job.state:
             personal_head.restore(loaded, job.state)
-        # A simulated device's identity is its partition (Flower draws node ids at random per run).
-        node_number = int(context.node_config.get("partition-id", context.node_id))
-        seed = training_seed(job.instructions.spec.seed, job.instructions.round, node_number)
-        result = train_locally(loaded, train_set, settings, seed=seed, noise=plan.noise if plan else None)
+        fisher = None
+        if settings.forgetting.ewc_lambda and job.state:
+            fisher = forgetting.load_fisher(job.state, trainable_state(loaded.model))
+        noise = plan.noise if plan else None
+        result = train_locally(loaded, train_set, settings, seed=seed, noise=noise, fisher=fisher)
         metrics = MetricRecord(
             {
                 records.NUM_EXAMPLES: result.examples,
@@ -157,6 +176,8 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
         if plan and job.state:
             # Spent as soon as trained: recorded before anything leaves the device.
             metrics.update(privacy.spend(job.state, plan, settings.privacy, result.steps))
+        if result.fisher is not None and job.state:
+            forgetting.save_fisher(job.state, result.fisher)
         if settings.personal_head and job.state:
             personal_head.keep(loaded, job.state)
         if uses_corpus(context.node_config, job.run_config):  # what it trained on is the drift reference
@@ -264,6 +285,36 @@ def log_to_state_dir(node_config: UserConfig) -> None:
         configure_json_logging(Path(str(node_config["state-dir"])) / "logs", "client-app")
 
 
+def round_pool(job: MessageJob, context: Context, seed: int) -> list[Example]:
+    """The round's training set: every training record, or with ``train-on = "arrivals"`` the new ones plus
+    the replayed share of older ones (client/forgetting.py). Raises :class:`Declined` when none is new.
+
+    A device without a corpus has no arrival times: all of its records are new. Under DP, records the
+    privacy account has retired are not replayed.
+    """
+    controls = job.instructions.train.forgetting
+    if controls.train_on == "all":
+        return job.train_set
+    arrived = None
+    if uses_corpus(context.node_config, job.run_config):
+        arrived = forgetting.arrived_texts(DeviceState.locate(context.node_config, job.run_config))
+    retired: frozenset[str] = frozenset()
+    if job.instructions.train.privacy.enabled:
+        device = job.state or DeviceState.find(context.node_config, job.run_config)
+        retired = forgetting.retired_keys(privacy.load_account(device) if device else None)
+    pool = forgetting.compose_pool(
+        job.train_set, controls.replay_share, arrived=arrived, seed=seed, retired=retired
+    )
+    log.info(
+        "Round %d pool: %d new records, %d replayed",
+        job.instructions.round,
+        pool.arrivals,
+        pool.replayed,
+        extra={"event": "round_pool", "round": job.instructions.round},
+    )
+    return pool.examples
+
+
 def privacy_plan(job: MessageJob, context: Context) -> privacy.RoundPlan | None:
     """This round's DP plan (None: the round is not DP and the device allows that).
 
@@ -314,8 +365,10 @@ def uses_corpus(node_config: UserConfig, run_config: UserConfig) -> bool:
 
 
 def streams(node_config: UserConfig, run_config: UserConfig) -> bool:
-    """A simulated device whose partition arrives round by round (``stream-records`` > 0)."""
-    return "partition-id" in node_config and int(run_config.get("stream-records", 0) or 0) > 0
+    """A simulated device whose partition arrives round by round (``stream-records`` > 0) or phase by
+    phase (``stream-phases`` > 0)."""
+    arriving = int(run_config.get("stream-records", 0) or 0) + int(run_config.get("stream-phases", 0) or 0)
+    return "partition-id" in node_config and arriving > 0
 
 
 def upload_consent(node_config: UserConfig, run_config: UserConfig) -> bool:

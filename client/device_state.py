@@ -63,14 +63,16 @@ class DeviceState:
     def path(self, name: str, suffix: str = ".safetensors") -> Path:
         return self.root / f"{name}{suffix}"
 
-    def load_arrays(self, name: str) -> State | None:
-        """The stored tensors, or None if never saved; a damaged file raises IncompatibleStateError."""
+    def load_arrays(self, name: str, max_bytes: int | None = None) -> State | None:
+        """The stored tensors, or None if never saved; a damaged file raises IncompatibleStateError, as
+        does one over ``max_bytes`` (checked by its size, before it is read)."""
         from fleetlora.common.delta import deserialize
 
         path = self.path(name)
         if not path.is_file():
             return None
         check_trusted(path)
+        _check_size(path, max_bytes)
         try:
             return deserialize(path.read_bytes())
         except SafetensorError as exc:
@@ -82,8 +84,9 @@ class DeviceState:
 
         self._replace(self.path(name), serialize(state))
 
-    def load_json(self, name: str) -> dict[str, Any] | None:
-        """A stored JSON document, or None if never saved; a damaged file raises IncompatibleStateError.
+    def load_json(self, name: str, max_bytes: int | None = None) -> dict[str, Any] | None:
+        """A stored JSON document, or None if never saved; a damaged file raises IncompatibleStateError,
+        as does one over ``max_bytes`` (checked by its size, before it is read).
 
         Something other than a plain file under the name (a folder, a symlink) is damage too: reading
         it as "never saved" would let whatever it guards start over.
@@ -94,6 +97,7 @@ class DeviceState:
         if path.is_symlink() or not path.is_file():
             raise IncompatibleStateError(f"{path} is damaged (not a plain file).")
         check_trusted(path)
+        _check_size(path, max_bytes)
         try:
             document = json.loads(path.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -130,3 +134,10 @@ class DeviceState:
         damaged = self.path(name, suffix).with_suffix(".damaged")
         os.replace(self.path(name, suffix), damaged)
         return damaged
+
+
+def _check_size(path: Path, max_bytes: int | None) -> None:
+    """Refuse a file larger than its kind ever is, before reading it whole (None: no limit)."""
+    size = path.stat().st_size
+    if max_bytes is not None and size > max_bytes:
+        raise IncompatibleStateError(f"{path} is damaged ({size} bytes; such a file is at most {max_bytes}).")

@@ -28,6 +28,11 @@ come from the run seed, so a paused or repeated run trains the same batches. Und
 from the OS's entropy: amplification by subsampling, which the accountant assumes, holds only
 while the sample is secret from whoever sees the output, and the coordinator knows the run seed.
 With it (and the n, q and steps a device reports) it could rebuild every batch.
+
+Forgetting control (:mod:`fleetlora.client.forgetting`, ``settings.forgetting``) enters here in two
+places: distillation changes each example's loss, using the teacher's logits of the round's examples
+taken before the first step; EWC runs once each step's gradient is final (privatized under DP),
+before the update, and returns its Fisher in :class:`TrainResult` for the caller to keep.
 """
 
 from __future__ import annotations
@@ -45,9 +50,11 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
+from fleetlora.client.forgetting import OnlineEWC, Teacher, pool_logits
 from fleetlora.common.batches import Batch, encode, pooled_features
 from fleetlora.common.config import TrainSettings
 from fleetlora.common.data import Example
+from fleetlora.common.delta import State
 from fleetlora.common.errors import ConfigError, DataError
 from fleetlora.common.model import LoadedModel
 
@@ -64,6 +71,7 @@ class TrainResult:
     steps: int
     seconds: float
     examples: int  # size of the local training set: the device's weight in the average
+    fisher: State | None = None  # with EWC on: the updated Fisher, for the device to keep
 
 
 @dataclass(frozen=True)
@@ -82,10 +90,18 @@ def train_locally(
     *,
     seed: int,
     noise: NoisePlan | None = None,
+    fisher: State | None = None,
 ) -> TrainResult:
-    """Run the round's optimizer steps (:meth:`TrainSettings.steps_for`); DP-SGD when ``noise`` is set."""
+    """Run the round's optimizer steps (:meth:`TrainSettings.steps_for`); DP-SGD when ``noise`` is set.
+
+    ``fisher`` is the device's EWC Fisher from earlier rounds (None: none yet), used when
+    ``settings.forgetting.ewc_lambda`` is set; the result then carries the updated one.
+    """
     if not examples:
         raise DataError("No local training examples: this device has nothing to learn from.")
+    controls = settings.forgetting
+    if controls.distill_weight and loaded.spec.task != "classify":
+        raise ConfigError("distill-weight distils a classifier's outputs; set it to 0 for a causal LM.")
     # ---- set up
     loaded.model.train()
     # The mask depends on which classes the other records hold: not a per-example function under DP.
@@ -94,6 +110,18 @@ def train_locally(
     learner = _HeadLearner(loaded, examples, absent) if loaded.spec.regime == "head" else None
     module = learner.head if learner else loaded.model
     trainable = [p for p in module.parameters() if p.requires_grad]
+    teacher = None
+    # The teacher is the weights the round starts from (the adapter the device received). Under DP this is
+    # honest: record i's teacher logits enter record i's per-example loss only, whose gradient Opacus clips
+    # and noises with the rest of it.
+    if controls.distill_weight:
+        with torch.no_grad():
+            logits = learner.head(learner.features) if learner else pool_logits(loaded, examples)
+        teacher = Teacher(logits, controls.distill_weight, controls.distill_temperature)
+    ewc = None
+    if controls.ewc_lambda:
+        named = {n: p for n, p in loaded.model.named_parameters() if any(p is t for t in trainable)}
+        ewc = OnlineEWC(named, fisher, controls.ewc_lambda)
     rate = settings.rate_for(noise.noise_multiplier if noise else None)
     optimizer: torch.optim.Optimizer = (
         torch.optim.SGD(trainable, lr=rate) if learner else torch.optim.AdamW(trainable, lr=rate)
@@ -104,7 +132,7 @@ def train_locally(
         forward: torch.nn.Module = module
     else:
         forward = GradSampleModule(module, batch_first=True, loss_reduction="mean")
-        optimizer = DPOptimizer(
+        private = DPOptimizer(
             optimizer,
             noise_multiplier=noise.noise_multiplier,
             max_grad_norm=noise.max_grad_norm,
@@ -114,6 +142,9 @@ def train_locally(
             # the seed subtract the noise again.
             generator=torch.Generator().manual_seed(secrets.randbits(63)),
         )
+        if ewc:  # after clipping and noise: the penalty and the Fisher see privatized gradients only
+            private.attach_step_hook(ewc.dp_step_hook)
+        optimizer = private
     losses: list[float] = []
     started = time.perf_counter()
 
@@ -122,14 +153,16 @@ def train_locally(
         for take in batches:
             if take:
                 if learner:
-                    loss = learner.loss(forward, take)
+                    loss = learner.loss(forward, take, teacher)
                 else:
-                    loss = _loss(forward, encode(loaded, [examples[i] for i in take]), absent)
+                    loss = _loss(forward, encode(loaded, [examples[i] for i in take]), take, absent, teacher)
                 loss.backward()
                 losses.append(loss.item())
             else:  # an empty Poisson batch is still a DP step: noise only, and it is accounted
                 for param in trainable:
                     param.grad_sample = torch.zeros(0, *param.shape)  # type: ignore[union-attr]  # Opacus' own
+            if ewc and noise is None:  # under DP the optimizer's step hook calls it
+                ewc.on_gradient(len(take))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     finally:
@@ -142,6 +175,7 @@ def train_locally(
         steps=steps,
         seconds=time.perf_counter() - started,
         examples=len(examples),
+        fisher=ewc.updated_fisher() if ewc else None,
     )
 
 
@@ -164,18 +198,35 @@ class _HeadLearner:
             )
         self.head = heads[0]
 
-    def loss(self, forward: torch.nn.Module, take: list[int]) -> torch.Tensor:
-        logits = forward(self.features[take])
-        if self.absent is not None:
-            logits = logits.masked_fill(self.absent, float("-inf"))
-        return torch.nn.functional.cross_entropy(logits, self.labels[take])
+    def loss(self, forward: torch.nn.Module, take: list[int], teacher: Teacher | None) -> torch.Tensor:
+        return _objective(forward(self.features[take]), self.labels[take], take, self.absent, teacher)
 
 
-def _loss(forward: torch.nn.Module, batch: Batch, absent: torch.Tensor | None) -> torch.Tensor:
-    if absent is None:
+def _loss(
+    forward: torch.nn.Module,
+    batch: Batch,
+    take: list[int],
+    absent: torch.Tensor | None,
+    teacher: Teacher | None,
+) -> torch.Tensor:
+    if absent is None and teacher is None:  # the model's own loss: a causal LM's, or the plain CE
         return forward(**batch).loss
     labels = batch.pop("labels")
-    logits = forward(**batch).logits.masked_fill(absent, float("-inf"))
+    return _objective(forward(**batch).logits, labels, take, absent, teacher)
+
+
+def _objective(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    take: list[int],
+    absent: torch.Tensor | None,
+    teacher: Teacher | None,
+) -> torch.Tensor:
+    """The classifier's loss on a batch: CE over the unmasked classes, mixed with distillation if set."""
+    if teacher is not None:
+        return teacher.loss(logits, labels, take, absent)
+    if absent is not None:
+        logits = logits.masked_fill(absent, float("-inf"))
     return torch.nn.functional.cross_entropy(logits, labels)
 
 

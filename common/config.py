@@ -161,6 +161,66 @@ class PrivacySettings:
         return self.epsilon > 0
 
 
+TrainOn = Literal["all", "arrivals"]
+TRAIN_ON: tuple[str, ...] = get_args(TrainOn)
+MAX_REPLAY_SHARE = 0.9  # above it the round is nearly all replay: the new records barely count
+# Beyond these, logits / T or T² and λ·F overflow float32: the loss turns inf or NaN, every round.
+DISTILL_TEMPERATURES = (0.01, 100.0)
+MAX_EWC_LAMBDA = 1e6
+
+
+@dataclasses.dataclass(frozen=True)
+class ForgettingSettings:
+    """How a device keeps what the fleet learned while it learns what is new (client/forgetting.py).
+
+    All off by default, and combinable. ``train_on`` ``arrivals`` trains on the records that arrived
+    since the device last trained (the continual-learning setting); ``replay_share`` of that round's
+    training set is then older records (experience replay, Rolnick et al. 2019). ``distill_weight`` w
+    mixes in distillation from the adapter the device received (Hinton et al. 2015; LwF, Li & Hoiem
+    2017): loss = (1−w)·CE + w·T²·KL, at ``distill_temperature`` T; classification only. ``ewc_lambda``
+    λ adds online EWC's penalty λ/2 Σ F(θ−θ*)² (Kirkpatrick et al. 2017; Schwarz et al. 2018). The
+    messages name the run-config keys, which is what an operator sets.
+    """
+
+    train_on: TrainOn = "all"
+    replay_share: float = 0.0
+    distill_weight: float = 0.0
+    distill_temperature: float = 2.0
+    ewc_lambda: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.train_on not in TRAIN_ON:
+            raise ConfigError(f"train-on must be one of {TRAIN_ON}, got {self.train_on!r}.")
+        numbers = {
+            "replay-share": self.replay_share,
+            "distill-weight": self.distill_weight,
+            "distill-temperature": self.distill_temperature,
+            "ewc-lambda": self.ewc_lambda,
+        }
+        for key, value in numbers.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ConfigError(f"{key} must be a finite number, got {value!r}.")
+        if not 0.0 <= self.replay_share <= MAX_REPLAY_SHARE:
+            raise ConfigError(f"replay-share must be in [0, {MAX_REPLAY_SHARE}], got {self.replay_share}.")
+        if not 0.0 <= self.distill_weight < 1.0:
+            raise ConfigError(f"distill-weight must be in [0, 1) (0: off), got {self.distill_weight}.")
+        low, high = DISTILL_TEMPERATURES
+        if not low <= self.distill_temperature <= high:
+            raise ConfigError(
+                f"distill-temperature must be in [{low}, {high:g}] (Hinton et al. use 1 to 20), "
+                f"got {self.distill_temperature}."
+            )
+        if not 0 <= self.ewc_lambda <= MAX_EWC_LAMBDA:
+            raise ConfigError(
+                f"ewc-lambda must be in [0, {MAX_EWC_LAMBDA:g}] (0: off), got {self.ewc_lambda}."
+            )
+        if self.replay_share > 0 and self.train_on == "all":
+            raise ConfigError(
+                f'replay-share {self.replay_share} replays older records, but train-on = "all" already '
+                'trains on every record: set train-on = "arrivals", or replay-share = 0.'
+            )
+
+
 MAX_LEARNING_RATE = 1000.0
 
 
@@ -228,6 +288,7 @@ class TrainSettings:
     privacy: PrivacySettings = dataclasses.field(default_factory=PrivacySettings)
     # Under DP the device trains at min(learning_rate, max_rate_noise / σ) (0: at learning_rate).
     max_rate_noise: float = 0.0
+    forgetting: ForgettingSettings = dataclasses.field(default_factory=ForgettingSettings)
 
     def __post_init__(self) -> None:
         if self.local_epochs < 0:
@@ -296,7 +357,7 @@ def from_config(cls: type[_D], config: Mapping[str, Any], prefix: str) -> _D:
     return cls(**kwargs)
 
 
-_NESTED: tuple[type, ...] = (LoraSettings, PrivacySettings)
+_NESTED: tuple[type, ...] = (LoraSettings, PrivacySettings, ForgettingSettings)
 
 
 def split_names(value: str) -> tuple[str, ...]:

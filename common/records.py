@@ -60,4 +60,6 @@ DRIFT: Final = "drift"  # that drift, as distance ÷ chance; absent when infinit
 # 3: update packages (query.update_status, query.update_apply); sealed deltas encoded with upload-codec.
 # 4: no -1 sentinels: a device with no packaged adapter leaves active-version out, one that never
 #    trained leaves drift out.
-CONTRACT: Final = 4
+# 5: train.forgetting.* (client/forgetting.py): a device that ignored them would train without the
+#    forgetting control the coordinator asked for.
+CONTRACT: Final = 5

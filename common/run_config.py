@@ -35,6 +35,7 @@ class Group(StrEnum):
     DATA = "Data"
     FLEET = "Fleet"
     TRAINING = "Local training"
+    FORGETTING = "Forgetting control"
     PRIVACY = "Privacy"
     UPLOADS = "Uploads and packages"
     SERVER = "Server"
@@ -109,6 +110,13 @@ class RunConfig:
     eval_data: str = setting(
         "builtin-test", "Coordinator-side test set ('builtin-test', a file, or empty for none).", Group.DATA
     )
+    key_set: str = setting(
+        "",
+        "Key knowledge: a labelled CSV/JSONL file (text,label) pinned for the tenant when the run starts, "
+        "as `fleetlora coordinator key-set add` does, unless the same examples are pinned already; every "
+        "version is scored on the tenant's pinned set (empty: pin nothing new).",
+        Group.DATA,
+    )
     partition: str = setting(
         "dirichlet:1.0", "How data is split over devices: iid or dirichlet:ALPHA (by label).", Group.DATA
     )
@@ -125,6 +133,17 @@ class RunConfig:
         "mixed in, through their corpus pipeline (0: the whole partition at once).",
         Group.DATA,
         check=at_least(0),
+    )
+    stream_phases: int = setting(
+        0,
+        "Class-incremental stream: the labels are split into this many phases (seeded), and simulated "
+        "devices receive each phase's records of their partition through their corpus pipeline when it "
+        "begins (0: off; fleetlora simulate --scenario incremental sets it).",
+        Group.DATA,
+        check=at_least(0),
+    )
+    phase_rounds: int = setting(
+        3, "Rounds each phase of a class-incremental stream lasts.", Group.DATA, check=at_least(1)
     )
 
     # ---- fleet
@@ -210,6 +229,34 @@ class RunConfig:
         "Classification: each device's loss covers only its own classes (FedRS-style, against label "
         "skew). Ignored for causal LM.",
         Group.TRAINING,
+    )
+
+    # ---- forgetting control (client/forgetting.py; docs/research.md "Forgetting control")
+    train_on: str = setting(
+        "all",
+        "What a device trains on each round: all (every record it holds) or arrivals (only the records that "
+        "arrived since it last trained; a device without a corpus counts all of its records as arrivals).",
+        Group.FORGETTING,
+        choices=("all", "arrivals"),
+    )
+    replay_share: float = setting(
+        0.0,
+        "With train-on arrivals: the share of each round's training set drawn from the device's older "
+        "records (experience replay), at most 0.9 (0: off).",
+        Group.FORGETTING,
+    )
+    distill_weight: float = setting(
+        0.0,
+        "Weight w of distillation from the adapter the device received: loss = (1-w)·CE + w·T²·KL, in "
+        "[0, 1) (0: off). Classification only.",
+        Group.FORGETTING,
+    )
+    distill_temperature: float = setting(2.0, "Distillation temperature T, in [0.01, 100].", Group.FORGETTING)
+    ewc_lambda: float = setting(
+        0.0,
+        "Online EWC: the penalty λ/2·Σ F(θ-θ*)², with the diagonal Fisher F kept in each device's state "
+        "folder and θ* the adapter it received, at most 1e6 (0: off).",
+        Group.FORGETTING,
     )
 
     # ---- privacy
@@ -309,6 +356,13 @@ class RunConfig:
         "last release is kept out of rounds until an operator releases it (0: never).",
         Group.SERVER,
         check=at_least(0),
+    )
+    retention_threshold: float = setting(
+        0.95,
+        "A version whose key-knowledge score falls below this × the best earlier version's is held: "
+        "stored, but not distributed until an operator releases it (0: never held).",
+        Group.SERVER,
+        check=lambda v: None if 0 <= v <= 1 else "must be in [0, 1]",
     )
     aggregator: str = setting(
         "auto",

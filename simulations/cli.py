@@ -89,6 +89,20 @@ _OWN_OPTIONS = [
         ],
     ),
     inspect.Parameter(
+        "scenario",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=None,
+        annotation=Annotated[
+            str | None,
+            typer.Option(
+                help="incremental: a class-incremental stream (--stream-phases phases of new intents, "
+                "--phase-rounds rounds each), scored after every phase on all intents seen and on the "
+                "first phase's; writes retention into results.json and OUT/scenario.png.",
+                rich_help_panel=SIMULATION_PANEL,
+            ),
+        ],
+    ),
+    inspect.Parameter(
         "verbose",
         inspect.Parameter.KEYWORD_ONLY,
         default=False,
@@ -117,8 +131,8 @@ def parse_run_config(text: str) -> dict[str, RunValue]:
 
 def simulate(**options: Any) -> None:
     """Simulate a fleet: split the data over devices, run federated rounds (DP by default), report each."""
-    from fleetlora.simulations.report import ProgressReporter, results_table
-    from fleetlora.simulations.runner import SimulationConfig
+    from fleetlora.simulations.report import ProgressReporter, phase_table, results_table
+    from fleetlora.simulations.runner import SimulationConfig, with_scenario
     from fleetlora.simulations.runner import simulate as run_fleet
 
     explicit = {s.key: options[s.name] for s in SETTINGS if options[s.name] is not None}
@@ -128,6 +142,8 @@ def simulate(**options: Any) -> None:
         client_cpus=options["client_cpus"],
         settings={**parse_run_config(options["run_config"]), **explicit},
     )
+    if options["scenario"] is not None:
+        config = with_scenario(config, options["scenario"])
     console = make_console()
     if not config.run.dp_epsilon:
         console.print(
@@ -135,10 +151,12 @@ def simulate(**options: Any) -> None:
         )
     reporter = ProgressReporter(config.run.rounds, console)
     try:
-        results = run_fleet(config, reporter, verbose=options["verbose"])
+        results = run_fleet(config, reporter, verbose=options["verbose"], scenario=options["scenario"])
     finally:
         reporter.stop()
     console.print(results_table(results, console.width))
+    if "scenario" in results:
+        console.print(phase_table(results, console.width))
     console.print(f"results: {config.out / 'results.json'}")
 
 

@@ -147,3 +147,30 @@ def _fmt(value: float | None) -> str:
     if value is None:
         return "-"
     return f"{value:.3f}" if abs(value) < 1000 else f"{value:.3g}"
+
+
+def phase_table(results: dict[str, Any], width: int) -> Table:
+    """A class-incremental scenario's accuracy after each phase, and its retention."""
+    scenario = results["scenario"]
+    phases = scenario["phases"]
+    count = len(phases[0]["accuracy_by_phase"]) if phases else 0
+    columns = [
+        Column("after phase", justify="right"),
+        Column("round", justify="right", drop=2),
+        *(Column(f"phase {k + 1}", justify="right", drop=3) for k in range(count)),
+        Column("all seen", justify="right"),
+        Column("all", justify="right", drop=1),
+    ]
+    body: list[list[Cell]] = [
+        [
+            str(row["phase"]),
+            str(row["round"]),
+            *(f"{a:.1%}" for a in row["accuracy_by_phase"]),
+            f"{row['seen']:.1%}",
+            f"{row['all']:.1%}",
+        ]
+        for row in phases
+    ]
+    kept = results["retention"].get(scenario["configuration"])
+    title = f"{scenario['configuration']}: retention " + ("-" if kept is None else f"{kept:.1%}")
+    return fitted_table(columns, body, width, title)

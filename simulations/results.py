@@ -42,6 +42,7 @@ def summarize(outcome: RoundOutcome) -> dict[str, Any]:
         **({"updates": outcome.distribution.as_dict()} if outcome.distribution else {}),
         **({"package_error": outcome.package_error} if outcome.package_error else {}),
         **({"quarantined": outcome.quarantined} if outcome.quarantined else {}),
+        **({"held": outcome.held} if outcome.held else {}),  # the retention gate's reason
     }
 
 

@@ -18,18 +18,27 @@ from fleetlora.client.client_app import build_client_app
 from fleetlora.client.device_state import DeviceState
 from fleetlora.client.enroll import ensure_device_key
 from fleetlora.common.data import load_examples
-from fleetlora.common.data.partition import PartitionScheme, partition_indices
+from fleetlora.common.data.partition import PartitionScheme, partition_indices, phase_labels
 from fleetlora.common.errors import ConfigError
 from fleetlora.common.keys import COORDINATOR_HPKE_KEY
 from fleetlora.common.model import cached_model
 from fleetlora.common.run_config import DEFAULTS, RunConfig, RunValue
 from fleetlora.coordinator.db import without_password
+from fleetlora.coordinator.key_sets import read_key_set
 from fleetlora.coordinator.keys import init_keys
 from fleetlora.coordinator.rounds import FederationObserver, FederationStart, RoundOutcome
 from fleetlora.coordinator.server_app import build_server_app
 from fleetlora.coordinator.settings import CoordinatorSettings
 from fleetlora.coordinator.storage import Storage
 from fleetlora.simulations.results import summarize, with_earlier_rounds
+from fleetlora.simulations.scenario import (
+    SCENARIOS,
+    PhaseVersions,
+    configuration_name,
+    incremental_settings,
+    plot_phases,
+    score_phases,
+)
 
 
 @dataclass(frozen=True)
@@ -110,16 +119,33 @@ def preflight(config: SimulationConfig) -> CoordinatorSettings:
     )
     if settings.eval_data:
         load_examples(settings.eval_data)
+    if settings.key_set:
+        read_key_set(Path(settings.key_set))
+    if run.stream_phases:
+        phase_labels(settings.spec.labels, run.stream_phases, settings.spec.seed)  # enough labels for them
     cached_model(settings.spec)
     return settings
 
 
 def simulate(
-    config: SimulationConfig, observer: FederationObserver | None = None, *, verbose: bool = False
+    config: SimulationConfig,
+    observer: FederationObserver | None = None,
+    *,
+    verbose: bool = False,
+    scenario: str | None = None,
 ) -> dict[str, Any]:
-    """Run the fleet; return (and write to ``OUT/results.json``) the per-round results."""
+    """Run the fleet; return (and write to ``OUT/results.json``) the per-round results.
+
+    ``scenario="incremental"``: a class-incremental stream, scored phase by phase (:mod:`.scenario`);
+    ``config`` comes from :func:`with_scenario`.
+    """
     from flwr.simulation import run_simulation  # imports Ray: only when a simulation really runs
 
+    phases: PhaseVersions | None = None
+    if scenario is not None:
+        if not config.settings.get("stream-phases"):
+            raise ConfigError("A scenario's settings come from with_scenario(); call it first.")
+        observer = phases = PhaseVersions(forward=observer)
     settings = preflight(config)
     config.out.mkdir(parents=True, exist_ok=True)
     run_config = config.run_config()
@@ -160,10 +186,44 @@ def simulate(
         "rounds": [summarize(o) for o in collector.outcomes],
         "devices": device_privacy(collector.outcomes),
     }
+    if phases is not None:
+        results.update(scored_scenario(config, settings, phases))
     path = config.out / "results.json"
     results = with_earlier_rounds(path, results)
     path.write_text(json.dumps(results, indent=2, default=str))
     return results
+
+
+def with_scenario(config: SimulationConfig, scenario: str) -> SimulationConfig:
+    """``config`` with a scenario's run-config keys (and the data files it writes under ``out``)."""
+    if scenario not in SCENARIOS:
+        raise ConfigError(f"--scenario must be one of {', '.join(SCENARIOS)}, got {scenario!r}.")
+    if (config.out / "results.json").exists():
+        raise ConfigError(f"{config.out} holds an earlier run: give a scenario a new --out.")
+    return dataclasses.replace(config, settings=incremental_settings(config.settings, config.out))
+
+
+def scored_scenario(
+    config: SimulationConfig, settings: CoordinatorSettings, phases: PhaseVersions
+) -> dict[str, Any]:
+    """results.json's scenario part: accuracy per phase, retention by configuration, the plot."""
+    run = config.run
+    scored = score_phases(settings, phases, run.stream_phases, run.phase_rounds)
+    name = configuration_name(config.settings)
+    plot = config.out / "scenario.png"
+    if scored["phases"]:
+        plot_phases(scored["phases"], plot, f"Class-incremental, {name}: accuracy after each phase")
+    return {
+        "scenario": {
+            "name": "incremental",
+            "configuration": name,
+            "phases": scored["phases"],
+            "held_rounds": phases.held,
+            **({"plot": str(plot)} if scored["phases"] else {}),
+        },
+        # By configuration, as the benchmark compares them; the first phase's alone beside it.
+        "retention": {name: scored["retention"]["mean"], "first_phase": scored["retention"]["first"]},
+    }
 
 
 def device_privacy(outcomes: list[RoundOutcome]) -> dict[str, dict[str, float]]:

@@ -38,7 +38,7 @@ import numpy as np
 
 from fleetlora.client.corpus.store import CorpusStore
 from fleetlora.client.device_state import DeviceState
-from fleetlora.common.errors import ConfigError
+from fleetlora.common.errors import ConfigError, IncompatibleStateError
 
 REFERENCE_FILE = "drift-reference"
 DEFAULT_THRESHOLD = 1.5  # distance ÷ the mean distance of same-size draws from the reference
@@ -80,6 +80,25 @@ def save_reference(device: DeviceState, texts: Iterable[str], trained_at: dateti
     """Remember what the device just trained on (token counts only: no text is kept twice)."""
     counts = dict(token_counts(texts))
     device.save_json(REFERENCE_FILE, {"trained_at": trained_at.isoformat(), "counts": counts})
+
+
+def last_trained(device: DeviceState) -> datetime | None:
+    """When the device last trained (its reference's time), or None before its first training."""
+    reference = device.load_json(REFERENCE_FILE)
+    if reference is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(str(reference["trained_at"]))
+    except (KeyError, ValueError) as exc:
+        raise IncompatibleStateError(
+            f"{device.path(REFERENCE_FILE, '.json')} is damaged ({exc}): delete it, and the device counts "
+            "every record as new once."
+        ) from exc
+    if moment.utcoffset() is None:
+        raise IncompatibleStateError(
+            f"{device.path(REFERENCE_FILE, '.json')} is damaged (trained_at has no time zone): delete it."
+        )
+    return moment
 
 
 def measure(device: DeviceState, store: CorpusStore, threshold: float = DEFAULT_THRESHOLD) -> DriftReport:

@@ -11,6 +11,7 @@ stream.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -22,7 +23,10 @@ from fleetlora.client.corpus.records import Record
 from fleetlora.client.corpus.store import CORPUS_FILE, CorpusStore
 from fleetlora.client.device_state import DeviceState
 from fleetlora.common.data import Example
+from fleetlora.common.errors import IncompatibleStateError
 from fleetlora.common.trusted_paths import make_trusted_folder
+
+log = logging.getLogger(__name__)
 
 EXACT_SHARE, NEAR_SHARE, JUNK_SHARE = 0.10, 0.05, 0.05
 JUNK = ("", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "Где моя новая карта? Она не пришла.", "?!?!?!?!?!?!")
@@ -68,6 +72,50 @@ def catch_up(
         totals += receive(device, device_id, arrivals(partition, per_round, number, seed))
         device.save_json(STREAM_FILE, {"round": number})
     return totals
+
+
+PHASE_FILE = "simulated-phase"  # the last phase of a class-incremental stream the device has taken in
+PHASE_MAX_BYTES = 4096  # one number: anything larger is damage, refused before it is read
+
+
+def catch_up_phases(
+    device: DeviceState,
+    device_id: str,
+    partition: Sequence[Example],
+    phases: Sequence[Sequence[str]],
+    phase: int,
+) -> Counter[str]:
+    """Take in the records of every phase up to ``phase`` (1-based) the device has not received yet:
+    a class-incremental stream, where each phase brings the partition's records of new labels."""
+    last = _last_phase(device, len(phases))
+    totals: Counter[str] = Counter()
+    for number in range(last + 1, phase + 1):
+        labels = set(phases[number - 1])
+        source = f"simulation:phase-{number}"
+        records = [Record(e.text, source, "", label=e.label) for e in partition if e.label in labels]
+        totals += receive(device, device_id, records)
+        device.save_json(PHASE_FILE, {"phase": number})
+    return totals
+
+
+def _last_phase(device: DeviceState, phases: int) -> int:
+    """The last phase taken in (0: none). A damaged file is set aside (logged) and the phases are taken
+    in again from the first: the corpus pipeline drops what the device holds already."""
+    try:
+        last = (device.load_json(PHASE_FILE, max_bytes=PHASE_MAX_BYTES) or {}).get("phase", 0)
+        if isinstance(last, bool) or not isinstance(last, int) or not 0 <= last <= phases:
+            raise IncompatibleStateError(f"{device.path(PHASE_FILE, '.json')} is damaged (phase {last!r}).")
+    except IncompatibleStateError as exc:
+        moved = device.set_aside(PHASE_FILE, ".json")
+        log.warning(
+            "Phases taken in again from the first: %s was set aside as %s (%s)",
+            PHASE_FILE,
+            moved,
+            exc,
+            extra={"event": "state_file_set_aside", "file": f"{PHASE_FILE}.json"},
+        )
+        return 0
+    return last
 
 
 def receive(device: DeviceState, device_id: str, records: Sequence[Record]) -> Counter[str]:

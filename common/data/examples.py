@@ -110,13 +110,17 @@ def _read_jsonl(path: Path) -> list[Example]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}, line {number}: not valid JSON ({exc.msg}).") from exc
+            except RecursionError:
+                raise DataError(f"{path}, line {number}: nested too deep to be an example.") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise DataError(f"{path}, line {number}: expected an object with a 'text' string.")
             label_key = _label_key(list(record))
+            label = record[label_key] if label_key else None
+            if isinstance(label, dict | list):  # str() of it would make a label no one meant
+                raise DataError(f"{path}, line {number}: the label must be a string or a number, not JSON.")
             text = record["text"].strip()
             if text:
-                label = str(record[label_key]) if label_key else None
-                examples.append(Example(text, label))
+                examples.append(Example(text, None if label is None else str(label)))
     return examples
 
 

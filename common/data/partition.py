@@ -79,3 +79,22 @@ def _dirichlet(
         f"Dirichlet(alpha={alpha}) left a device empty in {_MAX_DRAWS} draws over "
         f"{num_parts} devices; raise alpha or use fewer devices."
     )
+
+
+def phase_labels(labels: Sequence[str], phases: int, seed: int) -> tuple[tuple[str, ...], ...]:
+    """A class-incremental stream's phases: the labels shuffled by ``seed`` and cut into ``phases``
+    groups of near-equal size, each in the labels' own order. A pure function, so every simulated
+    device and the scenario's evaluation agree on which intents each phase brings."""
+    if not 1 <= phases <= len(labels):
+        raise ConfigError(f"stream-phases must be between 1 and the {len(labels)} labels, got {phases}.")
+    order = np.random.default_rng(seed).permutation(len(labels))
+    position = {label: i for i, label in enumerate(labels)}
+    return tuple(
+        tuple(sorted((labels[i] for i in group), key=position.__getitem__))
+        for group in np.array_split(order, phases)
+    )
+
+
+def phase_of_round(round_number: int, phase_rounds: int, phases: int) -> int:
+    """Which phase (1-based) a round belongs to; rounds after the last phase stay in it."""
+    return min(phases, max(1, (round_number - 1) // phase_rounds + 1))

@@ -99,13 +99,19 @@ def test_a_mistyped_federation_key_in_a_host_config_is_named_with_the_file(tmp_p
 
 
 # Keys only devices read: they shape what a device trains on, not the coordinator's settings.
-DEVICE_ONLY = {"data", "partition", "holdout", "stream-records", "simulated-consent", "device-state"}
+DEVICE_ONLY = {
+    "data", "partition", "holdout", "stream-records", "stream-phases", "phase-rounds", "simulated-consent",
+    "device-state",
+}  # fmt: skip
 OTHER_TEXT = {
     "model": "tiny", "task": "causal-lm", "labels": "a,b", "lora-targets": "query", "unfreeze": "layer.0",
     "pooling": "transformers", "eval-data": "", "tenant": "other", "db": "sqlite://", "keys": "elsewhere",
     "upload-codec": "int8+zstd", "server-optimizer": "fedadam", "dp-accountant": "prv", "sampling": "random",
-    "regime": "lora", "dp-budget": "device", "aggregator": "median", "log-dir": "logs",
+    "regime": "lora", "dp-budget": "device", "aggregator": "median", "log-dir": "logs", "key-set": "key.csv",
+    "train-on": "arrivals",
 }  # fmt: skip
+# Keys whose other value needs another key set with it (a replay share only means something on arrivals).
+COMPANIONS = {"replay-share": {"train-on": "arrivals"}}
 
 
 def _other_value(setting):
@@ -123,7 +129,7 @@ def test_every_coordinator_key_reaches_the_coordinators_settings(setting):
     from fleetlora.coordinator.settings import CoordinatorSettings
 
     base = {"keys": "keys", "min-devices": 1}  # seal-uploads needs keys; min-devices may move either way
-    changed = {**base, setting.key: _other_value(setting)}
+    changed = {**base, **COMPANIONS.get(setting.key, {}), setting.key: _other_value(setting)}
 
     assert CoordinatorSettings.from_run_config(changed) != CoordinatorSettings.from_run_config(base)
 
