@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "command": command,
         "machine": {"cpus": os.cpu_count(), "torch_threads": _torch_threads()},
-        "setup": setup.__dict__ | {"seed": SEED},
+        "setup": setup.__dict__ | {"extra": list(setup.extra), "seed": SEED},
         "targets": {
             "retention_without_dp": 0.95,
             "retention_with_dp": 0.90,
