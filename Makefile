@@ -24,11 +24,16 @@ demo: install
 	rm -rf runs/demo
 	$(BIN)/fleetlora simulate --out runs/demo
 
+# The suite on parallel workers (pytest-xdist): its slow tests mostly wait on other processes (Flower's
+# SuperLink and SuperNodes, Ray). They are collected first (tests/conftest.py) and handed out one at a time.
+TEST_WORKERS ?= 3
+XDIST := -n $(TEST_WORKERS) --dist load --maxschedchunk 1
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(XDIST)
 
 test-quick: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q $(XDIST) -m "not slow"
 
 bench: install
 	$(BIN)/python benchmarks/round_overhead.py

@@ -48,7 +48,6 @@ FEDERATION: dict[str, Any] = {
     "local-steps": 5,
     "partition": "iid",
 }
-PORT = 19800
 
 
 def progress(message: str) -> None:
@@ -70,8 +69,10 @@ def simulated(scratch: Path) -> dict[str, Any]:
     }
 
 
-def deployed(scratch: Path, warm: bool, port: int) -> dict[str, Any]:
-    fleet = LocalFleet(scratch / ("warm" if warm else "cold"), port, 2, dict(FEDERATION), warm_clientapp=warm)
+def deployed(scratch: Path, warm: bool) -> dict[str, Any]:
+    fleet = LocalFleet(
+        scratch / ("warm" if warm else "cold"), devices=2, federation=dict(FEDERATION), warm_clientapp=warm
+    )
     try:
         coordinator_start = fleet.start_coordinator()
         started = time.monotonic()
@@ -115,10 +116,10 @@ def main() -> None:
         simulation = simulated(scratch)
         progress(f"simulation rounds {simulation['round_seconds']}")
         arms = {}
-        for offset, warm in enumerate((False, True)):
+        for warm in (False, True):
             name = "warm" if warm else "cold"
             progress(f"deployed, {name} ClientApp")
-            arms[name] = deployed(scratch, warm, PORT + 10 * offset)
+            arms[name] = deployed(scratch, warm)
             progress(f"{name}: rounds {arms[name]['round_seconds']}, run {arms[name]['run_seconds']} s")
     steady = {name: arm["round_seconds"][-1] for name, arm in arms.items()}
     result = {

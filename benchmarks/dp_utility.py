@@ -79,7 +79,7 @@ class Setup:
 
 
 FULL = Setup("minilm", str(BANKING77 / "train.csv"), str(BANKING77 / "test.csv"), 20, "dirichlet:0.5")
-SMOKE = Setup("tiny", "builtin", "builtin-test", 6, "dirichlet:0.5")
+SMOKE = Setup("tiny", "builtin", "builtin-test", 4, "dirichlet:0.5")
 
 
 def progress(text: str) -> None:
@@ -314,8 +314,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     setup = SMOKE if args.smoke else FULL
     if args.smoke:
-        args.rounds, args.epsilons, args.per_round = 2, "8", "3"
-        args.stream_records, args.stream_rounds, args.stream_plan, args.repeats = 40, 3, 1, 1
+        # Each arm is one `fleetlora simulate` (about 30 s of start-up on 2 cores); its rounds are kept few.
+        args.rounds, args.epsilons, args.per_round = 2, "8", "2"
+        args.stream_records, args.stream_rounds, args.stream_plan, args.repeats = 20, 2, 1, 1
     elif not Path(setup.data).is_file():
         parser.error(f"BANKING77 is not at {BANKING77}: this benchmark needs ../shared/data beside the repo.")
     epsilons = [float(e) for e in args.epsilons.split(",")]

@@ -34,7 +34,6 @@ from fleetlora.simulations.local_deployment import LocalFleet
 
 TARGET_SECONDS = 15.0
 RESTART_DELAY = 1.0  # RestartSec in deploy/fleetlora-coordinator.service
-PORT = 19900
 FEDERATION: dict[str, Any] = {
     "model": "tiny",
     "data": "builtin",
@@ -64,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load_before = os.getloadavg()[0]
     kills: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fleetlora-failover-") as folder:
-        fleet = LocalFleet(Path(folder), PORT + os.getpid() % 50, 2, dict(FEDERATION))
+        fleet = LocalFleet(Path(folder), devices=2, federation=dict(FEDERATION))  # on free ports
         try:
             progress("starting the coordinator host and 2 devices")
             fleet.start()

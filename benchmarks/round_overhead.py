@@ -108,6 +108,10 @@ def fleetlora_config(rounds: int, devices: int, local_steps: int, out: Path) -> 
             "batch-size": BATCH_SIZE,
             "learning-rate": LEARNING_RATE,
             "max-length": MAX_LENGTH,
+            # The bare arm trains LoRA without noise: pinned here too, since fleetlora's defaults moved
+            # to the head regime under DP.
+            "regime": "lora",
+            "dp-epsilon": 0.0,
         },
     )
 
@@ -322,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "load_average": {"before": load_before, "after": round(os.getloadavg()[0], 2)},
         "arms": ARMS,
         "notes": (
-            "Same spec (tiny, classify, builtin labels, max_length 48, seed 0, LoRA r8/a16), same "
+            "Same spec (tiny, classify, builtin labels, max_length 48, seed 0, LoRA r8/a16, no DP), same "
             f"TrainSettings (batch {BATCH_SIZE}, lr {LEARNING_RATE}, pinned in both arms), same "
             "dirichlet:1.0 partition and 80% train split, same training seeds, every device in every "
             f"round, {CLIENT_CPUS} CPUs per Ray client, one process, bare arm first, model cache cleared "

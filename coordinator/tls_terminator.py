@@ -160,17 +160,17 @@ class TlsTerminator:
                 log.debug("TLS terminator: handshake with %s failed: %s", peer, exc)
                 return
             writers.append(asyncio.StreamWriter(transport, protocol, client, loop))
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for could swallow a `stop` (a cancel) that
+            # came as the connection completed, and the relay then held `stop` up until the idle timeout.
             try:
-                backend, backend_writer = await asyncio.wait_for(
-                    asyncio.open_connection(
+                async with asyncio.timeout(self.limits.backend_timeout):
+                    backend, backend_writer = await asyncio.open_connection(
                         *self.backend,
                         ssl=self._backend_ssl,
                         server_hostname=self._backend_hostname,
                         ssl_handshake_timeout=self.limits.backend_timeout,
                         limit=CHUNK,
-                    ),
-                    self.limits.backend_timeout,
-                )
+                    )
             except ssl.SSLError as exc:  # its certificate does not chain to the CA or lacks the name
                 log.error("TLS terminator: refused the SuperLink at %s:%s: %s", *self.backend, exc)
                 return

@@ -9,7 +9,9 @@ prove the deployment works, and to time it, without Docker.
 from __future__ import annotations
 
 import os
+import random
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -17,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,6 +30,31 @@ from fleetlora.coordinator.certs import CA_CERT
 from fleetlora.coordinator.storage import Storage
 
 T = TypeVar("T")
+
+# Above Ray's worker ports (10002-19999 by default) and below Linux's ephemeral ports (32768 up), which
+# outgoing connections take: a port found free here stays free unless another fleet picks it.
+PORT_RANGE = range(20000, 32000)
+
+
+def free_ports(count: int, attempts: int = 200) -> int:
+    """The first of ``count`` consecutive ports that nothing on this machine listens on now.
+
+    Blocks are drawn at random and bind-probed, so fleets started side by side (pytest-xdist workers,
+    a benchmark beside the tests) do not collide, as fixed or pid-derived ports did.
+    """
+    if not 0 < count <= len(PORT_RANGE):
+        raise ValueError(f"count must be 1 to {len(PORT_RANGE)}, got {count}")
+    draw = random.SystemRandom()
+    for _ in range(attempts):
+        first = draw.randrange(PORT_RANGE.start, PORT_RANGE.stop - count)
+        with ExitStack() as held:
+            try:
+                for port in range(first, first + count):
+                    held.enter_context(socket.socket()).bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return first
+    raise RuntimeError(f"no {count} consecutive free ports in {attempts} tries: is the machine out of ports?")
 
 
 def fleetlora(*args: str, cwd: Path, timeout: float = 120) -> str:
@@ -100,16 +128,23 @@ class Host:
 
 @dataclass
 class LocalFleet:
-    """A coordinator host and ``devices`` device hosts under ``folder``, with their config files."""
+    """A coordinator host and ``devices`` device hosts under ``folder``, with their config files.
+
+    ``port`` 0 (the default) takes a free block of ports (:func:`free_ports`): the coordinator's
+    public port, then the SuperLink's (+1), metrics (+90), console (+91) and each device's runtime
+    port (+100 + i).
+    """
 
     folder: Path
-    port: int
+    port: int = 0
     devices: int = 2
     federation: dict[str, Any] = field(default_factory=dict)  # run config of `round start`
     warm_clientapp: bool = True
     hosts: dict[str, Host] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not self.port:
+            self.port = free_ports(101 + self.devices)
         self.folder.mkdir(parents=True, exist_ok=True)
         federation = "\n".join(f"{k} = {_toml(v)}" for k, v in self.federation.items())
         self.config.write_text(

@@ -19,6 +19,12 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first, otherwise in file order: `make test`'s pytest-xdist workers, handed one test
+    at a time, then start the long ones together instead of one worker finishing the last alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def builtin_labels() -> tuple[str, ...]:
     return labels_of(load_examples("builtin"))

@@ -18,8 +18,8 @@ def test_the_dp_utility_benchmark_runs_every_part(tmp_path: Path, capsys, load_b
 
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
     assert (tmp_path / "r.png").stat().st_size > 0
-    assert set(result["federated"]) == {"3/round, ε=8", "3/round, no DP"}
-    private, plain = result["federated"]["3/round, ε=8"], result["federated"]["3/round, no DP"]
+    assert set(result["federated"]) == {"2/round, ε=8", "2/round, no DP"}
+    private, plain = result["federated"]["2/round, ε=8"], result["federated"]["2/round, no DP"]
     assert 0 < private["largest_epsilon"] <= 8 and plain["largest_epsilon"] == 0
     assert result["same_schedule_in_every_arm"] and private["partitions"] == plain["partitions"]
     assert all(len(arm["accuracy"]) == 3 for arm in result["federated"].values())  # round 0 and 2 rounds

@@ -1,19 +1,18 @@
 """Fault injection: kill the device at every fsync and rename of an apply; it must come back whole.
 
 A child process applies the delta package v1 → v2 with ``os.fsync`` and ``os.replace`` counted and
-SIGKILLs itself just before call N. A fresh process then opens the device as a restarted device
+SIGKILLs itself just before call N. A fresh child then opens the device as a restarted device
 would and health-checks the adapter its pointer names: that must be v1 or v2, exactly as the
-registry holds it, never nothing and never a torn adapter.
+registry holds it, never nothing and never a torn adapter. Both children are forks of one harness
+process (tests/client/update_harness.py) that has torch imported and the model built.
 """
 
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from fleetlora.common.config import ModelSpec
 from fleetlora.common.package import PackageError
 from fleetlora.coordinator.packages import PackagePolicy, build_package
 from tests.client import update_harness
-from tests.client.update_harness import KILL_AT, TENANT, Fleet, make_fleet, states_equal
+from tests.client.update_harness import TENANT, Fleet, make_fleet, states_equal
 
 HARNESS = Path(update_harness.__file__)
 REPO = Path(__file__).resolve().parents[2]
@@ -33,21 +32,19 @@ RECOVERY_LIMIT_S = 30.0
 MAX_KILL_POINTS = 40
 
 
-def _run(*arguments: str, kill_at: int | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if kill_at is not None:
-        env[KILL_AT] = str(kill_at)
-    return subprocess.run(
-        [sys.executable, str(HARNESS), *arguments],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def _crash(template: Path, package: Path, public: Path, out: Path) -> list[dict]:
+    """The harness's kill points, in order: one JSON object each."""
+    out.mkdir()
+    done = subprocess.run(
+        [sys.executable, str(HARNESS), "crash", str(template), str(package), str(public), TENANT, str(out),
+         str(MAX_KILL_POINTS)],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
-@pytest.mark.slow  # a dozen processes that each import torch and build the tiny model: 45-85 s
+@pytest.mark.slow  # one process that imports torch and builds the tiny model, then forks per kill point
 def test_killed_apply_recovers_to_the_old_or_the_new_adapter(
     tmp_path: Path, tiny_spec: ModelSpec, sqlite_url: str
 ):
@@ -64,29 +61,26 @@ def test_killed_apply_recovers_to_the_old_or_the_new_adapter(
     package.write_bytes(
         fleet.storage.packages.blob(build_package(fleet.storage, v2.id, v1.id, fleet.key, PackagePolicy()).id)
     )
+    crashes = tmp_path / "crashes"
 
     recovered: dict[int, int] = {}  # kill point → version the restarted device came back with
     completed_at = None
-    for kill_at in range(1, MAX_KILL_POINTS + 1):
-        device = tmp_path / f"device-{kill_at}"
-        shutil.copytree(template.root, device)
-        child = _run("apply", str(device), str(package), str(fleet.public_path), TENANT, kill_at=kill_at)
-        if child.returncode == 0:  # fewer than kill_at calls: the apply ran to its end
-            assert json.loads(child.stdout.strip().splitlines()[-1]) == {
+    for point in _crash(template.root, package, fleet.public_path, crashes):
+        kill_at, device = point["kill_at"], crashes / f"device-{point['kill_at']}"
+        assert kill_at == len(recovered) + 1
+        if point["apply"] == 0:  # fewer than kill_at calls: the apply ran to its end
+            assert json.loads(point["output"].strip().splitlines()[-1]) == {
                 "version": v2.id,
                 "calls": kill_at - 1,
             }
             completed_at = kill_at
             break
-        assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
-        assert child.stdout.strip().splitlines()[-1].startswith(f"call {kill_at}: ")
+        assert point["apply"] == -signal.SIGKILL, point
+        assert point["output"].strip().splitlines()[-1].startswith(f"call {kill_at}: ")
 
-        out = tmp_path / f"recovered-{kill_at}"
-        started = time.perf_counter()
-        recovery = _run("recover", str(device), str(out))
-        seconds = time.perf_counter() - started
-        assert recovery.returncode == 0, recovery.stderr[-2000:]
-        assert seconds < RECOVERY_LIMIT_S
+        out = crashes / f"recovered-{kill_at}"
+        assert point["recover"] == 0, point
+        assert point["recover_seconds"] < RECOVERY_LIMIT_S
         summary = json.loads(out.with_suffix(".json").read_text())
         assert summary["version"] in expected, (kill_at, summary)
         assert states_equal(load_file(out.with_suffix(".safetensors")), expected[summary["version"]])
@@ -104,7 +98,7 @@ def test_killed_apply_recovers_to_the_old_or_the_new_adapter(
         _assert_at_v2(state, fleet)
 
     assert completed_at is not None, f"the apply was still killed at call {MAX_KILL_POINTS}"
-    _assert_at_v2(DeviceState(tmp_path / f"device-{completed_at}"), fleet)
+    _assert_at_v2(DeviceState(crashes / f"device-{completed_at}"), fleet)
     kill_points = sorted(recovered)
     assert len(kill_points) >= 4 and kill_points == list(range(1, completed_at))
     # Killed before the pointer's rename: the old adapter; after it: the new one. One commit point.

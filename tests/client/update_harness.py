@@ -1,23 +1,33 @@
-"""Shared set-up for the update-package tests, and the child process of the crash harness.
+"""Shared set-up for the update-package tests, and the process the crash test runs.
 
 :func:`make_fleet` stores three versions of the tiny model's adapter in SQLite storage (v0 the
 initial adapter, v1 and v2 seeded perturbations of it) with the lineage record packages need, and
-creates the coordinator's keys. Run as a script, this file is the process the crash test kills:
+creates the coordinator's keys. Run as a script, ``crash TEMPLATE PACKAGE PUBKEY TENANT OUT MAX``
+imports torch and builds the model once, then for kill point N = 1, 2, ... up to MAX:
 
-* ``apply DEVICE PACKAGE PUBKEY TENANT``: apply a package file, with ``os.fsync`` and ``os.replace``
-  counted and the process SIGKILLed just before call number ``$KILL_AT``;
-* ``recover DEVICE OUT``: open the device as a restarted process would, health-check the adapter
-  its pointer names, and write that adapter (safetensors) and a JSON summary next to ``OUT``.
+* applies the package file to a copy of the device TEMPLATE (``OUT/device-N``) in a forked child,
+  with ``os.fsync`` and ``os.replace`` counted and the child SIGKILLed just before call N;
+* once it was killed, opens the device in another forked child, as a restarted process would, health-
+  checks the adapter its pointer names, and writes that adapter (safetensors) and a JSON summary to
+  ``OUT/recovered-N.*``;
+* prints one JSON line for N, and stops after the first apply that ran to its end.
+
+Forking from a process that has its imports done (as the device's warm runner does,
+client/warm_clientapp.py) spares each kill point two Python start-ups: seconds instead of minutes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,7 +52,6 @@ if TYPE_CHECKING:  # the coordinator is imported only where a fleet is made: the
 
 LINEAGE = "lineage-L"
 TENANT = "acme"
-KILL_AT = "FLEETLORA_TEST_KILL_AT"
 
 
 @dataclass
@@ -110,12 +119,31 @@ def states_equal(a: State, b: State) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
 
-def _apply_main(device: str, package: str, public: str, tenant: str) -> None:
-    trusted = read_public_key(Path(public), Ed25519PublicKey)
-    with open(package, "rb") as stream:
-        manifest, _ = read_manifest(stream, trusted)
-    cached_model(from_config(ModelSpec, manifest.model, "model"))  # warm up: count only the apply's calls
-    kill_at, calls = int(os.environ[KILL_AT]), 0
+def _in_child(output: Path, work: Callable[[], None]) -> int:
+    """Run ``work`` in a forked copy of this process, its stdout and stderr written to ``output``; its
+    exit code as :mod:`subprocess` gives it (-9: SIGKILLed)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into the parent's loop
+        code = 1
+        try:
+            descriptor = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.dup2(descriptor, 1)
+            os.dup2(descriptor, 2)
+            work()
+            sys.stdout.flush()
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def _apply(device: Path, package: str, trusted: Ed25519PublicKey, tenant: str, kill_at: int) -> None:
+    calls = 0
 
     def counted(real, name):  # type: ignore[no-untyped-def]
         def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -131,24 +159,51 @@ def _apply_main(device: str, package: str, public: str, tenant: str) -> None:
     os.fsync = counted(os.fsync, "fsync")
     os.replace = counted(os.replace, "replace")
     with open(package, "rb") as stream:
-        applied = apply_package(stream, DeviceState(Path(device)), trusted, tenant=tenant)
+        applied = apply_package(stream, DeviceState(device), trusted, tenant=tenant)
     print(json.dumps({"version": applied.active.version, "calls": calls}), flush=True)
 
 
-def _recover_main(device: str, out: str) -> None:
+def _recover(device: Path, out: Path) -> None:
     started = time.perf_counter()
-    slots = UpdateSlots(DeviceState(Path(device)))
+    slots = UpdateSlots(DeviceState(device))
     active = slots.active()
     summary: dict[str, object] = {"version": None}
     if active is not None:
         state = slots.load(active)
         health_check(cached_model(active.spec), state, active.adapter_sha256, slots.files.path(active.slot))
-        Path(out).with_suffix(".safetensors").write_bytes(serialize(state))
+        out.with_suffix(".safetensors").write_bytes(serialize(state))
         summary = {"version": active.version, "sequence": active.sequence, "generation": active.generation}
     summary["seconds"] = time.perf_counter() - started
-    Path(out).with_suffix(".json").write_text(json.dumps(summary))
+    out.with_suffix(".json").write_text(json.dumps(summary))
+
+
+def _crash_main(template: str, package: str, public: str, tenant: str, out: str, most: str) -> None:
+    trusted = read_public_key(Path(public), Ed25519PublicKey)
+    with open(package, "rb") as stream:
+        manifest, _ = read_manifest(stream, trusted)
+    # Built before the forks, so that they count only the apply's calls.
+    cached_model(from_config(ModelSpec, manifest.model, "model"))
+    folder = Path(out)
+    for kill_at in range(1, int(most) + 1):
+        device = folder / f"device-{kill_at}"
+        shutil.copytree(template, device)
+        log = folder / f"apply-{kill_at}.out"
+        point: dict[str, object] = {
+            "kill_at": kill_at,
+            "apply": _in_child(log, partial(_apply, device, package, trusted, tenant, kill_at)),
+        }
+        point["output"] = log.read_text()
+        if point["apply"] == -signal.SIGKILL:
+            started = time.perf_counter()
+            recovered = partial(_recover, device, folder / f"recovered-{kill_at}")
+            point["recover"] = _in_child(folder / f"recover-{kill_at}.out", recovered)
+            point["recover_seconds"] = time.perf_counter() - started
+            point["recover_output"] = (folder / f"recover-{kill_at}.out").read_text()
+        print(json.dumps(point), flush=True)
+        if point["apply"] != -signal.SIGKILL:
+            break
 
 
 if __name__ == "__main__":
     command, *arguments = sys.argv[1:]
-    {"apply": _apply_main, "recover": _recover_main}[command](*arguments)
+    {"crash": _crash_main}[command](*arguments)

@@ -239,8 +239,10 @@ def test_bad_coordinator_settings_are_refused(sqlite_url: str, bad: dict):
 
 
 def _final_adapter(url: str, rounds_before_restart: int, *, forget_optimizer: bool = False) -> dict:
-    """Run 3 FedAdam rounds, restarting the coordinator after ``rounds_before_restart`` of them."""
-    config = _run_config(url, **{"server-optimizer": "fedadam", "server-lr": 0.01})
+    """Run 3 FedAdam rounds, restarting the coordinator after ``rounds_before_restart`` of them (short
+    ones: 2 local steps and no central evaluation, which do not touch the optimizer's state)."""
+    fedadam = {"server-optimizer": "fedadam", "server-lr": 0.01, "local-steps": 2, "eval-data": ""}
+    config = _run_config(url, **fedadam)
     settings = CoordinatorSettings.from_run_config({**config, "rounds": rounds_before_restart})
     first = Federation(LocalGrid(build_client_app(), 3, config), settings)
     first.run()
@@ -293,9 +295,9 @@ def test_personal_heads_are_kept_on_each_device_and_scored_beside_the_global_mod
 
 
 def test_dp_devices_report_their_spend_to_the_ledger_and_decline_past_their_budget(db_url, tmp_path):
-    config = _run_config(
-        db_url, **{"dp-epsilon": 8.0, "dp-rounds": 1, "device-state": str(tmp_path), "min-devices": 3}
-    )
+    # σ is planned for the steps a device takes: 2 steps spend the whole ε as 10 would.
+    privacy = {"dp-epsilon": 8.0, "dp-rounds": 1, "device-state": str(tmp_path), "local-steps": 2}
+    config = _run_config(db_url, **privacy, **{"min-devices": 3})
     federation = Federation(
         LocalGrid(build_client_app(), 3, config), CoordinatorSettings.from_run_config(config)
     )

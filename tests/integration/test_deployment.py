@@ -12,7 +12,6 @@ survivor, within its deadlines.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -33,8 +32,7 @@ DEADLINE = 60.0
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[LocalFleet]:
     fleet = LocalFleet(
-        tmp_path,
-        port=19300 + os.getpid() % 500,  # one SuperLink per test process, away from Flower's defaults
+        tmp_path,  # on free ports: one fleet per pytest-xdist worker
         devices=3,  # device-3 is the stranger: never registered
         federation={
             "model": "tiny",
