@@ -18,6 +18,12 @@ from fleetlora.common.data.examples import labels_of
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
+# One OpenMP thread per process (none of the imports above loads torch, which reads this once). `make test`
+# runs pytest-xdist workers that start fleets and simulations of their own on 2 cores: with torch's thread
+# per core they spun against each other and an in-process training test took 5-20x as long. Every
+# subprocess a test starts inherits it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Slow tests first, otherwise in file order: `make test`'s pytest-xdist workers, handed one test
