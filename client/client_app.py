@@ -6,6 +6,7 @@ examples and a few scalar metrics; text never leaves the device.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -22,17 +23,22 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fleetlora.client import forgetting, personal_head, privacy
+from fleetlora.client.accelerator import select_accelerator
 from fleetlora.client.corpus import drift, simulated
 from fleetlora.client.corpus.store import CORPUS_FILE, CorpusStore
 from fleetlora.client.device_state import DeviceState, UserConfig
 from fleetlora.client.enroll import signing_key
+from fleetlora.client.gates import Gates, sensors_for
 from fleetlora.client.local_data import CORPUS, corpus_examples, local_examples
+from fleetlora.client.memory import MemoryEstimate, choose_checkpointing, estimate_peak, memory_budget
+from fleetlora.client.pacing import Pacer, RoundAbandoned, low_priority
 from fleetlora.client.privacy_floor import Declined
-from fleetlora.client.train import train_locally
+from fleetlora.client.train import Runtime, train_locally
 from fleetlora.client.updates import ActiveAdapter, UpdateSlots, apply_package
 from fleetlora.common import chunks, records
 from fleetlora.common.batches import evaluate as evaluate_model
 from fleetlora.common.codec import UPLOAD_ZSTD_LEVEL, Codec, encode
+from fleetlora.common.config import TrainSettings
 from fleetlora.common.data import Example, split_holdout
 from fleetlora.common.data.partition import phase_labels, phase_of_round
 from fleetlora.common.delta import (
@@ -43,6 +49,7 @@ from fleetlora.common.delta import (
     to_array_record,
     trainable_state,
 )
+from fleetlora.common.device_settings import DeviceSettings
 from fleetlora.common.envelope import SEALED, UploadContext, seal, to_records
 from fleetlora.common.errors import ConfigError, ConsentError, DataError, IncompatibleStateError
 from fleetlora.common.keys import COORDINATOR_HPKE_PUB, COORDINATOR_SIGNING_PUB, PublicKeyT, read_public_key
@@ -126,9 +133,16 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
     @app.train()
     def train(message: Message, context: Context) -> Message:
         log_to_state_dir(context.node_config)
+        identity = ConfigRecord({records.DEVICE_ID: device_id(context)})
+        # The gates first: a device that cannot afford the round declines it before loading anything.
+        resources = DeviceSettings.from_node_config(context.node_config)
+        gates = device_gates(context, resources)
+        verdict = gates.look()
+        gates.save(gates_state(context, resources), verdict, event="round check")
+        if not verdict.open:
+            return decline(message, context, identity, f"not eligible: {verdict.reason}")
         job = prepare(message, context)
         settings, loaded = job.instructions.train, job.loaded
-        identity = ConfigRecord({records.DEVICE_ID: device_id(context)})
         keys = None
         if job.instructions.seal_uploads:
             assert job.state is not None  # prepare locates it whenever uploads are sealed
@@ -144,18 +158,7 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
             job = dataclasses.replace(job, train_set=round_pool(job, context, seed))
             plan = privacy_plan(job, context)
         except Declined as exc:
-            identity[records.DECLINED] = str(exc)
-            log.info(
-                "Declined round %d: %s",
-                job.instructions.round,
-                exc,
-                extra={
-                    "event": "round_declined",
-                    "device": device_id(context),
-                    "round": job.instructions.round,
-                },
-            )
-            return Message(RecordDict({records.CONFIG: identity}), reply_to=message)
+            return decline(message, context, identity, str(exc))
         train_set = list(plan.examples) if plan else job.train_set  # under DP, the records not yet retired
         before = trainable_state(loaded.model)
         if settings.personal_head and job.state:
@@ -164,13 +167,27 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
         if settings.forgetting.ewc_lambda and job.state:
             fisher = forgetting.load_fisher(job.state, trainable_state(loaded.model))
         noise = plan.noise if plan else None
-        result = train_locally(loaded, train_set, settings, seed=seed, noise=noise, fisher=fisher)
+        pacer = Pacer(gates, steps=settings.steps_for(len(train_set)), deadline=deadline_of(message))
+        runtime = device_runtime(resources, loaded, settings, pacer, noise is not None)
+        try:
+            with low_priority(resources) if not is_simulated(context) else contextlib.nullcontext():
+                result = train_locally(
+                    loaded, train_set, settings, seed=seed, noise=noise, fisher=fisher, runtime=runtime
+                )
+        except RoundAbandoned as exc:
+            # Nothing trained is kept or sent: the next message loads its own adapter into the model.
+            if plan and job.state:
+                privacy.spend(job.state, plan, settings.privacy, exc.steps_taken)  # the steps taken only
+            gates.save(gates_state(context, resources), pacer.verdict or verdict, event="round given up")
+            return decline(message, context, identity, f"gave up after {exc.steps_taken} steps: {exc}")
+        gates.save(gates_state(context, resources), pacer.verdict or verdict, event="round trained")
         metrics = MetricRecord(
             {
                 records.NUM_EXAMPLES: result.examples,
                 records.TRAIN_LOSS: result.loss,
                 records.TRAIN_STEPS: result.steps,
                 records.TRAIN_SECONDS: result.seconds,
+                records.TRAIN_PAUSED_SECONDS: pacer.paused_seconds,
             }
         )
         if plan and job.state:
@@ -232,6 +249,7 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
         device = DeviceState.locate(context.node_config, run_config)
         reply = ConfigRecord({records.DEVICE_ID: device_id(context)})
         report_active(reply, UpdateSlots(device).active())
+        report_eligibility(reply, context)
         if uses_corpus(context.node_config, run_config):
             with CorpusStore(device.root / CORPUS_FILE) as store:
                 report = drift.measure(device, store)
@@ -276,6 +294,85 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
         return Message(RecordDict({records.CONFIG: reply}), reply_to=message)
 
     return app
+
+
+def report_eligibility(reply: ConfigRecord, context: Context) -> None:
+    """Whether the device would train now (its gates, looked at afresh), and where and in how much memory
+    it would, in a status reply."""
+    resources = DeviceSettings.from_node_config(context.node_config)
+    gates = device_gates(context, resources)
+    verdict = gates.look()
+    gates.save(gates_state(context, resources), verdict, event="status")
+    reply[records.ELIGIBLE] = verdict.open
+    if not verdict.open:
+        reply[records.NOT_ELIGIBLE] = verdict.reason[:500]
+    accelerator = select_accelerator(resources)
+    reply[records.ACCELERATOR] = accelerator.kind
+    reply[records.MEMORY_BYTES] = memory_budget(resources, accelerator.memory_bytes)
+
+
+def decline(message: Message, context: Context, identity: ConfigRecord, reason: str) -> Message:
+    """The reply of a device that does not train this round: its id and why (the coordinator records it)."""
+    identity[records.DECLINED] = reason
+    round_number = message.content.config_records[records.CONFIG].get(records.ROUND)
+    log.info(
+        "Declined round %s: %s",
+        round_number,
+        reason,
+        extra={"event": "round_declined", "device": device_id(context), "round": round_number},
+    )
+    return Message(RecordDict({records.CONFIG: identity}), reply_to=message)
+
+
+def device_gates(context: Context, resources: DeviceSettings) -> Gates:
+    """The device's gates, with what their last look decided."""
+    return Gates.load(resources, sensors_for(resources), gates_state(context, resources))
+
+
+def gates_state(context: Context, resources: DeviceSettings) -> DeviceState | None:
+    """Where the gates' decision is kept: the device's state folder, when it reads any sensor."""
+    if resources.sensors == "none":
+        return None  # a simulated fleet's thousands of devices write nothing for gates that never close
+    return DeviceState.find(context.node_config, {})
+
+
+def deadline_of(message: Message) -> float | None:
+    """When the SuperLink stops waiting for this message's reply (its time to live), as ``time.time()``."""
+    ttl = message.metadata.ttl
+    return message.metadata.created_at + ttl if ttl and math.isfinite(ttl) else None
+
+
+def device_runtime(
+    resources: DeviceSettings, loaded: LoadedModel, settings: TrainSettings, pacer: Pacer, dp: bool
+) -> Runtime:
+    """Where and how this round's steps run: the accelerator, its precision, checkpointing, the pacer.
+
+    Under DP the steps stay in fp32: Opacus clips per-example gradients, whose norms bf16 would blur.
+    The head regime never backpropagates through the encoder, so it has nothing to checkpoint.
+    """
+    accelerator = select_accelerator(resources)
+    budget = memory_budget(resources, accelerator.memory_bytes)
+    seq_len = loaded.spec.max_length
+
+    def peak_without() -> MemoryEstimate:
+        return estimate_peak(
+            loaded, batch_size=settings.batch_size, seq_len=seq_len, dp=dp, checkpointing=False
+        )
+
+    checkpointing = loaded.spec.regime != "head" and choose_checkpointing(
+        peak_without, resources.gradient_checkpointing, budget
+    )
+    return Runtime(
+        device=accelerator.device,
+        autocast=None if dp else accelerator.autocast,
+        checkpointing=checkpointing,
+        between_steps=pacer,
+    )
+
+
+def is_simulated(context: Context) -> bool:
+    """A virtual device of a simulation: it shares the researcher's process, whose priority it keeps."""
+    return "partition-id" in context.node_config
 
 
 def log_to_state_dir(node_config: UserConfig) -> None:

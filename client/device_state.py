@@ -65,8 +65,9 @@ class DeviceState:
 
     def load_arrays(self, name: str, max_bytes: int | None = None) -> State | None:
         """The stored tensors, or None if never saved; a damaged file raises IncompatibleStateError, as
-        does one over ``max_bytes`` (checked by its size, before it is read)."""
-        from fleetlora.common.delta import deserialize
+        does one over ``max_bytes`` (checked by its size, before it is read). The file is memory-mapped,
+        not read whole first (:func:`~fleetlora.common.delta.deserialize_file`)."""
+        from fleetlora.common.delta import deserialize_file
 
         path = self.path(name)
         if not path.is_file():
@@ -74,7 +75,7 @@ class DeviceState:
         check_trusted(path)
         _check_size(path, max_bytes)
         try:
-            return deserialize(path.read_bytes())
+            return deserialize_file(path)
         except SafetensorError as exc:
             raise IncompatibleStateError(f"{path} is damaged ({exc}).") from exc
 

@@ -36,7 +36,7 @@ from fleetlora.client.corpus.store import CORPUS_FILE, CorpusStore
 from fleetlora.client.device_state import DeviceState
 from fleetlora.client.privacy_account import PrivacyAccount, record_key
 from fleetlora.client.privacy_floor import Declined
-from fleetlora.common.batches import encode
+from fleetlora.common.batches import encode, on_model_device
 from fleetlora.common.data import Example
 from fleetlora.common.delta import State, check_layout
 from fleetlora.common.errors import IncompatibleStateError
@@ -226,7 +226,7 @@ def pool_logits(loaded: LoadedModel, examples: Sequence[Example], batch_size: in
     try:
         chunks = []
         for start in range(0, len(examples), batch_size):
-            batch = encode(loaded, examples[start : start + batch_size])
+            batch = on_model_device(encode(loaded, examples[start : start + batch_size]), model)
             batch.pop("labels")
             chunks.append(model(**batch).logits)
     finally:

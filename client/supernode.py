@@ -28,13 +28,14 @@ log = logging.getLogger(__name__)
 
 def node_config(device: DeviceHost) -> str:
     """The ``--node-config`` string: TOML values, space separated."""
-    values: dict[str, str | bool | float] = {
+    values: dict[str, str | bool | int | float] = {
         "device-id": device.device_id,
         "state-dir": str(device.state_dir.resolve()),
         "data-path": device.data,
         "upload-consent": device.upload_consent,
         "coordinator-key": str((device.coordinator_keys / COORDINATOR_HPKE_PUB).resolve()),
         "coordinator-signing-key": str((device.coordinator_keys / COORDINATOR_SIGNING_PUB).resolve()),
+        **device.settings.to_node_config(),  # accelerator, memory, priority, gates
     }
     if math.isfinite(device.dp_max_epsilon):  # the owner's privacy floor (client/privacy_floor.py)
         values[DP_MAX_EPSILON] = device.dp_max_epsilon

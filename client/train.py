@@ -29,6 +29,12 @@ from the OS's entropy: amplification by subsampling, which the accountant assume
 while the sample is secret from whoever sees the output, and the coordinator knows the run seed.
 With it (and the n, q and steps a device reports) it could rebuild every batch.
 
+Where and how the steps run is the device's :class:`Runtime`: the accelerator (the model moves there
+for the round and back to the CPU after it, so the caller always sees CPU tensors), mixed precision,
+gradient checkpointing (:mod:`fleetlora.client.memory`), and the pause point the device's gates use
+between steps (:mod:`fleetlora.client.pacing`), which may block until the foreground is quiet again or
+give the round up.
+
 Forgetting control (:mod:`fleetlora.client.forgetting`, ``settings.forgetting``) enters here in two
 places: distillation changes each example's loss, using the teacher's logits of the round's examples
 taken before the first step; EWC runs once each step's gradient is final (privatized under DP),
@@ -37,13 +43,14 @@ before the update, and returns its Fisher in :class:`TrainResult` for the caller
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import secrets
 import time
 import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -51,7 +58,8 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from fleetlora.client.forgetting import OnlineEWC, Teacher, pool_logits
-from fleetlora.common.batches import Batch, encode, pooled_features
+from fleetlora.client.memory import checkpointed
+from fleetlora.common.batches import Batch, encode, on_model_device, pooled_features
 from fleetlora.common.config import TrainSettings
 from fleetlora.common.data import Example
 from fleetlora.common.delta import State
@@ -83,6 +91,17 @@ class NoisePlan:
     sample_rate: float
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how this device runs its steps (see the module docstring)."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    autocast: torch.dtype | None = None  # mixed precision: autocast to this dtype; None: fp32 throughout
+    checkpointing: bool = False  # recompute activations in backward instead of keeping them
+    # Called with the number of steps taken before each step: may block (a pause), or raise to give up.
+    between_steps: Callable[[int], None] | None = None
+
+
 def train_locally(
     loaded: LoadedModel,
     examples: Sequence[Example],
@@ -91,23 +110,55 @@ def train_locally(
     seed: int,
     noise: NoisePlan | None = None,
     fisher: State | None = None,
+    runtime: Runtime | None = None,
 ) -> TrainResult:
     """Run the round's optimizer steps (:meth:`TrainSettings.steps_for`); DP-SGD when ``noise`` is set.
 
     ``fisher`` is the device's EWC Fisher from earlier rounds (None: none yet), used when
     ``settings.forgetting.ewc_lambda`` is set; the result then carries the updated one.
+    ``runtime`` (default: the CPU, fp32, no checkpointing, no pauses) says where the steps run.
     """
     if not examples:
         raise DataError("No local training examples: this device has nothing to learn from.")
     controls = settings.forgetting
     if controls.distill_weight and loaded.spec.task != "classify":
         raise ConfigError("distill-weight distils a classifier's outputs; set it to 0 for a causal LM.")
+    runtime = runtime or Runtime()
+    with _on_device(loaded, runtime.device), checkpointed(loaded.model, runtime.checkpointing):
+        return _train(loaded, examples, settings, seed=seed, noise=noise, fisher=fisher, runtime=runtime)
+
+
+@contextlib.contextmanager
+def _on_device(loaded: LoadedModel, device: torch.device) -> Iterator[None]:
+    """The model on ``device`` for the round, back on the CPU after it (whatever happened)."""
+    if device.type == "cpu":
+        yield
+        return
+    loaded.model.to(device)
+    try:
+        yield
+    finally:
+        loaded.model.to("cpu")
+
+
+def _train(
+    loaded: LoadedModel,
+    examples: Sequence[Example],
+    settings: TrainSettings,
+    *,
+    seed: int,
+    noise: NoisePlan | None,
+    fisher: State | None,
+    runtime: Runtime,
+) -> TrainResult:
+    device = runtime.device
+    controls = settings.forgetting
     # ---- set up
     loaded.model.train()
     # The mask depends on which classes the other records hold: not a per-example function under DP.
     restricted = settings.restricted_softmax and loaded.spec.task == "classify" and noise is None
-    absent = _absent_label_mask(loaded, examples) if restricted else None
-    learner = _HeadLearner(loaded, examples, absent) if loaded.spec.regime == "head" else None
+    absent = _absent_label_mask(loaded, examples).to(device) if restricted else None
+    learner = _HeadLearner(loaded, examples, absent, device) if loaded.spec.regime == "head" else None
     module = learner.head if learner else loaded.model
     trainable = [p for p in module.parameters() if p.requires_grad]
     teacher = None
@@ -121,7 +172,8 @@ def train_locally(
     ewc = None
     if controls.ewc_lambda:
         named = {n: p for n, p in loaded.model.named_parameters() if any(p is t for t in trainable)}
-        ewc = OnlineEWC(named, fisher, controls.ewc_lambda)
+        on_device = {k: v.to(device) for k, v in fisher.items()} if fisher is not None else None
+        ewc = OnlineEWC(named, on_device, controls.ewc_lambda)
     rate = settings.rate_for(noise.noise_multiplier if noise else None)
     optimizer: torch.optim.Optimizer = (
         torch.optim.SGD(trainable, lr=rate) if learner else torch.optim.AdamW(trainable, lr=rate)
@@ -148,19 +200,25 @@ def train_locally(
     losses: list[float] = []
     started = time.perf_counter()
 
+    autocast = torch.autocast(device.type, dtype=runtime.autocast, enabled=runtime.autocast is not None)
+
     # ---- train
     try:
-        for take in batches:
+        for taken, take in enumerate(batches):
+            if runtime.between_steps:
+                runtime.between_steps(taken)
             if take:
-                if learner:
-                    loss = learner.loss(forward, take, teacher)
-                else:
-                    loss = _loss(forward, encode(loaded, [examples[i] for i in take]), take, absent, teacher)
+                with autocast:
+                    if learner:
+                        loss = learner.loss(forward, take, teacher)
+                    else:
+                        batch = on_model_device(encode(loaded, [examples[i] for i in take]), module)
+                        loss = _loss(forward, batch, take, absent, teacher)
                 loss.backward()
                 losses.append(loss.item())
             else:  # an empty Poisson batch is still a DP step: noise only, and it is accounted
                 for param in trainable:
-                    param.grad_sample = torch.zeros(0, *param.shape)  # type: ignore[union-attr]  # Opacus' own
+                    param.grad_sample = torch.zeros(0, *param.shape, device=device)  # type: ignore[union-attr]
             if ewc and noise is None:  # under DP the optimizer's step hook calls it
                 ewc.on_gradient(len(take))
             optimizer.step()
@@ -175,7 +233,7 @@ def train_locally(
         steps=steps,
         seconds=time.perf_counter() - started,
         examples=len(examples),
-        fisher=ewc.updated_fisher() if ewc else None,
+        fisher={k: v.cpu() for k, v in ewc.updated_fisher().items()} if ewc else None,
     )
 
 
@@ -186,8 +244,15 @@ class _HeadLearner:
     DP Opacus clips the head's per-example gradients alone (its ``nn.Linear`` rule, an einsum).
     """
 
-    def __init__(self, loaded: LoadedModel, examples: Sequence[Example], absent: torch.Tensor | None) -> None:
-        self.features, self.labels = pooled_features(loaded, examples)
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        examples: Sequence[Example],
+        absent: torch.Tensor | None,
+        device: torch.device,
+    ) -> None:
+        features, labels = pooled_features(loaded, examples)
+        self.features, self.labels = features.to(device), labels.to(device)
         self.absent = absent
         heads = [
             m for m in loaded.model.modules() if isinstance(m, torch.nn.Linear) and m.weight.requires_grad

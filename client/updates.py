@@ -108,6 +108,19 @@ class UpdateSlots:
             raise IncompatibleStateError(f"{self.files.path(active.slot)} vanished.")
         return state
 
+    def load_into(self, loaded: LoadedModel, active: ActiveAdapter | None) -> float:
+        """Put ``active``'s adapter (None: the model's initial one) into ``loaded``'s model; return the
+        seconds its slot's read (memory-mapped) and the copy into the model took.
+
+        A damaged slot, or one whose layout does not fit the model, raises IncompatibleStateError and
+        leaves the model as it was.
+        """
+        from fleetlora.common.delta import load_trainable_state
+
+        started = time.perf_counter()
+        load_trainable_state(loaded.model, self.load(active) if active else loaded.initial_adapter)
+        return time.perf_counter() - started
+
     def write_slot(self, slot: str, state: State) -> str:
         """Write ``state`` into ``slot`` durably; return the sha256 of the bytes written."""
         self.files.save_arrays(slot, state)
@@ -185,8 +198,6 @@ def apply_package(
 
     Nothing on disk changes unless every check passes; a failed health check leaves the old adapter.
     """
-    from fleetlora.common.delta import load_trainable_state
-
     started = time.perf_counter()
     slots = UpdateSlots(device)
     current = slots.active()
@@ -214,9 +225,17 @@ def apply_package(
         active = _activate(slots, slot, adapter_sha256, manifest, current)
     except BaseException:
         # The model in memory must not keep running an adapter the device did not switch to.
-        load_trainable_state(loaded.model, slots.load(current) if current else loaded.initial_adapter)
+        slots.load_into(loaded, current)
         raise
     return Applied(current.version if current else None, active, time.perf_counter() - started)
+
+
+def load_active_adapter(device: DeviceState, loaded: LoadedModel) -> float:
+    """Put the adapter ``device`` runs (after recovering from any interrupted apply; the initial one
+    before its first package) into ``loaded``'s model; return the seconds the load took (the slot's read
+    and the copy into the model, not the pointer's recovery and hash check before them)."""
+    slots = UpdateSlots(device)
+    return slots.load_into(loaded, slots.active())
 
 
 def _activate(

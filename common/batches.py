@@ -31,6 +31,12 @@ def encode(loaded: LoadedModel, examples: Sequence[Example]) -> Batch:
     return batch
 
 
+def on_model_device(batch: Batch, model: torch.nn.Module) -> Batch:
+    """``batch`` on the device ``model``'s weights are on (a trained device's accelerator, or the CPU)."""
+    device = next(model.parameters()).device
+    return batch if device.type == "cpu" else {k: v.to(device) for k, v in batch.items()}
+
+
 def encode_labels(loaded: LoadedModel, examples: Sequence[Example]) -> torch.Tensor:
     """The examples' class ids in the federation's label order."""
     index = {label: i for i, label in enumerate(loaded.spec.labels)}
@@ -77,8 +83,8 @@ def pooled_features(
     base.eval()
     for start in range(0, len(missing), batch_size):
         texts = missing[start : start + batch_size]
-        batch = _tokenize(loaded, texts)
-        fresh.update(zip(texts, base.features(**batch), strict=True))
+        batch = on_model_device(_tokenize(loaded, texts), base)
+        fresh.update(zip(texts, base.features(**batch).cpu(), strict=True))  # kept on the CPU
     base.train(was_training)
     cache.update(fresh)
     if not examples:

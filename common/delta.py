@@ -11,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord
 from safetensors.torch import load as safetensors_load
+from safetensors.torch import load_file as safetensors_load_file
 from safetensors.torch import save as safetensors_save
 
 from fleetlora.common.errors import IncompatibleStateError
@@ -99,6 +101,17 @@ def serialize(state: Mapping[str, torch.Tensor]) -> bytes:
 
 def deserialize(blob: bytes) -> State:
     return dict(safetensors_load(blob))
+
+
+def deserialize_file(path: Path) -> State:
+    """The tensors of a safetensors file, as views of a private (copy-on-write) memory map of it.
+
+    Nothing is read up front: pages come in as the tensors are used, with no whole-file bytes object
+    between. Writing to a tensor never changes the file, and a file replaced by rename (how a device's
+    state folder writes every file) leaves loaded tensors as they were; a file rewritten in place would
+    show through, and one truncated in place would crash the process that reads them.
+    """
+    return dict(safetensors_load_file(path))
 
 
 def sha256_hex(blob: bytes) -> str:

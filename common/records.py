@@ -28,6 +28,7 @@ NUM_EXAMPLES: Final = "num-examples"
 TRAIN_LOSS: Final = "train_loss"
 TRAIN_STEPS: Final = "train_steps"
 TRAIN_SECONDS: Final = "train_seconds"
+TRAIN_PAUSED_SECONDS: Final = "train_paused_seconds"  # of those, waiting for the device's gates to reopen
 # A DP device's cumulative spend after the round (the coordinator's privacy ledger keeps them).
 # Budgets are per record (client/privacy.py): dp_epsilon is the largest ε any of its records has spent.
 DP_EPSILON: Final = "dp_epsilon"
@@ -53,6 +54,11 @@ UPDATE_STATUS: Final = "update-status"  # "applied" | "rejected" | "failed"
 UPDATE_REASON: Final = "update-reason"  # a PackageError reason code, or the error's text
 WANTS_TRAIN: Final = "wants-train"  # a corpus device whose new records drifted from its last training set
 DRIFT: Final = "drift"  # that drift, as distance ÷ chance; absent when infinite (before its first training)
+# A device's gates (client/gates.py) and capability (client/accelerator.py), in its status replies.
+ELIGIBLE: Final = "eligible"  # bool: every gate is open now, it would train if sampled
+NOT_ELIGIBLE: Final = "not-eligible"  # why not: the closed gates' reasons (absent when eligible)
+ACCELERATOR: Final = "accelerator"  # "cuda", "mps", "xpu" or "cpu": where it trains
+MEMORY_BYTES: Final = "memory-bytes"  # the memory its training may use (its budget)
 
 # Bumped whenever a message's shape changes; a device refuses a contract it does not know.
 # 2: model.pooling, train.personal_head, train.restricted_softmax, train.privacy.*; replies carry
@@ -62,4 +68,6 @@ DRIFT: Final = "drift"  # that drift, as distance ÷ chance; absent when infinit
 #    trained leaves drift out.
 # 5: train.forgetting.* (client/forgetting.py): a device that ignored them would train without the
 #    forgetting control the coordinator asked for.
-CONTRACT: Final = 5
+# 6: status replies carry eligible / not-eligible and the device's capability (accelerator,
+#    memory-bytes); a device whose gates are closed declines a train message with the reason.
+CONTRACT: Final = 6

@@ -140,6 +140,9 @@ class LocalFleet:
     devices: int = 2
     federation: dict[str, Any] = field(default_factory=dict)  # run config of `round start`
     warm_clientapp: bool = True
+    # Each device's sensors (common/device_settings.py): its devices share one machine, where each would
+    # see the others' training as foreground load, so they read none unless a test drives them (file:PATH).
+    sensors: tuple[str, ...] = ()
     hosts: dict[str, Host] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -158,6 +161,7 @@ class LocalFleet:
                 f'state-dir = "device-{i}"\nca-cert = "coordinator/certs/ca.crt"\n'
                 f'coordinator-keys = "coordinator/keys"\ndata = "builtin"\nupload-consent = true\n'
                 f"runtime-port = {self.port + 100 + i}\nwarm-clientapp = {_toml(self.warm_clientapp)}\n"
+                f"sensors = {_toml(self.sensors[i - 1] if self.sensors else 'none')}\n"
             )
 
     @property

@@ -217,15 +217,14 @@ def label(
     from fleetlora.client.corpus import labels
     from fleetlora.client.device_state import DeviceState
     from fleetlora.client.updates import UpdateSlots
-    from fleetlora.common.delta import load_trainable_state
     from fleetlora.common.model import cached_model
 
-    device = DeviceState(state_dir)
-    active = UpdateSlots(device).active()
+    slots = UpdateSlots(DeviceState(state_dir))
+    active = slots.active()
     if active is None:
         raise typer.BadParameter("This device has no packaged adapter yet to label with (`device status`).")
     loaded = cached_model(active.spec)
-    load_trainable_state(loaded.model, UpdateSlots(device).load(active))
+    slots.load_into(loaded, active)
     with open_store(state_dir) as store:
         counts = labels.propose(store, labels.Labeller(loaded, f"model:v{active.version}"), floor=floor)
     typer.echo(", ".join(f"{n} {what}" for what, n in sorted(counts.items())) or "nothing to label")

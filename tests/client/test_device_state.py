@@ -29,6 +29,52 @@ def test_a_damaged_file_is_reported_not_loaded(tmp_path: Path):
         state.load_arrays("head")
 
 
+def _header(document: bytes) -> bytes:
+    """A safetensors file's start: its header's length, then the header."""
+    return len(document).to_bytes(8, "little") + document
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [
+        b"",  # empty
+        b"\x00" * 3,  # shorter than the header's length
+        (10**12).to_bytes(8, "little") + b"{}",  # a header longer than the file
+        _header(b"{not json}"),
+        _header(b'{"w": {"dtype": "XX", "shape": [1], "data_offsets": [0, 4]}}') + bytes(4),
+        _header(b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}') + bytes(4),  # too short
+    ],
+    ids=["empty", "stub", "header-past-end", "bad-json", "bad-dtype", "shape-past-data"],
+)
+def test_every_kind_of_damage_is_refused_by_the_memory_mapped_read(tmp_path: Path, blob: bytes):
+    state = DeviceState(tmp_path)
+    state.save_arrays("head", {"w": torch.ones(4)})
+    state.path("head").write_bytes(blob)
+    with pytest.raises(IncompatibleStateError, match="damaged"):
+        state.load_arrays("head")
+
+
+def test_a_file_over_its_cap_is_refused_before_it_is_read(tmp_path: Path):
+    state = DeviceState(tmp_path)
+    state.save_arrays("head", {"w": torch.ones(4)})
+    size = state.path("head").stat().st_size
+    assert torch.equal(state.load_arrays("head", max_bytes=size)["w"], torch.ones(4))
+    with pytest.raises(IncompatibleStateError, match=f"at most {size - 1}"):
+        state.load_arrays("head", max_bytes=size - 1)
+
+
+def test_loaded_tensors_outlive_the_file_being_replaced_and_never_write_to_it(tmp_path: Path):
+    """Memory-mapped, copy-on-write: the device replaces files by rename, which loaded tensors survive."""
+    state = DeviceState(tmp_path)
+    state.save_arrays("head", {"w": torch.ones(1024)})
+    loaded = state.load_arrays("head")
+    loaded["w"].add_(1.0)  # a write lands in the process's own copy, not in the file
+    assert torch.equal(state.load_arrays("head")["w"], torch.ones(1024))
+    state.save_arrays("head", {"w": torch.zeros(1024)})
+    assert torch.equal(loaded["w"], torch.full((1024,), 2.0))
+    assert torch.equal(state.load_arrays("head")["w"], torch.zeros(1024))
+
+
 def test_the_folder_comes_from_the_node_config_or_the_simulated_partition(tmp_path: Path):
     assert DeviceState.locate({"state-dir": str(tmp_path)}, {}).root == tmp_path
     simulated = DeviceState.locate({"partition-id": 3}, {"device-state": str(tmp_path)})

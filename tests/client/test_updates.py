@@ -19,11 +19,13 @@ from fleetlora.client.updates import (
     UpdateSlots,
     apply_package,
     health_check,
+    load_active_adapter,
 )
 from fleetlora.common.codec import Codec, encode
 from fleetlora.common.config import ModelSpec
-from fleetlora.common.delta import sha256_hex
+from fleetlora.common.delta import sha256_hex, trainable_state
 from fleetlora.common.errors import IncompatibleStateError
+from fleetlora.common.model import build_model
 from fleetlora.common.package import Package, PackageError, read_package, sign
 from fleetlora.coordinator.packages import PackagePolicy, build_package
 from tests.client.update_harness import TENANT, Fleet, make_fleet, snapshot, states_equal
@@ -327,3 +329,30 @@ def test_a_damaged_record_of_the_highest_applied_sequence_refuses_every_apply(
     with pytest.raises(IncompatibleStateError, match="cannot tell which packages it already applied"):
         _apply(fleet, _package(fleet, 2, 1), device)
     assert _active_state(device)[0].version == fleet.versions[1].id  # nothing changed
+
+
+def test_the_active_adapter_loads_into_a_fresh_model_as_it_was_saved(fleet: Fleet, device: DeviceState):
+    fresh = build_model(fleet.spec)  # not the cached model apply_package used
+    assert load_active_adapter(device, fresh) >= 0.0  # no package yet: the initial adapter
+    assert states_equal(trainable_state(fresh.model), fleet.loaded.initial_adapter)
+    _device_at(fleet, device, 0, 2)
+    seconds = load_active_adapter(device, fresh)
+    assert isinstance(seconds, float) and seconds >= 0.0
+    active, saved = _active_state(device)
+    assert active.version == fleet.versions[2].id
+    assert states_equal(trainable_state(fresh.model), saved)  # bit for bit what the slot holds
+
+
+def test_a_damaged_slot_is_refused_by_the_load_path_and_the_model_keeps_its_adapter(
+    fleet: Fleet, device: DeviceState
+):
+    _device_at(fleet, device, 1)
+    slots = UpdateSlots(device)
+    active = slots.active()
+    assert active is not None
+    fresh = build_model(fleet.spec)
+    slot = slots.files.path(active.slot)
+    slot.write_bytes(slot.read_bytes()[:-10])  # torn after its pointer was checked
+    with pytest.raises(IncompatibleStateError, match="damaged"):
+        slots.load_into(fresh, active)
+    assert states_equal(trainable_state(fresh.model), fleet.loaded.initial_adapter)

@@ -1,7 +1,8 @@
 """An in-process Flower Grid that hands each message to a real ClientApp, for round-loop tests.
 
 Nodes listed in ``silent`` never answer (a device that died); the ClientApp's exceptions come
-back as error replies, as Flower's runtimes return them.
+back as error replies, as Flower's runtimes return them. A real device's node config reads no sensors
+unless it names them (``sensors``): the test machine's own load is not what these tests are about.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class LocalGrid(Grid):
                 run_id=1,
                 node_id=node,
                 node_config=(
-                    self.node_configs[partition]
+                    {"sensors": "none", **self.node_configs[partition]}
                     if self.node_configs
                     else {"partition-id": partition, "num-partitions": len(self.node_ids)}
                 ),
