@@ -5,7 +5,8 @@ this order, and records the first failure as a :class:`Drop` with the reason sho
 :mod:`fleetlora.coordinator.uploads`, one exception class each):
 
 1. not a second reply from the same node: ``duplicate reply``;
-2. the device did not decline: ``declined: <its reason>``;
+2. the device did not decline: ``declined: <its reason>`` (also kept in ``declines``: the round marks
+   its device not eligible until its next status reply, coordinator/rounds.py);
 3. not a Flower error reply: ``device error: <reason>``;
 4. metrics present (``reply has no metrics``), ``num-examples`` a positive ``int`` (``invalid
    num-examples: <value>``), every other metric a finite number (``metric '<key>' is a <type>, not a
@@ -44,7 +45,9 @@ from fleetlora.common.aggregate import WeightedMean
 from fleetlora.common.delta import State, l2_norm
 from fleetlora.coordinator.identities import unnamed
 from fleetlora.coordinator.influence import RoundBounds
+from fleetlora.coordinator.storage.devices import Decline
 from fleetlora.coordinator.uploads import (
+    DeclinedReply,
     DuplicateReply,
     PrivacySpend,
     Quarantined,
@@ -168,6 +171,7 @@ class DeltaAggregator:
         self.upload_bytes = 0
         self.privacy: list[PrivacySpend] = []
         self.anomalies: list[tuple[str, str]] = []  # (device, what): an opened delta out of bounds or broken
+        self.declines: list[Decline] = []  # replies that declined to train, with the device's reason
         self._seen: set[int] = set()  # nodes that replied, accepted or not
         self.held_nodes: set[int] = set()  # nodes whose upload came from a device in quarantine
         self._held: list[_Opened] = []  # accepted deltas waiting for the round's own bounds
@@ -183,7 +187,11 @@ class DeltaAggregator:
         if node in self._seen:
             raise DuplicateReply("duplicate reply")
         self._seen.add(node)
-        check_not_declined(reply)
+        try:
+            check_not_declined(reply)
+        except DeclinedReply as exc:
+            self.declines.append(Decline(node, exc.device_id, exc.reason))
+            raise
         metrics = read_metrics(reply)
         spend = take_privacy_spend(reply, metrics)
         try:

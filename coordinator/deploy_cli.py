@@ -8,6 +8,7 @@ launched on the SuperLink through Flower's Control API.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -170,8 +171,8 @@ def status(
         float, typer.Option("--every", min=1.0, max=3600.0, help="Seconds between redraws with --watch.")
     ] = 5.0,
 ) -> None:
-    """Show the round in progress, devices (online, version, last seen, ε spent), recent rounds and
-    versions, and runs."""
+    """Show the round in progress, devices (online, version, last seen, ε spent, eligible or why not,
+    accelerator, memory, last decline), recent rounds and versions, and runs."""
     host = load_host_config(config).coordinator
     if watch and not as_json:
         _watch_status(host, every)
@@ -200,11 +201,33 @@ def _watch_status(host: CoordinatorHost, every: float) -> None:
 
 
 # How `status` shows a report's keys: headers other than the key with spaces, what goes first when the
-# terminal is narrow, what may wrap; durations are seconds in JSON and "3 min 12 s" on screen.
-_HEADERS = {"epsilon_spent": "ε spent", "elapsed_seconds": "elapsed"}
-_DROP = {"node": 2, "last_seen": 1, "failures": 1, "pending_at": 1, "devices": 1}
-_WRAPPED = {"last_seen", "error", "status"}
-_DURATIONS = {"seconds", "elapsed_seconds"}
+# terminal is narrow, what may wrap; how a value is written on screen where JSON keeps it whole (seconds
+# as "3 min 12 s", bytes as "7.5 GiB", a decline as "r3: why").
+_HEADERS = {
+    "epsilon_spent": "ε spent",
+    "elapsed_seconds": "elapsed",
+    "memory_bytes": "memory",
+    "not_eligible": "why not",
+    "accelerator": "runs on",
+}
+_DROP = {
+    "node": 2,
+    "last_seen": 1,
+    "failures": 1,
+    "pending_at": 1,
+    "devices": 1,
+    "accelerator": 3,
+    "memory_bytes": 3,
+    "last_decline": 2,
+}
+_WRAPPED = {"last_seen", "error", "status", "not_eligible", "last_decline"}
+_SHOWN: dict[str, Callable[[Any], str]] = {
+    "seconds": lambda value: duration(float(value)),
+    "elapsed_seconds": lambda value: duration(float(value)),
+    "memory_bytes": lambda value: _size(int(value)),
+    "last_decline": lambda value: f"r{value['round']}: {value['reason']}",
+    "eligible": lambda value: "yes" if value else "no",
+}
 
 
 def status_view(report: dict[str, list[dict[str, Any]]], watching: float | None = None) -> Group:
@@ -223,7 +246,7 @@ def status_view(report: dict[str, list[dict[str, Any]]], watching: float | None 
             Column(_HEADERS.get(k, k.replace("_", " ")), drop=_DROP.get(k, 0), wrap=k in _WRAPPED)
             for k in keys
         ]
-        cells = [[_cell(row.get(k), duration_key=k in _DURATIONS) for k in keys] for row in rows]
+        cells = [[_cell(row.get(k), _SHOWN.get(k, str)) for k in keys] for row in rows]
         parts.append(fitted_table(columns, cells, width, title.replace("_", " ")))
     if watching:
         parts.append(f"redrawn every {watching:g} s; Ctrl-C to stop")
@@ -277,6 +300,7 @@ def fleet_status(host: CoordinatorHost) -> dict[str, list[dict[str, Any]]]:
                 "epsilon_spent": round(latest_epsilon[device.device_id], 3)
                 if device.device_id in latest_epsilon
                 else None,
+                **_eligibility(update),
             }
         )
     current = CurrentRound.of(storage.ledgers.phases(last_rounds=1))
@@ -331,12 +355,37 @@ def _last_seen(node: dict[str, Any], update: DeviceUpdateInfo | None) -> Any:
     return update.reported_at if update else "-"
 
 
+def _eligibility(update: DeviceUpdateInfo | None) -> dict[str, Any]:
+    """Whether the device may train now (None: it never reported), why not, on what, and its last
+    decline; a device from before contract 6 reports no accelerator or memory."""
+    if update is None:
+        return dict.fromkeys(("eligible", "not_eligible", "accelerator", "memory_bytes", "last_decline"))
+    last_decline = None
+    if update.declined_round is not None:
+        last_decline = {"round": update.declined_round, "reason": update.declined_reason}
+    return {
+        "eligible": update.eligible,
+        "not_eligible": update.eligibility_reason if not update.eligible else None,
+        "accelerator": update.accelerator,
+        "memory_bytes": update.memory_bytes,
+        "last_decline": last_decline,
+    }
+
+
 def _accuracy(metrics: dict[str, Any]) -> dict[str, Any]:
     keys = ("central_accuracy", "federated_eval_accuracy")
     return {k: round(float(metrics[k]), 4) for k in keys if k in metrics}
 
 
-def _cell(value: Any, *, duration_key: bool = False) -> str:
+def _cell(value: Any, show: Callable[[Any], str]) -> str:
     if value is None or value == "":
         return "-"
-    return duration(float(value)) if duration_key else str(value)
+    return show(value)
+
+
+def _size(count: int) -> str:
+    """``512 B``, ``1000 MiB``, ``7.5 GiB``: bytes as a person reads them (one decimal at most)."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= scale:
+            return f"{count / scale:.1f}".removesuffix(".0") + f" {unit}"
+    return f"{count} B"

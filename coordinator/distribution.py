@@ -4,7 +4,8 @@ Two exchanges, each bounded by a deadline: a status query (the device answers wi
 active version), then one message per device carrying the package from that version to the newest
 (the full adapter when the device has none, or holds a version of another lineage). Packages are
 built once per starting version and reused from SQL while unexpired. Each device's answer (applied,
-or rejected with the reason) is recorded in ``device_updates``.
+or rejected with the reason) is recorded in ``device_updates``, with what its status answer said of
+its drift, its gates (eligible, or why not) and its capability (:func:`read_status_report`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -25,10 +26,12 @@ from fleetlora.common.package import PACKAGE
 from fleetlora.coordinator.exchange import exchange
 from fleetlora.coordinator.identities import read_device_id
 from fleetlora.coordinator.packages import PackagePolicy, build_package
-from fleetlora.coordinator.storage import PackageInfo, Storage, VersionInfo
+from fleetlora.coordinator.storage import PackageInfo, StatusReport, Storage, VersionInfo
 
 APPLY_STATUSES = ("applied", "current", "rejected", "failed")  # what a device may answer to a package
 MAX_REASON = 500  # characters of a device's reason kept
+ACCELERATORS = frozenset({"cuda", "mps", "xpu", "cpu"})  # where a device may say it trains
+MAX_MEMORY_BYTES = 2**50  # 1 PiB: a larger memory budget is a lie, not a device
 
 
 @dataclass
@@ -90,7 +93,7 @@ class Distributor:
         outcome = DistributionOutcome(target=target.id)
         config = ConfigRecord({records.TENANT: self.tenant, records.CONTRACT_VERSION: records.CONTRACT})
         holding: dict[int, Holding] = {}  # node → what its device reports holding
-        wants: dict[str, bool] = {}  # device id → its new records drifted (corpus devices only)
+        reports: dict[str, StatusReport] = {}  # device id → its drift, gates and capability
         status_messages = [self._message(node, records.QUERY_UPDATE_STATUS, config, None) for node in nodes]
         for reply in exchange(self.grid, status_messages, started + self.timeout):
             if reply.has_error():
@@ -105,7 +108,7 @@ class Distributor:
                 outcome.statuses["impostor"] += 1  # would repoint another device's row: not recorded
                 continue
             holding[reply.metadata.src_node_id] = held
-            wants[held.device_id] = answer.get(records.WANTS_TRAIN) is True
+            reports[held.device_id] = read_status_report(answer)
         offers = []
         for node, held in holding.items():
             if held.version == target.id:
@@ -152,7 +155,7 @@ class Distributor:
             self._record(node, after, status, reason)
             if answered:
                 answered(outcome.statuses["current"] + outcome.statuses["applied"])
-        self.storage.devices.record_wants_train(wants)
+        self.storage.devices.record_status_reports(reports)
         outcome.statuses["no-answer"] += len(nodes) - sum(outcome.statuses.values())
         outcome.statuses = +outcome.statuses  # drop zero counts
         outcome.seconds = time.monotonic() - started
@@ -215,3 +218,21 @@ class Holding:
         if type(sequence) is not int or sequence < 0:
             return None
         return cls(device, version, sequence)
+
+
+def read_status_report(answer: Mapping[str, object]) -> StatusReport:
+    """What a status answer says beyond the version, each value checked on its own: one of the wrong
+    type or range counts as not said (eligible; no reason, accelerator or memory), as from a device
+    before contract 6, rather than refusing the version it reported."""
+    eligible = answer.get(records.ELIGIBLE)
+    reason = answer.get(records.NOT_ELIGIBLE)
+    accelerator = answer.get(records.ACCELERATOR)
+    memory = answer.get(records.MEMORY_BYTES)
+    said_no = eligible is False  # a bool, not a falsy 0 or ""
+    return StatusReport(
+        wants_train=answer.get(records.WANTS_TRAIN) is True,
+        eligible=not said_no,
+        eligibility_reason=reason[:MAX_REASON] if said_no and isinstance(reason, str) and reason else None,
+        accelerator=accelerator if isinstance(accelerator, str) and accelerator in ACCELERATORS else None,
+        memory_bytes=memory if type(memory) is int and 0 <= memory <= MAX_MEMORY_BYTES else None,
+    )

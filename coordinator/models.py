@@ -6,8 +6,9 @@ included; ``round_phases`` each round's phases while it runs; ``optimizer_states
 optimizer's moments after each version; ``privacy_ledger`` each DP device's cumulative ε after each
 round it trained; ``devices`` the enrolled devices' public signing keys; ``lineages`` each lineage's
 model; ``update_packages`` the signed packages built; ``device_updates`` the version each device
-last reported; ``key_sets`` each tenant's key-knowledge sets, ``version_key_scores`` each version's
-score on them and ``version_holds`` the versions the retention gate held back (coordinator/retention.py).
+last reported, its eligibility and capability, and its last decline; ``key_sets`` each tenant's
+key-knowledge sets, ``version_key_scores`` each version's score on them and ``version_holds`` the
+versions the retention gate held back (coordinator/retention.py).
 Rows carry the schema version that wrote them.
 """
 
@@ -26,6 +27,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -264,7 +266,8 @@ class UpdatePackage(SchemaStamped, Base):
 
 
 class DeviceUpdate(SchemaStamped, Base):
-    """The version a device last reported holding, and how its last package offer went."""
+    """The version a device last reported holding, how its last package offer went, whether it may train
+    now and on what, and the last round it declined."""
 
     __tablename__ = "device_updates"
 
@@ -279,6 +282,14 @@ class DeviceUpdate(SchemaStamped, Base):
     )  # its new records drifted (client/corpus/drift.py)
     reason: Mapped[str | None] = mapped_column(String(500))
     reported_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Its gates as its last status reply said (a device from before contract 6 says nothing: eligible),
+    # or not eligible since it declined a train message; and where it trains (client/accelerator.py).
+    eligible: Mapped[bool] = mapped_column(default=True, server_default=true())
+    eligibility_reason: Mapped[str | None] = mapped_column(String(500))  # why not, when not eligible
+    accelerator: Mapped[str | None] = mapped_column(String(16))  # "cuda" | "mps" | "xpu" | "cpu"
+    memory_bytes: Mapped[int | None] = mapped_column(BigInteger)  # the memory its training may use
+    declined_round: Mapped[int | None]  # the last round it declined to train in, and why
+    declined_reason: Mapped[str | None] = mapped_column(String(500))
 
 
 class DeviceFlag(SchemaStamped, Base):

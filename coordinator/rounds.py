@@ -3,13 +3,14 @@
 Each round (:meth:`Federation._round`):
 
 1. **sample**: wait (until the deadline) for at least ``min-devices`` connected devices and draw up
-   to ``devices-per-round`` of them by device id, devices that want to train first (:mod:`.sampling`:
-   seeded, one seed trains one schedule; or from the OS's entropy);
+   to ``devices-per-round`` of them by device id, devices that want to train first and those known not
+   to be eligible last (:mod:`.sampling`: seeded, one seed trains one schedule; or from the OS's entropy);
 2. **configure**: the round's instructions, how its uploads are opened (plain arrays, or sealed) and
    how accepted deltas are averaged (FedAvg, wrapped in central DP when it is on);
 3. **exchange**: send each sampled device the global adapter and fold replies into the aggregator
    (:mod:`.aggregation`, every check of a reply) as they arrive, until all are in or the deadline
-   passes; the devices' privacy spend goes to the ledger whatever happens next;
+   passes; the devices' privacy spend goes to the ledger, and each decline to its device's row (not
+   eligible, so sampled last until its next status reply), whatever happens next;
 4. **aggregate**: with at least ``min-devices`` valid deltas, release the mean delta and take a
    server-optimizer step (plain FedAvg adds it); otherwise record a failed round and keep the version;
 5. **evaluate** the candidate adapter: on the participants' held-out text (federated; its own
@@ -394,8 +395,13 @@ class Federation:
         return None
 
     def _sample(self, number: int, online: list[int], deadline: float) -> list[int]:
-        wanting = self.storage.devices.wanting_nodes() if self.distributor else set()
-        return self.sampler.draw(number, online, wanting, deadline)
+        # Both come from the status replies the distributor records: none without it.
+        if self.distributor is None:
+            return self.sampler.draw(number, online, set(), deadline)
+        devices = self.storage.devices
+        return self.sampler.draw(
+            number, online, devices.wanting_nodes(), deadline, ineligible=devices.ineligible_nodes()
+        )
 
     def _configure(self, number: int, parent: VersionInfo) -> Instructions:
         return Instructions(
@@ -463,8 +469,9 @@ class Federation:
             aggregator.add(reply)
             self.progress.advance(answered)
         aggregator.mark_missing(sampled)
-        # Spent whether or not the round reaches its quorum, so recorded before the check.
+        # Spent (or declined) whether or not the round reaches its quorum, so recorded before the check.
         self.storage.ledgers.record_privacy(self.lineage, instructions.round, aggregator.privacy)
+        self.storage.devices.record_declines(instructions.round, aggregator.declines)
         return aggregator
 
     def _evaluate(

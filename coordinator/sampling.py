@@ -2,13 +2,14 @@
 
 When more devices are online than a round takes, the draw orders the online nodes by device id
 (:mod:`.identities`; nodes not known yet are asked), puts the devices whose new records drifted
-first (while they are not above their fair share of rounds: :meth:`Sampler.draw`), and shuffles each
+first (while they are not above their fair share of rounds: :meth:`Sampler.draw`) and those known not
+to be eligible (a gate closed, or a decline since their last status reply) last, and shuffles each
 group with the round's generator:
 
 - ``sampling = "seeded"`` (the table's default, so every simulation): ``random.Random(f"{seed}:{round}")``.
-  The round's devices are then a pure function of (seed, round, the eligible device ids, those that
-  want to train), whatever node ids Flower drew: two runs, or two arms of a benchmark, with one seed
-  train the same partitions in the same rounds.
+  The round's devices are then a pure function of (seed, round, the device ids online outside
+  quarantine, those that want to train, those not eligible), whatever node ids Flower drew: two runs,
+  or two arms of a benchmark, with one seed train the same partitions in the same rounds.
 - ``sampling = "random"`` (what ``fleetlora coordinator round start`` sends unless the host's
   ``[federation]`` asks for ``seeded``): ``random.SystemRandom()``, the OS's entropy. Nobody who knows
   the run config can predict who trains when, which the central-DP accountant's amplification by
@@ -40,13 +41,25 @@ class Sampler:
         self._drawn: dict[int, int] = {}  # node → rounds it was drawn in, this run
         self._fair_share = 0.0  # the rounds an average device was due this run: Σ count / online
 
-    def draw(self, round_number: int, online: list[int], wanting: set[int], deadline: float) -> list[int]:
-        """Up to ``count`` of ``online``, ``wanting`` first; unknown ids are asked until ``deadline``.
+    def draw(
+        self,
+        round_number: int,
+        online: list[int],
+        wanting: set[int],
+        deadline: float,
+        *,
+        ineligible: Collection[int] = (),
+    ) -> list[int]:
+        """Up to ``count`` of ``online``, ``wanting`` first, ``ineligible`` last; unknown ids are asked
+        until ``deadline``.
 
         Wanting to train (a device's unauthenticated report that its records drifted) moves a device
         earlier, never above its fair share: while it was drawn in fewer rounds than an average
         device was due it goes first, and once it is at or above that share it goes last, so a device
-        that always says it wants is drawn as often as the rest, give or take one round.
+        that always says it wants is drawn as often as the rest, give or take one round. A device not
+        eligible (it said a gate is closed, or declined since) goes after all of them, wanting or not:
+        it would likely decline, but is still drawn when too few others are online, since it may have
+        become eligible since it last said.
         """
         if len(online) <= self.count:
             return list(online)
@@ -55,7 +68,15 @@ class Sampler:
         self._fair_share += self.count / len(online)
         behind = {node for node in wanting if self._drawn.get(node, 0) < self._fair_share}
         rng = random.SystemRandom() if self.seed is None else random.Random(f"{self.seed}:{round_number}")
-        drawn = sample_devices(online, self.count, behind, rng, name=names.__getitem__, last=wanting - behind)
+        drawn = sample_devices(
+            online,
+            self.count,
+            behind,
+            rng,
+            name=names.__getitem__,
+            last=wanting - behind,
+            ineligible=ineligible,
+        )
         for node in drawn:  # by node: the SuperLink proves it; a name is only what the device says
             self._drawn[node] = self._drawn.get(node, 0) + 1
         return drawn
@@ -63,9 +84,10 @@ class Sampler:
     def participations(self, online: list[int], rounds: range, deadline: float) -> dict[int, int]:
         """How many of ``rounds`` each online device is planned to train in, if the fleet stays as it is.
 
-        Seeded: replayed exactly from the draws (without drift, which nobody can foresee); random: the
-        expected count, rounded up. A device's DP noise is planned for this (docs/security.md): a
-        device that is sampled more often than planned stops when its records are spent, never later.
+        Seeded: replayed exactly from the draws (without drift or eligibility, which nobody can
+        foresee); random: the expected count, rounded up. A device's DP noise is planned for this
+        (docs/security.md): a device that is sampled more often than planned stops when its records are
+        spent, never later.
         """
         if len(online) <= self.count:
             return dict.fromkeys(online, len(rounds))
@@ -97,18 +119,23 @@ def sample_devices(
     *,
     name: Callable[[int], str] | None = None,
     last: Collection[int] = (),
+    ineligible: Collection[int] = (),
 ) -> list[int]:
-    """``count`` of the ``online`` nodes, at random: those in ``wanting`` first, those in ``last`` last.
+    """``count`` of the ``online`` nodes, at random: those in ``wanting`` first, those in ``last`` after
+    the rest, and those in ``ineligible`` after everyone (in ``wanting`` or ``last`` too).
 
     The nodes are sorted by ``name`` (ties, two nodes claiming one name, by node id; without
     ``name``, by node id) before ``rng`` shuffles each group, so the draw depends on the set of names
-    and not on the order the nodes came in or on their ids.
+    and not on the order the nodes came in or on their ids. An empty group draws nothing from ``rng``,
+    so a fleet with no ineligible device is drawn as it was before eligibility existed.
     """
     ordered = sorted(online, key=(lambda node: (name(node), node)) if name else None)
+    eligible = [node for node in ordered if node not in ineligible]
     groups = [
-        [node for node in ordered if node in wanting],
-        [node for node in ordered if node not in wanting and node not in last],
-        [node for node in ordered if node in last and node not in wanting],
+        [node for node in eligible if node in wanting],
+        [node for node in eligible if node not in wanting and node not in last],
+        [node for node in eligible if node in last and node not in wanting],
+        [node for node in ordered if node in ineligible],
     ]
     for group in groups:
         rng.shuffle(group)

@@ -40,7 +40,12 @@ class DuplicateReply(RejectedReply):
 
 
 class DeclinedReply(RejectedReply):
-    """The device chose not to train (a DP device past its budget) and said why."""
+    """The device chose not to train (a DP device past its budget, a gate closed) and said why."""
+
+    def __init__(self, reason: str, device_id: str | None) -> None:
+        super().__init__(f"declined: {reason}")
+        self.reason = reason
+        self.device_id = device_id  # the id the reply claims: a label, proving nothing
 
 
 class DeviceFailed(RejectedReply):
@@ -85,9 +90,10 @@ def _reply_config(reply: Message) -> Mapping[str, object]:
 
 
 def check_not_declined(reply: Message) -> None:
-    declined = _reply_config(reply).get(records.DECLINED)
+    config = _reply_config(reply)
+    declined = config.get(records.DECLINED)
     if declined:
-        raise DeclinedReply(f"declined: {declined}")
+        raise DeclinedReply(str(declined), read_device_id(config))
 
 
 DEVICE_METRIC = re.compile(r"(train|dp|eval)_[a-z0-9_]{1,58}")  # what a device may report (client_app.py)

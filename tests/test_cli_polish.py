@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.cells import cell_len
 from typer.testing import CliRunner
 
@@ -29,7 +30,7 @@ from fleetlora.common.model import build_model
 from fleetlora.common.terminal import console
 from fleetlora.coordinator.deploy_cli import status_view
 from fleetlora.coordinator.packages import PackagePolicy, build_package
-from fleetlora.coordinator.storage import NewVersion, Storage
+from fleetlora.coordinator.storage import Decline, NewVersion, StatusReport, Storage
 from tests.client.update_harness import TENANT, make_fleet
 from tests.conftest import POSTGRES_ADMIN_URL
 
@@ -368,3 +369,47 @@ def test_status_shows_the_round_in_progress_with_a_bar_and_in_json(fleet_db: Pat
     assert "━" in shown.splitlines()[0]  # the bar
     ((headers, rows), *_) = tables(shown)
     assert headers[:2] == ["round", "phase"] and rows[0][:4] == ["4", "training", "3", "5"]
+
+
+def test_status_shows_each_devices_eligibility_capability_and_last_decline(fleet_db: Path, db_url: str):
+    devices = Storage.open(db_url, TENANT).devices
+    devices.enroll("phone-2", TENANT, Ed25519PrivateKey.generate().public_key())
+    devices.enroll("phone-3", TENANT, Ed25519PrivateKey.generate().public_key())  # never reported
+    for device, node in ((DEVICE, 101), ("phone-2", 102)):
+        devices.record_update(device, tenant=TENANT, node_id=node, status="current", reason=None)
+    devices.record_status_reports(
+        {
+            DEVICE: StatusReport(accelerator="cuda", memory_bytes=int(7.5 * 2**30)),
+            "phone-2": StatusReport(accelerator="cpu", memory_bytes=768 * 2**20),
+        }
+    )
+    devices.record_declines(5, [Decline(102, "phone-2", "on battery (34%)")])
+    keys = ("eligible", "not_eligible", "accelerator", "memory_bytes", "last_decline")
+
+    report = json.loads(invoke("coordinator", "status", "--config", str(fleet_db), "--json"))
+    rows = {row["device"]: [row[k] for k in keys] for row in report["devices"]}
+    wide = invoke("coordinator", "status", "--config", str(fleet_db), env={"COLUMNS": "200"})
+    narrow = invoke("coordinator", "status", "--config", str(fleet_db))
+
+    assert rows == {
+        DEVICE: [True, None, "cuda", int(7.5 * 2**30), None],
+        "phone-2": [
+            False,
+            "on battery (34%)",
+            "cpu",
+            768 * 2**20,
+            {"round": 5, "reason": "on battery (34%)"},
+        ],
+        "phone-3": [None, None, None, None, None],
+    }
+    ((headers, shown),) = [(h, r) for h, r in tables(wide) if h[0] == "device"]
+    columns = [
+        headers.index(h) for h in ("device", "eligible", "why not", "runs on", "memory", "last decline")
+    ]
+    assert [[row[i] for i in columns] for row in shown] == [
+        [DEVICE, "yes", "-", "cuda", "7.5 GiB", "-"],
+        ["phone-2", "no", "on battery (34%)", "cpu", "768 MiB", "r5: on battery (34%)"],
+        ["phone-3", "-", "-", "-", "-", "-"],
+    ]
+    ((headers, _),) = [(h, r) for h, r in assert_fits(narrow) if h[0] == "device"]
+    assert {"eligible", "why not"} <= set(headers)  # kept at 100 columns; capability goes first

@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from fleetlora.coordinator.db import Database
 from fleetlora.coordinator.storage.audit import AuditStore
 from fleetlora.coordinator.storage.devices import (
+    Decline,
     DeviceInfo,
     DeviceKey,
     DeviceStore,
     DeviceUpdateInfo,
     QuarantineInfo,
+    StatusReport,
 )
 from fleetlora.coordinator.storage.key_sets import KeySetInfo, KeySetStore
 from fleetlora.coordinator.storage.ledgers import (
@@ -45,6 +47,7 @@ from fleetlora.coordinator.storage.versions import (
 
 __all__ = [
     "AuditStore",
+    "Decline",
     "DeviceInfo",
     "DeviceKey",
     "DeviceStore",
@@ -63,6 +66,7 @@ __all__ = [
     "RoundInfo",
     "RoundReport",
     "ServerOptimizerState",
+    "StatusReport",
     "Storage",
     "VersionInfo",
     "VersionStore",

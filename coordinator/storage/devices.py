@@ -3,7 +3,9 @@
 An enrolled device's Ed25519 public key is what every sealed upload from it must verify against;
 its SuperNode's Flower node id, once registered, is the only node its uploads may come from. The
 update reports (``device_updates``) hold the version each device last said it holds, how its last
-package offer went, and whether its new records drifted so that it wants to train. Anomaly flags
+package offer went, whether its new records drifted so that it wants to train, whether its gates let
+it train (closed since it declined a train message, until its next status reply), where it trains, and
+the last round it declined. Anomaly flags
 (``device_flags``) and the quarantine (``quarantine``) keep a repeatedly flagged device out of sampling
 until an operator releases it (coordinator/quarantine.py); both tables are append-only but for the
 release, which is written on the quarantine's own row.
@@ -60,6 +62,34 @@ class DeviceUpdateInfo:
     wants_train: bool  # its new records drifted (client/corpus/drift.py)
     reason: str | None
     reported_at: datetime
+    eligible: bool  # its gates were open when it last said, and it has not declined since
+    eligibility_reason: str | None  # why not, when not eligible
+    accelerator: str | None  # "cuda" | "mps" | "xpu" | "cpu"; None: not said (a device before contract 6)
+    memory_bytes: int | None  # the memory its training may use; None: not said
+    declined_round: int | None  # the last round it declined to train in
+    declined_reason: str | None  # and why
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """A status reply's word on a device beyond its version, read as untrusted input
+    (coordinator/distribution.py): a device from before contract 6 says only ``wants_train``."""
+
+    wants_train: bool = False
+    eligible: bool = True
+    eligibility_reason: str | None = None
+    accelerator: str | None = None
+    memory_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class Decline:
+    """A train reply that declined: the node the SuperLink proved it came from, the device id it
+    claims (a label, proving nothing), and the device's reason."""
+
+    node_id: int
+    device_id: str | None
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -163,19 +193,51 @@ class DeviceStore(TenantScoped):
                 row.version_id, row.sequence = version_id, sequence
             session.add(row)
 
-    def record_wants_train(self, wants: Mapping[str, bool]) -> None:
-        """Store whether each reporting device wants to train; devices never reported on are skipped."""
+    def record_status_reports(self, reports: Mapping[str, StatusReport]) -> None:
+        """Store what each reporting device said of its drift, gates and capability (its word on its
+        gates replaces a decline's mark); devices never reported on are skipped."""
         with self.db.session() as session:
-            for device_id, flag in wants.items():
+            for device_id, report in reports.items():
                 row = session.get(DeviceUpdate, device_id)
-                if row is not None and self.tenant in (None, row.tenant):
-                    row.wants_train = flag
+                if row is None or self.tenant not in (None, row.tenant):
+                    continue
+                row.wants_train, row.eligible = report.wants_train, report.eligible
+                reason = report.eligibility_reason if not report.eligible else None
+                row.eligibility_reason = reason[:REASON_CHARS] if reason else None
+                row.accelerator, row.memory_bytes = report.accelerator, report.memory_bytes
+
+    def record_declines(self, round_number: int, declines: Sequence[Decline]) -> None:
+        """Keep each decline on its device's row and mark the device not eligible, with the device's
+        reason, until its next status reply says otherwise.
+
+        By the node the SuperLink proved, as :meth:`wanting_nodes` reads: a decline lands only on rows
+        a status reply from that node wrote, and when it names a device, only on that device's row
+        (so no node can mark another node's device); a device with no row yet is not recorded.
+        """
+        if not declines:
+            return  # most rounds: no write transaction taken
+        with self.db.session() as session:
+            for decline in declines:
+                query = select(DeviceUpdate).where(
+                    DeviceUpdate.node_id == str(decline.node_id), self.is_tenant(DeviceUpdate.tenant)
+                )
+                if decline.device_id is not None:
+                    query = query.where(DeviceUpdate.device_id == decline.device_id)
+                reason = decline.reason[:REASON_CHARS]
+                for row in session.scalars(query):
+                    row.declined_round, row.declined_reason = round_number, reason
+                    row.eligible, row.eligibility_reason = False, reason
 
     def wanting_nodes(self) -> set[int]:
         """Nodes whose device last said its new records drifted: sampled first in the next round."""
-        query = select(DeviceUpdate.node_id).where(
-            DeviceUpdate.wants_train.is_(True), self.is_tenant(DeviceUpdate.tenant)
-        )
+        return self._nodes_where(DeviceUpdate.wants_train.is_(True))
+
+    def ineligible_nodes(self) -> set[int]:
+        """Nodes whose device last said a gate is closed, or declined since: sampled last."""
+        return self._nodes_where(DeviceUpdate.eligible.is_(False))
+
+    def _nodes_where(self, condition: ColumnElement[bool]) -> set[int]:
+        query = select(DeviceUpdate.node_id).where(condition, self.is_tenant(DeviceUpdate.tenant))
         with self.db.session() as session:
             return {int(node) for node in session.scalars(query)}
 

@@ -11,7 +11,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fleetlora.common.package import Manifest
-from fleetlora.coordinator.storage import NewVersion, Storage
+from fleetlora.coordinator.storage import NewVersion, StatusReport, Storage
 from fleetlora.coordinator.storage.ledgers import PrivacySpend
 
 TENANT = "fleet-a"
@@ -86,7 +86,7 @@ def fill(db_url: str, *, devices: int = 0) -> Fleet:
             version_id=ids[3],
             sequence=3,
         )
-    storage.devices.record_wants_train({"dev-1": True})
+    storage.devices.record_status_reports({"dev-1": StatusReport(wants_train=True)})
     storage.devices.flag(LINEAGE, 3, [("dev-2", "norm above cap")], quarantine_after=0)
     storage.devices.flag(LINEAGE, 3, [("dev-3", "norm above cap")], quarantine_after=1)
     storage.packages.add(_manifest(ids[2], ids[3]), b"p" * 4_500_000, cap=0.1, build_seconds=0.8)

@@ -26,7 +26,7 @@ from fleetlora.coordinator.central_dp import (
     CentralDPRound,
     CentralDPSettings,
 )
-from fleetlora.coordinator.storage import DeviceKey
+from fleetlora.coordinator.storage import Decline, DeviceKey
 from fleetlora.coordinator.uploads import SealedUploads, open_plain
 
 GLOBAL: State = {"w": torch.zeros(4), "b": torch.zeros(2)}
@@ -144,6 +144,30 @@ def test_a_hostile_reply_is_dropped_with_its_reason_and_nothing_of_it_is_folded(
     assert drop.node_id == 1 and drop.reason.startswith(reason)
     assert aggregator.participants == {2: 4}
     assert torch.equal(aggregator.release(sampled=2, online=2).delta["w"], torch.ones(4))
+
+
+def test_a_decline_is_kept_with_its_node_the_device_it_names_and_its_reason():
+    aggregator = _plain()
+    declines = {
+        1: {records.DEVICE_ID: "phone-1", records.DECLINED: "on battery (34%)"},
+        2: {records.DECLINED: "too hot"},  # names no device
+        3: {records.DEVICE_ID: "x" * 500, records.DECLINED: "a name too long to be one"},
+    }
+    for node, config in declines.items():
+        aggregator.add(_reply(node, RecordDict({records.CONFIG: ConfigRecord(config)})))
+    aggregator.add(_train_reply(4, _delta(1.0)))
+
+    assert aggregator.declines == [
+        Decline(1, "phone-1", "on battery (34%)"),
+        Decline(2, None, "too hot"),
+        Decline(3, None, "a name too long to be one"),
+    ]
+    assert _reasons(aggregator) == [
+        "declined: on battery (34%)",
+        "declined: too hot",
+        "declined: a name too long to be one",
+    ]
+    assert aggregator.participants == {4: 4}
 
 
 def test_a_second_reply_from_the_same_node_is_dropped():

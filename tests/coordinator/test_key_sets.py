@@ -278,7 +278,7 @@ def test_a_0008_database_is_upgraded_and_its_versions_read_unscored_and_not_held
                  "adapter_bytes, metrics, created_at, schema_version) "
                  "VALUES ('L', 0, 'b', x'00', 'a', 1, '{}', CURRENT_TIMESTAMP, 1)")
         )  # fmt: skip
-    assert upgrade(engine) == "0009"
+    assert upgrade(engine) == "0010"
     engine.dispose()
 
     storage = Storage.open(sqlite_url)

@@ -60,11 +60,36 @@ def test_an_older_schema_is_upgraded_in_place(db_url: str):
             text("INSERT INTO devices (device_id, tenant, public_key_pem, enrolled_at, schema_version) "
                  "VALUES ('d1', 'default', 'pem', CURRENT_TIMESTAMP, 1)")
         )  # fmt: skip
-    assert upgrade(engine) == "0009"
+    assert upgrade(engine) == "0010"
     with engine.connect() as connection:
         rows = connection.execute(text("SELECT device_id, node_id FROM devices")).all()
     assert [tuple(r) for r in rows] == [("d1", None)]  # kept, with the new column empty
     engine.dispose()
+
+
+def test_device_reports_of_a_0009_database_read_eligible_with_nothing_else_known(db_url: str):
+    engine = create_engine(db_url)
+    with engine.begin() as connection:
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0009")
+        connection.execute(
+            text("INSERT INTO device_updates (device_id, tenant, node_id, sequence, status, wants_train, "
+                 "reported_at, schema_version) VALUES ('d1', 'default', '101', 0, 'current', false, "
+                 "CURRENT_TIMESTAMP, 1)")
+        )  # fmt: skip
+    assert upgrade(engine) == "0010"
+    engine.dispose()
+
+    devices = Storage.open(db_url).devices
+    (update,) = devices.updates()
+    assert (update.eligible, update.eligibility_reason, update.accelerator, update.memory_bytes) == (
+        True, None, None, None,
+    )  # fmt: skip
+    assert (update.declined_round, update.declined_reason) == (None, None)
+    assert devices.ineligible_nodes() == set()
+    devices.db.close()
 
 
 def test_db_upgrade_command(db_url: str):
@@ -76,4 +101,4 @@ def test_db_upgrade_command(db_url: str):
         check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "schema at revision 0009" in done.stdout
+    assert "schema at revision 0010" in done.stdout

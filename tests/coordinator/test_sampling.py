@@ -27,13 +27,20 @@ def _fleet(devices: int, *, node_seed: int, app: ClientApp | None = None, silent
     return grid
 
 
-def _schedule(grid: LocalGrid, *, seed: int | None, count: int = 3, wanting: set[int] = frozenset()):
+def _schedule(
+    grid: LocalGrid,
+    *,
+    seed: int | None,
+    count: int = 3,
+    wanting: set[int] = frozenset(),
+    ineligible: set[int] = frozenset(),
+):
     """The device ids each round samples, in the order drawn."""
     sampler = Sampler(grid, count=count, seed=seed, ttl=5.0)
     online = sorted(grid.node_ids)
     schedule = []
     for number in ROUNDS:
-        drawn = sampler.draw(number, online, set(wanting), time.monotonic() + 1.0)
+        drawn = sampler.draw(number, online, set(wanting), time.monotonic() + 1.0, ineligible=ineligible)
         schedule.append(sampler.named(drawn, online))
     return schedule
 
@@ -181,3 +188,51 @@ def test_a_wish_to_train_from_a_node_that_is_not_online_is_ignored():
     drawn = sampler.draw(1, online, {online[0], 424242}, time.monotonic() + 1.0)
 
     assert len(drawn) == 3 and drawn[0] == online[0]
+
+
+def test_devices_known_not_to_be_eligible_are_drawn_after_everyone_else():
+    """6 devices, 3 a round: the 2 not eligible are never drawn while 4 others are online, even the one
+    that wants to train; with 5 a round, exactly one of them fills the last place."""
+    grid = _fleet(6, node_seed=3)
+    ineligible = {grid.node_ids[4], grid.node_ids[5]}
+    named = {"partition-4", "partition-5"}
+
+    for seed in (*range(10), None):
+        schedule = _schedule(grid, seed=seed, wanting={grid.node_ids[5]}, ineligible=ineligible)
+        assert all(len(devices) == 3 and not named & set(devices) for devices in schedule), seed
+        crowded = _schedule(grid, seed=seed, count=5, ineligible=ineligible)
+        assert all(devices[-1] in named and not named & set(devices[:-1]) for devices in crowded), seed
+
+
+def test_ineligible_devices_are_still_drawn_when_too_few_others_are_online():
+    """They may have become eligible since they said: a round of ineligible devices beats no round."""
+    grid = _fleet(4, node_seed=6)
+
+    schedule = _schedule(grid, seed=1, count=3, ineligible=set(grid.node_ids[1:]))
+    everyone = _schedule(grid, seed=1, count=3, ineligible=set(grid.node_ids))
+
+    assert all(devices[0] == "partition-0" and len(devices) == 3 for devices in schedule)
+    assert all(len(set(devices)) == 3 for devices in everyone)
+
+
+def test_a_seeded_draw_with_ineligible_devices_is_a_function_of_their_names_not_node_ids():
+    first, second = _fleet(6, node_seed=1), _fleet(6, node_seed=2)
+
+    schedules = [
+        _schedule(grid, seed=4, wanting={grid.node_ids[1]}, ineligible={grid.node_ids[0], grid.node_ids[3]})
+        for grid in (first, second, first)
+    ]
+
+    assert schedules[0] == schedules[1] == schedules[2]
+    assert "partition-0" not in {d for devices in schedules[0] for d in devices}
+
+
+def test_sample_devices_puts_the_ineligible_after_the_last_and_consumes_no_randomness_without_them():
+    online, last, ineligible = [1, 2, 3, 4, 5, 6], {2, 3}, {3, 4}
+
+    drawn = sample_devices(online, 6, {1, 4}, random.Random("7:1"), last=last, ineligible=ineligible)
+
+    # wanting (1; 4 is not eligible), the rest (5, 6), last (2), then the ineligible (3 and 4)
+    assert drawn[0] == 1 and set(drawn[1:3]) == {5, 6} and drawn[3] == 2 and set(drawn[4:]) == {3, 4}
+    without = sample_devices(online, 6, {1}, random.Random("7:1"), last={2})
+    assert without == sample_devices(online, 6, {1}, random.Random("7:1"), last={2}, ineligible=())

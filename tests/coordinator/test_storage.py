@@ -10,9 +10,11 @@ from fleetlora.common.delta import serialize, sha256_hex
 from fleetlora.common.errors import ConfigError, CorruptVersionError, FleetloraError
 from fleetlora.coordinator.db import Database
 from fleetlora.coordinator.storage import (
+    Decline,
     NewVersion,
     RoundReport,
     ServerOptimizerState,
+    StatusReport,
     Storage,
     VersionStore,
 )
@@ -178,7 +180,7 @@ def test_enrolment_keys_and_update_reports(db_url: str):
         "d1", tenant="acme", node_id=101, status="applied", reason=None, version_id=4, sequence=4
     )
     devices.record_update("d1", tenant="acme", node_id=101, status="failed", reason="x" * 600)
-    devices.record_wants_train({"d1": True, "never-reported": True})
+    devices.record_status_reports({"d1": StatusReport(wants_train=True), "never-reported": StatusReport()})
     (update,) = devices.updates()
     assert (update.version_id, update.sequence, update.status) == (
         4,
@@ -187,6 +189,53 @@ def test_enrolment_keys_and_update_reports(db_url: str):
     )  # what it last said it held
     assert update.reason == "x" * 500 and update.wants_train
     assert devices.wanting_nodes() == {101}
+
+
+def test_eligibility_capability_and_declines_round_trip(db_url: str):
+    devices = Storage.open(db_url).devices
+    for device, node in (("d1", 101), ("d2", 102)):
+        devices.record_update(device, tenant="acme", node_id=node, status="current", reason=None)
+    # Reported before any status said more (a device before contract 6): eligible, nothing known.
+    assert {(u.eligible, u.accelerator, u.memory_bytes, u.declined_round) for u in devices.updates()} == {
+        (True, None, None, None)
+    }
+
+    devices.record_status_reports(
+        {
+            "d1": StatusReport(accelerator="cuda", memory_bytes=6 * 2**40),  # over 32 bits: a BigInteger
+            "d2": StatusReport(eligible=False, eligibility_reason="x" * 600, accelerator="cpu"),
+            "never-reported": StatusReport(eligible=False),  # no row: not made from a status alone
+        }
+    )
+    d1, d2 = devices.updates()
+    assert (d1.eligible, d1.eligibility_reason) == (True, None)
+    assert (d1.accelerator, d1.memory_bytes) == ("cuda", 6 * 2**40)
+    assert (d2.eligible, d2.eligibility_reason, d2.accelerator) == (False, "x" * 500, "cpu")
+    assert devices.ineligible_nodes() == {102}
+
+    devices.record_declines(
+        7,
+        [
+            Decline(101, "d1", "battery at 12%, not charging"),
+            Decline(102, "d1", "forged: node 102 naming d1"),  # d1 reports from 101: lands nowhere
+            Decline(103, None, "a node no device reported from"),
+        ],
+    )
+    d1, d2 = devices.updates()
+    assert (d1.eligible, d1.eligibility_reason) == (False, "battery at 12%, not charging")
+    assert (d1.declined_round, d1.declined_reason) == (7, "battery at 12%, not charging")
+    assert (d1.accelerator, d1.memory_bytes) == ("cuda", 6 * 2**40)  # what it said of itself stays
+    assert (d2.declined_round, d2.eligibility_reason) == (None, "x" * 500)
+    devices.record_declines(8, [Decline(102, None, "too hot")])  # unnamed: by the node alone
+    assert devices.updates()[1].declined_reason == "too hot"
+    assert devices.ineligible_nodes() == {101, 102}
+
+    # Its next status reply, an older device's saying nothing, makes it eligible; the decline is kept.
+    devices.record_status_reports({"d1": StatusReport()})
+    d1 = devices.updates()[0]
+    assert (d1.eligible, d1.eligibility_reason, d1.accelerator, d1.memory_bytes) == (True, None, None, None)
+    assert (d1.declined_round, d1.declined_reason) == (7, "battery at 12%, not charging")
+    assert devices.ineligible_nodes() == {102}
 
 
 def test_no_orm_row_leaves_storage(db_url: str):

@@ -25,6 +25,7 @@ from fleetlora.coordinator.keys import init_keys, load_signing_key
 from fleetlora.coordinator.packages import PackagePolicy, build_package
 from fleetlora.coordinator.rounds import lineage_of
 from fleetlora.coordinator.storage import (
+    Decline,
     DeviceStore,
     KeySetStore,
     LedgerStore,
@@ -32,6 +33,7 @@ from fleetlora.coordinator.storage import (
     PackageStore,
     RoundReport,
     ServerOptimizerState,
+    StatusReport,
     Storage,
     VersionStore,
 )
@@ -84,7 +86,8 @@ def _populate(storage: Storage, tenant: str, tiny_spec: ModelSpec, key: Ed25519P
     for device, node in zip(devices, nodes, strict=True):
         scoped.devices.enroll(device, tenant, Ed25519PrivateKey.generate().public_key(), node_id=node)
         scoped.devices.record_update(device, tenant=tenant, node_id=node, status="current", reason=None)
-    scoped.devices.record_wants_train({devices[0]: True})
+    scoped.devices.record_status_reports({devices[0]: StatusReport(wants_train=True)})
+    scoped.devices.record_declines(1, [Decline(nodes[1], devices[1], "on battery")])
     scoped.devices.flag(lineage, 1, [(devices[1], "norm out of bounds")], quarantine_after=1)
     scoped.ledgers.record_privacy(lineage, 1, [PrivacySpend(devices[0], 1.5, 1e-5, 1.1, 0.01, 10, 0)])
     scoped.ledgers.record_failed_round(
@@ -160,6 +163,11 @@ READERS = {
         for device, node in zip(mine.devices + theirs.devices, mine.nodes + theirs.nodes, strict=True)
         if node in s.devices.wanting_nodes()
     ],
+    "DeviceStore.ineligible_nodes": lambda s, mine, theirs: [
+        device
+        for device, node in zip(mine.devices + theirs.devices, mine.nodes + theirs.nodes, strict=True)
+        if node in s.devices.ineligible_nodes()
+    ],
     "DeviceStore.quarantined": lambda s, mine, theirs: [
         q.device_id for q in s.devices.quarantined(released=True)
     ],
@@ -184,6 +192,7 @@ LISTINGS = {
     "DeviceStore.updates",
     "DeviceStore.quarantined",
     "DeviceStore.wanting_nodes",
+    "DeviceStore.ineligible_nodes",
     "LedgerStore.privacy_ledger",
     "LedgerStore.epsilon_spent",
     "LedgerStore.rounds",
@@ -202,7 +211,8 @@ WRITERS = {
     "PackageStore.add",
     "DeviceStore.enroll",
     "DeviceStore.record_update",
-    "DeviceStore.record_wants_train",
+    "DeviceStore.record_status_reports",
+    "DeviceStore.record_declines",
     "DeviceStore.flag",
     "DeviceStore.release",
     "LedgerStore.record_privacy",
@@ -301,8 +311,12 @@ def test_a_tenant_cannot_write_into_another_tenants_lineage(fleets, tiny_spec: M
     key = load_signing_key(tmp_path / "keys")
     with pytest.raises(FleetloraError, match="No version"):
         build_package(acme, theirs.version_ids[1], theirs.version_ids[0], key, PackagePolicy())
-    acme.devices.record_wants_train({theirs.devices[1]: True})  # another tenant's report: left alone
+    # another tenant's reports and declines, even naming its devices and nodes: left alone
+    acme.devices.record_status_reports({theirs.devices[1]: StatusReport(wants_train=True)})
+    acme.devices.record_declines(9, [Decline(theirs.nodes[0], theirs.devices[0], "forged")])
+    acme.devices.record_declines(9, [Decline(theirs.nodes[0], None, "forged")])
     assert theirs.nodes[1] not in Storage.open(url, "globex").devices.wanting_nodes()
+    assert theirs.nodes[0] not in Storage.open(url, "globex").devices.ineligible_nodes()
     globex = Storage.open(url, "globex")
     their_training = globex.ledgers.phases()[-1]
     acme.ledgers.advance_phase(their_training.id, 2)  # another tenant's phase: left alone
