@@ -30,7 +30,13 @@ from fleetlora.client.device_state import DeviceState, UserConfig
 from fleetlora.client.enroll import signing_key
 from fleetlora.client.gates import Gates, sensors_for
 from fleetlora.client.local_data import CORPUS, corpus_examples, local_examples
-from fleetlora.client.memory import MemoryEstimate, choose_checkpointing, estimate_peak, memory_budget
+from fleetlora.client.memory import (
+    MemoryEstimate,
+    choose_checkpointing,
+    estimate_peak,
+    memory_budget,
+    supports_checkpointing,
+)
 from fleetlora.client.pacing import Pacer, RoundAbandoned, low_priority
 from fleetlora.client.privacy_floor import Declined
 from fleetlora.client.train import Runtime, train_locally
@@ -86,11 +92,7 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
 
     def prepare(message: Message, context: Context) -> MessageJob:
         run_config = run_config_of(context)
-        if not upload_consent(context.node_config, run_config):
-            raise ConsentError(
-                "This device has no upload consent: nothing leaves it. Its owner grants it with "
-                "--node-config 'upload-consent=true'."
-            )
+        check_consent(context, run_config)
         instructions = Instructions.from_record(message.content.config_records[records.CONFIG])
         loaded = cached_model(instructions.spec)
         if loaded.base_sha256 != instructions.base_sha256:
@@ -134,7 +136,8 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
     def train(message: Message, context: Context) -> Message:
         log_to_state_dir(context.node_config)
         identity = ConfigRecord({records.DEVICE_ID: device_id(context)})
-        # The gates first: a device that cannot afford the round declines it before loading anything.
+        check_consent(context, run_config_of(context))  # before the gates: their reasons carry readings
+        # Then the gates: a device that cannot afford the round declines it before loading anything.
         resources = DeviceSettings.from_node_config(context.node_config)
         gates = device_gates(context, resources)
         verdict = gates.look()
@@ -249,7 +252,7 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
         device = DeviceState.locate(context.node_config, run_config)
         reply = ConfigRecord({records.DEVICE_ID: device_id(context)})
         report_active(reply, UpdateSlots(device).active())
-        report_eligibility(reply, context)
+        report_eligibility(reply, context, upload_consent(context.node_config, run_config))
         if uses_corpus(context.node_config, run_config):
             with CorpusStore(device.root / CORPUS_FILE) as store:
                 report = drift.measure(device, store)
@@ -296,16 +299,21 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
     return app
 
 
-def report_eligibility(reply: ConfigRecord, context: Context) -> None:
+def report_eligibility(reply: ConfigRecord, context: Context, consent: bool) -> None:
     """Whether the device would train now (its gates, looked at afresh), and where and in how much memory
-    it would, in a status reply."""
+    it would, in a status reply. Without upload consent it would not, and its gates' readings (load,
+    battery, temperature) stay on the device."""
     resources = DeviceSettings.from_node_config(context.node_config)
-    gates = device_gates(context, resources)
-    verdict = gates.look()
-    gates.save(gates_state(context, resources), verdict, event="status")
-    reply[records.ELIGIBLE] = verdict.open
-    if not verdict.open:
-        reply[records.NOT_ELIGIBLE] = verdict.reason[:500]
+    if not consent:
+        reply[records.ELIGIBLE] = False
+        reply[records.NOT_ELIGIBLE] = "no upload consent"
+    else:
+        gates = device_gates(context, resources)
+        verdict = gates.look()
+        gates.save(gates_state(context, resources), verdict, event="status")
+        reply[records.ELIGIBLE] = verdict.open
+        if not verdict.open:
+            reply[records.NOT_ELIGIBLE] = verdict.reason[:500]
     accelerator = select_accelerator(resources)
     reply[records.ACCELERATOR] = accelerator.kind
     reply[records.MEMORY_BYTES] = memory_budget(resources, accelerator.memory_bytes)
@@ -338,8 +346,10 @@ def gates_state(context: Context, resources: DeviceSettings) -> DeviceState | No
 
 def deadline_of(message: Message) -> float | None:
     """When the SuperLink stops waiting for this message's reply (its time to live), as ``time.time()``."""
-    ttl = message.metadata.ttl
-    return message.metadata.created_at + ttl if ttl and math.isfinite(ttl) else None
+    created, ttl = message.metadata.created_at, message.metadata.ttl
+    if not (math.isfinite(created) and math.isfinite(ttl) and ttl > 0):
+        return None  # no deadline rather than a NaN one, which would never pass
+    return created + ttl
 
 
 def device_runtime(
@@ -360,7 +370,7 @@ def device_runtime(
         )
 
     checkpointing = loaded.spec.regime != "head" and choose_checkpointing(
-        peak_without, resources.gradient_checkpointing, budget
+        peak_without, resources.gradient_checkpointing, budget, supported=supports_checkpointing(loaded.model)
     )
     return Runtime(
         device=accelerator.device,
@@ -466,6 +476,15 @@ def streams(node_config: UserConfig, run_config: UserConfig) -> bool:
     phase (``stream-phases`` > 0)."""
     arriving = int(run_config.get("stream-records", 0) or 0) + int(run_config.get("stream-phases", 0) or 0)
     return "partition-id" in node_config and arriving > 0
+
+
+def check_consent(context: Context, run_config: UserConfig) -> None:
+    """Raise :class:`ConsentError` unless the device's owner lets things leave it."""
+    if not upload_consent(context.node_config, run_config):
+        raise ConsentError(
+            "This device has no upload consent: nothing leaves it. Its owner grants it with "
+            "--node-config 'upload-consent=true'."
+        )
 
 
 def upload_consent(node_config: UserConfig, run_config: UserConfig) -> bool:

@@ -101,8 +101,8 @@ class DeviceState:
         _check_size(path, max_bytes)
         try:
             document = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise IncompatibleStateError(f"{path} is damaged ({exc}).") from exc
+        except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, a number too long, nesting too deep
+            raise IncompatibleStateError(f"{path} is damaged ({str(exc)[:200]}).") from exc
         if not isinstance(document, dict):
             raise IncompatibleStateError(f"{path} is damaged (not a JSON object).")
         return document

@@ -48,6 +48,8 @@ MAX_SENSOR_FILE_BYTES = 64 * 1024
 MAX_GATES_FILE_BYTES = 64 * 1024
 # How far back inside its threshold a value must come before a closed gate reopens.
 REOPEN_MARGIN = {"foreground": 0.15, "battery": 5.0, "temperature": 3.0}
+GATES = frozenset({"foreground", "battery", "temperature", "network", "sensors"})  # what gates.json may close
+MAX_REASON = 500  # characters of a gate's reason kept
 
 
 @dataclass(frozen=True)
@@ -91,8 +93,8 @@ class FileSensors:
             if size > MAX_SENSOR_FILE_BYTES:
                 raise SensorError(f"{size} bytes; a sensor file is at most {MAX_SENSOR_FILE_BYTES}")
             document = json.loads(self.path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SensorError(str(exc)) from exc
+        except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad UTF-8, JSON or numbers
+            raise SensorError(str(exc)[:MAX_REASON]) from exc
         return readings_from(document)
 
 
@@ -159,7 +161,12 @@ class PsutilSensors:
     def _hottest(self) -> float | None:
         reader = getattr(self._psutil, "sensors_temperatures", None)
         sensors = reader() if reader else {}
-        values = [t.current for entries in sensors.values() for t in entries if t.current]
+        values = [
+            t.current
+            for entries in sensors.values()
+            for t in entries
+            if t.current and math.isfinite(t.current)
+        ]
         return max(values) if values else None
 
 
@@ -238,8 +245,8 @@ class Gates:
         """Read the sensors once and decide every gate."""
         try:
             readings = self.sensors.read()
-        except SensorError as exc:
-            self.closed = {"sensors": f"sensors unreadable ({exc})"}
+        except SensorError as exc:  # every gate closes; what the others decided stays for the next look
+            self.closed["sensors"] = f"sensors unreadable ({exc})"[:MAX_REASON]
             return Verdict(dict(self.closed), None)
         self.closed.pop("sensors", None)
         if self.baseline_c is None and readings.temperature_c is not None:
@@ -264,14 +271,16 @@ class Gates:
         if r.foreground_load is None:
             return False, True, ""
         reason = f"foreground load {r.foreground_load:.2f} (pauses above {limit:.2f})"
-        return r.foreground_load > limit, r.foreground_load <= limit - REOPEN_MARGIN["foreground"], reason
+        margin = min(REOPEN_MARGIN["foreground"], limit / 2)  # a low limit must still be reachable
+        return r.foreground_load > limit, r.foreground_load <= limit - margin, reason
 
     def _battery(self, r: Readings) -> tuple[bool, bool, str]:
         floor = self.settings.min_battery_percent
         if not r.on_battery or r.battery_percent is None:  # mains, charging, or no battery at all
             return False, True, ""
         reason = f"on battery at {r.battery_percent:.0f}% (trains on battery above {floor:.0f}%)"
-        return r.battery_percent < floor, r.battery_percent >= floor + REOPEN_MARGIN["battery"], reason
+        margin = min(REOPEN_MARGIN["battery"], (100 - floor) / 2)  # a full battery must still reopen it
+        return r.battery_percent < floor, r.battery_percent >= floor + margin, reason
 
     def _temperature(self, r: Readings) -> tuple[bool, bool, str]:
         if r.temperature_c is None or self.baseline_c is None:
@@ -279,7 +288,8 @@ class Gates:
         limit = self.settings.max_temperature_rise
         rise = r.temperature_c - self.baseline_c
         reason = f"{r.temperature_c:.1f} °C, {rise:+.1f} °C since training began (limit +{limit:g})"
-        return rise > limit, rise <= limit - REOPEN_MARGIN["temperature"], reason
+        margin = min(REOPEN_MARGIN["temperature"], limit / 2)  # cooling to the baseline must reopen it
+        return rise > limit, rise <= limit - margin, reason
 
     def _network(self, r: Readings) -> tuple[bool, bool, str]:
         metered = bool(r.metered) and not self.settings.allow_metered
@@ -291,15 +301,17 @@ class Gates:
     def load(cls, settings: DeviceSettings, sensors: Sensors, device: DeviceState | None) -> Gates:
         """The device's gates with the decision its last look left (a damaged file counts as none).
 
-        The stored temperature baseline is kept only while the temperature gate is closed: otherwise
-        each round's own training starts the count again.
+        The stored temperature baseline is kept only while the temperature (or sensors) gate is closed:
+        otherwise each round's own training starts the count again. Hostile input: only the known gates
+        are taken, each reason cut to ``MAX_REASON``; a gate the device never decides could never reopen.
         """
         kept = _load_kept(device)
         closed = kept.get("closed", {})
         if not isinstance(closed, dict) or not all(isinstance(v, str) for v in closed.values()):
             closed = {}
+        closed = {gate: reason[:MAX_REASON] for gate, reason in closed.items() if gate in GATES}
         baseline = finite_number(kept.get("baseline_c"))
-        keep = "temperature" in closed and baseline is not None
+        keep = not closed.keys().isdisjoint({"temperature", "sensors"}) and baseline is not None
         return cls(settings, sensors, closed=closed, baseline_c=baseline if keep else None)
 
     def save(self, device: DeviceState | None, verdict: Verdict, *, event: str) -> None:

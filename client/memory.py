@@ -55,7 +55,7 @@ def checkpointed(model: PeftModel, on: bool) -> Iterator[None]:
         yield
         return
     backbone = backbone_of(model)
-    if not getattr(backbone, "supports_gradient_checkpointing", False):
+    if not supports_checkpointing(model):
         raise ConfigError(
             f"{type(backbone).__name__} does not support gradient checkpointing: "
             'set gradient-checkpointing = "off" for this device.'
@@ -68,6 +68,11 @@ def checkpointed(model: PeftModel, on: bool) -> Iterator[None]:
     finally:
         backbone.activation_checkpointing_disable()
         backbone.disable_input_require_grads()  # transformers leaves it to PEFT's own integration
+
+
+def supports_checkpointing(model: PeftModel) -> bool:
+    """Whether transformers can checkpoint the backbone's layers (a local model folder may not)."""
+    return bool(getattr(backbone_of(model), "supports_gradient_checkpointing", False))
 
 
 @dataclass(frozen=True)
@@ -141,16 +146,25 @@ def memory_budget(settings: DeviceSettings, total_bytes: int | None = None) -> i
 
 
 def choose_checkpointing(
-    estimate_without: Callable[[], MemoryEstimate], setting: str, budget_bytes: int
+    estimate_without: Callable[[], MemoryEstimate], setting: str, budget_bytes: int, *, supported: bool = True
 ) -> bool:
     """Whether to checkpoint: ``setting`` "on" or "off" as told; "auto" when the peak estimated without
-    checkpointing (``estimate_without``, only called then) exceeds ``budget_bytes``."""
+    checkpointing (``estimate_without``, only called then) exceeds ``budget_bytes`` and the model
+    ``supported`` it (else it trains without, and says so: "on" for such a model is an error later)."""
     if setting not in ("auto", "on", "off"):
         raise ConfigError(f'gradient-checkpointing must be "auto", "on" or "off"; got {setting!r}.')
     if setting != "auto":
         return setting == "on"
     peak = estimate_without().total
     if peak <= budget_bytes:
+        return False
+    if not supported:
+        log.warning(
+            "Estimated training peak %.0f MiB exceeds the memory budget of %.0f MiB, but this model does "
+            "not support gradient checkpointing: training without it.",
+            peak / MIB,
+            budget_bytes / MIB,
+        )
         return False
     log.info(
         "Estimated training peak %.0f MiB exceeds the memory budget of %.0f MiB: gradient checkpointing on.",

@@ -60,7 +60,8 @@ class Pacer:
     ) -> None:
         self.gates, self.steps, self.deadline = gates, steps, deadline
         self.clock, self.sleep = clock, sleep
-        self.paused_seconds = 0.0
+        self.paused_seconds = 0.0  # waiting for gates and resting on battery
+        self.throttled_seconds = 0.0  # the battery rests alone
         self.paused_at: list[int] = []  # the step each pause came before
         self._started = clock()
         self._last_look = -float("inf")
@@ -102,10 +103,15 @@ class Pacer:
 
     def _check_deadline(self, taken: int) -> None:
         """Give up now rather than train steps whose result would arrive after the deadline."""
-        if self.deadline is None or taken == 0:
+        if self.deadline is None:
             return
         now = self.clock()
-        per_step = (now - self._started - self.paused_seconds) / taken
+        if taken == 0:  # no step to estimate from yet; one past the deadline would be charged for nothing
+            if now >= self.deadline:
+                raise RoundAbandoned(0, "the round's deadline passed before its first step")
+            return
+        # A step's time includes the rests the battery throttle adds after it; pauses for gates do not.
+        per_step = (now - self._started - self.paused_seconds + self.throttled_seconds) / taken
         needed = per_step * (self.steps - taken)
         left = (self.deadline - now) * (1 - UPLOAD_MARGIN)
         if needed > left:
@@ -126,6 +132,7 @@ class Pacer:
             rest = step * (readings.own_load / share - 1)
             self.sleep(rest)
             self.paused_seconds += rest
+            self.throttled_seconds += rest
 
 
 def _threads() -> list[int]:

@@ -461,9 +461,10 @@ class Federation:
         opener = self._upload_opener(instructions)
         aggregator = DeltaAggregator(state, self.delta_mean(state), opener, bounds, held)
         self.progress.enter("training", total=len(sampled))
-        messages = round_messages(
-            sampled, state, planned, MessageType.TRAIN, ttl=self.settings.round_deadline
-        )
+        # The devices' deadline is the coordinator's: what is left of the round's, not a fresh one (a
+        # device gives a round up that it cannot finish by then: client/pacing.py).
+        ttl = max(1.0, deadline - time.monotonic())
+        messages = round_messages(sampled, state, planned, MessageType.TRAIN, ttl=ttl)
         for answered, reply in enumerate(exchange(self.grid, messages, deadline), start=1):
             self.sampler.learn(reply)  # its device id: the round's record, and no need to ask it later
             aggregator.add(reply)

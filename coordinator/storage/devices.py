@@ -24,11 +24,19 @@ from sqlalchemy.orm import Session
 
 from fleetlora.common.errors import FleetloraError
 from fleetlora.common.keys import load_public_key, public_pem
+from fleetlora.common.terminal import printable
 from fleetlora.coordinator.models import DeviceFlag, DeviceUpdate, EnrolledDevice, QuarantineEntry, utcnow
 from fleetlora.coordinator.storage import audit
 from fleetlora.coordinator.storage.rows import TenantScoped, info_of
 
 REASON_CHARS = 500  # the column's width: longer reasons are cut
+
+
+def stored_reason(reason: str | None) -> str | None:
+    """A device's reason as a column keeps it: control characters escaped (PostgreSQL's text refuses
+    NUL, which protobuf strings allow: one device's reason must not abort the round's write for all),
+    and cut to the column's width."""
+    return printable(reason)[:REASON_CHARS] if reason else None
 
 
 @dataclass(frozen=True)
@@ -187,7 +195,7 @@ class DeviceStore(TenantScoped):
         with self.db.session() as session:
             row = session.get(DeviceUpdate, device_id) or DeviceUpdate(device_id=device_id)
             row.tenant, row.node_id, row.status = tenant, str(node_id), status
-            row.reason = reason[:REASON_CHARS] if reason else None
+            row.reason = stored_reason(reason)
             row.reported_at = utcnow()
             if version_id is not None:
                 row.version_id, row.sequence = version_id, sequence
@@ -203,7 +211,7 @@ class DeviceStore(TenantScoped):
                     continue
                 row.wants_train, row.eligible = report.wants_train, report.eligible
                 reason = report.eligibility_reason if not report.eligible else None
-                row.eligibility_reason = reason[:REASON_CHARS] if reason else None
+                row.eligibility_reason = stored_reason(reason)
                 row.accelerator, row.memory_bytes = report.accelerator, report.memory_bytes
 
     def record_declines(self, round_number: int, declines: Sequence[Decline]) -> None:
@@ -223,7 +231,7 @@ class DeviceStore(TenantScoped):
                 )
                 if decline.device_id is not None:
                     query = query.where(DeviceUpdate.device_id == decline.device_id)
-                reason = decline.reason[:REASON_CHARS]
+                reason = stored_reason(decline.reason)
                 for row in session.scalars(query):
                     row.declined_round, row.declined_reason = round_number, reason
                     row.eligible, row.eligibility_reason = False, reason

@@ -212,3 +212,69 @@ def test_a_sensor_file_in_fleetlora_toml_is_relative_to_the_config(tmp_path: Pat
     assert load_host_config(config).device.settings.sensors == f"file:{tmp_path / 'etc' / 'sensors.json'}"
     config.write_text(f'[device]\nsensors = "file:{tmp_path / "abs.json"}"\n')
     assert load_host_config(config).device.settings.sensors == f"file:{tmp_path / 'abs.json'}"
+
+
+@pytest.mark.parametrize(
+    ("settings", "readings"),
+    [
+        # Each limit is below its usual reopen margin: the margin shrinks to half the limit, so it reopens.
+        (DeviceSettings(max_foreground_load=0.1), [Readings(foreground_load=v) for v in (0.3, 0.0)]),
+        (DeviceSettings(max_temperature_rise=2.0), [Readings(temperature_c=v) for v in (50, 53, 50)]),
+        (
+            DeviceSettings(min_battery_percent=98.0),
+            [Readings(on_battery=True, battery_percent=v) for v in (90, 100)],
+        ),
+    ],
+)
+def test_a_gate_set_tighter_than_its_margin_still_reopens(settings: DeviceSettings, readings: list[Readings]):
+    assert looks(settings, readings)[-2:] == [False, True]
+
+
+def test_an_unreadable_sensor_closes_every_gate_and_forgets_nothing(tmp_path: Path):
+    sensors = tmp_path / "sensors.json"
+    gates = Gates(DEFAULT, FileSensors(sensors))
+    sensors.write_text(json.dumps({"temperature_c": 40.0}))
+    gates.look()  # the baseline: 40 °C
+    sensors.write_text(json.dumps({"temperature_c": 49.0, "foreground_load": 0.6}))
+    assert set(gates.look().closed) == {"temperature", "foreground"}
+    sensors.write_text('{"temperature_c": ')  # torn mid-write
+    assert set(gates.look().closed) == {"temperature", "foreground", "sensors"}
+    device = DeviceState(tmp_path / "state")
+    gates.save(device, gates.look(), event="round check")
+    # Still hot and busy, inside the limits but not back past the margins: both stay closed.
+    sensors.write_text(json.dumps({"temperature_c": 47.0, "foreground_load": 0.45}))
+    reloaded = Gates.load(DEFAULT, FileSensors(sensors), device)
+    assert reloaded.baseline_c == 40.0
+    assert set(reloaded.look().closed) == {"temperature", "foreground"}
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[" * 60_000, '{"temperature_c": ' + "1" * 5000 + "}", b"\xff\xfe".decode("latin-1")],
+    ids=["nested too deep", "number too long", "not UTF-8"],
+)
+def test_a_sensor_file_that_breaks_the_parser_closes_the_gates(tmp_path: Path, text: str):
+    sensors = tmp_path / "sensors.json"
+    sensors.write_bytes(text.encode("latin-1"))
+    verdict = Gates(DEFAULT, FileSensors(sensors)).look()
+    assert set(verdict.closed) == {"sensors"} and len(verdict.reason) <= 600
+
+
+@pytest.mark.parametrize(
+    "kept",
+    [
+        "[" * 60_000,
+        '{"closed": {"foreground": "x"}, "baseline_c": ' + "9" * 5000 + "}",
+        '{"closed": {"bogus": "' + "x" * 50_000 + '"}}',
+        '{"closed": {"temperature": "hot"}, "baseline_c": NaN}',
+    ],
+    ids=["nested too deep", "number too long", "unknown gate", "NaN baseline"],
+)
+def test_a_hostile_gates_file_never_keeps_a_gate_closed_it_cannot_reopen(tmp_path: Path, kept: str):
+    device = DeviceState(tmp_path / "state")
+    device.save_json("gates", {})
+    device.path("gates", ".json").write_text(kept)
+    gates = Gates.load(DEFAULT, Script([Readings(foreground_load=0.0, temperature_c=40.0)]), device)
+    assert set(gates.closed) <= {"foreground", "temperature"} and gates.baseline_c is None
+    assert all(len(reason) <= 500 for reason in gates.closed.values())
+    assert gates.look().open

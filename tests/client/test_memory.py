@@ -163,6 +163,8 @@ def test_auto_checkpoints_only_when_the_estimate_exceeds_the_budget():
     assert choose_checkpointing(estimate, "on", 10**12) is True
     assert choose_checkpointing(estimate, "off", 1) is False
     assert len(asked) == 2  # "on" and "off" never estimate
+    # A model transformers cannot checkpoint trains without it under "auto" rather than fail every round.
+    assert choose_checkpointing(estimate, "auto", 400 * MIB, supported=False) is False
     with pytest.raises(ConfigError, match="gradient-checkpointing"):
         choose_checkpointing(estimate, "sometimes", 1)
 

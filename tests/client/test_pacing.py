@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from fleetlora.client.client_app import build_client_app
 from fleetlora.client.gates import Gates, NoSensors, Readings
@@ -105,6 +105,26 @@ def test_a_round_that_cannot_finish_in_time_is_given_up_before_it_trains_in_vain
     assert 0 < raised.value.steps_taken < 10
 
 
+def test_a_round_whose_deadline_passed_before_its_first_step_trains_none():
+    run, _ = pacer([QUIET], steps=10, deadline=-1.0)
+    with pytest.raises(RoundAbandoned, match="deadline passed before its first step") as raised:
+        run(0)
+    assert raised.value.steps_taken == 0  # nothing to charge
+
+
+def test_the_battery_rests_count_in_the_time_a_step_takes():
+    # Steps of 1 s at twice the power share rest 1 s after each: 2 s a step, so 10 (19 s) miss an 18 s
+    # deadline, which shows after the first step. Counted without the rests (1 s a step), the round would
+    # have trained 8 steps before giving up, each charged under DP.
+    busy = Readings(on_battery=True, battery_percent=80, own_load=0.5)
+    run, fake = pacer([busy], steps=10, deadline=18.0, tick=0.0)
+    with pytest.raises(RoundAbandoned, match="cannot finish") as raised:
+        for step in range(10):
+            run(step)
+            fake.now += 1.0  # the step itself
+    assert raised.value.steps_taken == 1
+
+
 def test_on_battery_training_rests_to_keep_its_cpu_share_at_the_power_share():
     busy = Readings(on_battery=True, battery_percent=80, own_load=0.5)
     run, fake = pacer([busy], steps=4, tick=0.5)
@@ -177,6 +197,42 @@ def test_a_device_whose_gates_are_closed_declines_the_round_with_its_reason(
     assert records.ARRAYS not in reply.content and "sealed" not in reply.content
     kept = json.loads((tmp_path / "state" / "gates.json").read_text())
     assert kept["event"] == "round check" and "foreground" in kept["closed"]
+
+
+def test_a_device_without_consent_refuses_before_its_gates_say_anything(tmp_path: Path, tiny_spec: ModelSpec):
+    node = {**device_node(tmp_path, {"foreground_load": 0.9, "temperature_c": 49.0}), "upload-consent": False}
+    grid = LocalGrid(build_client_app(), 1, {}, node_configs=[node])
+    message = train_message(tiny_spec, TrainSettings(local_steps=2, batch_size=8), grid.node_ids[0])
+
+    (reply,) = grid.send_and_receive([message])
+
+    assert reply.has_error() and "no upload consent" in reply.error.reason
+    assert "foreground" not in reply.error.reason and "49" not in reply.error.reason
+    assert not (tmp_path / "state" / "gates.json").exists()  # not even looked at
+
+
+@pytest.mark.parametrize("consent", [True, False])
+def test_a_status_reply_says_whether_the_device_may_train_and_keeps_its_readings_without_consent(
+    tmp_path: Path, consent: bool
+):
+    node = {**device_node(tmp_path, {"foreground_load": 0.9}), "upload-consent": consent}
+    grid = LocalGrid(build_client_app(), 1, {}, node_configs=[node])
+    query = Message(
+        RecordDict({records.CONFIG: ConfigRecord({records.TENANT: "default"})}),
+        dst_node_id=grid.node_ids[0],
+        message_type=records.QUERY_UPDATE_STATUS,
+    )
+
+    (reply,) = grid.send_and_receive([query])
+
+    said = reply.content[records.CONFIG]
+    assert said[records.ELIGIBLE] is False and said[records.ACCELERATOR] == "cpu"
+    assert said[records.MEMORY_BYTES] > 0
+    if consent:
+        assert said[records.NOT_ELIGIBLE] == "foreground load 0.90 (pauses above 0.50)"
+    else:  # its load, battery and temperature are its owner's business
+        assert said[records.NOT_ELIGIBLE] == "no upload consent"
+        assert not (tmp_path / "state" / "gates.json").exists()
 
 
 def test_a_round_given_up_at_its_deadline_sends_nothing_and_charges_only_the_steps_taken(

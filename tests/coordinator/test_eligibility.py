@@ -88,3 +88,8 @@ def test_a_declined_train_reply_marks_its_device_not_eligible_and_the_next_draw_
     assert devices.ineligible_nodes() == set()
     after = {u.device_id: u for u in devices.updates()}["partition-1"]
     assert (after.eligible, after.declined_round, after.declined_reason) == (True, 2, REASON)
+
+    # The devices' deadline is what is left of the coordinator's, so a device gives up no later than it.
+    deadline = CoordinatorSettings.from_run_config(config).round_deadline
+    trains = [m for m in grid.received if m.metadata.message_type == "train"]
+    assert trains and all(0 < m.metadata.ttl < deadline for m in trains)

@@ -238,6 +238,21 @@ def test_eligibility_capability_and_declines_round_trip(db_url: str):
     assert devices.ineligible_nodes() == {102}
 
 
+def test_a_device_reason_with_control_characters_is_stored_escaped_for_every_device(db_url: str):
+    # PostgreSQL's text refuses NUL, which a protobuf string (a device's reply) may carry: one device's
+    # reason must not abort the write that records every other device's.
+    devices = Storage.open(db_url).devices
+    for device, node in (("d1", 101), ("d2", 102)):
+        devices.record_update(device, tenant="acme", node_id=node, status="failed", reason="bad\x00apply")
+    devices.record_status_reports({"d1": StatusReport(eligible=False, eligibility_reason="hot\x00\x1b[2J")})
+    assert devices.updates()[0].eligibility_reason == "hot\\x00\\x1b[2J"
+    devices.record_declines(3, [Decline(101, "d1", "nul\x00here"), Decline(102, "d2", "honest")])
+    d1, d2 = devices.updates()
+    assert d1.reason == d2.reason == "bad\\x00apply"
+    assert (d1.declined_reason, d2.declined_reason) == ("nul\\x00here", "honest")
+    assert d1.eligibility_reason == "nul\\x00here"  # the decline's, the newer word
+
+
 def test_no_orm_row_leaves_storage(db_url: str):
     storage = Storage.open(db_url)
     v0 = _add(storage.versions, None, 0, 0.0)
