@@ -7,6 +7,7 @@ unless it names them (``sensors``): the test machine's own load is not what thes
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from uuid import uuid4
 
@@ -72,6 +73,9 @@ class LocalGrid(Grid):
                 state=RecordDict(),
                 run_config=self.run_config,
             )
+            # Devices run one after another here; a SuperLink hands them their messages at once, so each
+            # is delivered as if now, and its time to live (the round's deadline) counts from here.
+            message.metadata.created_at = time.time()
             try:
                 reply = self.app(message, context)
             except Exception as exc:  # turned into an error reply, as Flower does

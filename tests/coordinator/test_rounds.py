@@ -17,6 +17,11 @@ from fleetlora.coordinator.rounds import Federation
 from fleetlora.coordinator.settings import CoordinatorSettings
 from tests.coordinator.local_grid import LocalGrid
 
+# Planning DP (the accountant's search for σ) takes seconds on a busy machine, and a device gives up a round
+# it cannot finish before the deadline (client/pacing.py): the 3 s these tests wait for silent devices is
+# too short for it.
+DP_DEADLINE = {"round-deadline": 60.0}
+
 
 def _run_config(db: str, **overrides) -> dict:
     config = {
@@ -296,7 +301,13 @@ def test_personal_heads_are_kept_on_each_device_and_scored_beside_the_global_mod
 
 def test_dp_devices_report_their_spend_to_the_ledger_and_decline_past_their_budget(db_url, tmp_path):
     # σ is planned for the steps a device takes: 2 steps spend the whole ε as 10 would.
-    privacy = {"dp-epsilon": 8.0, "dp-rounds": 1, "device-state": str(tmp_path), "local-steps": 2}
+    privacy = {
+        "dp-epsilon": 8.0,
+        "dp-rounds": 1,
+        "device-state": str(tmp_path),
+        "local-steps": 2,
+        **DP_DEADLINE,
+    }
     config = _run_config(db_url, **privacy, **{"min-devices": 3})
     federation = Federation(
         LocalGrid(build_client_app(), 3, config), CoordinatorSettings.from_run_config(config)
@@ -319,7 +330,7 @@ def test_dp_devices_report_their_spend_to_the_ledger_and_decline_past_their_budg
 
 
 def test_by_default_devices_train_the_head_with_dp_noise_planned_for_their_own_rounds(sqlite_url, tmp_path):
-    defaults = {"regime": "auto", "dp-epsilon": 8.0}  # the table's defaults, which _run_config pins off
+    defaults = {"regime": "auto", "dp-epsilon": 8.0, **DP_DEADLINE}  # the table's defaults, pinned off below
     config = _run_config(
         sqlite_url, **defaults, **{"rounds": 4, "devices-per-round": 2, "device-state": str(tmp_path)}
     )
