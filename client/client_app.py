@@ -57,7 +57,7 @@ from fleetlora.common.delta import (
 )
 from fleetlora.common.device_settings import DeviceSettings
 from fleetlora.common.envelope import SEALED, UploadContext, seal, to_records
-from fleetlora.common.errors import ConfigError, ConsentError, DataError, IncompatibleStateError
+from fleetlora.common.errors import ConfigError, ConsentError, IncompatibleStateError
 from fleetlora.common.keys import COORDINATOR_HPKE_PUB, COORDINATOR_SIGNING_PUB, PublicKeyT, read_public_key
 from fleetlora.common.logs import configure_json_logging
 from fleetlora.common.messages import Instructions
@@ -145,6 +145,8 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
         if not verdict.open:
             return decline(message, context, identity, f"not eligible: {verdict.reason}")
         job = prepare(message, context)
+        if not job.train_set:  # a device of a few examples may hold out all of them
+            return decline(message, context, identity, "no local training examples")
         settings, loaded = job.instructions.train, job.loaded
         keys = None
         if job.instructions.seal_uploads:
@@ -227,8 +229,9 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
     @app.evaluate()
     def evaluate(message: Message, context: Context) -> Message:
         job = prepare(message, context)
-        if not job.held_out:
-            raise DataError("No held-out examples on this device to evaluate on.")
+        if not job.held_out:  # a device of a few examples may have none: dropped from the mean, said why
+            identity = ConfigRecord({records.DEVICE_ID: device_id(context)})
+            return decline(message, context, identity, "no held-out examples to evaluate on")
         scores = {f"eval_{k}": v for k, v in evaluate_model(job.loaded, job.held_out).items()}
         if job.instructions.train.personal_head and job.state:
             # Before its first training round a device's own model is the global one.

@@ -256,13 +256,17 @@ class DeltaAggregator:
         self.upload_bytes += opened.upload_bytes
         self._tally.add(opened.metrics.values, weight)
 
-    def mark_missing(self, sampled: Iterable[int]) -> None:
+    @property
+    def accepted(self) -> int:
+        """Deltas that passed every check so far, folded or held for the round's own bounds."""
+        return len(self.participants) + len(self._held)
+
+    def mark_missing(self, sampled: Iterable[int], *, closed_early: bool = False) -> None:
         """Settle the held deltas, then record every sampled device that neither contributed nor was
-        dropped as timed out."""
+        dropped: timed out, or not waited for when the round closed once it had enough."""
         self.settle()
-        self.drops.extend(
-            _timeouts(sampled, set(self.participants), self.drops, "no reply before the deadline")
-        )
+        reason = "not waited for: the round had enough" if closed_early else "no reply before the deadline"
+        self.drops.extend(_timeouts(sampled, set(self.participants), self.drops, reason))
 
     def release(self, *, sampled: int, online: int) -> Release:
         """The round's update; its metrics gain the example-weighted means of the devices' train metrics."""
@@ -283,6 +287,7 @@ class MetricAggregator:
 
     def add(self, reply: Message) -> None:
         try:
+            check_not_declined(reply)  # a device with nothing held out says so
             metrics = read_metrics(reply)
         except RejectedReply as exc:
             self.drops.append(Drop(reply.metadata.src_node_id, f"evaluation: {exc}"))

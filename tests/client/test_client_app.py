@@ -52,3 +52,43 @@ def test_a_device_says_who_it_is_and_nothing_else(node_config: dict, named: str)
 
     assert not reply.has_error()
     assert dict(reply.content[records.CONFIG]) == {records.DEVICE_ID: named}
+
+
+def _one_example_device(tmp_path, held_out: bool) -> dict:
+    """A real device holding one example, which split_holdout puts on the held-out side or not."""
+    from fleetlora.common.data import Example, split_holdout
+
+    text = next(
+        t
+        for t in (f"card number {i} was charged twice" for i in range(1000))
+        if bool(split_holdout([Example(text=t, label="a")])[1]) is held_out
+    )
+    data = tmp_path / f"held-out-{held_out}.csv"
+    data.write_text(f"text,label\n{text},card_payment_fee_charged\n")
+    return {"device-id": f"few-{held_out}", "data-path": str(data), "upload-consent": True}
+
+
+@pytest.mark.parametrize(
+    ("held_out", "kind", "said"),
+    [
+        (True, "train", "no local training examples"),
+        (False, "evaluate", "no held-out examples to evaluate on"),
+    ],
+)
+def test_a_device_of_one_example_declines_what_it_cannot_do_rather_than_fail(
+    tmp_path, tiny_spec, held_out: bool, kind: str, said: str
+):
+    from fleetlora.common.config import TrainSettings
+    from tests.client.test_pacing import train_message
+
+    grid = LocalGrid(
+        build_client_app(), 1, run_config={}, node_configs=[_one_example_device(tmp_path, held_out)]
+    )
+    message = train_message(tiny_spec, TrainSettings(local_steps=2, batch_size=8), grid.node_ids[0])
+    message.metadata.__dict__["_message_type"] = kind
+
+    (reply,) = grid.send_and_receive([message])
+
+    assert not reply.has_error()
+    assert reply.content[records.CONFIG][records.DECLINED] == said
+    assert reply.content[records.CONFIG][records.DEVICE_ID] == f"few-{held_out}"

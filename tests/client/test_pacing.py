@@ -158,7 +158,9 @@ def test_the_pacer_looks_at_most_every_quarter_second():
 # ---- through the ClientApp, as a deployed device answers
 
 
-def train_message(spec: ModelSpec, settings: TrainSettings, node: int, ttl: float | None = None) -> Message:
+def train_message(
+    spec: ModelSpec, settings: TrainSettings, node: int, ttl: float | None = None, kind: str = "train"
+) -> Message:
     loaded = cached_model(spec)
     instructions = Instructions(spec, settings, round=4, version=3, base_sha256=loaded.base_sha256)
     content = RecordDict(
@@ -168,7 +170,7 @@ def train_message(spec: ModelSpec, settings: TrainSettings, node: int, ttl: floa
         }
     )
     extra = {} if ttl is None else {"ttl": ttl}
-    return Message(content, dst_node_id=node, message_type="train", **extra)
+    return Message(content, dst_node_id=node, message_type=kind, **extra)
 
 
 def device_node(tmp_path: Path, sensors: dict) -> dict:

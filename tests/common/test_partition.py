@@ -42,3 +42,10 @@ def test_impossible_splits_are_refused():
         partition_indices(["a", "b", "c"], 5, PartitionScheme("iid"), seed=0)
     with pytest.raises(ConfigError, match="needs labelled data"):
         partition_indices([None] * 10, 2, PartitionScheme.parse("dirichlet:1"), seed=0)
+
+
+def test_a_dirichlet_split_over_nearly_as_many_devices_as_examples_leaves_none_empty():
+    # 1,000 devices of 2,000 examples: every draw leaves some device empty; each gets one from the largest.
+    parts = partition_indices(LABELS, 1000, PartitionScheme.parse("dirichlet:1.0"), seed=1)
+    assert all(parts) and sorted(i for part in parts for i in part) == list(range(len(LABELS)))
+    assert parts == partition_indices(LABELS, 1000, PartitionScheme.parse("dirichlet:1.0"), seed=1)
