@@ -182,6 +182,28 @@ class RunConfig:
     simulated_consent: bool = setting(
         True, "Simulated devices' upload consent (a real device's owner sets upload-consent).", Group.FLEET
     )
+    over_select: float = setting(
+        0.0,
+        "Extra share of devices sampled beyond devices-per-round (0.3: 130%, for the ones that drop out); "
+        "the round closes once devices-per-round valid deltas are in, or at its deadline.",
+        Group.FLEET,
+        check=lambda value: None if 0 <= value <= 4 else "must be in [0, 4]",
+    )
+    simulated_dropout: float = setting(
+        0.0,
+        "Share of a simulated round's sampled devices whose train message is lost: they never answer.",
+        Group.FLEET,
+        check=lambda value: None if 0 <= value < 1 else "must be in [0, 1)",
+    )
+    simulated_stragglers: float = setting(
+        0.0,
+        "Share of a simulated round's sampled devices that answer straggler-seconds late.",
+        Group.FLEET,
+        check=lambda value: None if 0 <= value < 1 else "must be in [0, 1)",
+    )
+    straggler_seconds: float = setting(
+        30.0, "How late a simulated straggler's answer arrives.", Group.FLEET, check=at_least(0)
+    )
     db: str = setting(
         "sqlite:///runs/flwr/fleetlora.db", "SQLAlchemy URL of the coordinator's version store.", Group.FLEET
     )
@@ -331,6 +353,13 @@ class RunConfig:
     )
     distribute_updates: bool = setting(
         True, "After each round, send connected devices the signed package to the new version.", Group.UPLOADS
+    )
+    distribute_to: str = setting(
+        "connected",
+        "Which devices a new version is sent to: connected (every online one) or sampled (the round's own; "
+        "a simulation's default, so a large simulated fleet's other devices cost nothing).",
+        Group.UPLOADS,
+        choices=("connected", "sampled"),
     )
 
     # ---- server

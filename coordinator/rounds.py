@@ -3,14 +3,16 @@
 Each round (:meth:`Federation._round`):
 
 1. **sample**: wait (until the deadline) for at least ``min-devices`` connected devices and draw up
-   to ``devices-per-round`` of them by device id, devices that want to train first and those known not
-   to be eligible last (:mod:`.sampling`: seeded, one seed trains one schedule; or from the OS's entropy);
+   to ``devices-per-round`` of them (more by ``over-select``, for those that drop out) by device id,
+   devices that want to train first and those known not to be eligible last (:mod:`.sampling`: seeded,
+   one seed trains one schedule; or from the OS's entropy);
 2. **configure**: the round's instructions, how its uploads are opened (plain arrays, or sealed) and
    how accepted deltas are averaged (FedAvg, wrapped in central DP when it is on);
 3. **exchange**: send each sampled device the global adapter and fold replies into the aggregator
-   (:mod:`.aggregation`, every check of a reply) as they arrive, until all are in or the deadline
-   passes; the devices' privacy spend goes to the ledger, and each decline to its device's row (not
-   eligible, so sampled last until its next status reply), whatever happens next;
+   (:mod:`.aggregation`, every check of a reply) as they arrive, until all are in, the deadline
+   passes, or (over-selected) ``devices-per-round`` valid deltas are in; the devices' privacy spend
+   goes to the ledger, and each decline to its device's row (not eligible, so sampled last until its
+   next status reply), whatever happens next;
 4. **aggregate**: with at least ``min-devices`` valid deltas, release the mean delta and take a
    server-optimizer step (plain FedAvg adds it); otherwise record a failed round and keep the version;
 5. **evaluate** the candidate adapter: on the participants' held-out text (federated; its own
@@ -33,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -190,8 +193,11 @@ class Federation:
         self.delta_mean: Callable[[State], DeltaMean] = ExampleWeightedMean  # set again on resume
         self.held_nodes: set[int] = set()  # this run's nodes proven to belong to a quarantined device
         self.accepted: Accepted | None = None  # the last round's participants: bounds the next one
-        self.sampler = Sampler(
-            grid, count=settings.devices_per_round, seed=settings.sampling_seed, ttl=settings.round_deadline
+        self.sampler = Sampler(  # over-selected: more than the round needs, for those that drop out
+            grid,
+            count=math.ceil(settings.devices_per_round * (1 + settings.over_select)),
+            seed=settings.sampling_seed,
+            ttl=settings.round_deadline,
         )
         self.storage.versions.register_lineage(
             self.lineage,
@@ -354,7 +360,7 @@ class Federation:
         version = self.storage.versions.commit_round(candidate, _report(len(sampled), train, drops, seconds))
         self.optimizer_state = optimizer_state
         self.accepted = accepted(train.participants, train.norms)  # the next round's bounds follow it
-        publication = self._publish(version, parent)
+        publication = self._publish(version, parent, sampled)
         if self.distributor is not None:  # the round's entries, signed outside the database
             try:
                 self.storage.audit.checkpoint(self.distributor.key, Path(self.settings.keys_dir))
@@ -465,11 +471,17 @@ class Federation:
         # device gives a round up that it cannot finish by then: client/pacing.py).
         ttl = max(1.0, deadline - time.monotonic())
         messages = round_messages(sampled, state, planned, MessageType.TRAIN, ttl=ttl)
+        # Over-selected, the round closes as soon as it has the deltas it needs: the rest are not waited for.
+        enough = self.settings.devices_per_round if self.settings.over_select else None
+        closed_early = False
         for answered, reply in enumerate(exchange(self.grid, messages, deadline), start=1):
             self.sampler.learn(reply)  # its device id: the round's record, and no need to ask it later
             aggregator.add(reply)
             self.progress.advance(answered)
-        aggregator.mark_missing(sampled)
+            if enough is not None and aggregator.accepted >= enough and answered < len(sampled):
+                closed_early = True
+                break
+        aggregator.mark_missing(sampled, closed_early=closed_early)
         # Spent (or declined) whether or not the round reaches its quorum, so recorded before the check.
         self.storage.ledgers.record_privacy(self.lineage, instructions.round, aggregator.privacy)
         self.storage.devices.record_declines(instructions.round, aggregator.declines)
@@ -498,7 +510,7 @@ class Federation:
         load_trainable_state(self.loaded.model, state)
         return {f"central_{k}": v for k, v in evaluate(self.loaded, self.eval_set).items()}
 
-    def _publish(self, version: VersionInfo, parent: VersionInfo) -> _Publication:
+    def _publish(self, version: VersionInfo, parent: VersionInfo, sampled: list[int]) -> _Publication:
         """Build the round's package (parent → new version) and, if asked, bring connected devices up.
 
         A held version is neither packaged nor distributed; connected devices are brought instead to
@@ -508,7 +520,7 @@ class Federation:
             released = self.storage.versions.latest(self.lineage, distributable=True)
             if released is None or released.hold is None:
                 return _Publication()
-            return self._distribute(released)
+            return self._distribute(released, sampled)
         if self.distributor is None:
             return _Publication()
         self.progress.enter("publishing")
@@ -517,13 +529,15 @@ class Federation:
         except PackageTooLarge as exc:
             # The version stands; no device is offered a package over the cap.
             return _Publication(error=str(exc))
-        return dataclasses.replace(self._distribute(version), package=package)
+        return dataclasses.replace(self._distribute(version, sampled), package=package)
 
-    def _distribute(self, version: VersionInfo) -> _Publication:
-        """Bring connected devices to ``version`` (a package each needs is built, or found, on the way)."""
+    def _distribute(self, version: VersionInfo, sampled: list[int]) -> _Publication:
+        """Bring connected devices (or, with ``distribute-to = "sampled"``, the round's) to ``version`` (a
+        package each needs is built, or found, on the way)."""
         if self.distributor is None or not self.settings.distribute_updates:
             return _Publication()
-        nodes = sorted(self.grid.get_node_ids())
+        connected = self.settings.distribute_to == "connected"
+        nodes = sorted(self.grid.get_node_ids()) if connected else sorted(sampled)
         self.progress.enter("distributing", total=len(nodes))
         return _Publication(distribution=self.distributor.distribute(nodes, version, self.progress.advance))
 

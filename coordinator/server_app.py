@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TextIO
 
@@ -22,8 +22,10 @@ def build_server_app(
     observer: FederationObserver | None = None,
     *,
     phases_to_stderr: bool = False,
+    network: Callable[[Grid], Grid] | None = None,
 ) -> ServerApp:
-    """The ServerApp; in-process callers pass the run config and an observer for progress.
+    """The ServerApp; in-process callers pass the run config and an observer for progress, and a
+    simulation its network (``network(grid)`` wraps the engine's grid: simulations/churn.py).
 
     A deployed run prints each round phase as a JSON line on stderr, which Flower forwards to
     ``flwr log RUN_ID``; with ``log-dir`` set, every fleetlora record also goes to its JSON log there.
@@ -38,7 +40,7 @@ def build_server_app(
             configure_json_logging(Path(settings.log_dir), "rounds")
         if phases_to_stderr:
             _print_phases()
-        Federation(grid, settings, observer, run_id=context.run_id).run()
+        Federation(network(grid) if network else grid, settings, observer, run_id=context.run_id).run()
 
     return app
 

@@ -52,6 +52,7 @@ class CoordinatorSettings:
     retention_threshold: float  # a version below this × the best earlier key score is held; 0: never
     seed: int
     sampling: str  # "seeded": each round's devices follow seed and round; "random": OS entropy
+    over_select: float  # extra share sampled beyond devices-per-round; the round closes at devices-per-round
     server: ServerOptimizerSettings
     lr_decay: float  # round r trains at learning_rate × lr_decay^(r-1)
     seal_uploads: bool  # devices encrypt their deltas to this coordinator and sign them
@@ -61,6 +62,7 @@ class CoordinatorSettings:
     central_dp: CentralDPSettings
     package_policy: PackagePolicy
     distribute_updates: bool  # after each round, send connected devices the newest package
+    distribute_to: str  # "connected": every online device; "sampled": the round's devices only
     # dp-rounds 0: each device's DP noise is planned for the rounds the schedule gives it (Sampler)
     plan_dp_by_schedule: bool
     influence: InfluenceSettings  # how far one device can move a round (coordinator/influence.py)

@@ -7,6 +7,7 @@ before the engine starts, so a mistake costs a second and a one-line error, not 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from collections.abc import Mapping
@@ -30,6 +31,8 @@ from fleetlora.coordinator.rounds import FederationObserver, FederationStart, Ro
 from fleetlora.coordinator.server_app import build_server_app
 from fleetlora.coordinator.settings import CoordinatorSettings
 from fleetlora.coordinator.storage import Storage
+from fleetlora.simulations.churn import Churn, ChurnGrid
+from fleetlora.simulations.peak_memory import watched
 from fleetlora.simulations.results import summarize, with_earlier_rounds
 from fleetlora.simulations.scenario import (
     SCENARIOS,
@@ -65,10 +68,12 @@ class SimulationConfig:
 
     def simulation_defaults(self) -> dict[str, RunValue]:
         """Where a simulation differs from the table: it seals (keys are made under OUT/keys and
-        every device is enrolled) and keeps its database, keys and device state under ``out``."""
+        every device is enrolled), sends new versions to the round's devices only, and keeps its
+        database, keys and device state under ``out``."""
         data = self.settings.get("data", DEFAULTS.data)
         return {
             "seal-uploads": True,
+            "distribute-to": "sampled",  # a virtual device not in the round would apply packages for nothing
             "eval-data": "builtin-test" if data == "builtin" else "",
             "db": f"sqlite:///{(self.out / 'fleetlora.db').resolve()}",
             "keys": str((self.out / "keys").resolve()),
@@ -153,16 +158,20 @@ def simulate(
     collector = ResultCollector(forward=observer)
     level = logging.INFO if verbose else logging.ERROR
     logging.getLogger("flwr").setLevel(level)
-    run_simulation(
-        server_app=build_server_app(run_config, collector),
-        client_app=build_client_app(run_config),
-        num_supernodes=config.devices,
-        backend_config={
-            "client_resources": {"num_cpus": config.client_cpus, "num_gpus": 0.0},
-            "init_args": {"logging_level": level, "log_to_driver": verbose},
-        },
-        verbose_logging=verbose,
-    )
+    run = config.run
+    churn = Churn(run.simulated_dropout, run.simulated_stragglers, run.straggler_seconds, run.seed)
+    network = functools.partial(ChurnGrid, churn=churn) if churn.any else None
+    with watched() as memory:
+        run_simulation(
+            server_app=build_server_app(run_config, collector, network=network),
+            client_app=build_client_app(run_config),
+            num_supernodes=config.devices,
+            backend_config={
+                "client_resources": {"num_cpus": config.client_cpus, "num_gpus": 0.0},
+                "init_args": {"logging_level": level, "log_to_driver": verbose},
+            },
+            verbose_logging=verbose,
+        )
     if collector.start is None:
         raise ConfigError("The simulation ended before the coordinator started; rerun with --verbose.")
     results = {
@@ -185,6 +194,7 @@ def simulate(
         },
         "rounds": [summarize(o) for o in collector.outcomes],
         "devices": device_privacy(collector.outcomes),
+        "memory": memory.as_dict(),  # this run's, in MiB (simulations/peak_memory.py)
     }
     if phases is not None:
         results.update(scored_scenario(config, settings, phases))

@@ -102,13 +102,14 @@ def test_a_mistyped_federation_key_in_a_host_config_is_named_with_the_file(tmp_p
 DEVICE_ONLY = {
     "data", "partition", "holdout", "stream-records", "stream-phases", "phase-rounds", "simulated-consent",
     "device-state",
+    "simulated-dropout", "simulated-stragglers", "straggler-seconds",  # the simulated network's
 }  # fmt: skip
 OTHER_TEXT = {
     "model": "tiny", "task": "causal-lm", "labels": "a,b", "lora-targets": "query", "unfreeze": "layer.0",
     "pooling": "transformers", "eval-data": "", "tenant": "other", "db": "sqlite://", "keys": "elsewhere",
     "upload-codec": "int8+zstd", "server-optimizer": "fedadam", "dp-accountant": "prv", "sampling": "random",
     "regime": "lora", "dp-budget": "device", "aggregator": "median", "log-dir": "logs", "key-set": "key.csv",
-    "train-on": "arrivals",
+    "train-on": "arrivals", "distribute-to": "sampled",
 }  # fmt: skip
 # Keys whose other value needs another key set with it (a replay share only means something on arrivals).
 COMPANIONS = {"replay-share": {"train-on": "arrivals"}}
