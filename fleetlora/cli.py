@@ -1,4 +1,4 @@
-"""``fleetlora``: one command line for researchers (simulate), operators (coordinator), devices (device)."""
+"""``fleetlora``: one command line for researchers (simulate, report), operators (coordinator), devices."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from fleetlora.common.errors import FleetloraError
 from fleetlora.common.terminal import command_group, shown
 from fleetlora.coordinator.cli import app as coordinator_app
 from fleetlora.simulations.cli import simulate
+from fleetlora.simulations.run_report import report
 
 app = command_group(
     "Federated LoRA for edge fleets: devices adapt a language model on their own text; "
@@ -18,6 +19,7 @@ app = command_group(
     pretty_exceptions_enable=False,
 )
 app.command()(simulate)
+app.command()(report)
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(device_app, name="device")
 

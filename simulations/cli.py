@@ -103,6 +103,18 @@ _OWN_OPTIONS = [
         ],
     ),
     inspect.Parameter(
+        "report",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=False,
+        annotation=Annotated[
+            bool,
+            typer.Option(
+                help="Also write OUT/report.html and its plots (as `fleetlora report OUT` does).",
+                rich_help_panel=SIMULATION_PANEL,
+            ),
+        ],
+    ),
+    inspect.Parameter(
         "verbose",
         inspect.Parameter.KEYWORD_ONLY,
         default=False,
@@ -158,6 +170,10 @@ def simulate(**options: Any) -> None:
     if "scenario" in results:
         console.print(phase_table(results, console.width))
     console.print(f"results: {config.out / 'results.json'}")
+    if options["report"]:
+        from fleetlora.simulations.run_report import announce, write_report
+
+        announce(write_report([config.out]), console.print)
 
 
 simulate.__signature__ = inspect.Signature(  # type: ignore[attr-defined]  # typer reads the options from it
