@@ -135,6 +135,13 @@ class Pacer:
             self.throttled_seconds += rest
 
 
+def _niceness(thread: int) -> int | None:
+    try:
+        return os.getpriority(os.PRIO_PROCESS, thread)
+    except ProcessLookupError:
+        return None
+
+
 def _threads() -> list[int]:
     """This process's threads where they are separately niced (Linux), else the process itself (0)."""
     try:
@@ -147,21 +154,26 @@ def _threads() -> list[int]:
 def low_priority(settings: DeviceSettings) -> Iterator[int]:
     """Train at ``settings.nice`` and a capped thread count; yields the thread count.
 
-    Niceness only goes up without privilege, and it stays with the process: the warm ClientApp forks a
-    process per message, so each round's is its own. On Linux it belongs to each thread, and a thread
-    inherits its creator's: every thread already running (torch's and the tokenizers' pools) is lowered
-    too, or they would go on competing with the foreground at normal priority. The thread cap is
-    restored after the block.
+    On Linux niceness belongs to each thread, and a thread inherits its creator's: every thread already
+    running (torch's and the tokenizers' pools) is lowered too, or they would go on competing with the
+    foreground at normal priority. After the block each thread gets its niceness back where the OS lets
+    it (raising priority again needs privilege): the warm ClientApp forks a process per message, so a
+    deployed round's process ends anyway, but an in-process caller (a test, an embedding app) and every
+    process it starts later would otherwise stay at low priority. The thread cap is restored too.
     """
-    current = os.getpriority(os.PRIO_PROCESS, 0)
-    if settings.nice > current:
-        for thread in _threads():
+    before = {thread: _niceness(thread) for thread in _threads()}
+    for thread, nice in before.items():
+        if nice is not None and settings.nice > nice:
             with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
                 os.setpriority(os.PRIO_PROCESS, thread, settings.nice)
     threads = settings.train_threads or max(1, (os.cpu_count() or 1) // 2)
-    before = torch.get_num_threads()
+    cap = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         yield threads
     finally:
-        torch.set_num_threads(before)
+        torch.set_num_threads(cap)
+        for thread, nice in before.items():
+            if nice is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):  # unprivileged: it stays
+                    os.setpriority(os.PRIO_PROCESS, thread, nice)
