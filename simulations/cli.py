@@ -76,6 +76,19 @@ _OWN_OPTIONS = [
         ],
     ),
     inspect.Parameter(
+        "ray_address",
+        inspect.Parameter.KEYWORD_ONLY,
+        default="",
+        annotation=Annotated[
+            str,
+            typer.Option(
+                help="An existing Ray cluster to run the devices on (HOST:PORT of its head, as `ray start "
+                "--head` prints it, or auto); empty: a Ray instance of its own on this machine.",
+                rich_help_panel=SIMULATION_PANEL,
+            ),
+        ],
+    ),
+    inspect.Parameter(
         "run_config",
         inspect.Parameter.KEYWORD_ONLY,
         default="",
@@ -152,6 +165,7 @@ def simulate(**options: Any) -> None:
         devices=options["devices"],
         out=options["out"],
         client_cpus=options["client_cpus"],
+        ray_address=options["ray_address"],
         settings={**parse_run_config(options["run_config"]), **explicit},
     )
     if options["scenario"] is not None:

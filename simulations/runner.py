@@ -10,6 +10,8 @@ import dataclasses
 import functools
 import json
 import logging
+import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +45,8 @@ from fleetlora.simulations.scenario import (
     score_phases,
 )
 
+RAY_ADDRESS = re.compile(r"auto|(?:ray://)?(?P<host>[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:]+\]):(?P<port>[0-9]{1,5})")
+
 
 @dataclass(frozen=True)
 class SimulationConfig:
@@ -57,6 +61,7 @@ class SimulationConfig:
     devices: int = 8
     out: Path = Path("runs/latest")
     client_cpus: int = 2  # Flower's default: one virtual device at a time on 2 cores
+    ray_address: str = ""  # an existing Ray cluster's head (HOST:PORT or "auto"); "": Ray of its own
     settings: Mapping[str, RunValue] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -64,6 +69,11 @@ class SimulationConfig:
             raise ConfigError(f"--devices must be >= 1, got {self.devices}.")
         if self.client_cpus < 1:
             raise ConfigError(f"--client-cpus must be >= 1, got {self.client_cpus}.")
+        if self.ray_address and not RAY_ADDRESS.fullmatch(self.ray_address):
+            raise ConfigError(
+                f"--ray-address must be HOST:PORT (as `ray start --head` prints it), ray://HOST:PORT or "
+                f"auto; got {self.ray_address!r}."
+            )
         self.run  # noqa: B018  # checks every key now, before anything starts
 
     def simulation_defaults(self) -> dict[str, RunValue]:
@@ -152,6 +162,7 @@ def simulate(
             raise ConfigError("A scenario's settings come from with_scenario(); call it first.")
         observer = phases = PhaseVersions(forward=observer)
     settings = preflight(config)
+    check_ray_cluster(config.ray_address)
     config.out.mkdir(parents=True, exist_ok=True)
     run_config = config.run_config()
     provision_keys(config, settings)  # the signing key for update packages is needed even unsealed
@@ -168,7 +179,11 @@ def simulate(
             num_supernodes=config.devices,
             backend_config={
                 "client_resources": {"num_cpus": config.client_cpus, "num_gpus": 0.0},
-                "init_args": {"logging_level": level, "log_to_driver": verbose},
+                "init_args": {
+                    "logging_level": level,
+                    "log_to_driver": verbose,
+                    **({"address": config.ray_address} if config.ray_address else {}),
+                },
             },
             verbose_logging=verbose,
         )
@@ -202,6 +217,21 @@ def simulate(
     results = with_earlier_rounds(path, results)
     path.write_text(json.dumps(results, indent=2, default=str))
     return results
+
+
+def check_ray_cluster(address: str, timeout: float = 5.0) -> None:
+    """A cluster named by HOST:PORT answers there, or a one-line error says so before Ray waits on it."""
+    match = RAY_ADDRESS.fullmatch(address)
+    if not address or address == "auto" or match is None:
+        return
+    host, port = match["host"].strip("[]"), int(match["port"])
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"No Ray cluster answers at {address} ({exc.strerror or exc}): start its head with "
+            f"`ray start --head --port {port}`, or leave --ray-address out to run on a Ray of its own."
+        ) from None
 
 
 def with_scenario(config: SimulationConfig, scenario: str) -> SimulationConfig:

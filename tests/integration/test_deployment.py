@@ -6,7 +6,7 @@ docs/operator.md and docs/device.md (:mod:`fleetlora.simulations.local_deploymen
 the failure cases the issue names: a device that is not registered is refused; a coordinator killed
 with SIGKILL in the middle of a run comes back within 30 s and the next run continues from the last
 stored version, nothing lost or repeated; a device killed mid-round leaves the round to the
-survivor, within its deadlines.
+survivor, within its deadlines, and is let in again when it comes back.
 """
 
 from __future__ import annotations
@@ -123,6 +123,9 @@ def test_a_deployed_fleet_trains_refuses_strangers_and_survives_kills(fleet: Loc
     assert newest.round == last.round + 1 and len(newest.participants) == 1
     # Training, evaluation and the update offer each wait at most one deadline for the dead device.
     assert time.monotonic() - started < 3 * DEADLINE + 30
+    # It comes back: the same SuperNode key is let in again, and the fleet is whole.
+    fleet.start_device(2)
+    fleet.wait_online(2, timeout=90)
 
     # 5. An operator stops a run; what its finished rounds stored stays.
     run = fleet.start_run("--rounds", "5", "--min-devices", "1")

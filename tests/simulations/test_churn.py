@@ -104,4 +104,5 @@ def test_a_simulated_fleet_with_dropout_and_over_selection_on_the_engine(tmp_pat
     results = json.loads((out / "results.json").read_text())
     assert [r["round"] for r in results["rounds"]] == [1, 2, 3]
     assert all(r["version"] is not None and r["participants"] >= 3 for r in results["rounds"])
-    assert results["memory"]["tree_peak_mb"] > results["memory"]["process_peak_mb"] > 0
+    memory = results["memory"]  # the engine's Ray processes are counted with this one
+    assert memory["processes_at_peak"] >= 2 and memory["tree_peak_mb"] > 0 and memory["process_peak_mb"] > 0
