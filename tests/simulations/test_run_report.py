@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 
 from fleetlora.cli import app
 from fleetlora.common.errors import DataError
-from fleetlora.simulations.run_report import bytes_down, config_differences, load_run, read_results
+from fleetlora.simulations.run_report import config_differences
+from fleetlora.simulations.run_results import bytes_down, load_run, read_results
 
 REPO = Path(__file__).resolve().parents[2]
 INJECTED = "<script>alert(1)</script>"
@@ -271,7 +272,7 @@ def test_simulate_takes_report():
 
 
 def test_a_participant_s_failed_evaluation_is_not_counted_as_a_dropped_device(tmp_path: Path):
-    from fleetlora.simulations.run_report import parse_round
+    from fleetlora.simulations.run_results import parse_round
 
     entry = _round(2, accuracy=0.5, epsilon=None)
     entry["dropped"].append({"node_id": "9100", "reason": "evaluation: declined: no held-out examples"})
