@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import signal
 import sys
 import threading
 import time
@@ -77,6 +78,12 @@ def ingest(
 
 
 def _serve(pipeline: Pipeline, inbox: Path | None, port: int | None, device: str) -> None:
+    """Serve until Ctrl-C (or SIGTERM), maintaining the store every ``MAINTAIN_SECONDS`` meanwhile.
+
+    The signal only sets ``stop``: a KeyboardInterrupt raised wherever the main thread happened to be (in
+    the store's maintenance, between a lock's acquire and its release) could leave the store locked for
+    the maintenance that follows, and the agent would never exit.
+    """
     stop = threading.Event()
     threads = []
     server = None
@@ -91,23 +98,24 @@ def _serve(pipeline: Pipeline, inbox: Path | None, port: int | None, device: str
                 target=watch_inbox, args=(pipeline, inbox), kwargs={"device": device, "stop": stop}
             )
         )
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     for thread in threads:
         thread.start()
     maintained = time.monotonic()
     try:
-        while any(t.is_alive() for t in threads):
-            threads[0].join(timeout=0.5)
-            if time.monotonic() - maintained >= MAINTAIN_SECONDS:  # the capacity holds while serving
-                pipeline.maintain()
+        while not stop.is_set() and any(t.is_alive() for t in threads):
+            stop.wait(timeout=0.5)
+            if not stop.is_set() and time.monotonic() - maintained >= MAINTAIN_SECONDS:
+                pipeline.maintain()  # the capacity holds while serving
                 maintained = time.monotonic()
-    except KeyboardInterrupt:
-        pass
     finally:
         stop.set()
         if server is not None:
             server.shutdown()
         for thread in threads:
             thread.join(timeout=5)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 corpus_app = command_group("The records stored in the device's corpus.")
