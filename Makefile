@@ -35,8 +35,10 @@ test: install
 test-quick: install
 	$(BIN)/python -m pytest -q $(XDIST) -m "not slow"
 
+# Every benchmark in quick mode, one at a time (benchmarks/run_all.py): about 18 min on 2 cores. Each
+# writes benchmarks/results/quick/NAME.json; the README's "Measured" table is rewritten from them.
 bench: install
-	$(BIN)/python benchmarks/round_overhead.py
+	$(BIN)/python benchmarks/run_all.py
 
 # Issue 7's comparison on BANKING77: about 14 min per 10-round arm on 2 cores (ARMS=a,b to pick).
 bench-convergence: install

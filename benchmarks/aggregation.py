@@ -34,8 +34,9 @@ Run from the repository root (``--quick``: 100, 1,000 and 10,000 devices, their 
 
     .venv/bin/python benchmarks/aggregation.py [--quick | --smoke] [--json PATH]
 
-Progress goes to stderr; the JSON result (also written to ``--json``, and by a full run to
-benchmarks/results/aggregation.json) is the last line of stdout.
+Progress goes to stderr; the JSON result (also written to ``--json``, by a full run to
+benchmarks/results/aggregation.json and by a quick one, what ``make bench`` runs, to
+benchmarks/results/quick/aggregation.json) is the last line of stdout.
 """
 
 from __future__ import annotations
@@ -119,8 +120,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     counts = SMOKE_COUNTS if args.smoke else QUICK_COUNTS if args.quick else FULL_COUNTS
     holding = () if args.smoke or args.quick else HOLDING_COUNTS
     presealed = QUICK_PRESEALED if args.quick else 0
+    results = REPO / "benchmarks" / "results"
     json_path = args.json or (
-        None if args.smoke or args.quick else REPO / "benchmarks/results/aggregation.json"
+        None if args.smoke else results / ("quick" if args.quick else "") / "aggregation.json"
     )
     import torch
 

@@ -19,6 +19,12 @@ Run from the repository root (MiniLM on 2 CPU cores: minutes per arm, see ``wall
     .venv/bin/python benchmarks/convergence.py [--arms fedavg-anchor,fedadam,...] [--rounds 10]
         [--data ../shared/data/banking77] [--plot benchmarks/results/convergence.png]
 
+``--quick`` (what ``make bench`` runs, a few minutes): the ``fedavg-anchor`` and ``fedavg`` arms on
+MiniLM for 2 rounds, on a seeded sample of BANKING77 (2,000 train, 500 test texts), written to
+benchmarks/results/quick/convergence.json. ``--smoke`` (what ``make test`` runs): the tiny model on a
+sample of the built-in corpus, one round of ``fedavg`` and both references, nothing written unless
+``--json``/``--plot`` are given.
+
 Progress goes to stderr; the JSON result is written to ``--json`` (after every arm, so a stopped
 run keeps what finished) and is the last line of stdout. The plot needs matplotlib.
 """
@@ -26,9 +32,11 @@ run keeps what finished) and is the last line of stdout. The plot needs matplotl
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import os
+import random
 import shlex
 import sys
 import tempfile
@@ -51,6 +59,11 @@ from fleetlora.simulations.runner import SimulationConfig, simulate
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "banking77"  # ../shared
 RESULTS = Path("benchmarks/results")
+QUICK_JSON = RESULTS / "quick" / "convergence.json"
+QUICK_ARMS = ["fedavg-anchor", "fedavg"]  # the baseline (issue 7's anchor) and the project default
+QUICK_SAMPLE = [2000, 500]  # BANKING77 train and test texts drawn (seed 0) for --quick
+SMOKE_ARMS = ["fedavg", "centralized", "local-only"]  # one federated arm and both references
+SMOKE_SAMPLE = [1200, 200]  # built-in corpus texts for --smoke (every local-only device gets some)
 DEVICES = 20
 PARTITION = "dirichlet:0.5"
 SEED = 0
@@ -180,10 +193,13 @@ def progress(text: str) -> None:
 # ---- the shared fleet -----------------------------------------------------------------------------
 
 
+MODEL = {"name": "minilm"}  # --smoke sets "tiny"
+
+
 def fleet_config(data: Path, rounds: int, out: Path, **overrides: Any) -> SimulationConfig:
     """The fleet every arm shares, with an arm's overrides applied."""
     settings = {
-        "model": "minilm",
+        "model": MODEL["name"],
         "data": str(data / "train.csv"),
         "eval-data": str(data / "test.csv"),
         "rounds": rounds,
@@ -269,14 +285,14 @@ def test_set_accuracy(loaded: LoadedModel, test: Sequence[Example]) -> float:
     return evaluate(loaded, test)["accuracy"]
 
 
-def run_centralized(data: Path) -> dict[str, Any]:
+def run_centralized(data: Path, epochs: int = CENTRALIZED_EPOCHS) -> dict[str, Any]:
     """One model on the pooled train.csv, evaluated on test.csv after each epoch."""
     spec = reference_spec(data)
     train, test = load_examples(data / "train.csv"), load_examples(data / "test.csv")
     started = time.perf_counter()
     loaded = build_model(spec)
     accuracy, steps = [], 0
-    for epoch in range(1, CENTRALIZED_EPOCHS + 1):
+    for epoch in range(1, epochs + 1):
         result = train_locally(loaded, train, one_epoch(), seed=training_seed(spec.seed, epoch, 0))
         steps += result.steps
         accuracy.append(test_set_accuracy(loaded, test))
@@ -363,14 +379,34 @@ def plot(arms: dict[str, dict[str, Any]], rounds: int, path: Path) -> None:
     plt.close(figure)
 
 
+def relative(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each federated arm's final accuracy over the baseline's: issue 7's anchor, else centralized."""
+    baseline = next((b for b in ("fedavg-anchor", "centralized") if b in arms), None)
+    if baseline is None or not arms[baseline]["final_accuracy"]:
+        return {"baseline": None, "ratios": {}}
+    base = arms[baseline]["final_accuracy"]
+    ratios = {
+        name: round(arm["final_accuracy"] / base, 3)
+        for name, arm in arms.items()
+        if name in FEDERATED_ARMS and name != baseline
+    }
+    return {"baseline": baseline, "baseline_final_accuracy": base, "ratios": ratios}
+
+
 def report(args: argparse.Namespace, arms: dict[str, dict[str, Any]], load_before: float) -> dict[str, Any]:
+    import torch
+
     return {
         "benchmark": "convergence",
         "command": shlex.join(sys.orig_argv),
+        "mode": "smoke" if args.smoke else "quick" if args.quick else "full",
         "complete": len(arms) == len(args.arms),
         "arms_requested": args.arms,
         "rounds": args.rounds,
+        "final_accuracy_over_baseline": relative(arms),
         "setup": {
+            "sample": args.sample,
+            "model_name": MODEL["name"],
             "model": (
                 "minilm (all-MiniLM-L6-v2) + LoRA r8 alpha16 on query,value; linear head on the mean of "
                 "the last hidden states (pooling 'mean') unless an arm says otherwise; head trainable"
@@ -393,6 +429,7 @@ def report(args: argparse.Namespace, arms: dict[str, dict[str, Any]], load_befor
             },
         },
         "arms": arms,
+        "machine": {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "cpus": os.cpu_count(),
         "load_average": {"before": load_before, "after": round(os.getloadavg()[0], 2)},
         "notes": (
@@ -410,10 +447,12 @@ def report(args: argparse.Namespace, arms: dict[str, dict[str, Any]], load_befor
     }
 
 
-def run_arm(name: str, data: Path, rounds: int, scratch: Path) -> dict[str, Any]:
+def run_arm(
+    name: str, data: Path, rounds: int, scratch: Path, centralized_epochs: int = CENTRALIZED_EPOCHS
+) -> dict[str, Any]:
     """Run one named arm; federated arms get a fresh folder under ``scratch``."""
     if name == "centralized":
-        return run_centralized(data)
+        return run_centralized(data, centralized_epochs)
     if name == "local-only":
         return run_local_only(data, rounds)
     return run_federated(name, data, rounds, scratch)
@@ -430,6 +469,20 @@ def parse_arms(value: str) -> list[str]:
 # ---- main -----------------------------------------------------------------------------------------
 
 
+def sample_data(train: str, test: str, sizes: list[int], folder: Path) -> Path:
+    """train.csv and test.csv of ``sizes`` texts drawn (seed 0) from ``train`` and ``test`` (a CSV or a
+    built-in corpus name), in ``folder``: the same fleet on fewer texts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, source, size in (("train.csv", train, sizes[0]), ("test.csv", test, sizes[1])):
+        examples = load_examples(source)
+        drawn = random.Random(SEED).sample(examples, min(size, len(examples)))
+        with (folder / name).open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["text", "category"])
+            writer.writerows((e.text, e.label) for e in drawn)
+    return folder
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the chosen arms in order; write JSON and plot after each; print the JSON last."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -438,30 +491,62 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--rounds", type=int, default=10, help="federated rounds per arm (default 10)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with train.csv and test.csv")
-    parser.add_argument("--plot", type=Path, default=RESULTS / "convergence.png", help="PNG to write")
-    parser.add_argument("--json", type=Path, default=RESULTS / "convergence.json", help="JSON to write")
+    parser.add_argument("--plot", type=Path, help=f"PNG to write (default {RESULTS / 'convergence.png'})")
+    parser.add_argument("--json", type=Path, help=f"JSON to write (default {RESULTS / 'convergence.json'})")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--quick", action="store_true", help=f"{', '.join(QUICK_ARMS)}, 2 rounds, sampled BANKING77"
+    )
+    mode.add_argument(
+        "--smoke", action="store_true", help="tiny model, built-in corpus, 1 round; nothing written"
+    )
     args = parser.parse_args(argv)
+    args.sample = None
+    if args.smoke:
+        args.arms, args.rounds, args.sample = SMOKE_ARMS, 1, SMOKE_SAMPLE
+        args.data = Path("builtin")  # a sample of the built-in corpus, not a folder
+        MODEL["name"] = "tiny"
+    elif args.quick:
+        args.arms, args.rounds, args.sample = QUICK_ARMS, 2, QUICK_SAMPLE
+        args.json = args.json or QUICK_JSON
+    else:
+        args.json = args.json or RESULTS / "convergence.json"
+        args.plot = args.plot or RESULTS / "convergence.png"
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
-    for name in ("train.csv", "test.csv"):
-        if not (args.data / name).is_file():
-            parser.error(f"{args.data / name} not found")
+    if not args.smoke:
+        for name in ("train.csv", "test.csv"):
+            if not (args.data / name).is_file():
+                parser.error(f"{args.data / name} not found")
     logging.getLogger("flwr").setLevel(logging.ERROR)
     load_before = round(os.getloadavg()[0], 2)
 
     arms: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="fleetlora-convergence-") as tmp:
-        for name in args.arms:
-            progress(f"{name}: starting ({args.rounds} rounds)")
-            arms[name] = run_arm(name, args.data, args.rounds, Path(tmp))
-            progress(
-                f"{name}: accuracy {arms[name]['accuracy']}, {arms[name]['device_steps']} device-steps, "
-                f"{arms[name]['upload_bytes']} bytes up, {arms[name]['wall_seconds']} s"
+        data = args.data
+        if args.smoke:
+            data = sample_data("builtin", "builtin-test", SMOKE_SAMPLE, Path(tmp) / "data")
+        elif args.quick:
+            data = sample_data(
+                str(args.data / "train.csv"), str(args.data / "test.csv"), QUICK_SAMPLE, Path(tmp) / "data"
             )
-            result = report(args, arms, load_before)
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(result, indent=2) + "\n")
-            plot(arms, args.rounds, args.plot)
+        epochs = 1 if args.smoke else CENTRALIZED_EPOCHS
+        try:
+            for name in args.arms:
+                progress(f"{name}: starting ({args.rounds} rounds)")
+                arms[name] = run_arm(name, data, args.rounds, Path(tmp), epochs)
+                progress(
+                    f"{name}: accuracy {arms[name]['accuracy']}, {arms[name]['device_steps']} device-steps, "
+                    f"{arms[name]['upload_bytes']} bytes up, {arms[name]['wall_seconds']} s"
+                )
+                result = report(args, arms, load_before)
+                if args.json is not None:
+                    args.json.parent.mkdir(parents=True, exist_ok=True)
+                    args.json.write_text(json.dumps(result, indent=2) + "\n")
+                if args.plot is not None:
+                    plot(arms, args.rounds, args.plot)
+        finally:
+            MODEL["name"] = "minilm"  # a smoke run in a test process leaves the default behind
     print(json.dumps(result), flush=True)
     return result
 

@@ -19,7 +19,13 @@ Run from the repository root::
 
     .venv/bin/python benchmarks/corpus.py [--rate 100] [--seconds 25] [--json benchmarks/results/corpus.json]
 
+``--quick`` (what ``make bench`` runs): 8 s of paced load, 1,000 dedup originals and 250
+near-duplicates, every BANKING77 text archived, written to benchmarks/results/quick/corpus.json.
+``--smoke`` (what ``make test`` runs): the built-in corpus, 2 s at 20 records a second, 200 originals
+and 50 near-duplicates, nothing written unless ``--json`` is given.
+
 Progress goes to stderr; the JSON result is the last line of stdout (and written to ``--json``).
+There is no baseline to time against: each figure has its target instead.
 """
 
 from __future__ import annotations
@@ -50,10 +56,14 @@ from fleetlora.client.corpus.cli import CORPUS_FILE
 from fleetlora.client.corpus.dedup import injected_near_duplicates, score
 from fleetlora.client.corpus.records import Record, content_hash, stamped
 from fleetlora.client.corpus.store import CorpusStore
+from fleetlora.common.data import load_examples
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "banking77" / "train.csv"
 RESULTS = REPO / "benchmarks" / "results" / "corpus.json"
+QUICK_JSON = REPO / "benchmarks" / "results" / "quick" / "corpus.json"
+QUICK = {"seconds": 8.0, "originals": 1000, "duplicates": 250}
+SMOKE = {"rate": 20.0, "seconds": 2.0, "warmup": 5, "originals": 200, "duplicates": 50}
 THRESHOLDS = (0.85, 0.9, 0.95)
 AGENT = (sys.executable, "-m", "fleetlora", "device", "ingest")
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -398,6 +408,13 @@ def measure_compression(rows: list[tuple[str, str]], workdir: Path) -> dict[str,
 # ---- main ----------------------------------------------------------------------------------------
 
 
+def torch_threads() -> int:
+    """The thread count torch would use here (the agent trains with it; this process does not)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DATA, help="BANKING77 train.csv (text,category)")
@@ -409,12 +426,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--workdir", type=Path, default=None, help="where the stores go (default: a temp dir)"
     )
-    parser.add_argument("--json", type=Path, default=RESULTS, help=f"result file (default {RESULTS})")
+    parser.add_argument("--json", type=Path, help=f"result file (default {RESULTS})")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help=f"{QUICK}; results/quick/corpus.json")
+    mode.add_argument("--smoke", action="store_true", help=f"built-in corpus, {SMOKE}; nothing written")
     args = parser.parse_args(argv)
-    if not args.data.is_file():
+    for name, value in (SMOKE if args.smoke else QUICK if args.quick else {}).items():
+        setattr(args, name, value)
+    if not args.smoke:
+        args.json = args.json or (QUICK_JSON if args.quick else RESULTS)
+    if args.smoke:
+        rows = [(e.text, str(e.label)) for e in load_examples("builtin")]
+        args.data = Path("builtin")
+    elif not args.data.is_file():
         parser.error(f"{args.data} not found: the benchmark needs BANKING77's train.csv (text,category)")
-    with args.data.open(newline="") as handle:
-        rows = [(row["text"], row["category"]) for row in csv.DictReader(handle)]
+    else:
+        with args.data.open(newline="") as handle:
+            rows = [(row["text"], row["category"]) for row in csv.DictReader(handle)]
     shuffled = rows[:]
     random.Random(0).shuffle(shuffled)
     needed = args.warmup + int(args.rate * args.seconds)
@@ -437,6 +465,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "benchmark": "corpus",
         "command": shlex.join(sys.orig_argv),
+        "mode": "smoke" if args.smoke else "quick" if args.quick else "full",
         "ingest_p50_ms": latency["p50"],
         "ingest_p99_ms": latency["p99"],
         "ingest_rate_per_s": load["ingest"]["achieved_rate_per_s"],
@@ -453,12 +482,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "data": str(args.data),
         "store_filesystem": store_fs,
         "cpus": os.cpu_count(),
+        "machine": {"cores": os.cpu_count(), "torch_threads": torch_threads()},
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "python": sys.version.split()[0],
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result), flush=True)
     return result
 

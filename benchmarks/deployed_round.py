@@ -17,6 +17,11 @@ Run from the repository root::
 
     .venv/bin/python benchmarks/deployed_round.py [--json benchmarks/results/deployed_round.json]
 
+``--quick`` (what ``make bench`` runs) is the same measurement, which is already the smallest that
+has a steady round, written to benchmarks/results/quick/deployed_round.json instead. ``--smoke``
+(what ``make test`` runs) is its smallest real run: one round of 2 local steps on each fleet, nothing
+written unless ``--json`` is given; it still starts a real SuperLink and SuperNodes three times.
+
 Progress goes to stderr; the JSON result is the last line of stdout.
 """
 
@@ -32,11 +37,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fleetlora.coordinator.storage import Storage
 from fleetlora.simulations.local_deployment import LocalFleet
 from fleetlora.simulations.runner import SimulationConfig, simulate
 
 ROUNDS = 2
+LOCAL_STEPS = 5
+RESULTS = Path("benchmarks/results")
 FEDERATION: dict[str, Any] = {
     "model": "tiny",
     "data": "builtin",
@@ -45,7 +54,7 @@ FEDERATION: dict[str, Any] = {
     "devices-per-round": 2,
     "min-devices": 2,
     "round-deadline": 300.0,
-    "local-steps": 5,
+    "local-steps": LOCAL_STEPS,
     "partition": "iid",
 }
 
@@ -54,12 +63,12 @@ def progress(message: str) -> None:
     print(f"[deployed_round] {message}", file=sys.stderr, flush=True)
 
 
-def simulated(scratch: Path) -> dict[str, Any]:
+def simulated(scratch: Path, federation: dict[str, Any]) -> dict[str, Any]:
     config = SimulationConfig(
         devices=2,
         out=scratch / "simulation",
-        settings={"model": "tiny", "data": "builtin", "rounds": ROUNDS, "devices-per-round": 2,
-                  "min-devices": 2, "local-steps": 5, "partition": "iid"},
+        settings={"model": "tiny", "data": "builtin", "rounds": federation["rounds"], "devices-per-round": 2,
+                  "min-devices": 2, "local-steps": federation["local-steps"], "partition": "iid"},
     )  # fmt: skip
     started = time.perf_counter()
     results = simulate(config)
@@ -69,9 +78,9 @@ def simulated(scratch: Path) -> dict[str, Any]:
     }
 
 
-def deployed(scratch: Path, warm: bool) -> dict[str, Any]:
+def deployed(scratch: Path, warm: bool, federation: dict[str, Any]) -> dict[str, Any]:
     fleet = LocalFleet(
-        scratch / ("warm" if warm else "cold"), devices=2, federation=dict(FEDERATION), warm_clientapp=warm
+        scratch / ("warm" if warm else "cold"), devices=2, federation=dict(federation), warm_clientapp=warm
     )
     try:
         coordinator_start = fleet.start_coordinator()
@@ -105,27 +114,34 @@ def deployed(scratch: Path, warm: bool) -> dict[str, Any]:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/deployed_round.json"))
-    args = parser.parse_args()
+    parser.add_argument("--json", type=Path, help="JSON to write (default results/deployed_round.json)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="the same run, written to results/quick/")
+    mode.add_argument("--smoke", action="store_true", help="1 round of 2 steps; nothing written")
+    args = parser.parse_args(argv)
+    federation = {**FEDERATION, **({"rounds": 1, "local-steps": 2} if args.smoke else {})}
+    if not args.smoke:
+        args.json = args.json or RESULTS / ("quick" if args.quick else "") / "deployed_round.json"
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="fleetlora-deployed-") as folder:
         scratch = Path(folder)
         progress("simulation")
-        simulation = simulated(scratch)
+        simulation = simulated(scratch, federation)
         progress(f"simulation rounds {simulation['round_seconds']}")
         arms = {}
         for warm in (False, True):
             name = "warm" if warm else "cold"
             progress(f"deployed, {name} ClientApp")
-            arms[name] = deployed(scratch, warm)
+            arms[name] = deployed(scratch, warm, federation)
             progress(f"{name}: rounds {arms[name]['round_seconds']}, run {arms[name]['run_seconds']} s")
     steady = {name: arm["round_seconds"][-1] for name, arm in arms.items()}
     result = {
         "benchmark": "deployed_round",
         "command": shlex.join(sys.orig_argv),
-        "setup": {"devices": 2, **FEDERATION},
+        "mode": "smoke" if args.smoke else "quick" if args.quick else "full",
+        "setup": {"devices": 2, **federation},
         "simulation": simulation,
         "deployed": arms,
         "steady_round_seconds": {"simulation": simulation["round_seconds"][-1], **steady},
@@ -135,11 +151,14 @@ def main() -> None:
         "warm_over_cold": round(steady["warm"] / steady["cold"], 3),
         "targets": {"cold_start_seconds": 300, "recovery_seconds": 30},
         "cpus": os.cpu_count(),
+        "machine": {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "load_average": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

@@ -32,7 +32,9 @@ another's high-water mark.
   ``taken`` is training's share of the CPU time the two got, from the kernel's accounting.
 
 Run from the repository root (about 5 minutes on 2 cores, most of it SmolLM2's steps;
-``--smoke``: the tiny model on the built-in corpus, seconds, nothing written)::
+``--smoke``: the tiny model on the built-in corpus, seconds, nothing written; ``--quick``, what ``make
+bench`` runs: MiniLM only, 2 steps, 5 adapter loads, 3 s of foreground, written to
+benchmarks/results/quick/device_resources.json)::
 
     .venv/bin/python benchmarks/device_resources.py [--smoke] [--models minilm,smollm2] [--json PATH]
         [--batch-size 16] [--max-length 64] [--steps 3] [--repeats 20]
@@ -194,7 +196,9 @@ def _foreground_work(processes: int, seconds: float) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="Tiny model, built-in corpus; nothing written.")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--smoke", action="store_true", help="Tiny model, built-in corpus; nothing written.")
+    mode.add_argument("--quick", action="store_true", help="MiniLM only, 2 steps, 5 loads; results/quick/.")
     parser.add_argument("--models", default=",".join(MODELS), help="Comma-separated, from minilm, smollm2.")
     parser.add_argument("--batch-size", type=int, default=16, help="Sequences per training step.")
     parser.add_argument("--max-length", type=int, default=64, help="Tokens per sequence (each is filled).")
@@ -207,6 +211,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return worker(args.worker)
     if min(args.batch_size, args.steps, args.repeats) < 1 or not 8 <= args.max_length <= 4096:
         parser.error("--batch-size, --steps and --repeats must be >= 1, --max-length in [8, 4096].")
+    if args.quick:
+        args.models, args.steps, args.repeats = "minilm", 2, 5
     models = ["tiny"] if args.smoke else args.models.split(",")
     if unknown := set(models) - {"tiny", *MODELS}:
         parser.error(f"unknown model(s) {sorted(unknown)}; choose from {', '.join(MODELS)}")
@@ -215,7 +221,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.smoke:
         shape.update(batch_size=4, max_length=32, steps=2)
         args.repeats = 5
-    json_path = args.json or (None if args.smoke else REPO / "benchmarks/results/device_resources.json")
+    results = REPO / "benchmarks" / "results"
+    json_path = args.json or (
+        None if args.smoke else results / ("quick" if args.quick else "") / "device_resources.json"
+    )
     import torch
 
     result: dict[str, Any] = {
@@ -242,7 +251,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["pause"] = pause_latency(
         adapter_model, shape, 300 if args.smoke else 10, "file" if args.smoke else "psutil"
     )
-    result["foreground_share"] = foreground_share(adapter_model, shape, 1.5 if args.smoke else 10.0)
+    result["foreground_share"] = foreground_share(
+        adapter_model, shape, 1.5 if args.smoke else 3.0 if args.quick else 10.0
+    )
     reductions = {m: r["memory_reduction"] for m, r in memory.items()}
     load_ms = result["adapter_load"]["median_ms"]
     result["targets"] = {

@@ -22,6 +22,10 @@ model and the built-in corpus in about two minutes, and is what ``make test`` ru
 
     .venv/bin/python benchmarks/dp_utility.py [--rounds 20] [--per-round 20,5] [--parts ...] [--smoke]
 
+``--quick`` (what ``make bench`` runs): the cost part alone on the full fleet's MiniLM (3 repeats),
+written to benchmarks/results/quick/dp_utility.json; a smoke run writes nothing unless ``--json`` or
+``--plot`` is given.
+
 Progress goes to stderr; the JSON result (also written to ``--json``) is the last line of stdout.
 """
 
@@ -30,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import resource
 import shlex
 import statistics
@@ -292,7 +297,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="every part, tiny model and built-in data")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--smoke", action="store_true", help="every part, tiny model and built-in data")
+    mode.add_argument("--quick", action="store_true", help="the cost part, 3 repeats; results/quick/")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--epsilons", default="1,2,4,8", help="comma-separated ε per record")
     parser.add_argument("--per-round", default="20,5", help="comma-separated devices a round")
@@ -309,10 +316,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=True,
         help="also the no-DP arm of each devices-a-round (--no-plain keeps an earlier one)",
     )
-    parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "dp_utility.json")
-    parser.add_argument("--plot", type=Path, default=REPO / "benchmarks" / "results" / "dp_utility.png")
+    parser.add_argument("--json", type=Path, help="JSON to write (default results/dp_utility.json)")
+    parser.add_argument("--plot", type=Path, help="PNG to write (default results/dp_utility.png)")
     args = parser.parse_args(argv)
     setup = SMOKE if args.smoke else FULL
+    results = REPO / "benchmarks" / "results"
+    if args.quick:
+        args.parts, args.repeats = "cost", 3
+        args.json = args.json or results / "quick" / "dp_utility.json"
+    elif not args.smoke:
+        args.json = args.json or results / "dp_utility.json"
+        args.plot = args.plot or results / "dp_utility.png"
     if args.smoke:
         # Each arm is one `fleetlora simulate` (about 30 s of start-up on 2 cores); its rounds are kept few.
         args.rounds, args.epsilons, args.per_round = 2, "8", "2"
@@ -325,9 +339,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown := set(parts) - set(PARTS):
         parser.error(f"unknown part(s) {sorted(unknown)}; choose from {', '.join(PARTS)}")
     # Parts not run this time are kept from an earlier result, each with the command that made it.
-    result: dict[str, Any] = (
-        json.loads(args.json.read_text()) if set(parts) != set(PARTS) and args.json.is_file() else {}
-    )
+    earlier = set(parts) != set(PARTS) and args.json is not None and args.json.is_file()
+    result: dict[str, Any] = json.loads(args.json.read_text()) if earlier else {}
     if result and "commands" not in result:  # written by a run of every part
         result["commands"] = dict.fromkeys(PARTS, result.get("command"))
     command = shlex.join(
@@ -357,13 +370,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["wall_seconds"][",".join(parts)] = round(time.perf_counter() - started, 1)
     schedules = {
         json.dumps(arm["partitions"])
-        for name, arm in result["federated"].items()
+        for name, arm in result.get("federated", {}).items()
         if name.startswith(f"{per_round[0]}/")
     }
-    result["same_schedule_in_every_arm"] = len(schedules) == 1
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
-    plot(result, args.plot)
+    if "federated" in result:
+        result["same_schedule_in_every_arm"] = len(schedules) == 1
+    import torch
+
+    result["machine"] = {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    if args.plot is not None and {"federated", "streaming"} <= set(result):
+        plot(result, args.plot)
     print(json.dumps(result))
     return result
 

@@ -13,7 +13,9 @@ Run from the repository root::
 
     .venv/bin/python benchmarks/failover.py [--repeats 3] [--json benchmarks/results/failover.json]
 
-``--smoke`` is one repeat and writes nothing unless ``--json`` is given (``make test`` runs it).
+``--smoke`` is one repeat and writes nothing unless ``--json`` is given (``make test`` runs it);
+``--quick`` (what ``make bench`` runs) is one repeat written to benchmarks/results/quick/failover.json.
+There is no baseline to time against: the SuperLink's return is held against its target.
 Progress goes to stderr; the JSON result is the last line of stdout.
 """
 
@@ -29,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from fleetlora.simulations.local_deployment import LocalFleet
 
@@ -53,13 +57,18 @@ def progress(message: str) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="Kills to measure (default 3).")
-    parser.add_argument("--smoke", action="store_true", help="One kill; nothing written without --json.")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--smoke", action="store_true", help="One kill; nothing written without --json.")
+    mode.add_argument("--quick", action="store_true", help="One kill; results/quick/failover.json.")
     parser.add_argument("--json", type=Path, help="Also write the result here.")
     args = parser.parse_args(argv)
-    repeats = 1 if args.smoke else args.repeats
+    repeats = 1 if args.smoke or args.quick else args.repeats
     if repeats < 1:
         parser.error("--repeats must be at least 1")
-    json_path = args.json or (None if args.smoke else Path("benchmarks/results/failover.json"))
+    results = Path("benchmarks/results")
+    json_path = args.json or (
+        None if args.smoke else results / ("quick" if args.quick else "") / "failover.json"
+    )
     load_before = os.getloadavg()[0]
     kills: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fleetlora-failover-") as folder:
@@ -91,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "target_seconds": TARGET_SECONDS,
         "target_met": worst <= TARGET_SECONDS,
         "cpus": os.cpu_count(),
+        "machine": {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "load_average": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
     }
     if json_path is not None:

@@ -20,6 +20,10 @@ Run from the repository root (``--smoke``: tiny model, built-in corpus, what ``m
 
     .venv/bin/python benchmarks/forgetting.py [--arms none,default,...] [--dp both|on|off] [--smoke]
 
+``--quick`` (what ``make bench`` runs): the none and replay arms without DP on the tiny model and the
+built-in corpus, 6 devices over 3 phases, written to benchmarks/results/quick/forgetting.json; a smoke
+run writes nothing unless ``--json`` or ``--plot`` is given.
+
 Progress goes to stderr; the JSON result (also written to ``--json``) is the last line of stdout.
 """
 
@@ -78,6 +82,7 @@ class Setup:
 
 FULL = Setup("minilm", str(BANKING77 / "train.csv"), str(BANKING77 / "test.csv"), 20, 10, 3, 2)
 SMOKE = Setup("tiny", "builtin", "builtin-test", 4, 3, 2, 2, ("--regime", "lora", "--local-steps", "10"))
+QUICK = Setup("tiny", "builtin", "builtin-test", 6, 3, 3, 2, ("--regime", "lora", "--local-steps", "20"))
 
 
 def progress(text: str) -> None:
@@ -171,16 +176,24 @@ def plot(arms: Mapping[str, Mapping[str, Any]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny model, built-in corpus, two arms")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--smoke", action="store_true", help="tiny model, built-in corpus, two arms")
+    mode.add_argument("--quick", action="store_true", help="two arms, tiny model, 3 phases; results/quick/")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {', '.join(ARMS)}")
     parser.add_argument("--dp", choices=("both", "on", "off"), default="both")
-    parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "forgetting.json")
-    parser.add_argument("--plot", type=Path, default=REPO / "benchmarks" / "results" / "forgetting.png")
+    parser.add_argument("--json", type=Path, help="JSON to write (default results/forgetting.json)")
+    parser.add_argument("--plot", type=Path, help="PNG to write (default results/forgetting.png)")
     args = parser.parse_args(argv)
-    setup = SMOKE if args.smoke else FULL
-    if args.smoke:
+    setup = SMOKE if args.smoke else QUICK if args.quick else FULL
+    results = REPO / "benchmarks" / "results"
+    if args.smoke or args.quick:
         args.arms, args.dp = "none,replay", "off"
-    elif not Path(setup.data).is_file():
+    if args.quick:
+        args.json = args.json or results / "quick" / "forgetting.json"
+    elif not args.smoke:
+        args.json = args.json or results / "forgetting.json"
+        args.plot = args.plot or results / "forgetting.png"
+    if setup is FULL and not Path(setup.data).is_file():
         parser.error(f"BANKING77 is not at {BANKING77}: this benchmark needs ../shared/data beside the repo.")
     names = args.arms.split(",")
     if unknown := set(names) - set(ARMS):
@@ -198,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 )
     result = {
         "command": command,
-        "machine": {"cpus": os.cpu_count(), "torch_threads": _torch_threads()},
+        "machine": {"cores": os.cpu_count(), "cpus": os.cpu_count(), "torch_threads": _torch_threads()},
         "setup": setup.__dict__ | {"extra": list(setup.extra), "seed": SEED},
         "targets": {
             "retention_without_dp": 0.95,
@@ -209,9 +222,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "arms": arms,
         "comparison": compare(arms),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
-    plot(arms, args.plot)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    if args.plot is not None:
+        plot(arms, args.plot)
     print(json.dumps(result))
     return result
 

@@ -31,6 +31,10 @@ Run from the repository root (both models, three ranks: a few minutes on 2 CPU c
     .venv/bin/python benchmarks/packages.py [--models smollm2,minilm] [--ranks 4,8,16] [--json PATH]
         [--repeats 5]
 
+``--quick`` (what ``make bench`` runs): MiniLM at rank 8, 3 repeats, written to
+benchmarks/results/quick/packages.json. ``--smoke`` (what ``make test`` runs): the tiny model on the
+built-in corpus at rank 2, 1 repeat, every part once, nothing written unless ``--json`` is given.
+
 Data: ``../shared/data/banking77/train.csv`` and ``../shared/data/tinyshakespeare/input.txt``
 (falling back to the built-in corpus without them). Progress and a table go to stderr; the JSON
 result is written to ``--json`` (after every model and rank, so a stopped run keeps what finished)
@@ -96,7 +100,11 @@ RESULTS = Path("benchmarks/results")
 MODELS: dict[str, tuple[str, Path]] = {
     "smollm2": ("causal-lm", SHARED / "tinyshakespeare" / "input.txt"),
     "minilm": ("classify", SHARED / "banking77" / "train.csv"),
+    "tiny": ("classify", Path("builtin")),  # --smoke: the two-layer test model on the built-in corpus
 }
+DEFAULT_MODELS = ["smollm2", "minilm"]
+QUICK = {"models": ["minilm"], "ranks": [8], "repeats": 3}
+SMOKE = {"models": ["tiny"], "ranks": [2], "repeats": 1}
 RANKS = (4, 8, 16)
 TIGHT_CAP = 0.001
 LOCAL_STEPS = 4  # per version: A is 4 steps from the initial adapter, B 4 more
@@ -599,9 +607,20 @@ def report(
     args: Any, results: list[dict[str, Any]], data: dict[str, str], load_before: float, wall: float
 ) -> dict:
     problems = sanity(results)
+    first = results[0]  # the headline: the first model at its first rank
+    recoveries = [r["recovery"]["recovery_seconds"] for r in results if "recovery" in r]
     return {
         "benchmark": "packages",
         "command": shlex.join(sys.orig_argv),
+        "mode": "smoke" if args.smoke else "quick" if args.quick else "full",
+        "headline": {
+            "model": first["model"],
+            "rank": first["rank"],
+            "apply_delta_seconds": first["apply"]["apply_delta_seconds"],
+            "baseline_delta_seconds": first["apply"]["baseline_delta_seconds"],
+            "delta_over_baseline": first["apply"]["delta_over_baseline"],
+            "recovery_seconds_worst": max(recoveries) if recoveries else None,
+        },
         "setup": {
             "models": {
                 "smollm2": "SmolLM2-135M-Instruct (causal LM), LoRA on its default targets (q_proj, v_proj)",
@@ -635,7 +654,11 @@ def report(
         "wall_seconds": round(wall, 1),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "machine": platform.machine(),
+        "machine": {
+            "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "arch": platform.machine(),
+        },
         "python": platform.python_version(),
         "torch": torch.__version__,
         "load_average": {"before": load_before, "after": round(os.getloadavg()[0], 2)},
@@ -647,13 +670,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--models",
         type=lambda v: parse_list(v, tuple(MODELS)),
-        default=list(MODELS),
-        help="comma-separated (default smollm2,minilm)",
+        default=DEFAULT_MODELS,
+        help="comma-separated (default smollm2,minilm; tiny for tests)",
     )
     parser.add_argument("--ranks", type=parse_ranks, default=list(RANKS), help="LoRA ranks (default 4,8,16)")
     parser.add_argument("--repeats", type=int, default=5, help="fresh devices per apply timing (default 5)")
-    parser.add_argument("--json", type=Path, default=RESULTS / "packages.json", help="JSON to write")
+    parser.add_argument("--json", type=Path, help=f"JSON to write (default {RESULTS / 'packages.json'})")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help=f"{QUICK}; results/quick/packages.json")
+    mode.add_argument("--smoke", action="store_true", help=f"{SMOKE}; nothing written")
     args = parser.parse_args(argv)
+    for name, value in (SMOKE if args.smoke else QUICK if args.quick else {}).items():
+        setattr(args, name, value)
+    if not args.smoke:
+        args.json = args.json or RESULTS / ("quick" if args.quick else "") / "packages.json"
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
     started = time.perf_counter()
@@ -673,12 +703,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 scratch.mkdir()
                 results.append(measure(name, rank, examples, keys, scratch, args))
                 result = report(args, results, data, load_before, time.perf_counter() - started)
-                args.json.parent.mkdir(parents=True, exist_ok=True)
-                args.json.write_text(json.dumps(result, indent=2) + "\n")
+                if args.json is not None:
+                    args.json.parent.mkdir(parents=True, exist_ok=True)
+                    args.json.write_text(json.dumps(result, indent=2) + "\n")
     show(results)
     for problem in result["sanity_problems"]:
         progress(f"CHECK FAILED: {problem}")
-    progress(f"done in {result['wall_seconds']} s; wrote {args.json}")
+    progress(f"done in {result['wall_seconds']} s; wrote {args.json or 'nothing'}")
     print(json.dumps(result), flush=True)
     return result
 

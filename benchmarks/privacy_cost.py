@@ -10,9 +10,14 @@
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/privacy_cost.py [--repeats 10]
+    .venv/bin/python benchmarks/privacy_cost.py [--repeats 10] [--json PATH]
 
-Progress goes to stderr; the JSON result is the last line of stdout.
+``--quick`` (what ``make bench`` runs): 4 repeats, written to benchmarks/results/quick/privacy_cost.json.
+``--smoke`` (what ``make test`` runs): the tiny model on the built-in corpus, 2 repeats, a local round
+of 2 steps, nothing written unless ``--json`` is given.
+
+Progress goes to stderr; the JSON result (also written to ``--json``, by default
+benchmarks/results/privacy_cost.json) is the last line of stdout.
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ from fleetlora.common.envelope import SealedUpload, UploadContext, open_sealed, 
 from fleetlora.common.model import build_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "banking77" / "train.csv"
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+QUICK_REPEATS = 4
+SMOKE_REPEATS = 2
 
 
 def progress(text: str) -> None:
@@ -69,9 +77,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per arm (default 10)")
     parser.add_argument("--data", type=Path, default=DATA, help="labelled CSV (default BANKING77 train.csv)")
+    parser.add_argument("--json", type=Path, help=f"JSON to write (default {RESULTS / 'privacy_cost.json'})")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help=f"{QUICK_REPEATS} repeats; results/quick/")
+    mode.add_argument(
+        "--smoke", action="store_true", help=f"tiny model, built-in corpus, {SMOKE_REPEATS} repeats"
+    )
     args = parser.parse_args(argv)
-    examples = load_examples(str(args.data) if args.data.is_file() else "builtin")
-    spec = ModelSpec("minilm", "classify", labels_of(examples), max_length=64)
+    if args.smoke or args.quick:
+        args.repeats = SMOKE_REPEATS if args.smoke else QUICK_REPEATS
+    if not args.smoke:
+        args.json = args.json or RESULTS / ("quick" if args.quick else "") / "privacy_cost.json"
+    model_name = "tiny" if args.smoke else "minilm"
+    examples = load_examples(str(args.data) if args.data.is_file() and not args.smoke else "builtin")
+    spec = ModelSpec(model_name, "classify", labels_of(examples), max_length=64)
     loaded = build_model(spec)
     model = loaded.model
     model.train()
@@ -109,7 +128,9 @@ def main(argv: list[str] | None = None) -> dict:
     progress(f"plain {plain:.3f} s, DP {dp:.3f} s, ratio {dp / plain:.3f}")
 
     # ---- crypto cost against one default local round
-    round_seconds = train_locally(loaded, examples[:400], TrainSettings(), seed=0).seconds
+    # The device's default local round (a smoke run: 2 of its steps).
+    settings = TrainSettings(local_steps=2) if args.smoke else TrainSettings()
+    round_seconds = train_locally(loaded, examples[:400], settings, seed=0).seconds
     state = trainable_state(model)
     coordinator, device = X25519PrivateKey.generate(), Ed25519PrivateKey.generate()
     context = UploadContext("default", "partition-0", 1, loaded.base_sha256, 1)
@@ -146,7 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "privacy_cost",
         "command": shlex.join(sys.orig_argv),
-        "model": f"minilm + LoRA r8 query,value, {len(spec.labels)}-class head",
+        "mode": "smoke" if args.smoke else "quick" if args.quick else "full",
+        "model": f"{model_name} + LoRA r8 query,value, {len(spec.labels)}-class head",
         "dp_step": {
             "batch": "32 x 64 tokens",
             "plain_seconds": round(plain, 4),
@@ -163,8 +185,12 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "repeats": args.repeats,
         "cpus": os.cpu_count(),
+        "machine": {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "load_average": round(os.getloadavg()[0], 2),
     }
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result), flush=True)
     return result
 

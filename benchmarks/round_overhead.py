@@ -16,7 +16,12 @@ Run from the repository root::
 
     .venv/bin/python benchmarks/round_overhead.py [--rounds 2] [--local-steps 20] [--devices 3]
 
-Progress goes to stderr; the last line of stdout is one JSON object.
+``--quick`` (what ``make bench`` runs) is the default workload, written to
+benchmarks/results/quick/round_overhead.json; ``--smoke`` (what ``make test`` runs) is 2 rounds of
+2 steps on 2 devices, nothing written unless ``--json`` is given. Run it as a script: Ray's workers
+import its apps by value only when it is ``__main__``.
+
+Progress goes to stderr; the last line of stdout is one JSON object (also written to ``--json``).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any, cast
 
+import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
@@ -54,6 +60,7 @@ from fleetlora.common.run_config import DEFAULTS
 from fleetlora.coordinator.settings import CoordinatorSettings
 from fleetlora.simulations.runner import SimulationConfig, simulate
 
+QUICK_JSON = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "quick" / "round_overhead.json"
 CLIENT_CPUS = 2  # SimulationConfig's default: both arms get the same Ray client resources
 # Pinned in both arms rather than taken from fleetlora's defaults, which move; the learning rate does
 # not change what a step costs, batch size and max length do.
@@ -285,7 +292,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rounds", type=int, default=2, help="federated rounds per arm (default 2)")
     parser.add_argument("--local-steps", type=int, default=20, help="optimizer steps per device (default 20)")
     parser.add_argument("--devices", type=int, default=3, help="simulated devices, all train (default 3)")
+    parser.add_argument("--json", type=Path, help="Also write the result here.")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="the defaults; results/quick/round_overhead.json")
+    mode.add_argument("--smoke", action="store_true", help="2 rounds, 2 steps, 2 devices; nothing written")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.rounds, args.local_steps, args.devices = 2, 2, 2
+    elif args.quick:
+        args.json = args.json or QUICK_JSON
     if args.rounds < 1 or args.local_steps < 1 or args.devices < 1:
         parser.error("--rounds, --local-steps and --devices must all be >= 1")
     logging.getLogger("flwr").setLevel(logging.ERROR)  # as simulate() does when not verbose
@@ -307,6 +322,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = {
         "benchmark": "round_overhead",
         "command": shlex.join(sys.orig_argv),
+        "mode": "smoke" if args.smoke else "quick" if args.quick else "full",
         "rounds": args.rounds,
         "devices": args.devices,
         "local_steps": args.local_steps,
@@ -323,6 +339,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "bare_flower_later_round_seconds": later_mean(bare.round_seconds),
         "fleetlora_later_round_seconds": later_mean(fleet_rounds),
         "cpus": os.cpu_count(),
+        "machine": {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "load_average": {"before": load_before, "after": round(os.getloadavg()[0], 2)},
         "arms": ARMS,
         "notes": (
@@ -341,6 +358,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "InMemoryGrid 0.1 s). Other load on the machine skews both arms: see load_average."
         ),
     }
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report), flush=True)
     return report
 

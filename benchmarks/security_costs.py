@@ -17,6 +17,9 @@ test`` runs)::
 
     .venv/bin/python benchmarks/security_costs.py [--entries 5000] [--versions 50] [--smoke]
 
+``--quick`` (what ``make bench`` runs): 1,000 entries and 10 versions, written to
+benchmarks/results/quick/security_costs.json; a smoke run writes nothing unless ``--json`` is given.
+
 The JSON result (also written to ``--json``) is the last line of stdout.
 """
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -173,13 +177,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--entries", type=int, default=5000, help="audit entries to append and verify")
     parser.add_argument("--versions", type=int, default=50, help="versions to store with and without sealing")
     parser.add_argument("--postgres", default=POSTGRES, help="admin URL of a PostgreSQL server ('' to skip)")
-    parser.add_argument(
-        "--smoke", action="store_true", help="200 entries, 5 versions, tiny model, SQLite only"
-    )
-    parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "security_costs.json")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--smoke", action="store_true", help="200 entries, 5 versions, tiny model, SQLite only")
+    mode.add_argument("--quick", action="store_true", help="1,000 entries, 10 versions; results/quick/")
+    parser.add_argument("--json", type=Path, help="JSON to write (default results/security_costs.json)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.entries, args.versions, args.postgres = 200, 5, ""
+    elif args.quick:
+        args.entries, args.versions = 1000, 10
+    if not args.smoke:
+        results = REPO / "benchmarks" / "results"
+        args.json = args.json or results / ("quick" if args.quick else "") / "security_costs.json"
     result: dict[str, Any] = {
         "command": shlex.join(
             ["python", "benchmarks/security_costs.py", *(argv if argv is not None else sys.argv[1:])]
@@ -202,8 +211,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             finally:
                 if drop:
                     drop()
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
+    import torch
+
+    result["machine"] = {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
     return result
 
