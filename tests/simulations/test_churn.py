@@ -49,7 +49,7 @@ def test_with_30_percent_dropout_over_selection_loses_no_round_that_had_its_quor
     outcomes, grid = _fleet(
         tmp_path,
         Churn(dropout=0.3, seed=1),
-        **{"rounds": 4, "devices-per-round": 4, "min-devices": 4, "over-select": 1.0, "round-deadline": 5.0},
+        **{"rounds": 4, "devices-per-round": 4, "min-devices": 4, "over-select": 1.0, "round-deadline": 30.0},
     )
 
     lost = _missing(grid, "lost")
@@ -69,7 +69,7 @@ def test_without_over_selection_the_same_dropout_loses_every_round_it_touches(tm
     outcomes, grid = _fleet(
         tmp_path,
         Churn(dropout=0.3, seed=1),
-        **{"rounds": 4, "devices-per-round": 4, "min-devices": 4, "round-deadline": 2.0},
+        **{"rounds": 4, "devices-per-round": 4, "min-devices": 4, "round-deadline": 10.0},
     )
     lost = _missing(grid, "lost")
     assert all((o.version is None) is (lost[o.round] > 0) for o in outcomes)
@@ -97,7 +97,7 @@ def test_a_simulated_fleet_with_dropout_and_over_selection_on_the_engine(tmp_pat
     out = tmp_path / "run"
     done = fleetlora(
         "simulate", "--model", "tiny", "--devices", "10", "--devices-per-round", "3", "--over-select", "1.0",
-        "--simulated-dropout", "0.3", "--rounds", "3", "--round-deadline", "30", "--seed", "3",
+        "--simulated-dropout", "0.3", "--rounds", "3", "--round-deadline", "120", "--seed", "3",
         "--partition", "iid", "--out", str(out),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
