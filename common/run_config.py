@@ -57,6 +57,16 @@ def at_least(minimum: float) -> Check:
     return lambda value: None if value >= minimum else f"must be >= {minimum}"
 
 
+def below(limit: float) -> Check:
+    """A share in [0, limit)."""
+    return lambda value: None if 0 <= value < limit else f"must be in [0, {limit:g})"
+
+
+def up_to(limit: float) -> Check:
+    """A value in [0, limit]."""
+    return lambda value: None if 0 <= value <= limit else f"must be in [0, {limit:g}]"
+
+
 def in_unit_interval(value: float) -> str | None:
     return None if 0 < value < 1 else "must be in (0, 1)"
 
@@ -125,7 +135,7 @@ class RunConfig:
         "Share of each device's records kept out of training for its federated evaluation (by a hash of "
         "the text, so a record stays on its side as the corpus grows).",
         Group.DATA,
-        check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)",
+        check=below(1),
     )
     stream_records: int = setting(
         0,
@@ -187,19 +197,19 @@ class RunConfig:
         "Extra share of devices sampled beyond devices-per-round (0.3: 130%, for the ones that drop out); "
         "the round closes once devices-per-round valid deltas are in, or at its deadline.",
         Group.FLEET,
-        check=lambda value: None if 0 <= value <= 4 else "must be in [0, 4]",
+        check=up_to(4),
     )
     simulated_dropout: float = setting(
         0.0,
         "Share of a simulated round's sampled devices whose train message is lost: they never answer.",
         Group.FLEET,
-        check=lambda value: None if 0 <= value < 1 else "must be in [0, 1)",
+        check=below(1),
     )
     simulated_stragglers: float = setting(
         0.0,
         "Share of a simulated round's sampled devices that answer straggler-seconds late.",
         Group.FLEET,
-        check=lambda value: None if 0 <= value < 1 else "must be in [0, 1)",
+        check=below(1),
     )
     straggler_seconds: float = setting(
         30.0, "How late a simulated straggler's answer arrives.", Group.FLEET, check=at_least(0)
@@ -391,7 +401,7 @@ class RunConfig:
         "A version whose key-knowledge score falls below this × the best earlier version's is held: "
         "stored, but not distributed until an operator releases it (0: never held).",
         Group.SERVER,
-        check=lambda v: None if 0 <= v <= 1 else "must be in [0, 1]",
+        check=up_to(1),
     )
     aggregator: str = setting(
         "auto",
