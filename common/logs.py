@@ -37,7 +37,9 @@ _COMPONENT = re.compile(r"[a-z][a-z0-9-]{0,31}")
 _LOG_FILE = re.compile(rf"(?P<component>{_COMPONENT.pattern})\.jsonl(?:\.(?P<day>\d{{4}}-\d{{2}}-\d{{2}}))?")
 _SINCE_AGO = re.compile(r"(?P<count>\d{1,6})(?P<unit>[mhd])")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days"}
-# What every LogRecord has: anything else on a record came from ``extra=`` and is written out.
+# What every LogRecord has: anything else on a record came from ``extra=`` and is written out, except
+# private attributes (a leading underscore) that another library's record factory adds to every record
+# (Ray's ``_ray_timestamp_ns``, once Ray is imported).
 _STANDARD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 _MAX_DEPTH = 8  # nesting kept in an extra field's value; deeper parts are written as their str()
 
@@ -58,7 +60,7 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         for key, value in vars(record).items():
-            if key not in _STANDARD_ATTRIBUTES and key not in entry:
+            if key not in _STANDARD_ATTRIBUTES and key not in entry and not key.startswith("_"):
                 entry[key] = json_safe(value)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)

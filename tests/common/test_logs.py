@@ -109,6 +109,24 @@ def test_a_record_is_one_json_line_with_its_extra_fields_made_json_safe(tmp_path
     }
 
 
+def test_private_attributes_another_librarys_record_factory_adds_are_not_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Ray, once imported, stamps ``_ray_timestamp_ns`` on every record; it is not an ``extra=`` field."""
+    path = configure_json_logging(tmp_path, "coordinator")
+    made = logging.getLogRecordFactory()
+
+    def stamping(*args: object, **kwargs: object) -> logging.LogRecord:
+        record = made(*args, **kwargs)
+        record._library_timestamp_ns = 1796656407377904766
+        return record
+
+    monkeypatch.setattr(logging, "_logRecordFactory", stamping)  # restored after the test
+    logging.getLogger("fleetlora.test").info("stamped", extra={"round": 3})
+    [entry] = lines(path)
+    assert entry["round"] == 3 and not any(key.startswith("_") for key in entry)
+
+
 def test_an_exception_is_kept_in_the_entry(tmp_path: Path):
     path = configure_json_logging(tmp_path, "coordinator")
     try:

@@ -324,7 +324,11 @@ def test_coordinator_up_exits_non_zero_when_its_superlink_dies_and_cleanly_on_si
 
     log = tmp_path / "up.log"
 
+    def ready_logged() -> int:
+        return sum(e.get("event") == "superlink_ready" for e in search_logs(host.log_dir, "SuperLink"))
+
     def up() -> psutil.Popen:
+        readies = ready_logged() if host.log_dir.is_dir() else 0
         process = psutil.Popen(
             [sys.executable, "-m", "fleetlora", "coordinator", "up", "--config", str(config)],
             cwd=tmp_path,
@@ -333,7 +337,9 @@ def test_coordinator_up_exits_non_zero_when_its_superlink_dies_and_cleanly_on_si
             start_new_session=True,  # `up`, the SuperLink and its helpers: one group to clean up
         )
         try:
-            wait_until(lambda: _health(host, process, log), timeout=120)
+            # /health can answer the test before `up` has seen it: until `up` logs the SuperLink ready,
+            # a SuperLink that dies is one that failed to start, a different path from the one tested.
+            wait_until(lambda: _health(host, process, log) and ready_logged() > readies, timeout=120)
         except BaseException:
             os.killpg(process.pid, signal.SIGKILL)
             raise
