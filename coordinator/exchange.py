@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Error, Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
 from fleetlora.common import records
@@ -34,18 +35,50 @@ def wait_for_nodes(grid: Grid, minimum: int, deadline: float, *, clock: Clock = 
 
 
 def exchange(
-    grid: Grid, messages: Iterable[Message], deadline: float, *, clock: Clock = time.monotonic
+    grid: Grid,
+    messages: Iterable[Message],
+    deadline: float,
+    *,
+    window: int | None = None,
+    clock: Clock = time.monotonic,
 ) -> Iterator[Message]:
-    """Send ``messages``, then yield each reply as it arrives until all are in or ``deadline``."""
-    pending = set(grid.push_messages(messages))
-    while pending:
+    """Send ``messages``, then yield each reply as it arrives until all are in or ``deadline``.
+
+    ``window``: at most that many messages in flight, the next sent as a reply frees a place. The
+    Simulation Engine queues everything it is sent and runs it in order, expired or not, each queued
+    message slowing its scans: a thousand queries sent at once are still running rounds later, in
+    front of the train messages. A window keeps what is left at the deadline to at most ``window``.
+
+    An error the SuperLink answers in a device's place (its message expired before the device took
+    it, or the device's SuperNode left) comes from the SuperLink's own node id: it is yielded as the
+    error of the device it was sent to, so that device is the one dropped, with the reason.
+    """
+    unsent = list(messages)
+    sent: dict[str, Message] = {}
+    pending: set[str] = set()
+    while True:
+        room = len(unsent) if window is None else max(0, window - len(pending))
+        if room and unsent:
+            batch, unsent = unsent[:room], unsent[room:]
+            pending.update(i for i in grid.push_messages(batch) if i)  # a failed push never answers
+            sent.update((message.metadata.message_id, message) for message in batch)
+        if not pending and not unsent:
+            return
         for reply in grid.pull_messages(pending):
             pending.discard(reply.metadata.reply_to_message_id)
-            yield reply
-        if pending and clock() >= deadline:
+            yield _for_its_device(reply, sent)
+        if clock() >= deadline:
             return
-        if pending:
+        if pending and (window is None or len(pending) >= window or not unsent):
             time.sleep(POLL_SECONDS)
+
+
+def _for_its_device(reply: Message, sent: Mapping[str, Message]) -> Message:
+    original = sent.get(reply.metadata.reply_to_message_id)
+    if original is None or reply.metadata.src_node_id != SUPERLINK_NODE_ID or not reply.has_error():
+        return reply
+    reason = f"the SuperLink answered for it: {reply.error.reason}"
+    return Message(Error(code=reply.error.code, reason=reason), reply_to=original)
 
 
 def round_messages(

@@ -12,6 +12,7 @@ asked once.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -20,6 +21,9 @@ from flwr.serverapp import Grid
 from fleetlora.common import records
 from fleetlora.coordinator.exchange import exchange
 
+# Queries in flight at once: a SuperNode answers one in about its 3 s poll, so 64 at a time is ~20 nodes
+# a second deployed; the Simulation Engine runs them one by one and is left at most 64 at the deadline.
+QUERY_WINDOW = 64
 MAX_DEVICE_ID = 128  # characters: the width of every device_id column (coordinator/models.py)
 
 
@@ -63,11 +67,14 @@ class DeviceNames:
             self._known[reply.metadata.src_node_id] = name
 
     def _ask(self, nodes: list[int], deadline: float) -> None:
+        # A query outlives nothing it was asked for: one not delivered by the deadline is dropped by the
+        # SuperLink, so a device that comes back late does not answer a draw already made.
+        ttl = max(1.0, min(self.ttl, deadline - time.monotonic()))
         messages = [
-            Message(RecordDict(), dst_node_id=node, message_type=records.QUERY_IDENTITY, ttl=self.ttl)
+            Message(RecordDict(), dst_node_id=node, message_type=records.QUERY_IDENTITY, ttl=ttl)
             for node in nodes
         ]
-        for reply in exchange(self.grid, messages, deadline):
+        for reply in exchange(self.grid, messages, deadline, window=QUERY_WINDOW):
             self.learn(reply)
         for node in nodes:
             self._known.setdefault(node, unnamed(node))

@@ -2,14 +2,14 @@
 
 Each round (:meth:`Federation._round`):
 
-1. **sample**: wait (until the deadline) for at least ``min-devices`` connected devices and draw up
+1. **sample**: wait (until a ``round-deadline``) for at least ``min-devices`` connected devices and draw up
    to ``devices-per-round`` of them (more by ``over-select``, for those that drop out) by device id,
    devices that want to train first and those known not to be eligible last (:mod:`.sampling`: seeded,
    one seed trains one schedule; or from the OS's entropy);
 2. **configure**: the round's instructions, how its uploads are opened (plain arrays, or sealed) and
    how accepted deltas are averaged (FedAvg, wrapped in central DP when it is on);
 3. **exchange**: send each sampled device the global adapter and fold replies into the aggregator
-   (:mod:`.aggregation`, every check of a reply) as they arrive, until all are in, the deadline
+   (:mod:`.aggregation`, every check of a reply) as they arrive, until all are in, a fresh deadline
    passes, or (over-selected) ``devices-per-round`` valid deltas are in; the devices' privacy spend
    goes to the ledger, and each decline to its device's row (not eligible, so sampled last until its
    next status reply), whatever happens next;
@@ -297,7 +297,7 @@ class Federation:
 
     def _round(self, number: int, parent: VersionInfo, state: State) -> tuple[RoundOutcome, State]:
         started = time.monotonic()
-        deadline = started + self.settings.round_deadline  # for connecting, then for training
+        deadline = started + self.settings.round_deadline  # for connecting and sampling
         self.progress = RoundProgress(self.storage.ledgers, self.lineage, number, self.run_id)
         self.progress.enter("sampling")
         try:
@@ -319,8 +319,10 @@ class Federation:
         # configure
         instructions = self._configure(number, parent)
         planned = self._plan_privacy(instructions, sampled, online, deadline)
-        # exchange: each reply is checked and folded in as it arrives
-        train = self._exchange(sampled, state, instructions, planned, deadline, held)
+        # exchange: each reply is checked and folded in as it arrives. Training has a round-deadline of
+        # its own: waiting for devices and round 1's identity queries (one per node) must not eat it.
+        training_deadline = time.monotonic() + self.settings.round_deadline
+        train = self._exchange(sampled, state, instructions, planned, training_deadline, held)
         self.held_nodes |= train.held_nodes
         sampled_devices = self.sampler.named(sampled, online)  # as known now that the replies named them
         quarantined = self.storage.devices.flag(

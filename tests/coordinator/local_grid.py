@@ -1,7 +1,9 @@
 """An in-process Flower Grid that hands each message to a real ClientApp, for round-loop tests.
 
-Nodes listed in ``silent`` never answer (a device that died); the ClientApp's exceptions come
-back as error replies, as Flower's runtimes return them. A real device's node config reads no sensors
+Nodes listed in ``silent`` never answer (a device that died); for nodes listed in ``expired`` the
+SuperLink answers instead, with Flower's own "Message Unavailable" error (the message's time to live
+ran out before the device took it); the ClientApp's exceptions come back as error replies, as Flower's
+runtimes return them. A real device's node config reads no sensors
 unless it names them (``sensors``): the test machine's own load is not what these tests are about.
 """
 
@@ -13,6 +15,7 @@ from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_ins_message
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
@@ -25,6 +28,7 @@ class LocalGrid(Grid):
         num_nodes: int,
         run_config: dict,
         silent: Iterable[int] = (),
+        expired: Iterable[int] = (),
         node_configs: list[dict] | None = None,  # real devices' node configs; default: simulated partitions
     ) -> None:
         self.app = app
@@ -34,6 +38,7 @@ class LocalGrid(Grid):
         TaskIdentity.node_id = 1
         self.node_ids = list(range(101, 101 + num_nodes))
         self.silent = set(silent)
+        self.expired = set(expired)
         self.run_config = run_config
         self.node_configs = node_configs
         self.replies: dict[str, Message] = {}
@@ -60,6 +65,10 @@ class LocalGrid(Grid):
             ids.append(message.metadata.message_id)
             node = message.metadata.dst_node_id
             if node in self.silent:
+                continue
+            if node in self.expired:
+                unavailable = create_message_error_unavailable_ins_message(message.metadata.message_id, 1)
+                self.replies[message.metadata.message_id] = unavailable
                 continue
             partition = self.node_ids.index(node)
             context = Context(

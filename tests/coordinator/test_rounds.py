@@ -144,6 +144,49 @@ def test_crashed_and_silent_devices_are_dropped_and_the_round_completes(sqlite_u
     assert time.monotonic() - started < 2 * settings.round_deadline + 30
 
 
+def test_training_gets_a_full_deadline_after_round_1_asked_every_node_who_it_is(sqlite_url: str):
+    """At 1,000 simulated devices round 1's identity queries take longer than a short deadline: that wait
+    is the sampling's, and the devices still get a whole round-deadline to train."""
+    config = _run_config(
+        sqlite_url, **{"rounds": 1, "devices-per-round": 2, "round-deadline": SILENT_DEADLINE}
+    )
+    real = build_client_app()
+    app = ClientApp()
+
+    @app.query(records.QUERY_IDENTITY.removeprefix("query."))
+    def identity(message: Message, context) -> Message:
+        time.sleep(SILENT_DEADLINE / 3.5)  # four of them outlast the round's deadline
+        return real(message, context)
+
+    app.train()(real)
+    app.evaluate()(real)
+    grid = LocalGrid(app, num_nodes=4, run_config=config)
+
+    (outcome,) = Federation(grid, CoordinatorSettings.from_run_config(config)).run()
+
+    assert outcome.version is not None and len(outcome.participants) == 2
+    queries = [m for m in grid.received if m.metadata.message_type == records.QUERY_IDENTITY]
+    trains = [m for m in grid.received if m.metadata.message_type == "train"]
+    assert len(queries) == 4 and len(trains) == 2
+    assert all(m.metadata.ttl <= SILENT_DEADLINE for m in queries)
+    # before: what was left of the deadline the queries had used up, the 1 s floor
+    assert all(m.metadata.ttl > SILENT_DEADLINE - 3 for m in trains)
+
+
+def test_errors_the_superlink_answers_for_devices_drop_those_devices_not_the_round(sqlite_url: str):
+    """Expired messages come back as errors from the SuperLink's own node id: each is its device's drop
+    (before, the second one was a "duplicate reply" of node 1 and the devices went unnamed)."""
+    config = _run_config(sqlite_url, **{"rounds": 1, "devices-per-round": 4})
+    grid = LocalGrid(build_client_app(), num_nodes=4, run_config=config, expired={102, 104})
+
+    (outcome,) = Federation(grid, CoordinatorSettings.from_run_config(config)).run()
+
+    assert outcome.version is not None and set(outcome.participants) == {101, 103}
+    reasons = {d.node_id: d.reason for d in outcome.drops}
+    assert set(reasons) == {102, 104}
+    assert all(r.startswith("device error") and "Message Unavailable" in r for r in reasons.values())
+
+
 def test_round_without_quorum_fails_and_keeps_the_version(sqlite_url: str):
     config = _run_config(sqlite_url, **{"rounds": 1, "min-devices": 3, "round-deadline": SILENT_DEADLINE})
     grid = LocalGrid(build_client_app(), num_nodes=3, run_config=config, silent={103})
