@@ -19,12 +19,14 @@ small payload cannot expand without limit.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from safetensors import SafetensorError
+from safetensors import deserialize as safetensors_deserialize
 
 from fleetlora.common.compression import DecompressionError, compress, decompress
 from fleetlora.common.delta import State, deserialize, serialize
@@ -106,9 +108,13 @@ def decode(blob: bytes, codec: Codec, max_bytes: int) -> State:
     except DecompressionError as exc:
         raise CodecError(f"payload refused: {exc}") from None
     try:
+        if codec.lossless and sys.byteorder == "little":
+            return _decode_packed(raw)
         stored = deserialize(raw)
     except SafetensorError as exc:
         raise CodecError(f"payload is not safetensors ({exc})") from None
+    except (RuntimeError, ValueError) as exc:
+        raise CodecError(f"payload does not hold {codec.name} tensors ({exc})") from None
     try:
         return {name: _decode_tensor(name, stored, codec) for name in stored if "@" not in name}
     except (IndexError, KeyError, RuntimeError, ValueError) as exc:
@@ -160,6 +166,38 @@ def _quantize(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = peak / INT8_MAX if peak > 0 else 1.0
     quantized = torch.clamp(torch.round(values / scale), -INT8_MAX, INT8_MAX).to(torch.int8)
     return torch.tensor([scale], dtype=torch.float32), quantized
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _decode_packed(raw: bytes) -> State:
+    """An fp32 payload's tensors (side arrays, named with ``@``, left out as by ``_decode_tensor``) as
+    views of one writable buffer, in name order, so that the coordinator's norm and fold of the delta
+    take a few calls each (:func:`fleetlora.common.delta.packed`) rather than one per tensor.
+
+    safetensors parses and bounds-checks the bytes as for any payload; safetensors' data is little-endian,
+    which the caller checks this machine is.
+    """
+    entries = sorted((name, view) for name, view in safetensors_deserialize(raw) if "@" not in name)
+    for name, view in entries:
+        if (dtype := _SAFETENSORS_DTYPES.get(view["dtype"], view["dtype"])) != torch.float32:
+            raise ValueError(f"{name} is {dtype}, not {torch.float32}")
+    buffer = bytearray().join(view["data"] for _, view in entries)
+    flat = torch.frombuffer(buffer, dtype=torch.float32) if buffer else torch.empty(0)
+    parts = flat.split([len(view["data"]) // 4 for _, view in entries])
+    return {name: part.view(view["shape"]) for (name, view), part in zip(entries, parts, strict=True)}
 
 
 def _decode_tensor(name: str, stored: Mapping[str, torch.Tensor], codec: Codec) -> torch.Tensor:

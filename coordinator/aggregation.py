@@ -19,7 +19,8 @@ this order, and records the first failure as a :class:`Drop` with the reason sho
 7. a sealed upload decodes within the size bound (``sealed upload refused: decrypted upload is not a
    delta (<reason>)``), and its device is not in quarantine (``device <id> is in quarantine: …``);
 8. layout: the names, shapes and dtypes of the global adapter (``layout mismatch: <difference>``);
-9. finite: ``delta holds NaN or inf``;
+9. finite: ``delta holds NaN or inf`` (told by the L2 norm of step 10, taken here: a NaN or inf value
+   makes it non-finite, and only a non-finite norm has the values scanned for the reason);
 10. norm within the round's bound (:mod:`fleetlora.coordinator.influence`): ``delta norm … above the
     round's bound …``; a failure at 8 or 9, or a norm beyond the absolute bound, is also an anomaly
     on the device the upload is proven to come from (:mod:`fleetlora.coordinator.quarantine`);
@@ -35,6 +36,7 @@ changes how accepted deltas are folded and released, never which replies are acc
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -218,11 +220,15 @@ class DeltaAggregator:
         """
         try:
             check_layout_of(delta, self._reference)
-            check_finite(delta)
+            norm = l2_norm(delta)
+            # Any NaN or inf value makes the norm NaN or inf, so a finite norm proves every value finite;
+            # only a non-finite one has the values scanned (finite float64 values that overflow the norm
+            # pass the scan and fail the bound below, as they did before).
+            if not math.isfinite(norm):
+                check_finite(delta)
         except RejectedReply as exc:
             self._drop(node, device, str(exc), anomaly=True)
             return
-        norm = l2_norm(delta)
         if problem := self._bounds.norm_problem(norm):
             self._drop(node, device, problem, anomaly=self._bounds.anomalous(norm))
             return

@@ -29,4 +29,16 @@ def test_the_aggregation_benchmark_folds_every_sealed_reply_and_measures_it(caps
     assert result["met"]["every_reply_accepted"]
     stages = result["stages"]["median_ms_per_reply"]
     assert stages["Ed25519 signature check"] > 0 and result["stages"]["aggregator_add_ms"] > 0
+    assert "finite check" not in stages  # read off the L2 norm: no step of its own
+    ceiling = result["ceiling"]
+    assert ceiling["steps_kept"] == [
+        "Ed25519 signature check",
+        "HPKE decryption (X25519, HKDF, AES-256-GCM)",
+        "zstd decompression (bounded)",
+    ]
+    assert 0 < ceiling["ratio_vs_aes_gcm"] < 1 and ceiling["steps_kept_ms"] > 0
+    assert ceiling["target_reachable"] == (
+        ceiling["ratio_vs_aes_gcm"] >= result["targets"]["throughput_ratio_vs_aes_gcm"]
+    )
+    assert "ceiling" not in result["stages"] and result["stages"]["throughput_ratio_vs_aes_gcm"] > 0
     assert "holding_configurations" not in result  # nothing but the streaming path in a smoke run

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from fleetlora.common import delta
 from fleetlora.common.aggregate import WeightedMean
 from fleetlora.common.errors import IncompatibleStateError
 
@@ -35,3 +36,27 @@ def test_weighted_mean_rejects_bad_weight_and_layout():
         mean.add({"w": torch.ones(3)}, weight=1)
     with pytest.raises(ValueError, match="nothing to average"):
         mean.result()
+
+
+def test_a_packed_state_folds_to_the_same_bits_as_separate_arrays_and_as_float64_copies():
+    # A decoded fp32 upload's arrays are views of one buffer, folded a few pieces at a time (common.delta.
+    # packed); others array by array. Both add float32 values into float64 sums without a float64 copy.
+    generator = torch.Generator().manual_seed(0)
+    states = [
+        {"w": torch.randn(300, 256, generator=generator), "b": torch.randn(5, generator=generator)}
+        for _ in range(3)
+    ]
+    weights = (1.0, 7.0, 0.1)
+    separate, packed = WeightedMean(states[0]), WeightedMean(states[0])
+    by_hand = {n: torch.zeros_like(t, dtype=torch.float64) for n, t in states[0].items()}
+    for state, weight in zip(states, weights, strict=True):
+        flat = torch.cat([state["b"], state["w"].reshape(-1)])  # name order
+        views = {"b": flat[:5], "w": flat[5:].view(300, 256)}
+        assert len(delta.packed(views, sorted(views)) or ()) == 3  # 76,805 values
+        separate.add(state, weight=weight)
+        packed.add(views, weight=weight)
+        for name, tensor in state.items():  # what folding did before: a float64 copy, then added
+            by_hand[name].add_(tensor.to(torch.float64), alpha=weight)
+    for name, total in by_hand.items():
+        assert torch.equal(separate.result()[name], packed.result()[name])
+        assert torch.equal(separate.result()[name], (total / sum(weights)).to(torch.float32))

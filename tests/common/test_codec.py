@@ -13,7 +13,7 @@ from fleetlora.common.codec import (
     inflated_bound,
     relative_error,
 )
-from fleetlora.common.delta import serialize
+from fleetlora.common.delta import packed, serialize
 
 
 def _state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -169,3 +169,25 @@ def test_encoding_is_deterministic():
     state = _state(2)
     for codec in LADDER:
         assert encode(state, codec) == encode(state, codec)
+
+
+def test_an_fp32_payload_decodes_to_writable_views_of_one_buffer_in_name_order():
+    state = {**_state(), "scalar": torch.tensor(3.0), "empty": torch.zeros(0, 4)}
+    decoded = decode(encode(state, Codec("fp32")), Codec("fp32"), max_bytes=inflated_bound(state))
+    assert list(decoded) == sorted(state)
+    assert all(torch.equal(decoded[n], state[n]) and decoded[n].shape == state[n].shape for n in state)
+    pieces = packed(decoded, sorted(decoded))  # what the coordinator's norm and fold take, a few calls
+    assert pieces is not None and sum(p.numel() for p in pieces) == sum(t.numel() for t in state.values())
+    decoded["head.bias"].add_(1.0)  # its own memory, not the payload's bytes
+    assert torch.equal(decoded["head.bias"], state["head.bias"] + 1.0)
+
+
+def test_an_fp32_payload_refuses_other_dtypes_and_leaves_side_arrays_out():
+    side = {"w": torch.ones(3), "w@scale": torch.tensor([2], dtype=torch.int32)}
+    blob = zstandard.ZstdCompressor().compress(serialize(side))
+    assert list(decode(blob, Codec("fp32"), max_bytes=1 << 20)) == ["w"]
+    blob = zstandard.ZstdCompressor().compress(serialize({"w": torch.ones(3, dtype=torch.float16)}))
+    with pytest.raises(
+        CodecError, match=r"does not hold fp32\+zstd tensors \(w is torch.float16, not torch.float32\)"
+    ):
+        decode(blob, Codec("fp32"), max_bytes=1 << 20)

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -50,3 +52,47 @@ def test_non_finite_values_are_detected():
     assert delta.is_finite(_state())
     assert not delta.is_finite({"x": torch.tensor([1.0, float("nan")])})
     assert not delta.is_finite({"x": torch.tensor([float("inf")])})
+
+
+def _packed(state: delta.State) -> delta.State:
+    """``state``'s arrays as views of one flat buffer, in name order (as an fp32 upload decodes)."""
+    names = sorted(state)
+    flat = torch.cat([state[n].reshape(-1) for n in names])
+    parts = flat.split([state[n].numel() for n in names])
+    return {n: part.view(state[n].shape) for n, part in zip(names, parts, strict=True)}
+
+
+def test_packed_finds_back_to_back_arrays_and_nothing_else():
+    state = _packed({**_state(), "big": torch.randn(300, 256)})
+    pieces = delta.packed(state, sorted(state))
+    assert pieces is not None
+    assert [p.numel() for p in pieces] == [delta.PIECE_VALUES] * 2 + [300 * 256 + 8 * 32 * 2 + 320 - 65_536]
+    assert torch.equal(torch.cat(pieces), torch.cat([state[n].reshape(-1) for n in sorted(state)]))
+    assert delta.packed(state, reversed(sorted(state))) is None  # another order
+    assert delta.packed(_state(), sorted(_state())) is None  # arrays of their own
+    assert delta.packed({**state, "head": state["head"].t()}, sorted(state)) is None  # not contiguous
+    assert delta.packed({**state, "head": state["head"].double()}, sorted(state)) is None  # two dtypes
+    view = state["lora_A"]
+    assert delta.packed({"a": view, "b": view}, ["a", "b"]) is None  # the same memory twice
+    assert delta.packed({}, []) is None
+
+
+@pytest.mark.parametrize("layout", [dict, _packed], ids=["arrays", "packed"])
+def test_l2_norm_is_the_float64_norm_whatever_the_layout(layout):
+    state = layout({n: t.to(torch.float32) * 1e-3 for n, t in _state().items()})
+    exact = sum(float(t.double().pow(2).sum()) for t in state.values()) ** 0.5
+    assert delta.l2_norm(state) == pytest.approx(exact, rel=1e-12)
+    assert delta.l2_norm(layout({"big": torch.full((1000,), 3.4e38)})) == pytest.approx(3.4e38 * 1000**0.5)
+    assert delta.l2_norm({"steps": torch.arange(4)}) == pytest.approx(14**0.5)  # integers too
+    assert delta.l2_norm({}) == 0.0
+
+
+@pytest.mark.parametrize("layout", [dict, _packed], ids=["arrays", "packed"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_single_nan_or_inf_value_makes_the_l2_norm_non_finite(layout, bad: float):
+    # The coordinator reads finiteness off the norm (coordinator/aggregation.py): every position counts,
+    # in arrays large enough for torch's vectorized reductions.
+    for position in (0, 4_321, 99_999):
+        state = {"a": torch.randn(100_000) * 1e-3, "b": torch.randn(7)}
+        state["a"][position] = bad
+        assert not math.isfinite(delta.l2_norm(layout(state)))

@@ -26,6 +26,7 @@ from fleetlora.coordinator.central_dp import (
     CentralDPRound,
     CentralDPSettings,
 )
+from fleetlora.coordinator.influence import RoundBounds
 from fleetlora.coordinator.storage import Decline, DeviceKey
 from fleetlora.coordinator.uploads import SealedUploads, open_plain
 
@@ -283,6 +284,40 @@ def test_a_hostile_sealed_upload_is_refused_with_its_reason(node, device, plaint
     (drop,) = aggregator.drops
     assert drop.reason.startswith("sealed upload refused: ") and reason in drop.reason
     assert not aggregator.participants
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("position", [0, 31_337, 65_535])
+def test_a_sealed_delta_with_one_nan_or_inf_value_is_dropped_as_such_and_flagged(bad: float, position: int):
+    # Finiteness is read off the delta's L2 norm (a NaN or inf value makes it NaN or inf), then the values
+    # are scanned for the reason: arrays large enough for torch's vectorized reductions, fp32-decoded.
+    reference = {"a": torch.zeros(256, 256), "b": torch.zeros(77)}
+    fleet = _Fleet()
+    opener = SealedUploads(fleet.instructions, fleet.coordinator, fleet.enrolled, inflated_bound(reference))
+    aggregator = DeltaAggregator(reference, ExampleWeightedMean(reference), opener)
+    honest = {"a": torch.full((256, 256), 1e-3), "b": torch.full((77,), 1e-3)}
+    hostile = {"a": honest["a"].clone(), "b": honest["b"]}
+    hostile["a"].view(-1)[position] = bad
+
+    aggregator.add(fleet.reply(1, "device-1", _encoded(honest)))
+    aggregator.add(fleet.reply(2, "device-2", _encoded(hostile)))
+
+    assert _reasons(aggregator) == ["delta holds NaN or inf"]
+    assert aggregator.anomalies == [("device-2", "delta holds NaN or inf")]
+    assert aggregator.participants == {1: 2} and 2 not in aggregator.norms
+    assert torch.equal(aggregator.release(sampled=2, online=2).delta["a"], honest["a"])
+
+
+def test_finite_values_whose_float64_norm_overflows_fail_the_norm_bound_not_the_finite_check():
+    # Only float64 values can overflow a float64 sum of squares: the reason is still the bound's.
+    reference = {"w": torch.zeros(4, dtype=torch.float64)}
+    bounds = RoundBounds(absolute=10.0, absolute_why="a test's bound")
+    aggregator = DeltaAggregator(reference, ExampleWeightedMean(reference), open_plain, bounds)
+
+    aggregator.add(_train_reply(1, {"w": torch.full((4,), 1e200, dtype=torch.float64)}))
+
+    (reason,) = _reasons(aggregator)
+    assert reason.startswith("delta norm inf above the round's bound 10") and not aggregator.participants
 
 
 def test_a_plain_reply_is_refused_when_uploads_are_sealed():
