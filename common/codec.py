@@ -107,17 +107,21 @@ def decode(blob: bytes, codec: Codec, max_bytes: int) -> State:
         raw = decompress(blob, max_bytes=max_bytes)
     except DecompressionError as exc:
         raise CodecError(f"payload refused: {exc}") from None
+    # Beside SafetensorError, a hostile header raises KeyError (a dtype safetensors knows and torch does
+    # not), TypeError (a dimension past int64 in an array of no values) or RuntimeError: all refusals.
     try:
         if codec.lossless and sys.byteorder == "little":
             return _decode_packed(raw)
         stored = deserialize(raw)
     except SafetensorError as exc:
         raise CodecError(f"payload is not safetensors ({exc})") from None
-    except (RuntimeError, ValueError) as exc:
+    except (KeyError, RuntimeError, TypeError, ValueError) as exc:
         raise CodecError(f"payload does not hold {codec.name} tensors ({exc})") from None
     try:
+        if codec.density < 1:
+            _check_dense_size(stored, max_bytes)
         return {name: _decode_tensor(name, stored, codec) for name in stored if "@" not in name}
-    except (IndexError, KeyError, RuntimeError, ValueError) as exc:
+    except (IndexError, KeyError, RuntimeError, TypeError, ValueError) as exc:
         raise CodecError(f"payload does not hold {codec.name} tensors ({exc})") from None
 
 
@@ -195,9 +199,23 @@ def _decode_packed(raw: bytes) -> State:
         if (dtype := _SAFETENSORS_DTYPES.get(view["dtype"], view["dtype"])) != torch.float32:
             raise ValueError(f"{name} is {dtype}, not {torch.float32}")
     buffer = bytearray().join(view["data"] for _, view in entries)
-    flat = torch.frombuffer(buffer, dtype=torch.float32) if buffer else torch.empty(0)
+    flat = torch.frombuffer(buffer, dtype=torch.float32) if buffer else torch.empty(0, dtype=torch.float32)
     parts = flat.split([len(view["data"]) // 4 for _, view in entries])
     return {name: part.view(view["shape"]) for (name, view), part in zip(entries, parts, strict=True)}
+
+
+def _check_dense_size(stored: Mapping[str, torch.Tensor], max_bytes: int) -> None:
+    """A top-k payload's ``@shape`` arrays say how large each dense array is: a few bytes that would have
+    the decoder allocate and zero any amount of memory. All of them together must fit ``max_bytes``."""
+    values = 0
+    for name in stored:
+        if name.endswith(_SHAPE):
+            dims = stored[name].tolist()
+            if not isinstance(dims, list) or not all(isinstance(d, int) and d >= 0 for d in dims):
+                raise ValueError(f"{name} is not a shape")
+            values += math.prod(dims)
+    if values * 4 > max_bytes:
+        raise ValueError(f"its shapes hold {values} values, more than the {max_bytes // 4} allowed")
 
 
 def _decode_tensor(name: str, stored: Mapping[str, torch.Tensor], codec: Codec) -> torch.Tensor:

@@ -100,8 +100,8 @@ them took milliseconds where the op takes tens of microseconds (the adapter's ow
 
 def packed(state: Mapping[str, torch.Tensor], names: Iterable[str]) -> list[torch.Tensor] | None:
     """The arrays ``names`` of ``state`` as flat pieces of :data:`PIECE_VALUES` values (the last one
-    shorter), if they lie back to back in that order, all contiguous and of one dtype (as
-    :func:`fleetlora.common.codec.decode` gives an fp32 delta); else None.
+    shorter), if they lie back to back in that order, all contiguous, of one dtype and read as stored (no
+    negative or conjugate view), as :func:`fleetlora.common.codec.decode` gives an fp32 delta; else None.
 
     The pieces read the very memory the arrays occupy, so a call on each does what a call per array
     would, with fewer calls (and writing to them writes to the arrays). Checked on every call: nothing
@@ -115,6 +115,8 @@ def packed(state: Mapping[str, torch.Tensor], names: Iterable[str]) -> list[torc
     end = first.data_ptr()
     for tensor in tensors:
         if tensor.dtype != dtype or tensor.data_ptr() != end or not tensor.is_contiguous():
+            return None
+        if tensor.is_neg() or tensor.is_conj():  # a view that reads its memory negated or conjugated
             return None
         end += tensor.numel() * size
     count = (end - first.data_ptr()) // size

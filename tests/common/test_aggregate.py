@@ -60,3 +60,13 @@ def test_a_packed_state_folds_to_the_same_bits_as_separate_arrays_and_as_float64
     for name, total in by_hand.items():
         assert torch.equal(separate.result()[name], packed.result()[name])
         assert torch.equal(separate.result()[name], (total / sum(weights)).to(torch.float32))
+
+
+def test_a_state_with_a_negated_view_folds_its_values_not_its_memory():
+    # The imaginary part of a conjugate reads -buffer[3] at the address of buffer[3], right after "a".
+    buffer = torch.arange(1.0, 5.0)
+    state = {"a": buffer[:3], "b": torch.view_as_complex(buffer[2:]).conj().imag}
+    mean = WeightedMean({"a": torch.zeros(3), "b": torch.zeros(())})
+    mean.add(state, weight=1.0)
+    assert torch.equal(mean.result()["b"], torch.tensor(-4.0))
+    assert torch.equal(mean.result()["a"], buffer[:3])

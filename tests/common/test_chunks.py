@@ -45,3 +45,39 @@ def test_a_chunk_shorter_than_its_header_declares_is_refused_as_before():
     array = Array(dtype="uint8", shape=(6,), stype="numpy.ndarray", data=data)
     with pytest.raises(ValueError):
         chunks.array_record_to_bytes(ArrayRecord({"chunk-000000": array}))
+
+
+def _header(header: bytes) -> bytes:
+    """A version 1.0 ``.npy`` header around ``header``, padded as np.save pads it."""
+    header += b" " * (63 - (10 + len(header)) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header
+
+
+def _npz() -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, chunk=np.arange(3, dtype=np.uint8))
+    return buffer.getvalue()
+
+
+_U1 = b"{'descr': '|u1', 'fortran_order': False, 'shape': "
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",  # np.load: EOFError
+        b"PK\x03\x04" + bytes(60),  # zip magic: zipfile.BadZipFile
+        _npz(),  # a whole .npz archive: np.load gives an NpzFile, which has no tobytes
+        _header(_U1 + b"(1000000000000,), }") + b"abc",  # 931 GiB: MemoryError
+        _header(_U1 + b"(10000000000000000000000,), }"),  # past int64: OverflowError
+        _header(_U1 + b"(3,"),  # cut short: tokenize.TokenError
+        _header(_U1 + b"(03,), }") + b"abc",  # not a Python literal: np.load's ValueError
+    ],
+    ids=["empty", "zip-magic", "npz", "huge-shape", "shape-past-int64", "cut-header", "leading-zero"],
+)
+def test_a_hostile_chunk_is_refused_as_a_value_error(data: bytes):
+    # A sealed upload's chunks are joined before its signature is checked (common.envelope.from_records,
+    # which turns a ValueError into the reply's drop): whatever np.load raises on them must be one.
+    array = Array(dtype="uint8", shape=(len(data),), stype="numpy.ndarray", data=data)
+    with pytest.raises(ValueError):
+        chunks.array_record_to_bytes(ArrayRecord({"chunk-000000": array}))

@@ -1,4 +1,6 @@
+import json
 import math
+import re
 
 import pytest
 import torch
@@ -191,3 +193,122 @@ def test_an_fp32_payload_refuses_other_dtypes_and_leaves_side_arrays_out():
         CodecError, match=r"does not hold fp32\+zstd tensors \(w is torch.float16, not torch.float32\)"
     ):
         decode(blob, Codec("fp32"), max_bytes=1 << 20)
+
+
+def _container(tensors: dict[str, tuple[str, list[int], tuple[int, int]]], data: bytes = b"") -> bytes:
+    """Hand-written safetensors (name → dtype, shape, data offsets), zstd-compressed: what a hostile device
+    may seal, its header as it likes."""
+    header = json.dumps(
+        {
+            name: {"dtype": dtype, "shape": shape, "data_offsets": offsets}
+            for name, (dtype, shape, offsets) in tensors.items()
+        }
+    ).encode()
+    return zstandard.ZstdCompressor().compress(len(header).to_bytes(8, "little") + header + data)
+
+
+_F32 = torch.arange(1.0, 5.0).numpy().tobytes()  # four float32 values, 16 bytes
+
+
+@pytest.mark.parametrize(
+    ("tensors", "data"),
+    [
+        ({"w": ("F32", [3], (0, 16))}, _F32),  # 16 bytes for 3 values
+        ({"w": ("F32", [1], (0, 3))}, _F32[:3]),  # not a whole float32
+        ({"a": ("F32", [3], (0, 12)), "b": ("F32", [2], (8, 16))}, _F32),  # overlapping
+        ({"a": ("F32", [1], (0, 4)), "b": ("F32", [2], (8, 16))}, _F32),  # a gap
+        ({"w": ("F32", [2], (0, 8))}, _F32),  # bytes past the last tensor
+        ({"w": ("F32", [4], (0, 16)), "x": ("F32", [1], (16, 20))}, _F32),  # past the end
+        ({"w": ("F32", [-1], (0, 4))}, _F32[:4]),  # a negative dimension
+        ({"w": ("F32", [2**32, 2**32, 2**2], (0, 4))}, _F32[:4]),  # 2**66 values: past 64 bits
+        ({"w": ("F32", [0, 2**63], (0, 0))}, b""),  # no values, a dimension past int64
+        ({"w": ("F32", [0, 2**64 - 1], (0, 0))}, b""),
+        ({"w": ("F32", [4], (0, 16)), "w@x": ("F4", [2], (16, 17))}, _F32 + b"\0"),  # see below
+        ({"w": (">f4", [4], (0, 16))}, _F32),  # no such dtype (safetensors has no byte order)
+        ({"w": ("F8_E4M3", [16], (0, 16))}, _F32),
+    ],
+    ids=[
+        "short-shape",
+        "partial-value",
+        "overlap",
+        "gap",
+        "trailing",
+        "past-end",
+        "negative-dim",
+        "size-wraps",
+        "empty-dim-past-int64",
+        "empty-dim-past-uint64",
+        "side-dtype-torch-lacks",
+        "big-endian",
+        "fp8",
+    ],
+)
+@pytest.mark.parametrize("codec", [Codec("fp32"), Codec("fp16"), Codec("int8")], ids=lambda c: c.name)
+def test_a_hostile_container_is_a_codec_error_or_decodes_exactly(tensors, data: bytes, codec: Codec):
+    # Whatever a device seals, decode answers a CodecError (the reply's drop) or its tensors; nothing else
+    # may escape into the coordinator's round. The fp32 codec leaves side arrays (named with @) out unread,
+    # so a side array of a dtype torch lacks decodes there; the others read them.
+    blob = _container(tensors, data)
+    if codec.lossless and "w@x" in tensors:
+        assert torch.equal(decode(blob, codec, max_bytes=1 << 20)["w"], torch.arange(1.0, 5.0))
+    else:
+        with pytest.raises(CodecError):
+            decode(blob, codec, max_bytes=1 << 20)
+
+
+def test_an_fp32_payload_decodes_scalars_empty_arrays_and_any_name_order_as_written():
+    written = _container(
+        {
+            "\u00e9": ("F32", [], (0, 4)),  # sorts after "a" and "Z"
+            "a": ("F32", [0, 5], (4, 4)),
+            "Z": ("F32", [2, 1], (4, 12)),
+            "b": ("F32", [1], (12, 16)),
+        },
+        _F32,
+    )
+    decoded = decode(written, Codec("fp32"), max_bytes=1 << 20)
+    assert list(decoded) == ["Z", "a", "b", "\u00e9"] and all(
+        t.dtype == torch.float32 for t in decoded.values()
+    )
+    assert torch.equal(decoded["\u00e9"], torch.tensor(1.0)) and decoded["a"].shape == (0, 5)
+    assert torch.equal(decoded["Z"], torch.tensor([[2.0], [3.0]])) and torch.equal(
+        decoded["b"], torch.tensor([4.0])
+    )
+    only_empty = _container({"a": ("F32", [0], (0, 0)), "b": ("F32", [3, 0], (0, 0))})
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # the dtype of an all-empty payload is the codec's, not torch's
+    try:
+        decoded = decode(only_empty, Codec("fp32"), max_bytes=1 << 20)
+    finally:
+        torch.set_default_dtype(previous)
+    assert {n: (t.shape, t.dtype) for n, t in decoded.items()} == {
+        "a": ((0,), torch.float32),
+        "b": ((3, 0), torch.float32),
+    }
+
+
+def test_a_top_k_payload_may_not_declare_dense_arrays_past_the_bound():
+    # A top-k tensor's dense size is what its @shape says: a few bytes that would have the coordinator
+    # allocate and zero any amount of memory. All of them together must fit the decode bound.
+    def sparse(shape: list, count: int = 1) -> bytes:
+        tensors: dict[str, torch.Tensor] = {}
+        for i in range(count):
+            tensors |= {
+                f"w{i}": torch.ones(1, dtype=torch.int8),
+                f"w{i}@scale": torch.ones(1),
+                f"w{i}@index": torch.zeros(1, dtype=torch.int32),
+                f"w{i}@shape": torch.tensor(shape),
+            }
+        return zstandard.ZstdCompressor().compress(serialize(tensors))
+
+    codec, bound = Codec("int8", 0.5), 1 << 12  # room for 1,024 float32 values
+    assert decode(sparse([2, 64]), codec, max_bytes=bound)["w0"].shape == (2, 64)
+    assert decode(sparse([1000]), codec, max_bytes=bound)["w0"].shape == (1000,)
+    for blob, reason in (
+        (sparse([1 << 24]), "its shapes hold 16777216 values, more than the 1024 allowed"),  # 64 MiB
+        (sparse([300], count=4), "its shapes hold 1200 values"),  # each within the bound, not together
+        (sparse([-(1 << 12), -(1 << 12)]), "w0@shape is not a shape"),  # a product of 16 M values
+        (sparse([[4]]), "w0@shape is not a shape"),  # torch.Size would raise a TypeError
+    ):
+        with pytest.raises(CodecError, match=re.escape(reason)):
+            decode(blob, codec, max_bytes=bound)

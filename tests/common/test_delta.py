@@ -96,3 +96,32 @@ def test_a_single_nan_or_inf_value_makes_the_l2_norm_non_finite(layout, bad: flo
         state = {"a": torch.randn(100_000) * 1e-3, "b": torch.randn(7)}
         state["a"][position] = bad
         assert not math.isfinite(delta.l2_norm(layout(state)))
+
+
+def _with_a_negated_view() -> delta.State:
+    """Two arrays back to back in one buffer, the second read through a negative view: public torch
+    (the imaginary part of a conjugate) reads ``-buffer[3]`` at the address of ``buffer[3]``."""
+    buffer = torch.arange(1.0, 5.0)
+    negated = torch.view_as_complex(buffer[2:]).conj().imag
+    assert negated.is_neg() and negated.data_ptr() == buffer[3:].data_ptr() and float(negated) == -4.0
+    return {"a": buffer[:3], "b": negated}
+
+
+def test_packed_refuses_arrays_whose_memory_is_not_their_values():
+    # A negative (or conjugate) view reads its memory negated: a piece of plain memory would not.
+    state = _with_a_negated_view()
+    assert delta.packed(state, ["a", "b"]) is None
+    assert delta.l2_norm(state) == pytest.approx(30**0.5)
+
+
+def test_packed_reads_within_the_first_array_s_storage_only():
+    # Back to back in memory, but two storages (two views of one bytearray): the flat view of the first
+    # would read past its storage's end, so packed declines; a view's offset within one storage is kept.
+    memory = bytearray(torch.arange(8.0).numpy().tobytes())
+    first = torch.frombuffer(memory, dtype=torch.float32, count=4)
+    second = torch.frombuffer(memory, dtype=torch.float32, count=4, offset=16)
+    assert second.data_ptr() == first.data_ptr() + 16 and first.untyped_storage().nbytes() == 16
+    assert delta.packed({"a": first, "b": second}, ["a", "b"]) is None
+    whole = torch.arange(6.0)
+    pieces = delta.packed({"a": whole[1:3], "b": whole[3:]}, ["a", "b"])
+    assert pieces is not None and len(pieces) == 1 and torch.equal(pieces[0], whole[1:])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from uuid import uuid4
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 import zstandard
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from flwr.app import ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fleetlora.common import records
@@ -256,6 +257,12 @@ def _bomb() -> bytes:
     return zstandard.ZstdCompressor().compress(bytes(64 << 20))
 
 
+def _empty_array_of_2_63_rows() -> bytes:
+    """fp32 safetensors: one array of no values, a dimension past int64 (torch raises a TypeError)."""
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2**63, 0], "data_offsets": [0, 0]}}).encode()
+    return zstandard.compress(len(header).to_bytes(8, "little") + header)
+
+
 @pytest.mark.parametrize(
     ("node", "device", "plaintext", "kwargs", "reason"),
     [
@@ -272,8 +279,18 @@ def _bomb() -> bytes:
             "decrypted upload is not a delta (payload refused: zstd data would inflate to 67108864",
         ),
         (2, "device-2", zstandard.compress(b"not safetensors"), {}, "decrypted upload is not a delta"),
+        (2, "device-2", _empty_array_of_2_63_rows(), {}, "decrypted upload is not a delta"),
     ],
-    ids=["unknown-device", "wrong-node", "replayed", "wrong-key", "not-zstd", "bomb", "not-safetensors"],
+    ids=[
+        "unknown-device",
+        "wrong-node",
+        "replayed",
+        "wrong-key",
+        "not-zstd",
+        "bomb",
+        "not-safetensors",
+        "dimension-past-int64",
+    ],
 )
 def test_a_hostile_sealed_upload_is_refused_with_its_reason(node, device, plaintext, kwargs, reason: str):
     fleet = _Fleet()
@@ -318,6 +335,27 @@ def test_finite_values_whose_float64_norm_overflows_fail_the_norm_bound_not_the_
 
     (reason,) = _reasons(aggregator)
     assert reason.startswith("delta norm inf above the round's bound 10") and not aggregator.participants
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [b"", b"PK\x03\x04" + bytes(60), b"\x93NUMPY\x01\x00\x40\x00{'descr': '<f8', 'shape': (10**30,)"],
+    ids=["empty", "zip-magic", "cut-header"],
+)
+def test_a_sealed_upload_whose_chunk_np_load_cannot_read_is_dropped_not_raised(chunk: bytes):
+    # The chunks are joined before the signature is checked: any node may send these.
+    fleet = _Fleet()
+    aggregator = DeltaAggregator(GLOBAL, ExampleWeightedMean(GLOBAL), fleet.opener())
+    reply = fleet.reply(2, "device-2", _encoded(_delta(1.0)))
+    reply.content.array_records[SEALED]["chunk-000000"] = Array(
+        dtype="uint8", shape=(len(chunk),), stype="numpy.ndarray", data=chunk
+    )
+
+    aggregator.add(reply)
+
+    (reason,) = _reasons(aggregator)
+    assert reason.startswith("sealed upload refused: malformed sealed upload (chunk is not a .npy array")
+    assert not aggregator.participants
 
 
 def test_a_plain_reply_is_refused_when_uploads_are_sealed():
