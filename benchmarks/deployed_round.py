@@ -13,6 +13,16 @@ certificates, schema, SuperLink ready) and of the devices (enrolment + SuperNode
 recovery after SIGKILL of the coordinator host (restart until both devices are back online).
 Round 1 also pays for building the model in each process; round 2 is the steady state quoted.
 
+Where a deployed round's time goes: each round is exchanges (train, federated evaluation; then, after
+the round's commit, the update distribution's status query and package), and each is taken apart from
+the fleet's own logs, one clock on one machine: when the coordinator sent the messages (their Flower
+``created_at``), when the warm runner took each device's task from its SuperNode, when the ClientApp
+started and how long it took (``message_handled`` in the devices' ``client-app`` logs), and when the
+coordinator had every reply (its ``round_phase`` lines). ``overhead_breakdown`` sums the steady round's
+exchanges, on the device whose reply came last, against the gap to the simulated round. One part is the
+SuperNode's idle wait (Flower sleeps 3 s after each pull that finds no message, and the coordinator can
+only send the next exchange after the last reply, by when every SuperNode has gone back to sleep).
+
 Run from the repository root::
 
     .venv/bin/python benchmarks/deployed_round.py [--json benchmarks/results/deployed_round.json]
@@ -34,11 +44,13 @@ import shlex
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fleetlora.common.logs import search_logs
 from fleetlora.coordinator.storage import Storage
 from fleetlora.simulations.local_deployment import LocalFleet
 from fleetlora.simulations.runner import SimulationConfig, simulate
@@ -57,6 +69,11 @@ FEDERATION: dict[str, Any] = {
     "local-steps": LOCAL_STEPS,
     "partition": "iid",
 }
+# Each exchange's message type, and the round phase whose last count is logged when every reply is in
+# (the status query's replies are counted by nobody: its end is the package's send).
+PHASES = {"train": "training", "evaluate": "evaluating", "query.update_status": None,
+          "query.update_apply": "distributing"}  # fmt: skip
+IN_ROUND = ("train", "evaluate")  # in a round's seconds; the distribution comes after its commit
 
 
 def progress(message: str) -> None:
@@ -96,6 +113,7 @@ def deployed(scratch: Path, warm: bool, federation: dict[str, Any]) -> dict[str,
         run_seconds = time.monotonic() - started
         storage = Storage.open(fleet.coordinator.database_url)
         rounds = storage.ledgers.rounds(storage.versions.all()[-1].lineage)
+        timeline = exchanges(fleet.folder, fleet.devices, rounds[-1].round)
         fleet.hosts["coordinator"].kill()
         restarted = time.monotonic()
         superlink_ready = fleet.start_coordinator()
@@ -111,6 +129,94 @@ def deployed(scratch: Path, warm: bool, federation: dict[str, Any]) -> dict[str,
         "devices_cold_start_seconds": round(devices_start, 2),
         "recovery_after_kill_seconds": round(recovery, 2),
         "superlink_ready_after_restart_seconds": round(superlink_ready, 2),
+        "steady_round_exchanges": timeline,
+    }
+
+
+def _epoch(entry: dict[str, Any]) -> float:
+    return datetime.fromisoformat(entry["ts"]).timestamp()
+
+
+def exchanges(folder: Path, devices: int, round_number: int) -> dict[str, dict[str, Any]]:
+    """Round ``round_number``'s exchanges from the fleet's logs, in seconds from each one's send.
+
+    Per device: ``taken`` (the warm runner took the task: the SuperNode's idle wait, its pull and the
+    runner's poll; None without the runner), ``started`` (the ClientApp began: + fork and Flower's task
+    set-up), ``clientapp`` (its own seconds), ``replied`` (it returned). ``all_in``: the coordinator
+    had every reply (None where nothing logs it). ``last`` is the device whose ClientApp ended last.
+    """
+    phases = [
+        e for e in search_logs(folder / "coordinator" / "logs", component="rounds")
+        if e.get("event") == "round_phase" and e.get("round") == round_number
+    ]  # fmt: skip
+    if not phases:
+        return {}
+    begun, ended = _epoch(phases[0]), _epoch(phases[-1])
+    handled = [
+        e
+        for i in range(1, devices + 1)
+        if (folder / f"device-{i}" / "logs").is_dir()
+        for e in search_logs(folder / f"device-{i}" / "logs", component="client-app")
+        if e.get("event") == "message_handled" and begun <= e["sent_at"] <= ended
+    ]
+    timeline: dict[str, dict[str, Any]] = {}
+    for kind, phase in PHASES.items():
+        mine = [e for e in handled if e["message_type"] == kind]
+        if not mine:
+            continue
+        sent = min(e["sent_at"] for e in mine)
+        done = [e for e in phases if e["phase"] == phase and e["total"] and e["done"] >= e["total"]]
+        per_device = {
+            e["device"]: {
+                "taken": None if e["acquired_at"] is None else round(e["acquired_at"] - sent, 3),
+                "started": round(e["started_at"] - sent, 3),
+                "clientapp": round(e["seconds"], 3),
+                "replied": round(e["started_at"] + e["seconds"] - sent, 3),
+            }
+            for e in mine
+        }
+        timeline[kind] = {
+            "devices": per_device,
+            "last": max(per_device, key=lambda d: per_device[d]["replied"]),
+            "all_in": round(_epoch(done[0]) - sent, 3) if done else None,
+        }
+    return timeline
+
+
+def overhead_breakdown(
+    timeline: dict[str, dict[str, Any]], deployed: float, simulated: float
+) -> dict[str, Any]:
+    """Where the deployed round's seconds go, summed over its exchanges along the last device to reply.
+
+    ``idle_poll_wait``: send → the runner took the task (the SuperNode's 3 s sleep after an empty pull
+    dominates it); ``clientapp_start``: → the ClientApp began (fork, Flower's task set-up); ``clientapp``:
+    its work; ``reply``: → the coordinator had every reply (the SuperNode's 0.5 s wait for the ClientApp's
+    reply, its push, the coordinator's 0.2 s poll); ``coordinator``: the rest of the round (sampling,
+    aggregation, central evaluation, the commit).
+    """
+    parts = dict.fromkeys(("idle_poll_wait", "clientapp_start", "clientapp", "reply"), 0.0)
+    spans = 0.0
+    for kind in IN_ROUND:
+        if kind not in timeline or timeline[kind]["all_in"] is None:
+            continue
+        exchange = timeline[kind]
+        last = exchange["devices"][exchange["last"]]
+        taken = last["taken"] if last["taken"] is not None else last["started"]  # cold: all of it
+        parts["idle_poll_wait"] += taken
+        parts["clientapp_start"] += last["started"] - taken
+        parts["clientapp"] += last["clientapp"]
+        parts["reply"] += exchange["all_in"] - last["replied"]
+        spans += exchange["all_in"]
+    gap = deployed - simulated
+    return {
+        "exchanges": [kind for kind in IN_ROUND if kind in timeline],
+        "deployed_round_seconds": deployed,
+        "simulated_round_seconds": simulated,
+        "gap_seconds": round(gap, 3),
+        **{f"{part}_seconds": round(seconds, 3) for part, seconds in parts.items()},
+        "coordinator_seconds": round(deployed - spans, 3),
+        "idle_poll_wait_share_of_gap": round(parts["idle_poll_wait"] / gap, 3) if gap > 0 else None,
+        "gap_without_idle_poll_wait_seconds": round(gap - parts["idle_poll_wait"], 3),
     }
 
 
@@ -149,6 +255,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             name: round(seconds / simulation["round_seconds"][-1], 2) for name, seconds in steady.items()
         },
         "warm_over_cold": round(steady["warm"] / steady["cold"], 3),
+        "overhead_breakdown": overhead_breakdown(
+            arms["warm"]["steady_round_exchanges"], steady["warm"], simulation["round_seconds"][-1]
+        ),
         "targets": {"cold_start_seconds": 300, "recovery_seconds": 30},
         "cpus": os.cpu_count(),
         "machine": {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},

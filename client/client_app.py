@@ -12,6 +12,8 @@ import hashlib
 import io
 import logging
 import math
+import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
 
 from fleetlora.client import forgetting, personal_head, privacy
 from fleetlora.client.accelerator import select_accelerator
@@ -66,6 +69,9 @@ from fleetlora.common.package import MAX_CAP, PACKAGE, PackageError
 from fleetlora.common.run_config import DEFAULTS
 
 log = logging.getLogger(__name__)
+# Set by the warm runner (client/warm_clientapp.py) in each child: when it took the message's task from
+# the SuperNode, so a message's wait splits into the SuperNode's part and the ClientApp start's.
+TASK_ACQUIRED_AT = "FLEETLORA_TASK_ACQUIRED_AT"
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,7 @@ class MessageJob:
 
 def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientApp:
     """The ClientApp; ``run_config_overrides`` stand in for ``flwr run``'s run config in-process."""
-    app = ClientApp()
+    app = ClientApp(mods=[timed])
     overrides = dict(run_config_overrides or {})
 
     def run_config_of(context: Context) -> Mapping:
@@ -388,11 +394,39 @@ def is_simulated(context: Context) -> bool:
     return "partition-id" in context.node_config
 
 
-def log_to_state_dir(node_config: UserConfig) -> None:
+def log_to_state_dir(node_config: UserConfig) -> bool:
     """A deployed device (its node config names its id and state folder) logs to ``state-dir/logs``,
-    beside `device up`'s log; simulated devices do not."""
+    beside `device up`'s log; simulated devices do not. Whether it logs."""
     if "device-id" in node_config and "state-dir" in node_config:
         configure_json_logging(Path(str(node_config["state-dir"])) / "logs", "client-app")
+        return True
+    return False
+
+
+def timed(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Every message a deployed device handles, logged with when it was sent, taken and handled: where a
+    deployed round's time goes beyond the work itself (benchmarks/deployed_round.py reads them)."""
+    started = time.time()
+    try:
+        return call_next(message, context)
+    finally:
+        seconds = time.time() - started
+        if log_to_state_dir(context.node_config):
+            acquired = os.environ.get(TASK_ACQUIRED_AT)
+            log.info(
+                "Handled a %s message in %.2f s",
+                message.metadata.message_type,
+                seconds,
+                extra={
+                    "event": "message_handled",
+                    "device": device_id(context),
+                    "message_type": message.metadata.message_type,
+                    "sent_at": message.metadata.created_at,  # the coordinator's clock
+                    "acquired_at": float(acquired) if acquired else None,
+                    "started_at": started,
+                    "seconds": seconds,
+                },
+            )
 
 
 def round_pool(job: MessageJob, context: Context, seed: int) -> list[Example]:

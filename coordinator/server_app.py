@@ -10,7 +10,9 @@ from typing import TextIO
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid import http_grid
 
+from fleetlora.common.flower_env import retry_pulls_sooner
 from fleetlora.common.logs import JsonFormatter, configure_json_logging
 from fleetlora.coordinator.progress import LOG as ROUNDS_LOG
 from fleetlora.coordinator.rounds import Federation, FederationObserver
@@ -40,6 +42,8 @@ def build_server_app(
             configure_json_logging(Path(settings.log_dir), "rounds")
         if phases_to_stderr:
             _print_phases()
+        if isinstance(grid, http_grid.HttpGrid):  # deployed: replies come through the SuperLink
+            retry_pulls_sooner(http_grid, "pull_objects")
         Federation(network(grid) if network else grid, settings, observer, run_id=context.run_id).run()
 
     return app

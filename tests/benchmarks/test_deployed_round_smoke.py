@@ -35,3 +35,18 @@ def test_the_deployed_round_benchmark_times_simulation_and_both_deployments(caps
     assert result["warm_over_cold"] == round(
         result["steady_round_seconds"]["warm"] / result["steady_round_seconds"]["cold"], 3
     )
+    # Each exchange of the round taken apart from the logs: the warm runner says when it took each task.
+    for name in ("cold", "warm"):
+        timeline = result["deployed"][name]["steady_round_exchanges"]
+        assert {"train", "evaluate"} <= set(timeline)
+        for kind in ("train", "evaluate"):
+            assert set(timeline[kind]["devices"]) == {"device-1", "device-2"}
+            assert 0 < timeline[kind]["all_in"] <= result["deployed"][name]["round_seconds"][0]
+            for device in timeline[kind]["devices"].values():
+                assert (device["taken"] is None) == (name == "cold")
+                assert 0 <= device["started"] < device["replied"] <= timeline[kind]["all_in"]
+    breakdown = result["overhead_breakdown"]
+    assert breakdown["exchanges"] == ["train", "evaluate"]
+    assert breakdown["gap_seconds"] == round(steady["warm"] - steady["simulation"], 3)
+    parts = ("idle_poll_wait", "clientapp_start", "clientapp", "reply", "coordinator")
+    assert sum(breakdown[f"{p}_seconds"] for p in parts) == pytest.approx(steady["warm"], abs=0.01)

@@ -1,4 +1,5 @@
-"""A deployed device's ClientApp logs what it did with each round to ``state-dir/logs/client-app.jsonl``.
+"""A deployed device's ClientApp logs what it did with each round to ``state-dir/logs/client-app.jsonl``,
+and each message it handled with its timings.
 
 The real ClientApp answers train messages through a local grid with a real device's node config (its
 ``device-id`` and ``state-dir``); a simulated device, which has neither, writes no log.
@@ -61,13 +62,19 @@ def test_a_trained_and_a_declined_round_are_logged_with_the_device_and_why(
     declined = train_once(tiny_spec, {**node, "dp-max-epsilon": 8}, epsilon=1000.0)
     assert records.DECLINED in declined[records.CONFIG]
 
-    trained, refused = search_logs(tmp_path / "logs", device="kiosk-7")
+    entries = list(search_logs(tmp_path / "logs", device="kiosk-7"))
+    handled = [e for e in entries if e["event"] == "message_handled"]
+    trained, refused = [e for e in entries if e["event"] != "message_handled"]
     assert (trained["component"], trained["event"], trained["round"], trained["version"]) == (
         "client-app", "round_trained", 4, "v3",
     )  # fmt: skip
     assert trained["steps"] == 2 and trained["examples"] > 0 and "Trained round 4" in trained["message"]
     assert (refused["event"], refused["round"]) == ("round_declined", 4)
     assert "asks ε 1000" in refused["message"]
+    assert [e["message_type"] for e in handled] == ["train", "train"]
+    for entry in handled:  # in-process: no warm runner took a task
+        assert entry["sent_at"] <= entry["started_at"] and entry["seconds"] > 0
+        assert entry["acquired_at"] is None
 
 
 def test_a_simulated_device_writes_no_log(tmp_path: Path, tiny_spec: ModelSpec):
