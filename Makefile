@@ -27,7 +27,7 @@ demo: install
 # The suite on parallel workers (pytest-xdist): its slow tests mostly wait on other processes (Flower's
 # SuperLink and SuperNodes, Ray). They are collected first (tests/conftest.py) and handed out one at a time.
 TEST_WORKERS ?= 3
-XDIST := -n $(TEST_WORKERS) --dist load --maxschedchunk 1
+XDIST := -n $(TEST_WORKERS) --dist load --maxschedchunk 1 --durations=30
 
 test: install
 	$(BIN)/python -m pytest -q $(XDIST)
