@@ -86,6 +86,10 @@ HEADLINES: dict[str, Headline] = {
     "failover": Headline(
         "superlink_back_seconds_worst", "s", "target: the SuperLink back within 15 s of a kill (no baseline)"
     ),
+    "fleet_sizing": Headline(
+        "superlink/idle_devices_per_core", "devices",
+        "sizing: idle SuperNodes (a pull every 3 s) one core of the coordinator host serves (no baseline)",
+    ),
     "forgetting": Headline(
         "arms/replay, no DP/retention", "retention",
         "target: the default configuration (replay) retains ≥ 0.95 without DP; none is the baseline",

@@ -1,0 +1,429 @@
+"""How many devices one coordinator host holds, and how fast its databases grow (issue 18's sizing).
+
+**The SuperLink.** A real coordinator host (``fleetlora coordinator up``: the TLS 1.3 terminator in the
+host's process, a ``flower-superlink`` with SuperNode authentication and its state database) and N bare
+SuperNodes in this process. A bare node makes the calls a ``flower-supernode`` makes, with Flower's own
+Fleet client and interceptors (every request signed with the node's P-384 key, as SuperNode auth needs):
+its key registered through the Control API (what ``coordinator devices enroll`` asks the ``flwr`` CLI to
+do), the node activated, then a pull every 3 s (Flower's SuperNode sleeps 3 s after a pull that finds
+no message) and a heartbeat every 30 s. No ClientApp, no model: what the host pays for a connected device
+with nothing to do, which is what most of a fleet is most of the time. At each N, over a window, the CPU
+seconds per second and the memory (RSS) of the SuperLink and of the host process, the pulls served, the
+pull latency the nodes saw and the connections the host holds open. Then a burst: every node pulls back
+to back, and the pulls per second served is what one SuperLink can answer.
+
+From those, least squares over the N measured:
+
+- ``cpu_seconds_per_device_second``: the slope of host + SuperLink CPU against connected idle devices,
+  and ``idle_devices_per_core``, its inverse;
+- ``rss_mb_per_device``: the slope of host + SuperLink memory against devices;
+- ``devices_at_burst_rate``: burst pulls per second × 3 s, the idle devices one SuperLink answers before
+  their pulls queue;
+- ``terminator_device_ceiling``: the terminator's connection limit (``Limits.within_open_files()``)
+  over the connections a device holds.
+
+**The databases.** ``fleetlora simulate`` (tiny model, built-in corpus) of ``rounds`` rounds with K and
+then 2K devices a round, every new version sent to every device as on a deployed fleet
+(``distribute-to = connected``). Each table's bytes (SQLite's ``dbstat``) after each run give the bytes
+a round adds and the bytes each device-round adds. The SuperLink's state database is measured before and
+after the N registrations: bytes per registered device.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/fleet_sizing.py [--json benchmarks/results/fleet_sizing.json]
+
+``--quick`` (what ``make bench`` runs) measures fewer, smaller fleets and writes
+benchmarks/results/quick/fleet_sizing.json; ``--smoke`` (what ``make test`` runs) is the smallest real
+run, writing nothing unless ``--json`` is given. Progress goes to stderr; the JSON result is the last
+line of stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sqlite3
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from unittest.mock import patch
+
+import psutil
+import torch
+from flwr.cli.flower_config import read_superlink_connection
+from flwr.cli.utils import init_http_client_from_connection
+from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL
+from flwr.proto.control_pb2 import RegisterNodeRequest
+from flwr.proto.fleet_pb2 import ActivateNodeRequest, DeactivateNodeRequest, PullMessagesRequest
+from flwr.proto.heartbeat_pb2 import SendNodeHeartbeatRequest
+from flwr.proto.node_pb2 import Node
+from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
+from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
+from flwr.supernode.fleet_http_client import FleetHttpClient
+from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+
+from fleetlora.coordinator.certs import CA_CERT
+from fleetlora.coordinator.superlink import CONNECTION
+from fleetlora.coordinator.tls_terminator import Limits
+from fleetlora.simulations.local_deployment import LocalFleet, wait_for
+from fleetlora.simulations.runner import SimulationConfig, simulate
+
+IDLE_PULL_SECONDS = 3.0  # flwr 1.41's SuperNode: time.sleep(3) after a pull that found no message
+RESULTS = Path("benchmarks/results")
+
+
+@dataclass(frozen=True)
+class Mode:
+    levels: tuple[int, ...]  # connected bare SuperNodes, measured in turn
+    window: float  # seconds each level is measured over, after one idle pull period to settle
+    burst: float  # seconds of back-to-back pulls at the largest level
+    devices_per_round: int  # K; the second database run has 2K
+    rounds: int
+
+
+MODES = {
+    "full": Mode(levels=(0, 50, 150, 300), window=30.0, burst=10.0, devices_per_round=8, rounds=3),
+    "quick": Mode(levels=(0, 40, 120), window=15.0, burst=6.0, devices_per_round=4, rounds=2),
+    "smoke": Mode(levels=(0, 4), window=3.0, burst=2.0, devices_per_round=2, rounds=1),
+}
+
+
+def progress(message: str) -> None:
+    print(f"[fleet_sizing] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class BareNode:
+    """One SuperNode's Fleet API traffic, with nothing behind it (see the module docstring)."""
+
+    address: str
+    ca_pem: bytes
+    keys: Any = field(default_factory=generate_key_pairs)
+    pulls: int = 0
+    latencies: list[float] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def public_key(self) -> bytes:
+        return public_key_to_bytes(self.keys[1])
+
+    def run(self, online: threading.Event, stop: threading.Event, burst: threading.Event) -> None:
+        interceptors = [
+            RuntimeVersionHttpInterceptor(component_name="SuperNode"),
+            NodeAuthHttpInterceptor(*self.keys),
+        ]
+        try:
+            with FleetHttpClient.from_server_address(
+                self.address, False, self.ca_pem, interceptors
+            ) as client:
+                every = HEARTBEAT_DEFAULT_INTERVAL
+                activated = client.ActivateNode(
+                    ActivateNodeRequest(public_key=self.public_key, heartbeat_interval=every)
+                )
+                node = Node(node_id=activated.node_id)
+                online.set()
+                heartbeat = time.monotonic()
+                while not stop.is_set():
+                    started = time.perf_counter()
+                    client.PullMessages(PullMessagesRequest(node=node))
+                    self.latencies.append(time.perf_counter() - started)
+                    self.pulls += 1
+                    if time.monotonic() - heartbeat >= every:
+                        beat = SendNodeHeartbeatRequest(node=node, heartbeat_interval=every)
+                        client.SendNodeHeartbeat(beat)
+                        heartbeat = time.monotonic()
+                    if not burst.is_set():
+                        stop.wait(IDLE_PULL_SECONDS)
+                client.DeactivateNode(DeactivateNodeRequest(node_id=node.node_id))
+        except Exception as error:  # counted and reported: one node's failure is a figure
+            self.error = f"{type(error).__name__}: {error}"
+            online.set()
+
+
+class Swarm:
+    """Bare nodes started in batches, each on a thread of its own, all stopped together."""
+
+    def __init__(self, fleet: LocalFleet) -> None:
+        host = fleet.coordinator
+        self.address = host.address
+        self.ca_pem = (host.certs_dir / CA_CERT).read_bytes()
+        self.nodes: list[BareNode] = []
+        self.threads: list[threading.Thread] = []
+        self.stop = threading.Event()
+        self.burst = threading.Event()
+        with patch.dict(os.environ, {"FLWR_HOME": str(host.flwr_home.resolve())}):  # where the CLI reads it
+            self.control = init_http_client_from_connection(read_superlink_connection(CONNECTION))
+
+    def grow_to(self, count: int, timeout: float = 300) -> None:
+        """Register, activate and start nodes until ``count`` pull."""
+        while len(self.nodes) < count:
+            node = BareNode(self.address, self.ca_pem)
+            self.control.RegisterNode(
+                RegisterNodeRequest(public_key=node.public_key, name=f"bare-{len(self.nodes)}")
+            )
+            online = threading.Event()
+            thread = threading.Thread(target=node.run, args=(online, self.stop, self.burst), daemon=True)
+            thread.start()
+            if not online.wait(timeout):
+                raise AssertionError(f"bare node {len(self.nodes)} was not activated within {timeout:.0f} s")
+            if node.error:
+                raise AssertionError(f"bare node {len(self.nodes)} failed: {node.error}")
+            self.nodes.append(node)
+            self.threads.append(thread)
+
+    def pulls(self) -> int:
+        return sum(node.pulls for node in self.nodes)
+
+    def latencies_since(self, marks: list[int]) -> list[float]:
+        return [s for node, mark in zip(self.nodes, marks, strict=False) for s in node.latencies[mark:]]
+
+    def close(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=10)
+        self.control.close()
+
+
+@dataclass(frozen=True)
+class Usage:
+    """CPU seconds and memory of the coordinator host's process and its SuperLink at one moment."""
+
+    superlink_cpu: float
+    host_cpu: float  # the host's own process: the TLS terminator, metrics, console
+    pollers_cpu: float  # its finished children: the `flwr supernode list` it runs every 15 s
+    rss_bytes: int
+    connections: int
+
+
+def host_processes(fleet: LocalFleet) -> tuple[psutil.Process, psutil.Process]:
+    host = psutil.Process(fleet.hosts["coordinator"].process.pid)
+    superlink = wait_for(
+        lambda: next(
+            (p for p in host.children(recursive=True) if "flower-superlink" in " ".join(p.cmdline())), None
+        ),
+        30,
+        "the flower-superlink process",
+    )
+    return host, superlink
+
+
+def usage(host: psutil.Process, superlink: psutil.Process, port: int) -> Usage:
+    own, theirs = host.cpu_times(), superlink.cpu_times()
+    connections = sum(
+        c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == port
+        for c in host.net_connections(kind="tcp")
+    )
+    return Usage(
+        superlink_cpu=theirs.user + theirs.system,
+        host_cpu=own.user + own.system,
+        pollers_cpu=own.children_user + own.children_system,
+        rss_bytes=host.memory_info().rss + superlink.memory_info().rss,
+        connections=connections,
+    )
+
+
+def percentile(values: list[float], share: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+def measure(
+    swarm: Swarm, host: psutil.Process, superlink: psutil.Process, port: int, window: float
+) -> dict[str, Any]:
+    marks = [len(node.latencies) for node in swarm.nodes]
+    me = psutil.Process()
+    pulls, before, started = swarm.pulls(), usage(host, superlink, port), time.monotonic()
+    mine = sum(me.cpu_times()[:2])
+    time.sleep(window)
+    after, seconds = usage(host, superlink, port), time.monotonic() - started
+    mine = sum(me.cpu_times()[:2]) - mine
+    latencies = swarm.latencies_since(marks)
+    served = swarm.pulls() - pulls
+    # What serves the devices; the pollers' cost is the same at any N and is reported beside it.
+    serving = after.superlink_cpu + after.host_cpu - before.superlink_cpu - before.host_cpu
+    return {
+        "devices": len(swarm.nodes),
+        "seconds": round(seconds, 2),
+        "pulls_per_s": round(served / seconds, 2),
+        "cpu_seconds_per_s": round(serving / seconds, 4),
+        "superlink_cpu_seconds_per_s": round((after.superlink_cpu - before.superlink_cpu) / seconds, 4),
+        "pollers_cpu_seconds_per_s": round((after.pollers_cpu - before.pollers_cpu) / seconds, 4),
+        "cpu_ms_per_pull": round(1000 * serving / served, 3) if served else None,
+        # the bare nodes' own process: near a core, it (not the SuperLink) may be what limits a burst
+        "bare_nodes_cpu_seconds_per_s": round(mine / seconds, 4),
+        "rss_mb": round(after.rss_bytes / 2**20, 1),
+        "connections": after.connections,
+        "pull_latency_ms": {
+            "p50": _ms(percentile(latencies, 0.5)),
+            "p95": _ms(percentile(latencies, 0.95)),
+        },
+    }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(1000 * seconds, 2)
+
+
+def slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of y on x."""
+    xs, ys = zip(*points, strict=True)
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    spread = sum((x - mean_x) ** 2 for x in xs)
+    return sum((x - mean_x) * (y - mean_y) for x, y in points) / spread if spread else 0.0
+
+
+def superlink_sizing(scratch: Path, mode: Mode) -> dict[str, Any]:
+    fleet = LocalFleet(scratch / "superlink", devices=0)
+    try:
+        progress("coordinator host")
+        fleet.start_coordinator()
+        host, superlink = host_processes(fleet)
+        state_db = fleet.coordinator.superlink_db
+        swarm = Swarm(fleet)
+        try:
+            levels = []
+            with sqlite_tables(state_db) as state_tables:
+                db_before = sum(state_tables().values())
+            for count in mode.levels:
+                started = time.monotonic()
+                swarm.grow_to(count)
+                progress(f"{count} bare SuperNodes online in {time.monotonic() - started:.1f} s; measuring")
+                time.sleep(IDLE_PULL_SECONDS)  # every node has made its first idle pull
+                levels.append(measure(swarm, host, superlink, fleet.port, mode.window))
+                progress(f"{levels[-1]}")
+            registered = len(swarm.nodes)
+            with sqlite_tables(state_db) as state_tables:
+                db_after = sum(state_tables().values())
+            progress(f"burst: {registered} nodes pulling back to back")
+            swarm.burst.set()
+            time.sleep(1.0)
+            burst = measure(swarm, host, superlink, fleet.port, mode.burst)
+            swarm.burst.clear()
+            progress(f"{burst}")
+            failed = [node.error for node in swarm.nodes if node.error]
+        finally:
+            swarm.close()
+    finally:
+        fleet.stop()
+    cpu_slope = slope([(lv["devices"], lv["cpu_seconds_per_s"]) for lv in levels])
+    rss_slope = slope([(lv["devices"], lv["rss_mb"]) for lv in levels])
+    connections = levels[-1]["connections"] / levels[-1]["devices"] if levels[-1]["devices"] else None
+    ceiling = Limits.within_open_files().max_connections
+    return {
+        "levels": levels,
+        "burst": burst,
+        "failed_nodes": failed,
+        "cpu_seconds_per_device_second": round(cpu_slope, 6),
+        "idle_devices_per_core": round(1 / cpu_slope) if cpu_slope > 0 else None,
+        "rss_mb_per_device": round(rss_slope, 3),
+        "devices_at_burst_rate": round(burst["pulls_per_s"] * IDLE_PULL_SECONDS),
+        "connections_per_device": round(connections, 2) if connections else None,
+        "terminator_max_connections": ceiling,
+        "terminator_device_ceiling": round(ceiling / connections) if connections else None,
+        "superlink_db_bytes_per_registered_device": round((db_after - db_before) / registered)
+        if registered
+        else None,
+    }
+
+
+@contextmanager
+def sqlite_tables(path: Path) -> Iterator[Callable[[], dict[str, int]]]:
+    connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        # bytes in use (payload and b-tree overhead), not whole pages, so small growth shows
+        yield lambda: dict(
+            connection.execute("SELECT name, SUM(pgsize - unused) FROM dbstat GROUP BY name").fetchall()
+        )
+    finally:
+        connection.close()
+
+
+# One row a device, kept current: these do not grow with rounds.
+PER_DEVICE_TABLES = frozenset(
+    {"devices", "device_updates", "sqlite_autoindex_devices_1", "sqlite_autoindex_device_updates_1"}
+)
+
+
+def database_growth(scratch: Path, mode: Mode) -> dict[str, Any]:
+    """Two simulations of one fleet differing only in devices a round: each table's bytes per round, per
+    device-round, and (the tables of one row a device) per device."""
+    fleet, runs = 2 * mode.devices_per_round, {}
+    for per_round in (mode.devices_per_round, 2 * mode.devices_per_round):
+        progress(
+            f"simulation: {mode.rounds} rounds of {per_round} of {fleet} devices, each version sent to all"
+        )
+        out = scratch / f"db-{per_round}"
+        simulate(SimulationConfig(
+            devices=fleet,
+            out=out,
+            settings={"model": "tiny", "data": "builtin", "rounds": mode.rounds, "partition": "iid",
+                      "devices-per-round": per_round, "min-devices": per_round, "local-steps": 2,
+                      "distribute-to": "connected"},
+        ))  # fmt: skip
+        with sqlite_tables(out / "fleetlora.db") as tables:
+            runs[per_round] = tables()
+    small, large = (runs[k] for k in sorted(runs))
+    k, rounds = mode.devices_per_round, mode.rounds
+    per_device_round = {t: (large.get(t, 0) - small.get(t, 0)) / (k * rounds) for t in large}
+    per_round = {t: (small.get(t, 0) - per_device_round[t] * k * rounds) / rounds for t in large}
+    per_device = sum(b for t, b in small.items() if t in PER_DEVICE_TABLES)
+    return {
+        "rounds": rounds,
+        "fleet": fleet,
+        "devices_per_round": [k, 2 * k],
+        "table_bytes": {str(n): tables for n, tables in runs.items()},
+        "bytes_per_device_round": round(sum(per_device_round.values())),
+        "bytes_per_round": round(sum(per_round.values())),
+        "bytes_per_device": round(per_device / fleet),
+        "bytes_per_device_round_by_table": {t: round(b) for t, b in per_device_round.items() if round(b)},
+        "bytes_per_round_by_table": {t: round(b) for t, b in per_round.items() if round(b) >= 100},
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="JSON to write (default results/fleet_sizing.json)")
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument(
+        "--quick", action="store_true", help="fewer, smaller fleets; written to results/quick/"
+    )
+    choice.add_argument("--smoke", action="store_true", help="the smallest real run; nothing written")
+    args = parser.parse_args(argv)
+    name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    mode = MODES[name]
+    if not args.smoke:
+        args.json = args.json or RESULTS / ("quick" if args.quick else "") / "fleet_sizing.json"
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="fleetlora-sizing-") as folder:
+        superlink = superlink_sizing(Path(folder), mode)
+        database = database_growth(Path(folder), mode)
+    result = {
+        "benchmark": "fleet_sizing",
+        "command": shlex.join(sys.orig_argv),
+        "mode": name,
+        "idle_pull_seconds": IDLE_PULL_SECONDS,
+        "superlink": superlink,
+        "database": database,
+        "machine": {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "load_average": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
+    }
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

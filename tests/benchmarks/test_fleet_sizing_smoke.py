@@ -1,0 +1,43 @@
+"""benchmarks/fleet_sizing.py --smoke: a real coordinator host with bare SuperNodes, and two simulations'
+databases, each measured."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_sizing_benchmark_measures_a_superlink_with_bare_supernodes_and_database_growth(
+    capsys, load_benchmark
+):
+    benchmark = load_benchmark("fleet_sizing")
+
+    result = benchmark.main(["--smoke"])
+
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    superlink = result["superlink"]
+    assert superlink["failed_nodes"] == []
+    idle, connected = superlink["levels"]
+    assert idle["devices"] == 0 and idle["pulls_per_s"] == 0 and idle["pull_latency_ms"]["p50"] is None
+    # 4 nodes pulling every 3 s over a 3 s window: each pulled once or twice, all through the terminator
+    assert connected["devices"] == 4 and 4 / 3.5 <= connected["pulls_per_s"] <= 8 / 3
+    assert connected["connections"] >= 4 and connected["rss_mb"] > 50
+    assert 0 < connected["pull_latency_ms"]["p50"] <= connected["pull_latency_ms"]["p95"]
+    # back to back, the same nodes pull far more often than every 3 s
+    assert superlink["burst"]["pulls_per_s"] > 2 * connected["pulls_per_s"]
+    assert superlink["devices_at_burst_rate"] == round(3 * superlink["burst"]["pulls_per_s"])
+    assert superlink["terminator_device_ceiling"] == round(
+        superlink["terminator_max_connections"] / superlink["connections_per_device"]
+    )
+    assert superlink["superlink_db_bytes_per_registered_device"] > 0  # each registration is a stored row
+
+    database = result["database"]
+    small, large = (database["table_bytes"][str(n)] for n in database["devices_per_round"])
+    # twice the devices a round: more participants and ledger rows, as many devices and packages
+    assert large["version_participants"] > small["version_participants"]
+    assert large["privacy_ledger"] > small["privacy_ledger"]
+    assert database["bytes_per_device_round"] > 0 and database["bytes_per_round"] > 0
+    assert database["bytes_per_device"] > 0
