@@ -8,6 +8,7 @@ prove the deployment works, and to time it, without Docker.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
 import signal
@@ -34,6 +35,7 @@ T = TypeVar("T")
 # Above Ray's worker ports (10002-19999 by default) and below Linux's ephemeral ports (32768 up), which
 # outgoing connections take: a port found free here stays free unless another fleet picks it.
 PORT_RANGE = range(20000, 32000)
+PR_SET_PDEATHSIG = 1  # prctl(2), Linux
 
 
 def free_ports(count: int, attempts: int = 200) -> int:
@@ -99,8 +101,19 @@ class Failover:
         return sorted({r for r in self.rounds_after if self.rounds_after.count(r) > 1})
 
 
+def _terminate_with_parent() -> None:
+    """In the child, before ``exec``: Linux sends it SIGTERM when the thread that started it ends."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class Host:
-    """A long-running ``fleetlora ... up`` in its own process group, logging to a file."""
+    """A long-running ``fleetlora ... up`` in its own process group, logging to a file.
+
+    On Linux the host is sent SIGTERM (and stops what it started, as on a service stop) when the
+    thread that started it ends, so a test run or benchmark that is killed leaves no fleet behind: its
+    own cleanup never runs then, and a host in a session of its own would outlive it. Start hosts from
+    a thread that outlives them (the main thread, as tests and benchmarks do).
+    """
 
     def __init__(self, args: list[str], cwd: Path, log: Path) -> None:
         self.process = subprocess.Popen(
@@ -109,6 +122,7 @@ class Host:
             stdout=log.open("ab"),
             stderr=subprocess.STDOUT,
             start_new_session=True,  # the host and everything it starts, as one group
+            preexec_fn=_terminate_with_parent if sys.platform == "linux" else None,
         )
 
     def kill(self) -> None:
