@@ -280,7 +280,7 @@ def measure(words: list[str], fixture: Fixture, runs: int, target: float, kind: 
     }
     if status:  # the target is on what is left once the SuperLink's answers are taken out
         median = statistics.median(total - flwr for total, flwr in zip(seconds, flwr_seconds, strict=True))
-        result.update(flwr_s=round(statistics.median(flwr_seconds), 4), ours_s=round(median, 4))
+        result.update(flwr_s=round(statistics.median(flwr_seconds), 6), ours_s=round(median, 4))
     result.update(met=median < target, exit_codes=codes)
     if error:
         result["error"] = error
