@@ -143,6 +143,11 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
         log_to_state_dir(context.node_config)
         identity = ConfigRecord({records.DEVICE_ID: device_id(context)})
         check_consent(context, run_config_of(context))  # before the gates: their reasons carry readings
+        # A message whose round deadline passed before it got here (the Simulation Engine runs every
+        # message it queued, expired or not) is declined before anything is read or loaded.
+        deadline = deadline_of(message)
+        if deadline is not None and time.time() >= deadline:
+            return decline(message, context, identity, EXPIRED)
         # Then the gates: a device that cannot afford the round declines it before loading anything.
         resources = DeviceSettings.from_node_config(context.node_config)
         gates = device_gates(context, resources)
@@ -178,7 +183,7 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
         if settings.forgetting.ewc_lambda and job.state:
             fisher = forgetting.load_fisher(job.state, trainable_state(loaded.model))
         noise = plan.noise if plan else None
-        pacer = Pacer(gates, steps=settings.steps_for(len(train_set)), deadline=deadline_of(message))
+        pacer = Pacer(gates, steps=settings.steps_for(len(train_set)), deadline=deadline)
         runtime = device_runtime(resources, loaded, settings, pacer, noise is not None)
         try:
             with low_priority(resources) if not is_simulated(context) else contextlib.nullcontext():
@@ -351,6 +356,9 @@ def gates_state(context: Context, resources: DeviceSettings) -> DeviceState | No
     if resources.sensors == "none":
         return None  # a simulated fleet's thousands of devices write nothing for gates that never close
     return DeviceState.find(context.node_config, {})
+
+
+EXPIRED = "expired: the round's deadline passed before it arrived"
 
 
 def deadline_of(message: Message) -> float | None:

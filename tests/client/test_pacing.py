@@ -12,6 +12,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 
+from fleetlora.client import client_app
 from fleetlora.client.client_app import build_client_app
 from fleetlora.client.gates import Gates, NoSensors, Readings
 from fleetlora.client.pacing import Pacer, RoundAbandoned
@@ -257,6 +258,27 @@ def test_a_round_given_up_at_its_deadline_sends_nothing_and_charges_only_the_ste
     charged = {steps for cohort in account["cohorts"] for (_, _, steps) in cohort["history"]}
     assert charged == {taken}
     assert json.loads((tmp_path / "state" / "gates.json").read_text())["event"] == "round given up"
+
+
+def test_a_train_message_that_arrives_past_its_deadline_is_declined_before_anything_is_loaded(
+    tmp_path: Path, tiny_spec: ModelSpec, monkeypatch: pytest.MonkeyPatch
+):
+    # It waited 5 s in a queue with 3 s to live: no model, no data, no privacy account is touched.
+    grid = LocalGrid(
+        build_client_app(), 1, {}, node_configs=[device_node(tmp_path, {"foreground_load": 0.0})], queued=5.0
+    )
+    message = train_message(tiny_spec, TrainSettings(local_steps=2, batch_size=8), grid.node_ids[0], ttl=3.0)
+    loads = []
+    monkeypatch.setattr(client_app, "cached_model", lambda *a: loads.append(a))
+    monkeypatch.setattr(client_app, "local_examples", lambda *a: loads.append(a))
+
+    (reply,) = grid.send_and_receive([message])
+
+    declined = reply.content[records.CONFIG][records.DECLINED]
+    assert declined == "expired: the round's deadline passed before it arrived"
+    assert records.ARRAYS not in reply.content and "sealed" not in reply.content
+    assert loads == [] and not (tmp_path / "state" / "privacy-account.json").exists()
+    assert not (tmp_path / "state" / "gates.json").exists()  # not even its sensors were read
 
 
 def test_training_runs_at_the_configured_niceness_and_thread_cap(tmp_path: Path):

@@ -2,9 +2,10 @@
 
 Nodes listed in ``silent`` never answer (a device that died); for nodes listed in ``expired`` the
 SuperLink answers instead, with Flower's own "Message Unavailable" error (the message's time to live
-ran out before the device took it); the ClientApp's exceptions come back as error replies, as Flower's
-runtimes return them. A real device's node config reads no sensors
-unless it names them (``sensors``): the test machine's own load is not what these tests are about.
+ran out before the device took it); ``queued`` seconds are taken off every message's creation time
+before its device gets it (an engine's queue it waited in); the ClientApp's exceptions come back as
+error replies, as Flower's runtimes return them. A real device's node config reads no sensors unless
+it names them (``sensors``): the test machine's own load is not what these tests are about.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class LocalGrid(Grid):
         silent: Iterable[int] = (),
         expired: Iterable[int] = (),
         node_configs: list[dict] | None = None,  # real devices' node configs; default: simulated partitions
+        queued: float = 0.0,
     ) -> None:
         self.app = app
         # Flower's ServerApp runtime sets these before the app's main runs; messages need them.
@@ -41,6 +43,7 @@ class LocalGrid(Grid):
         self.expired = set(expired)
         self.run_config = run_config
         self.node_configs = node_configs
+        self.queued = queued
         self.replies: dict[str, Message] = {}
         self.received: list[Message] = []
 
@@ -84,7 +87,7 @@ class LocalGrid(Grid):
             )
             # Devices run one after another here; a SuperLink hands them their messages at once, so each
             # is delivered as if now, and its time to live (the round's deadline) counts from here.
-            message.metadata.created_at = time.time()
+            message.metadata.created_at = time.time() - self.queued
             try:
                 reply = self.app(message, context)
             except Exception as exc:  # turned into an error reply, as Flower does
