@@ -356,38 +356,50 @@ PER_DEVICE_TABLES = frozenset(
 
 
 def database_growth(scratch: Path, mode: Mode) -> dict[str, Any]:
-    """Two simulations of one fleet differing only in devices a round: each table's bytes per round, per
-    device-round, and (the tables of one row a device) per device."""
-    fleet, runs = 2 * mode.devices_per_round, {}
-    for per_round in (mode.devices_per_round, 2 * mode.devices_per_round):
-        progress(
-            f"simulation: {mode.rounds} rounds of {per_round} of {fleet} devices, each version sent to all"
-        )
-        out = scratch / f"db-{per_round}"
+    """Three simulations of one fleet: K devices a round for R rounds, 2K for R, and K for 2R. Each
+    table's bytes give what a device-round adds (2K less K), what a round adds besides (2R less R, less
+    its device-rounds), and what a device costs (the tables of one row a device)."""
+    k, rounds = mode.devices_per_round, mode.rounds
+    fleet, runs = 2 * k, {}
+    for per_round, count in ((k, rounds), (2 * k, rounds), (k, 2 * rounds)):
+        progress(f"simulation: {count} rounds of {per_round} of {fleet} devices, each version sent to all")
+        out = scratch / f"db-{per_round}x{count}"
         simulate(SimulationConfig(
             devices=fleet,
             out=out,
-            settings={"model": "tiny", "data": "builtin", "rounds": mode.rounds, "partition": "iid",
+            settings={"model": "tiny", "data": "builtin", "rounds": count, "partition": "iid",
                       "devices-per-round": per_round, "min-devices": per_round, "local-steps": 2,
                       "distribute-to": "connected"},
         ))  # fmt: skip
         with sqlite_tables(out / "fleetlora.db") as tables:
-            runs[per_round] = tables()
-    small, large = (runs[k] for k in sorted(runs))
-    k, rounds = mode.devices_per_round, mode.rounds
-    per_device_round = {t: (large.get(t, 0) - small.get(t, 0)) / (k * rounds) for t in large}
-    per_round = {t: (small.get(t, 0) - per_device_round[t] * k * rounds) / rounds for t in large}
-    per_device = sum(b for t, b in small.items() if t in PER_DEVICE_TABLES)
+            runs[f"{per_round}x{count}"] = tables()
+        blobs = sqlite3.connect(f"file:{out / 'fleetlora.db'}?mode=ro", uri=True)
+        try:
+            adapter, package = blobs.execute(
+                "SELECT (SELECT AVG(adapter_bytes) FROM model_versions),"
+                " (SELECT SUM(package_bytes) FROM update_packages) / (SELECT COUNT(*) FROM rounds)"
+            ).fetchone()
+        finally:
+            blobs.close()
+    base, wide, long = runs[f"{k}x{rounds}"], runs[f"{2 * k}x{rounds}"], runs[f"{k}x{2 * rounds}"]
+    tables = set(base) | set(wide) | set(long)
+    per_device_round = {t: (wide.get(t, 0) - base.get(t, 0)) / (k * rounds) for t in tables}
+    per_round = {
+        t: (long.get(t, 0) - base.get(t, 0) - per_device_round[t] * k * rounds) / rounds for t in tables
+    }
+    per_device = sum(b for t, b in base.items() if t in PER_DEVICE_TABLES)
     return {
-        "rounds": rounds,
         "fleet": fleet,
-        "devices_per_round": [k, 2 * k],
-        "table_bytes": {str(n): tables for n, tables in runs.items()},
+        "runs": {name: {"bytes": sum(sizes.values())} for name, sizes in runs.items()},
+        "table_bytes": runs,
         "bytes_per_device_round": round(sum(per_device_round.values())),
         "bytes_per_round": round(sum(per_round.values())),
         "bytes_per_device": round(per_device / fleet),
+        # what a round's bytes are mostly made of, on this model: the version's adapter and its packages
+        "adapter_bytes": round(adapter),
+        "package_bytes_per_round": round(package),
         "bytes_per_device_round_by_table": {t: round(b) for t, b in per_device_round.items() if round(b)},
-        "bytes_per_round_by_table": {t: round(b) for t, b in per_round.items() if round(b) >= 100},
+        "bytes_per_round_by_table": {t: round(b) for t, b in per_round.items() if round(b)},
     }
 
 

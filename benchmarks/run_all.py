@@ -87,8 +87,9 @@ HEADLINES: dict[str, Headline] = {
         "superlink_back_seconds_worst", "s", "target: the SuperLink back within 15 s of a kill (no baseline)"
     ),
     "fleet_sizing": Headline(
-        "superlink/idle_devices_per_core", "devices",
-        "sizing: idle SuperNodes (a pull every 3 s) one core of the coordinator host serves (no baseline)",
+        "superlink/devices_at_burst_rate", "devices",
+        "sizing: idle devices (a pull every 3 s) one SuperLink answers at the peak pull rate measured with"
+        " the run's largest fleet; the rate falls as the fleet grows (no baseline)",
     ),
     "forgetting": Headline(
         "arms/replay, no DP/retention", "retention",

@@ -35,9 +35,15 @@ def test_the_sizing_benchmark_measures_a_superlink_with_bare_supernodes_and_data
     assert superlink["superlink_db_bytes_per_registered_device"] > 0  # each registration is a stored row
 
     database = result["database"]
-    small, large = (database["table_bytes"][str(n)] for n in database["devices_per_round"])
+    tables = database["table_bytes"]  # K devices a round for R rounds, 2K for R, K for 2R (K 2, R 1)
+    base, wide, long = tables["2x1"], tables["4x1"], tables["2x2"]
     # twice the devices a round: more participants and ledger rows, as many devices and packages
-    assert large["version_participants"] > small["version_participants"]
-    assert large["privacy_ledger"] > small["privacy_ledger"]
-    assert database["bytes_per_device_round"] > 0 and database["bytes_per_round"] > 0
-    assert database["bytes_per_device"] > 0
+    assert wide["version_participants"] > base["version_participants"]
+    assert wide["privacy_ledger"] > base["privacy_ledger"]
+    assert wide["devices"] == base["devices"]
+    # twice the rounds: another version and its packages
+    assert long["model_versions"] > base["model_versions"]
+    assert long["update_packages"] > base["update_packages"]
+    assert database["bytes_per_round"] > database["adapter_bytes"] > 0
+    assert database["bytes_per_device_round"] > 0
+    assert database["bytes_per_device"] > 0 and database["package_bytes_per_round"] > 0
