@@ -19,14 +19,15 @@ From those, least squares over the N measured:
 - ``rss_mb_per_device``: the slope of host + SuperLink memory against devices;
 - ``devices_at_burst_rate``: burst pulls per second × 3 s, the idle devices one SuperLink answers before
   their pulls queue;
-- ``terminator_device_ceiling``: the terminator's connection limit (``Limits.within_open_files()``)
-  over the connections a device holds.
+- ``terminator_device_ceiling``: the terminator's connection limit (``Limits.within_open_files()``, as
+  the host, which inherits this process's open-file limit, computes it) over the connections a device
+  holds.
 
-**The databases.** ``fleetlora simulate`` (tiny model, built-in corpus) of ``rounds`` rounds with K and
-then 2K devices a round, every new version sent to every device as on a deployed fleet
-(``distribute-to = connected``). Each table's bytes (SQLite's ``dbstat``) after each run give the bytes
-a round adds and the bytes each device-round adds. The SuperLink's state database is measured before and
-after the N registrations: bytes per registered device.
+**The databases.** Three ``fleetlora simulate`` runs of one fleet of 2K devices (tiny model, built-in
+corpus, every new version sent to every device as on a deployed fleet: ``distribute-to = connected``):
+K devices a round for R rounds, 2K for R, and K for 2R. Each table's bytes in use (SQLite's ``dbstat``)
+give what a device-round adds, what a round adds besides, and what a device costs. The SuperLink's state
+database is measured before and after the N registrations: bytes per registered device.
 
 Run from the repository root::
 
