@@ -14,8 +14,9 @@ to back, and the pulls per second served is what one SuperLink can answer.
 
 From those, least squares over the N measured:
 
-- ``cpu_seconds_per_device_second``: the slope of host + SuperLink CPU against connected idle devices,
-  and ``idle_devices_per_core``, its inverse;
+- ``cpu_seconds_per_device_second``: the slope of the host's CPU (SuperLink, SuperExec and the host's
+  own process) against connected idle devices; the SuperLink is one process, so its ceiling is the
+  burst's, not this slope's inverse;
 - ``rss_mb_per_device``: the slope of host + SuperLink memory against devices;
 - ``devices_at_burst_rate``: burst pulls per second × 3 s, the idle devices one SuperLink answers before
   their pulls queue;
@@ -58,6 +59,7 @@ from pathlib import Path
 from typing import Any
 from unittest.mock import patch
 
+import httpx
 import psutil
 import torch
 from flwr.cli.flower_config import read_superlink_connection
@@ -67,6 +69,7 @@ from flwr.proto.control_pb2 import RegisterNodeRequest
 from flwr.proto.fleet_pb2 import ActivateNodeRequest, DeactivateNodeRequest, PullMessagesRequest
 from flwr.proto.heartbeat_pb2 import SendNodeHeartbeatRequest
 from flwr.proto.node_pb2 import Node
+from flwr.supercore.heartbeat import HeartbeatSender
 from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
 from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
 from flwr.supernode.fleet_http_client import FleetHttpClient
@@ -92,9 +95,9 @@ class Mode:
 
 
 MODES = {
-    "full": Mode(levels=(0, 50, 150, 300), window=30.0, burst=10.0, devices_per_round=8, rounds=3),
+    "full": Mode(levels=(0, 50, 150, 250, 350), window=30.0, burst=10.0, devices_per_round=8, rounds=3),
     "quick": Mode(levels=(0, 40, 120), window=15.0, burst=6.0, devices_per_round=4, rounds=2),
-    "smoke": Mode(levels=(0, 4), window=3.0, burst=2.0, devices_per_round=2, rounds=1),
+    "smoke": Mode(levels=(0, 4), window=4.0, burst=2.0, devices_per_round=2, rounds=1),
 }
 
 
@@ -118,6 +121,9 @@ class BareNode:
         return public_key_to_bytes(self.keys[1])
 
     def run(self, online: threading.Event, stop: threading.Event, burst: threading.Event) -> None:
+        """Activate, then pull every 3 s (back to back while ``burst`` is set) until ``stop``, with Flower's
+        own heartbeat thread beside it, as ``flower-supernode`` has. ``stop`` is set with ``burst``, so
+        neither waits out a sleep."""
         interceptors = [
             RuntimeVersionHttpInterceptor(component_name="SuperNode"),
             NodeAuthHttpInterceptor(*self.keys),
@@ -131,19 +137,27 @@ class BareNode:
                     ActivateNodeRequest(public_key=self.public_key, heartbeat_interval=every)
                 )
                 node = Node(node_id=activated.node_id)
+                beat = SendNodeHeartbeatRequest(node=node, heartbeat_interval=every)
+
+                def heartbeat() -> bool:  # False: Flower's sender retries with backoff
+                    try:
+                        return bool(client.SendNodeHeartbeat(beat).success)
+                    except httpx.HTTPError:
+                        return False
+
+                heartbeats = HeartbeatSender(heartbeat)
+                heartbeats.start()
                 online.set()
-                heartbeat = time.monotonic()
-                while not stop.is_set():
-                    started = time.perf_counter()
-                    client.PullMessages(PullMessagesRequest(node=node))
-                    self.latencies.append(time.perf_counter() - started)
-                    self.pulls += 1
-                    if time.monotonic() - heartbeat >= every:
-                        beat = SendNodeHeartbeatRequest(node=node, heartbeat_interval=every)
-                        client.SendNodeHeartbeat(beat)
-                        heartbeat = time.monotonic()
-                    if not burst.is_set():
-                        stop.wait(IDLE_PULL_SECONDS)
+                try:
+                    while not stop.is_set():
+                        started = time.perf_counter()
+                        client.PullMessages(PullMessagesRequest(node=node))
+                        self.latencies.append(time.perf_counter() - started)
+                        self.pulls += 1
+                        if not burst.is_set():
+                            burst.wait(IDLE_PULL_SECONDS)
+                finally:
+                    heartbeats.stop()
                 client.DeactivateNode(DeactivateNodeRequest(node_id=node.node_id))
         except Exception as error:  # counted and reported: one node's failure is a figure
             self.error = f"{type(error).__name__}: {error}"
@@ -174,12 +188,12 @@ class Swarm:
             online = threading.Event()
             thread = threading.Thread(target=node.run, args=(online, self.stop, self.burst), daemon=True)
             thread.start()
+            self.threads.append(thread)
             if not online.wait(timeout):
                 raise AssertionError(f"bare node {len(self.nodes)} was not activated within {timeout:.0f} s")
             if node.error:
                 raise AssertionError(f"bare node {len(self.nodes)} failed: {node.error}")
             self.nodes.append(node)
-            self.threads.append(thread)
 
     def pulls(self) -> int:
         return sum(node.pulls for node in self.nodes)
@@ -187,47 +201,68 @@ class Swarm:
     def latencies_since(self, marks: list[int]) -> list[float]:
         return [s for node, mark in zip(self.nodes, marks, strict=False) for s in node.latencies[mark:]]
 
-    def close(self) -> None:
+    def close(self, timeout: float = 60) -> None:
         self.stop.set()
+        self.burst.set()  # wakes every sleeping node
+        deadline = time.monotonic() + timeout
         for thread in self.threads:
-            thread.join(timeout=10)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
         self.control.close()
 
 
 @dataclass(frozen=True)
 class Usage:
-    """CPU seconds and memory of the coordinator host's process and its SuperLink at one moment."""
+    """CPU seconds and memory of the coordinator host's processes at one moment."""
 
     superlink_cpu: float
-    host_cpu: float  # the host's own process: the TLS terminator, metrics, console
-    pollers_cpu: float  # its finished children: the `flwr supernode list` it runs every 15 s
-    rss_bytes: int
+    others_cpu: float  # the host's own process (terminator, metrics, console) and the SuperLink's SuperExec
+    pollers_cpu: float  # the host's finished children: the `flwr supernode list` it runs every 15 s
+    rss_bytes: int  # all of them
     connections: int
 
 
-def host_processes(fleet: LocalFleet) -> tuple[psutil.Process, psutil.Process]:
+@dataclass(frozen=True)
+class HostProcesses:
+    host: psutil.Process  # `fleetlora coordinator up`
+    superlink: psutil.Process
+    superexec: psutil.Process  # started by the SuperLink; polls for runs to start every 0.1 s here
+
+    @property
+    def others(self) -> tuple[psutil.Process, psutil.Process]:
+        return self.host, self.superexec
+
+
+def host_processes(fleet: LocalFleet) -> HostProcesses:
     host = psutil.Process(fleet.hosts["coordinator"].process.pid)
-    superlink = wait_for(
-        lambda: next(
-            (p for p in host.children(recursive=True) if "flower-superlink" in " ".join(p.cmdline())), None
-        ),
-        30,
-        "the flower-superlink process",
-    )
-    return host, superlink
+
+    def found() -> HostProcesses | None:
+        try:  # the host's short-lived `flwr` pollers may be gone before their command line is read
+            children = [(p, " ".join(p.cmdline()[:2])) for p in host.children(recursive=True)]
+            family = {name: p for p, line in children for name in _FLOWER if name in line}
+        except psutil.Error:
+            return None
+        if set(family) != set(_FLOWER):
+            return None
+        return HostProcesses(host, family["flower-superlink"], family["flower-superexec"])
+
+    return wait_for(found, 30, "the SuperLink and its SuperExec")
 
 
-def usage(host: psutil.Process, superlink: psutil.Process, port: int) -> Usage:
-    own, theirs = host.cpu_times(), superlink.cpu_times()
+_FLOWER = ("flower-superlink", "flower-superexec")
+
+
+def usage(processes: HostProcesses, port: int) -> Usage:
+    host, superlink = processes.host, processes.superlink
     connections = sum(
         c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == port
         for c in host.net_connections(kind="tcp")
     )
+    own = host.cpu_times()
     return Usage(
-        superlink_cpu=theirs.user + theirs.system,
-        host_cpu=own.user + own.system,
+        superlink_cpu=sum(superlink.cpu_times()[:2]),
+        others_cpu=sum(sum(p.cpu_times()[:2]) for p in processes.others),
         pollers_cpu=own.children_user + own.children_system,
-        rss_bytes=host.memory_info().rss + superlink.memory_info().rss,
+        rss_bytes=sum(p.memory_info().rss for p in (superlink, *processes.others)),
         connections=connections,
     )
 
@@ -239,20 +274,18 @@ def percentile(values: list[float], share: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
-def measure(
-    swarm: Swarm, host: psutil.Process, superlink: psutil.Process, port: int, window: float
-) -> dict[str, Any]:
+def measure(swarm: Swarm, processes: HostProcesses, port: int, window: float) -> dict[str, Any]:
     marks = [len(node.latencies) for node in swarm.nodes]
     me = psutil.Process()
-    pulls, before, started = swarm.pulls(), usage(host, superlink, port), time.monotonic()
+    pulls, before, started = swarm.pulls(), usage(processes, port), time.monotonic()
     mine = sum(me.cpu_times()[:2])
     time.sleep(window)
-    after, seconds = usage(host, superlink, port), time.monotonic() - started
+    after, seconds = usage(processes, port), time.monotonic() - started
     mine = sum(me.cpu_times()[:2]) - mine
     latencies = swarm.latencies_since(marks)
     served = swarm.pulls() - pulls
     # What serves the devices; the pollers' cost is the same at any N and is reported beside it.
-    serving = after.superlink_cpu + after.host_cpu - before.superlink_cpu - before.host_cpu
+    serving = after.superlink_cpu + after.others_cpu - before.superlink_cpu - before.others_cpu
     return {
         "devices": len(swarm.nodes),
         "seconds": round(seconds, 2),
@@ -289,7 +322,7 @@ def superlink_sizing(scratch: Path, mode: Mode) -> dict[str, Any]:
     try:
         progress("coordinator host")
         fleet.start_coordinator()
-        host, superlink = host_processes(fleet)
+        processes = host_processes(fleet)
         state_db = fleet.coordinator.superlink_db
         swarm = Swarm(fleet)
         try:
@@ -301,15 +334,15 @@ def superlink_sizing(scratch: Path, mode: Mode) -> dict[str, Any]:
                 swarm.grow_to(count)
                 progress(f"{count} bare SuperNodes online in {time.monotonic() - started:.1f} s; measuring")
                 time.sleep(IDLE_PULL_SECONDS)  # every node has made its first idle pull
-                levels.append(measure(swarm, host, superlink, fleet.port, mode.window))
+                levels.append(measure(swarm, processes, fleet.port, mode.window))
                 progress(f"{levels[-1]}")
             registered = len(swarm.nodes)
             with sqlite_tables(state_db) as state_tables:
                 db_after = sum(state_tables().values())
             progress(f"burst: {registered} nodes pulling back to back")
             swarm.burst.set()
-            time.sleep(1.0)
-            burst = measure(swarm, host, superlink, fleet.port, mode.burst)
+            time.sleep(0.5)  # every node is awake (burst wakes the sleepers) and pulling
+            burst = measure(swarm, processes, fleet.port, mode.burst)
             swarm.burst.clear()
             progress(f"{burst}")
             failed = [node.error for node in swarm.nodes if node.error]
@@ -326,7 +359,6 @@ def superlink_sizing(scratch: Path, mode: Mode) -> dict[str, Any]:
         "burst": burst,
         "failed_nodes": failed,
         "cpu_seconds_per_device_second": round(cpu_slope, 6),
-        "idle_devices_per_core": round(1 / cpu_slope) if cpu_slope > 0 else None,
         "rss_mb_per_device": round(rss_slope, 3),
         "devices_at_burst_rate": round(burst["pulls_per_s"] * IDLE_PULL_SECONDS),
         "connections_per_device": round(connections, 2) if connections else None,

@@ -146,8 +146,8 @@ def build_client_app(run_config_overrides: UserConfig | None = None) -> ClientAp
         # A message whose round deadline passed before it got here (the Simulation Engine runs every
         # message it queued, expired or not) is declined before anything is read or loaded.
         deadline = deadline_of(message)
-        if deadline is not None and time.time() >= deadline:
-            return decline(message, context, identity, EXPIRED)
+        if deadline is not None and (late := time.time() - deadline) >= 0:
+            return decline(message, context, identity, EXPIRED.format(late=late))
         # Then the gates: a device that cannot afford the round declines it before loading anything.
         resources = DeviceSettings.from_node_config(context.node_config)
         gates = device_gates(context, resources)
@@ -358,7 +358,10 @@ def gates_state(context: Context, resources: DeviceSettings) -> DeviceState | No
     return DeviceState.find(context.node_config, {})
 
 
-EXPIRED = "expired: the round's deadline passed before it arrived"
+EXPIRED = (
+    "expired: the round's deadline had passed {late:.1f} s before it arrived (it waited in a queue, or this"
+    " device's clock is ahead of the coordinator's)"
+)
 
 
 def deadline_of(message: Message) -> float | None:

@@ -16,6 +16,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -101,9 +102,13 @@ class Failover:
         return sorted({r for r in self.rounds_after if self.rounds_after.count(r) > 1})
 
 
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+
+
 def _terminate_with_parent() -> None:
     """In the child, before ``exec``: Linux sends it SIGTERM when the thread that started it ends."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if _prctl is not None and _prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        os._exit(127)  # fails the start loudly rather than leave a host that could outlive its test
 
 
 class Host:
@@ -111,18 +116,20 @@ class Host:
 
     On Linux the host is sent SIGTERM (and stops what it started, as on a service stop) when the
     thread that started it ends, so a test run or benchmark that is killed leaves no fleet behind: its
-    own cleanup never runs then, and a host in a session of its own would outlive it. Start hosts from
-    a thread that outlives them (the main thread, as tests and benchmarks do).
+    own cleanup never runs then, and a host in a session of its own would outlive it. Only hosts started
+    from the main thread get this (as tests and benchmarks start them): a worker thread that ended would
+    take its hosts with it.
     """
 
     def __init__(self, args: list[str], cwd: Path, log: Path) -> None:
+        watched = _prctl is not None and threading.current_thread() is threading.main_thread()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "fleetlora", *args],
             cwd=cwd,
             stdout=log.open("ab"),
             stderr=subprocess.STDOUT,
             start_new_session=True,  # the host and everything it starts, as one group
-            preexec_fn=_terminate_with_parent if sys.platform == "linux" else None,
+            preexec_fn=_terminate_with_parent if watched else None,
         )
 
     def kill(self) -> None:

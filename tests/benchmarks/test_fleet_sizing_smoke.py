@@ -22,8 +22,8 @@ def test_the_sizing_benchmark_measures_a_superlink_with_bare_supernodes_and_data
     assert superlink["failed_nodes"] == []
     idle, connected = superlink["levels"]
     assert idle["devices"] == 0 and idle["pulls_per_s"] == 0 and idle["pull_latency_ms"]["p50"] is None
-    # 4 nodes pulling every 3 s over a 3 s window: each pulled once or twice, all through the terminator
-    assert connected["devices"] == 4 and 4 / 3.5 <= connected["pulls_per_s"] <= 8 / 3
+    # 4 nodes pulling every 3 s (and some ms) over a 4 s window: at most twice each, through the terminator
+    assert connected["devices"] == 4 and 0 < connected["pulls_per_s"] <= 8 / 4
     assert connected["connections"] >= 4 and connected["rss_mb"] > 50
     assert 0 < connected["pull_latency_ms"]["p50"] <= connected["pull_latency_ms"]["p95"]
     # back to back, the same nodes pull far more often than every 3 s

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -50,4 +51,5 @@ def test_a_killed_starter_takes_its_coordinator_host_and_superlink_with_it(tmp_p
             starter.kill()
         for process in psutil.process_iter(["cmdline"]):  # nothing of this test's fleet is left either way
             if str(tmp_path) in " ".join(process.info["cmdline"] or []):
-                process.kill()
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
