@@ -64,6 +64,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from results_io import default_path, emit, load_average, machine
+
 REPO = Path(__file__).resolve().parents[1]
 PEAK_RATIO_TARGET = 1.2  # peak memory at 10,000 devices over 100
 THROUGHPUT_TARGET = 0.5  # aggregation bytes/s over raw AES-256-GCM decryption bytes/s
@@ -136,22 +138,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     counts = SMOKE_COUNTS if args.smoke else QUICK_COUNTS if args.quick else FULL_COUNTS
     holding = () if args.smoke or args.quick else HOLDING_COUNTS
     presealed = QUICK_PRESEALED if args.quick else 0
-    results = REPO / "benchmarks" / "results"
-    json_path = args.json or (
-        None if args.smoke else results / ("quick" if args.quick else "") / "aggregation.json"
-    )
-    import torch
-
+    json_path = args.json or (None if args.smoke else default_path("aggregation", args.quick))
     result: dict[str, Any] = {
         "benchmark": "aggregation",
         "command": shlex.join(
             ["python", "benchmarks/aggregation.py", *(argv if argv is not None else sys.argv[1:])]
         ),
-        "machine": {
-            "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "load_average_before": round(os.getloadavg()[0], 2),
-        },
+        "machine": {**machine(), "load_average_before": load_average()},
     }
     with tempfile.TemporaryDirectory(prefix="fleetlora-aggregation-") as scratch:
         adapter_file = Path(scratch) / "adapter.safetensors"
@@ -219,11 +212,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     if contrast:
         result["holding_configurations"] = contrast
-    result["machine"]["load_average_after"] = round(os.getloadavg()[0], 2)
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    result["machine"]["load_average_after"] = load_average()
+    emit(result, json_path)
     return result
 
 

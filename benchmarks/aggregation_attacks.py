@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import random
 import shlex
 import statistics
@@ -55,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from results_io import default_path, machine
 
 from fleetlora.client.local_data import local_examples
 from fleetlora.client.privacy import plan_round
@@ -279,8 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # No aggregators named: the default one, resolved for this fleet below.
         args.repeats, args.hostile, args.aggregators = 1, "1", ""
     if not args.smoke:
-        results = REPO / "benchmarks" / "results"
-        args.json = args.json or results / ("quick" if args.quick else "") / "aggregation_attacks.json"
+        args.json = args.json or default_path("aggregation_attacks", args.quick)
     if not args.smoke and not Path(fleet.data).is_file():
         parser.error(f"BANKING77 is not at {BANKING77}: this benchmark needs ../shared/data beside the repo.")
     aggregators = args.aggregators.split(",") if args.aggregators else []
@@ -353,7 +352,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["default_worst_final_with_one"] = round(worst, 4)
         result["default_worst_over_clean"] = round(worst / clean, 3) if clean else None
     result["wall_seconds"] = round(time.perf_counter() - started, 1)
-    result["machine"] = {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    result["machine"] = machine()
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

@@ -42,7 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from results_io import default_path, emit, machine
+
 HELP_TARGET_S = 1.0
 LISTING_TARGET_S = 2.0
 TENANT = "default"
@@ -287,13 +288,6 @@ def measure(words: list[str], fixture: Fixture, runs: int, target: float, kind: 
     return result
 
 
-def torch_threads() -> int:
-    """The threads torch would use here (each command is its own process; this one does not train)."""
-    import torch
-
-    return torch.get_num_threads()
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3, help="runs of each command (the median counts)")
@@ -304,15 +298,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.smoke or args.quick:
         args.runs = 1
-    results = REPO / "benchmarks" / "results"
-    args.json = args.json or results / ("quick" if args.quick else "") / "cli_latency.json"
+    args.json = args.json or default_path("cli_latency", args.quick)
     result: dict[str, Any] = {
         "command": shlex.join(
             ["python", "benchmarks/cli_latency.py", *(argv if argv is not None else sys.argv[1:])]
         ),
         "runs": args.runs,
         "cpus": os.cpu_count(),
-        "machine": {"cores": os.cpu_count(), "torch_threads": torch_threads()},
+        "machine": machine(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "targets_s": {"help": HELP_TARGET_S, "listing": LISTING_TARGET_S},
     }
@@ -339,10 +332,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for kind in ("help", "listing"):  # a listing's own time: less flwr's where it asks the SuperLink
         times = [c.get("ours_s", c["median_s"]) for c in commands.values() if c["kind"] == kind]
         result[f"slowest_{kind}_s"] = max(times) if times else None
-    if not args.smoke:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    emit(result, None if args.smoke else args.json)
     return result
 
 

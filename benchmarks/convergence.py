@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from results_io import emit, load_average, load_before_after, machine, write_json
+
 from fleetlora.client.client_app import training_seed
 from fleetlora.client.train import train_locally
 from fleetlora.common.batches import evaluate
@@ -394,8 +396,6 @@ def relative(arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def report(args: argparse.Namespace, arms: dict[str, dict[str, Any]], load_before: float) -> dict[str, Any]:
-    import torch
-
     return {
         "benchmark": "convergence",
         "command": shlex.join(sys.orig_argv),
@@ -429,9 +429,9 @@ def report(args: argparse.Namespace, arms: dict[str, dict[str, Any]], load_befor
             },
         },
         "arms": arms,
-        "machine": {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "machine": machine(),
         "cpus": os.cpu_count(),
-        "load_average": {"before": load_before, "after": round(os.getloadavg()[0], 2)},
+        "load_average": load_before_after(load_before),
         "notes": (
             "accuracy: central_accuracy on the full test.csv; federated arms start with round 0 (the "
             "seeded initial adapter), centralized lists epochs 1.., local-only one mean. Federated "
@@ -519,7 +519,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if not (args.data / name).is_file():
                 parser.error(f"{args.data / name} not found")
     logging.getLogger("flwr").setLevel(logging.ERROR)
-    load_before = round(os.getloadavg()[0], 2)
+    load_before = load_average()
 
     arms: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="fleetlora-convergence-") as tmp:
@@ -541,13 +541,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 )
                 result = report(args, arms, load_before)
                 if args.json is not None:
-                    args.json.parent.mkdir(parents=True, exist_ok=True)
-                    args.json.write_text(json.dumps(result, indent=2) + "\n")
+                    write_json(result, args.json)
                 if args.plot is not None:
                     plot(arms, args.rounds, args.plot)
         finally:
             MODEL["name"] = "minilm"  # a smoke run in a test process leaves the default behind
-    print(json.dumps(result), flush=True)
+    emit(result)  # written after each arm above
     return result
 
 

@@ -52,6 +52,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from results_io import emit, machine
+
 from fleetlora.client.corpus.cli import CORPUS_FILE
 from fleetlora.client.corpus.dedup import injected_near_duplicates, score
 from fleetlora.client.corpus.records import Record, content_hash, stamped
@@ -408,13 +410,6 @@ def measure_compression(rows: list[tuple[str, str]], workdir: Path) -> dict[str,
 # ---- main ----------------------------------------------------------------------------------------
 
 
-def torch_threads() -> int:
-    """The thread count torch would use here (the agent trains with it; this process does not)."""
-    import torch
-
-    return torch.get_num_threads()
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DATA, help="BANKING77 train.csv (text,category)")
@@ -482,15 +477,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "data": str(args.data),
         "store_filesystem": store_fs,
         "cpus": os.cpu_count(),
-        "machine": {"cores": os.cpu_count(), "torch_threads": torch_threads()},
+        "machine": machine(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "python": sys.version.split()[0],
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result), flush=True)
+    emit(result, args.json)
     return result
 
 

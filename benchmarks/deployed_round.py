@@ -38,7 +38,6 @@ Progress goes to stderr; the JSON result is the last line of stdout.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -48,7 +47,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import torch
+from results_io import default_path, emit, load_average, load_before_after, machine
 
 from fleetlora.common.logs import search_logs
 from fleetlora.coordinator.storage import Storage
@@ -229,8 +228,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     federation = {**FEDERATION, **({"rounds": 1, "local-steps": 2} if args.smoke else {})}
     if not args.smoke:
-        args.json = args.json or RESULTS / ("quick" if args.quick else "") / "deployed_round.json"
-    load_before = os.getloadavg()[0]
+        args.json = args.json or default_path("deployed_round", args.quick, RESULTS)
+    load_before = load_average()
     with tempfile.TemporaryDirectory(prefix="fleetlora-deployed-") as folder:
         scratch = Path(folder)
         progress("simulation")
@@ -260,13 +259,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ),
         "targets": {"cold_start_seconds": 300, "recovery_seconds": 30},
         "cpus": os.cpu_count(),
-        "machine": {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-        "load_average": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
+        "machine": machine(),
+        "load_average": load_before_after(load_before),
     }
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    emit(result, args.json)
     return result
 
 

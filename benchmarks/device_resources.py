@@ -63,6 +63,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from results_io import default_path, emit, load_average, machine
+
 REPO = Path(__file__).resolve().parents[1]
 BANKING77 = REPO.parent / "shared" / "data" / "banking77" / "train.csv"
 MODELS = ("minilm", "smollm2")
@@ -221,22 +223,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.smoke:
         shape.update(batch_size=4, max_length=32, steps=2)
         args.repeats = 5
-    results = REPO / "benchmarks" / "results"
-    json_path = args.json or (
-        None if args.smoke else results / ("quick" if args.quick else "") / "device_resources.json"
-    )
-    import torch
-
+    json_path = args.json or (None if args.smoke else default_path("device_resources", args.quick))
     result: dict[str, Any] = {
         "benchmark": "device_resources",
         "command": shlex.join(
             ["python", "benchmarks/device_resources.py", *(argv if argv is not None else sys.argv[1:])]
         ),
-        "machine": {
-            "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "load_average_before": round(os.getloadavg()[0], 2),
-        },
+        "machine": {**machine(), "load_average_before": load_average()},
         "shape": shape | {"regime": "lora", "lora_rank": 8},
     }
     adapter_model = "tiny" if args.smoke else "minilm"
@@ -272,11 +265,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["adapter_load_ms"] = load_ms
     result["pause_latency_steps"] = result["pause"]["latency_steps"]
     result["foreground_taken"] = {k: result["foreground_share"][k]["taken"] for k in ("nice_0", "nice_10")}
-    result["machine"]["load_average_after"] = round(os.getloadavg()[0], 2)
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    result["machine"]["load_average_after"] = load_average()
+    emit(result, json_path)
     return result
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import resource
 import shlex
 import statistics
@@ -48,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from opacus.accountants.utils import get_noise_multiplier
+from results_io import machine
 
 from fleetlora.client.local_data import local_examples
 from fleetlora.client.train import NoisePlan, train_locally
@@ -375,9 +375,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if "federated" in result:
         result["same_schedule_in_every_arm"] = len(schedules) == 1
-    import torch
-
-    result["machine"] = {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    result["machine"] = machine()
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

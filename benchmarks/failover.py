@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import shlex
 import sys
@@ -32,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
+from results_io import default_path, emit, load_average, load_before_after, machine
 
 from fleetlora.simulations.local_deployment import LocalFleet
 
@@ -65,11 +64,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     repeats = 1 if args.smoke or args.quick else args.repeats
     if repeats < 1:
         parser.error("--repeats must be at least 1")
-    results = Path("benchmarks/results")
     json_path = args.json or (
-        None if args.smoke else results / ("quick" if args.quick else "") / "failover.json"
+        None if args.smoke else default_path("failover", args.quick, Path("benchmarks/results"))
     )
-    load_before = os.getloadavg()[0]
+    load_before = load_average()
     kills: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fleetlora-failover-") as folder:
         fleet = LocalFleet(Path(folder), devices=2, federation=dict(FEDERATION))  # on free ports
@@ -100,13 +98,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "target_seconds": TARGET_SECONDS,
         "target_met": worst <= TARGET_SECONDS,
         "cpus": os.cpu_count(),
-        "machine": {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-        "load_average": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
+        "machine": machine(),
+        "load_average": load_before_after(load_before),
     }
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    emit(result, json_path)
     return result
 
 

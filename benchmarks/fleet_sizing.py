@@ -43,7 +43,6 @@ line of stdout.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sqlite3
@@ -61,7 +60,6 @@ from unittest.mock import patch
 
 import httpx
 import psutil
-import torch
 from flwr.cli.flower_config import read_superlink_connection
 from flwr.cli.utils import init_http_client_from_connection
 from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL
@@ -74,6 +72,7 @@ from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpI
 from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
 from flwr.supernode.fleet_http_client import FleetHttpClient
 from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+from results_io import default_path, emit, load_average, load_before_after, machine
 
 from fleetlora.coordinator.certs import CA_CERT
 from fleetlora.coordinator.superlink import CONNECTION
@@ -448,8 +447,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     name = "smoke" if args.smoke else "quick" if args.quick else "full"
     mode = MODES[name]
     if not args.smoke:
-        args.json = args.json or RESULTS / ("quick" if args.quick else "") / "fleet_sizing.json"
-    load_before = os.getloadavg()[0]
+        args.json = args.json or default_path("fleet_sizing", args.quick, RESULTS)
+    load_before = load_average()
     with tempfile.TemporaryDirectory(prefix="fleetlora-sizing-") as folder:
         superlink = superlink_sizing(Path(folder), mode)
         database = database_growth(Path(folder), mode)
@@ -460,13 +459,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "idle_pull_seconds": IDLE_PULL_SECONDS,
         "superlink": superlink,
         "database": database,
-        "machine": {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-        "load_average": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
+        "machine": machine(),
+        "load_average": load_before_after(load_before),
     }
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    emit(result, args.json)
     return result
 
 

@@ -61,6 +61,7 @@ from typing import Any
 
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from results_io import default_path, emit, load_average, load_before_after, machine, write_json
 from rich.console import Console
 from rich.table import Table
 
@@ -654,14 +655,10 @@ def report(
         "wall_seconds": round(wall, 1),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "machine": {
-            "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "arch": platform.machine(),
-        },
+        "machine": {**machine(), "arch": platform.machine()},
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "load_average": {"before": load_before, "after": round(os.getloadavg()[0], 2)},
+        "load_average": load_before_after(load_before),
     }
 
 
@@ -683,11 +680,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, value in (SMOKE if args.smoke else QUICK if args.quick else {}).items():
         setattr(args, name, value)
     if not args.smoke:
-        args.json = args.json or RESULTS / ("quick" if args.quick else "") / "packages.json"
+        args.json = args.json or default_path("packages", args.quick, RESULTS)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
     started = time.perf_counter()
-    load_before = round(os.getloadavg()[0], 2)
+    load_before = load_average()
     results: list[dict[str, Any]] = []
     data: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="fleetlora-packages-") as tmp:
@@ -704,13 +701,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 results.append(measure(name, rank, examples, keys, scratch, args))
                 result = report(args, results, data, load_before, time.perf_counter() - started)
                 if args.json is not None:
-                    args.json.parent.mkdir(parents=True, exist_ok=True)
-                    args.json.write_text(json.dumps(result, indent=2) + "\n")
+                    write_json(result, args.json)
     show(results)
     for problem in result["sanity_problems"]:
         progress(f"CHECK FAILED: {problem}")
     progress(f"done in {result['wall_seconds']} s; wrote {args.json or 'nothing'}")
-    print(json.dumps(result), flush=True)
+    emit(result)  # written after each measurement above
     return result
 
 

@@ -23,7 +23,6 @@ benchmarks/results/privacy_cost.json) is the last line of stdout.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -38,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
+from results_io import default_path, emit, load_average, machine
 
 from fleetlora.client.train import train_locally
 from fleetlora.common.codec import UPLOAD_ZSTD_LEVEL, Codec, decode, encode, inflated_bound
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke or args.quick:
         args.repeats = SMOKE_REPEATS if args.smoke else QUICK_REPEATS
     if not args.smoke:
-        args.json = args.json or RESULTS / ("quick" if args.quick else "") / "privacy_cost.json"
+        args.json = args.json or default_path("privacy_cost", args.quick)
     model_name = "tiny" if args.smoke else "minilm"
     examples = load_examples(str(args.data) if args.data.is_file() and not args.smoke else "builtin")
     spec = ModelSpec(model_name, "classify", labels_of(examples), max_length=64)
@@ -185,13 +185,10 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "repeats": args.repeats,
         "cpus": os.cpu_count(),
-        "machine": {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-        "load_average": round(os.getloadavg()[0], 2),
+        "machine": machine(),
+        "load_average": load_average(),
     }
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result), flush=True)
+    emit(result, args.json)
     return result
 
 

@@ -41,12 +41,12 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any, cast
 
-import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.simulation import run_simulation  # imports Ray here, so neither arm's timing pays for it
+from results_io import emit, load_average, load_before_after, machine
 
 from fleetlora.client.client_app import training_seed
 from fleetlora.client.local_data import local_examples
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.rounds < 1 or args.local_steps < 1 or args.devices < 1:
         parser.error("--rounds, --local-steps and --devices must all be >= 1")
     logging.getLogger("flwr").setLevel(logging.ERROR)  # as simulate() does when not verbose
-    load_before = round(os.getloadavg()[0], 2)  # 1-minute load: other work on the machine skews both arms
+    load_before = load_average()  # 1-minute load: other work on the machine skews both arms
 
     with tempfile.TemporaryDirectory(prefix="fleetlora-bench-") as tmp:
         config = fleetlora_config(args.rounds, args.devices, args.local_steps, Path(tmp))
@@ -339,8 +339,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "bare_flower_later_round_seconds": later_mean(bare.round_seconds),
         "fleetlora_later_round_seconds": later_mean(fleet_rounds),
         "cpus": os.cpu_count(),
-        "machine": {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-        "load_average": {"before": load_before, "after": round(os.getloadavg()[0], 2)},
+        "machine": machine(),
+        "load_average": load_before_after(load_before),
         "arms": ARMS,
         "notes": (
             "Same spec (tiny, classify, builtin labels, max_length 48, seed 0, LoRA r8/a16, no DP), same "
@@ -358,10 +358,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "InMemoryGrid 0.1 s). Other load on the machine skews both arms: see load_average."
         ),
     }
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report), flush=True)
+    emit(report, args.json)
     return report
 
 

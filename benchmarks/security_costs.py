@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import statistics
 import sys
@@ -38,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from results_io import default_path, machine
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
@@ -51,7 +51,6 @@ from fleetlora.coordinator.settings import CoordinatorSettings
 from fleetlora.coordinator.storage import NewVersion, ServerOptimizerState, Storage, VersionStore
 from fleetlora.coordinator.storage.audit import CHECKPOINTS_FILE, read_checkpoints, verify
 
-REPO = Path(__file__).resolve().parents[1]
 POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 DETAILS = {"lineage": "0" * 32, "round": 7, "parent": 6, "adapter_sha256": "a" * 64, "participants": 20}
 
@@ -187,8 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     elif args.quick:
         args.entries, args.versions = 1000, 10
     if not args.smoke:
-        results = REPO / "benchmarks" / "results"
-        args.json = args.json or results / ("quick" if args.quick else "") / "security_costs.json"
+        args.json = args.json or default_path("security_costs", args.quick)
     result: dict[str, Any] = {
         "command": shlex.join(
             ["python", "benchmarks/security_costs.py", *(argv if argv is not None else sys.argv[1:])]
@@ -211,9 +209,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             finally:
                 if drop:
                     drop()
-    import torch
-
-    result["machine"] = {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    result["machine"] = machine()
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

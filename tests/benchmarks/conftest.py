@@ -16,9 +16,12 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 @pytest.fixture
 def load_benchmark(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], ModuleType]:
     """``benchmarks/NAME.py`` as a module (not a package: the scripts are run by path), registered in
-    ``sys.modules`` for the test's duration because dataclasses look their module up there."""
+    ``sys.modules`` for the test's duration because dataclasses look their module up there. The folder
+    is on ``sys.path`` for the test, as it is for a script run by path, so ``from results_io import``
+    works."""
 
     def load(name: str) -> ModuleType:
+        monkeypatch.syspath_prepend(str(BENCHMARKS))
         spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
         assert spec and spec.loader
         module = importlib.util.module_from_spec(spec)
